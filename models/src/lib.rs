@@ -1,0 +1,1 @@
+//! Networks for adjoint-dpm: no adjoint code here.

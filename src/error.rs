@@ -1,0 +1,109 @@
+//! One error type for everything a user's input can break.
+//!
+//! Every variant names its culprit (the value, the index, the time and step) and its message says
+//! what to change, so a CLI can print it unchanged.
+
+use thiserror::Error;
+
+/// Result alias used throughout the crate.
+pub type Result<T> = core::result::Result<T, Error>;
+
+/// Every failure reachable from user input.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum Error {
+    /// The time grid has fewer than two points.
+    #[error("time grid has {len} point(s); give at least two: the start time and one output time")]
+    GridTooShort {
+        /// Number of points given.
+        len: usize,
+    },
+    /// A time in the grid is NaN or infinite.
+    #[error("time grid entry {index} is {value}; every time must be finite")]
+    NonFiniteTime {
+        /// Index of the offending entry.
+        index: usize,
+        /// Its value.
+        value: f64,
+    },
+    /// The grid is not strictly increasing or strictly decreasing.
+    #[error(
+        "time grid is not strictly monotone at index {index}: {prev} then {next}; give times that \
+         all increase or all decrease, without repeats"
+    )]
+    NonMonotoneGrid {
+        /// Index of the second of the two offending entries.
+        index: usize,
+        /// The entry before it.
+        prev: f64,
+        /// The offending entry.
+        next: f64,
+    },
+    /// The dynamics returned a tensor whose shape differs from the state's.
+    #[error(
+        "the dynamics returned shape {got:?} for a state of shape {expected:?}; f(t, z) must \
+         return a tensor shaped like z"
+    )]
+    ShapeMismatch {
+        /// Shape of the state.
+        expected: Vec<usize>,
+        /// Shape returned by the dynamics.
+        got: Vec<usize>,
+    },
+    /// A state became NaN or infinite.
+    #[error(
+        "the state became non-finite (NaN or Inf) at t = {t} after step {step}; lower the step \
+         size or tolerances, or check the dynamics and the initial state"
+    )]
+    NonFiniteState {
+        /// Time of the state that is non-finite.
+        t: f64,
+        /// Number of accepted steps at that point (0: the initial state).
+        step: usize,
+    },
+    /// The adaptive controller asked for a step below `dt_min`.
+    #[error(
+        "step size underflow at t = {t}: the controller asked for |dt| = {dt:e} < dt_min = \
+         {dt_min:e}; the problem may be stiff or singular there; loosen rtol/atol or lower dt_min"
+    )]
+    StepSizeUnderflow {
+        /// Time at which it happened.
+        t: f64,
+        /// The step size asked for.
+        dt: f64,
+        /// The configured minimum.
+        dt_min: f64,
+    },
+    /// The solve took more steps than allowed.
+    #[error(
+        "gave up at t = {t} after max_steps = {max_steps} steps; raise max_steps, loosen \
+         rtol/atol, or check that the problem is not stiff"
+    )]
+    MaxStepsExceeded {
+        /// Time reached.
+        t: f64,
+        /// The configured limit.
+        max_steps: usize,
+    },
+    /// A solver option is out of range.
+    #[error("invalid solver option {name} = {value}: {rule}")]
+    InvalidOption {
+        /// Option name.
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// What it must satisfy.
+        rule: &'static str,
+    },
+    /// Adaptive stepping was asked of a method with no embedded error estimate.
+    #[error(
+        "{method} has no embedded error estimate, so it cannot adapt its step; use bosh3, dopri5 \
+         or tsit5 for tolerances, or give {method} a step count"
+    )]
+    NoErrorEstimate {
+        /// Name of the method.
+        method: &'static str,
+    },
+    /// A gradient was asked of a backward pass that failed.
+    #[error("the backward pass failed: {0}")]
+    Backward(Box<Error>),
+}

@@ -1,0 +1,41 @@
+//! # adjoint-dpm
+//!
+//! Gradients through ODE solves on [burn](https://burn.dev), without storing the solver's
+//! activations: for neural ODEs, and for diffusion sampling (AdjointDPM, Pan et al., ICLR 2024).
+//!
+//! ## A tour
+//! 1. Write the dynamics as any burn module implementing [`ode::Dynamics`]: `dz/dt = f(t, z)`.
+//! 2. Wrap it: [`ode::NeuralOde::new`], pick a [`ode::Solver`] (fixed-step Euler, midpoint, Heun,
+//!    RK4; adaptive Bosh3, Dopri5, Tsit5) and a [`ode::GradientMode`].
+//! 3. On an autodiff backend, [`ode::NeuralOde::solve`] returns a [`ode::Solution`] whose states
+//!    are tracked tensors: build any loss on them and call `.backward()`. The initial state, every
+//!    trainable parameter and (with [`ode::NeuralOde::solve_with_times`]) the output times receive
+//!    their gradients, ready for burn's optimizers.
+//! 4. For inference, [`ode::NeuralOde::integrate`] solves on any backend without a graph.
+//!
+//! Bad input (grids, shapes, NaN, step-size underflow, step limits) is an [`Error`], never a
+//! panic.
+
+pub mod error;
+pub mod ode;
+
+pub use error::{Error, Result};
+
+/// Backends used by the tests, examples and benches: CPU by default, CUDA with `--features cuda`.
+pub mod backend {
+    /// The CPU backend for f32 work.
+    pub type Cpu = burn::backend::Flex;
+    /// The f64 CPU backend used for gradient checks.
+    pub type CpuF64 = burn::backend::NdArray<f64>;
+    /// The CUDA backend (with fusion and autotune).
+    #[cfg(feature = "cuda")]
+    pub type Cuda = burn::backend::Cuda;
+}
+
+/// The names a user needs.
+pub mod prelude {
+    pub use crate::error::{Error, Result};
+    pub use crate::ode::{
+        BacksolveOptions, Dynamics, GradientMode, NeuralOde, Schedule, Solution, Solver, Stats,
+    };
+}

@@ -1,0 +1,113 @@
+//! A module's trainable parameters as one flat vector, and their gradients in the same order.
+//!
+//! The solver op takes θ as one parent: the differentiable concatenation of every parameter that
+//! requires a gradient, so burn routes each slice of dL/dθ back to its own parameter. Frozen
+//! parameters are left out: they are not parents and cost no vector-Jacobian work.
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+
+/// Collects the flattened trainable parameters, in visiting order.
+struct Flatten<B: Backend> {
+    parts: Vec<Tensor<B, 1>>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Flatten<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let value = param.val();
+        if value.is_require_grad() {
+            let n = value.shape().num_elements();
+            self.parts.push(value.reshape([n]));
+        }
+    }
+}
+
+/// θ: the trainable parameters of `module` flattened and concatenated (tracked), or `None` when
+/// nothing is trainable.
+pub(crate) fn flatten_trainable<B: Backend, M: Module<B>>(module: &M) -> Option<Tensor<B, 1>> {
+    let parts = flatten_parts(module);
+    (!parts.is_empty()).then(|| Tensor::cat(parts, 0))
+}
+
+/// Reads the gradient of every trainable parameter, flattened, in the order of
+/// [`flatten_trainable`] (zeros for a parameter the output does not depend on).
+struct GradsOf<'a, AD: AutodiffBackend> {
+    grads: &'a AD::Gradients,
+    out: Vec<Tensor<AD::InnerBackend, 1>>,
+}
+
+impl<AD: AutodiffBackend> ModuleVisitor<AD> for GradsOf<'_, AD> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
+        let value = param.val();
+        if value.is_require_grad() {
+            let n = value.shape().num_elements();
+            let g = match value.grad(self.grads) {
+                Some(g) => g.reshape([n]),
+                None => Tensor::zeros([n], &value.device()),
+            };
+            self.out.push(g);
+        }
+    }
+}
+
+/// Gradients of `module`'s trainable parameters, one flat tensor each.
+pub(crate) fn trainable_grads<AD: AutodiffBackend, M: Module<AD>>(
+    module: &M,
+    grads: &AD::Gradients,
+) -> Vec<Tensor<AD::InnerBackend, 1>> {
+    let mut v = GradsOf { grads, out: Vec::new() };
+    module.visit(&mut v);
+    v.out
+}
+
+/// Which float parameters require a gradient, in visiting order. Kept apart because cloning an
+/// inner-backend module forgets it (burn re-derives the flag from the untracked inner tensor).
+pub(crate) fn trainable_mask<B: Backend, M: Module<B>>(module: &M) -> Vec<bool> {
+    struct Mask(Vec<bool>);
+    impl<B: Backend> ModuleVisitor<B> for Mask {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.push(param.val().is_require_grad());
+        }
+    }
+    let mut v = Mask(Vec::new());
+    module.visit(&mut v);
+    v.0
+}
+
+/// Sets each float parameter's gradient requirement from a mask.
+struct ApplyMask<'a> {
+    mask: &'a [bool],
+    next: usize,
+}
+
+impl<B: Backend> ModuleMapper<B> for ApplyMask<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let train = self.mask.get(self.next).copied().unwrap_or(false);
+        self.next += 1;
+        param.set_require_grad(train)
+    }
+}
+
+/// A copy of the module whose parameters are fresh leaves of a new graph (the outer graph is
+/// never touched from inside a backward step), trainable as `mask` says when `train`, frozen
+/// otherwise.
+pub(crate) fn fresh<AD: AutodiffBackend, M: AutodiffModule<AD>>(inner: &M::InnerModule, mask: &[bool], train: bool) -> M {
+    let module = M::from_inner(inner.clone());
+    if train {
+        module.map(&mut ApplyMask { mask, next: 0 })
+    } else {
+        module.no_grad()
+    }
+}
+
+/// Zeros shaped like each trainable parameter, flattened (the initial `a_θ`).
+pub(crate) fn trainable_zeros<AD: AutodiffBackend, M: Module<AD>>(module: &M) -> Vec<Tensor<AD::InnerBackend, 1>> {
+    flatten_parts(module).into_iter().map(|p| p.inner().zeros_like()).collect()
+}
+
+fn flatten_parts<B: Backend, M: Module<B>>(module: &M) -> Vec<Tensor<B, 1>> {
+    let mut v = Flatten { parts: Vec::new() };
+    module.visit(&mut v);
+    v.parts
+}

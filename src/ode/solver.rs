@@ -1,0 +1,480 @@
+//! Runge–Kutta stepping: one pure step from a tableau, and the loops that walk a time grid with
+//! fixed or adaptive steps.
+//!
+//! Every output time is hit exactly (a step never crosses one), so the states at the requested
+//! times are the solver's own states, not interpolations: the exact discrete adjoint then
+//! differentiates precisely what was computed.
+
+use burn::tensor::{backend::Backend, ElementConversion, Tensor};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::ode::controller::PiController;
+use crate::ode::grid::TimeGrid;
+use crate::ode::state::{OdeState, Time, VectorField};
+use crate::ode::tableau::{self, ButcherTableau};
+
+/// How a solver chooses its steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StepControl {
+    /// This many steps over the whole grid, shared among its intervals by length (at least one
+    /// each).
+    Steps(usize),
+    /// Steps of at most this size; each interval between output times is split evenly.
+    Dt(f64),
+    /// Error-controlled steps.
+    Adaptive(Tolerances),
+}
+
+/// Tolerances and limits of adaptive stepping.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tolerances {
+    /// Relative tolerance.
+    pub rtol: f64,
+    /// Absolute tolerance.
+    pub atol: f64,
+    /// First step size; `None` picks one from two evaluations of f (Hairer's heuristic).
+    pub dt0: Option<f64>,
+    /// Most steps (accepted + rejected) one solve may take.
+    pub max_steps: usize,
+    /// Smallest step size allowed before giving up.
+    pub dt_min: f64,
+}
+
+impl Tolerances {
+    /// `rtol`, `atol`, automatic first step, at most 100 000 steps, `dt_min` = 1e-12.
+    pub fn new(rtol: f64, atol: f64) -> Self {
+        Self { rtol, atol, dt0: None, max_steps: 100_000, dt_min: 1e-12 }
+    }
+}
+
+/// An explicit Runge–Kutta method and how it steps.
+///
+/// ```
+/// use adjoint_dpm::ode::Solver;
+/// let fixed = Solver::rk4(100);                       // 100 steps over the grid
+/// let adaptive = Solver::dopri5(1e-6, 1e-6).max_steps(10_000);
+/// assert!(fixed.validate().is_ok() && adaptive.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Solver {
+    /// The method.
+    pub tableau: &'static ButcherTableau,
+    /// Its step control.
+    pub control: StepControl,
+}
+
+impl Solver {
+    /// A fixed-step solver taking `steps` steps over the whole grid.
+    pub fn fixed(tableau: &'static ButcherTableau, steps: usize) -> Self {
+        Self { tableau, control: StepControl::Steps(steps) }
+    }
+
+    /// A fixed-step solver with steps of at most `dt`.
+    pub fn fixed_dt(tableau: &'static ButcherTableau, dt: f64) -> Self {
+        Self { tableau, control: StepControl::Dt(dt) }
+    }
+
+    /// An adaptive solver; the method must have an embedded error estimate.
+    pub fn adaptive(tableau: &'static ButcherTableau, rtol: f64, atol: f64) -> Self {
+        Self { tableau, control: StepControl::Adaptive(Tolerances::new(rtol, atol)) }
+    }
+
+    /// Forward Euler with `steps` steps.
+    pub fn euler(steps: usize) -> Self {
+        Self::fixed(&tableau::EULER, steps)
+    }
+
+    /// Explicit midpoint with `steps` steps.
+    pub fn midpoint(steps: usize) -> Self {
+        Self::fixed(&tableau::MIDPOINT, steps)
+    }
+
+    /// Heun with `steps` steps.
+    pub fn heun(steps: usize) -> Self {
+        Self::fixed(&tableau::HEUN, steps)
+    }
+
+    /// Classical RK4 with `steps` steps.
+    pub fn rk4(steps: usize) -> Self {
+        Self::fixed(&tableau::RK4, steps)
+    }
+
+    /// Adaptive Bogacki–Shampine 3(2).
+    pub fn bosh3(rtol: f64, atol: f64) -> Self {
+        Self::adaptive(&tableau::BOSH3, rtol, atol)
+    }
+
+    /// Adaptive Dormand–Prince 5(4).
+    pub fn dopri5(rtol: f64, atol: f64) -> Self {
+        Self::adaptive(&tableau::DOPRI5, rtol, atol)
+    }
+
+    /// Adaptive Tsitouras 5(4).
+    pub fn tsit5(rtol: f64, atol: f64) -> Self {
+        Self::adaptive(&tableau::TSIT5, rtol, atol)
+    }
+
+    fn map_tolerances(mut self, f: impl FnOnce(&mut Tolerances)) -> Self {
+        if let StepControl::Adaptive(tol) = &mut self.control {
+            f(tol);
+        }
+        self
+    }
+
+    /// Sets the step limit of an adaptive solver (no effect on fixed steps).
+    pub fn max_steps(self, max_steps: usize) -> Self {
+        self.map_tolerances(|t| t.max_steps = max_steps)
+    }
+
+    /// Sets the smallest allowed step of an adaptive solver.
+    pub fn dt_min(self, dt_min: f64) -> Self {
+        self.map_tolerances(|t| t.dt_min = dt_min)
+    }
+
+    /// Sets the first step of an adaptive solver.
+    pub fn dt0(self, dt0: f64) -> Self {
+        self.map_tolerances(|t| t.dt0 = Some(dt0))
+    }
+
+    /// Checks the options; solves call it first.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name, value: f64, rule| Err(Error::InvalidOption { name, value: value.to_string(), rule });
+        match self.control {
+            StepControl::Steps(0) => bad("steps", 0.0, "take at least one step"),
+            StepControl::Steps(_) => Ok(()),
+            StepControl::Dt(dt) if !(dt.is_finite() && dt > 0.0) => bad("dt", dt, "must be finite and > 0"),
+            StepControl::Dt(_) => Ok(()),
+            StepControl::Adaptive(tol) => {
+                if !self.tableau.is_adaptive() {
+                    return Err(Error::NoErrorEstimate { method: self.tableau.name });
+                }
+                if !(tol.rtol.is_finite() && tol.rtol >= 0.0) {
+                    return bad("rtol", tol.rtol, "must be finite and >= 0");
+                }
+                if !(tol.atol.is_finite() && tol.atol > 0.0) {
+                    return bad("atol", tol.atol, "must be finite and > 0");
+                }
+                if !(tol.dt_min.is_finite() && tol.dt_min >= 0.0) {
+                    return bad("dt_min", tol.dt_min, "must be finite and >= 0");
+                }
+                if let Some(dt0) = tol.dt0 {
+                    if !(dt0.is_finite() && dt0 > 0.0) {
+                        return bad("dt0", dt0, "must be finite and > 0");
+                    }
+                }
+                if tol.max_steps == 0 {
+                    return bad("max_steps", 0.0, "allow at least one step");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Number of fixed steps on interval `k` of `grid` (`None` when adaptive).
+    pub(crate) fn fixed_steps(&self, grid: &TimeGrid, k: usize) -> Option<usize> {
+        let times = grid.times();
+        let len = (times[k + 1] - times[k]).abs();
+        match self.control {
+            StepControl::Steps(n) => Some(((n as f64) * len / grid.span().abs()).round().max(1.0) as usize),
+            StepControl::Dt(dt) => Some(((len / dt) - 1e-9).ceil().max(1.0) as usize),
+            StepControl::Adaptive(_) => None,
+        }
+    }
+}
+
+/// Work done by a solve, forward and backward.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Evaluations of f in the forward solve.
+    pub nfe_forward: usize,
+    /// Vector-Jacobian products of f in the backward pass (each one forward + one backward of f).
+    pub nfe_backward: usize,
+    /// Accepted forward steps.
+    pub accepted_steps: usize,
+    /// Rejected forward steps.
+    pub rejected_steps: usize,
+    /// Accepted steps of the backward pass (replayed steps for the discrete adjoint, reverse
+    /// steps for the continuous one).
+    pub backward_steps: usize,
+}
+
+/// Step counters of one integration.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Counters {
+    pub nfe: usize,
+    pub accepted: usize,
+    pub rejected: usize,
+}
+
+/// One accepted step: interval `interval` of the grid, from `t0` to `t1`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Span {
+    pub interval: usize,
+    pub t0: f64,
+    pub t1: f64,
+}
+
+impl Span {
+    /// Start time and size of this step. With `times` (the grid as a tracked tensor) they are
+    /// tensors that move with the grid: `T_k + s·(T_{k+1} − T_k)` with the step's fractions `s`
+    /// of its interval fixed, which is how output times are differentiated.
+    pub(crate) fn times<B: Backend>(&self, times: Option<&(Tensor<B, 1>, Vec<f64>)>) -> (Time<B>, Time<B>) {
+        let Some((times, grid)) = times else {
+            return (Time::Value(self.t0), Time::Value(self.t1 - self.t0));
+        };
+        let k = self.interval;
+        let (ta, tb) = (grid[k], grid[k + 1]);
+        let (s0, s1) = ((self.t0 - ta) / (tb - ta), (self.t1 - ta) / (tb - ta));
+        let start = times.clone().slice([k..k + 1]);
+        let length = times.clone().slice([k + 1..k + 2]) - start.clone();
+        (Time::Tensor(start + length.clone().mul_scalar(s0)), Time::Tensor(length.mul_scalar(s1 - s0)))
+    }
+}
+
+/// The result of one Runge–Kutta step.
+pub(crate) struct StepOut<S> {
+    /// The new state.
+    pub y: S,
+    /// The local error estimate, for methods that have one.
+    pub err: Option<S>,
+    /// f at the step's start (reusable after a rejection).
+    pub k_first: S,
+    /// The last stage (f at the new state, for FSAL methods).
+    pub k_last: S,
+}
+
+/// `Σ coef_i · k_i` over the non-zero coefficients, `None` when all are zero.
+fn combine<B: Backend, S: OdeState<B>>(coefs: &[f64], ks: &[S]) -> Option<S> {
+    coefs.iter().zip(ks).filter(|(c, _)| **c != 0.0).fold(None, |acc, (c, k)| {
+        let term = k.scale(*c);
+        Some(match acc {
+            None => term,
+            Some(acc) => acc.add(&term),
+        })
+    })
+}
+
+/// One explicit Runge–Kutta step of size `h` from `(t, y)`. `k1`, when given, is f(t, y).
+pub(crate) fn rk_step<B: Backend, V: VectorField<B>>(
+    field: &V,
+    tab: &ButcherTableau,
+    t: &Time<B>,
+    h: &Time<B>,
+    y: &V::State,
+    k1: Option<V::State>,
+    counters: &mut Counters,
+) -> Result<StepOut<V::State>> {
+    let s = tab.stages();
+    let mut ks: Vec<V::State> = Vec::with_capacity(s);
+    let k1 = match k1 {
+        Some(k) => k,
+        None => {
+            counters.nfe += 1;
+            field.eval(t, y)?
+        }
+    };
+    ks.push(k1);
+    let mut y_last_stage = None;
+    for i in 1..s {
+        let yi = match combine(tab.a[i - 1], &ks) {
+            Some(incr) => y.add(&incr.scale_time(h)),
+            None => y.clone(),
+        };
+        counters.nfe += 1;
+        ks.push(field.eval(&t.offset(tab.c[i], h), &yi)?);
+        if i == s - 1 {
+            y_last_stage = Some(yi);
+        }
+    }
+    // FSAL methods evaluate their last stage at the new state itself.
+    let y_new = match (tab.is_fsal(), y_last_stage) {
+        (true, Some(y_last)) => y_last,
+        _ => match combine(tab.b, &ks) {
+            Some(incr) => y.add(&incr.scale_time(h)),
+            None => y.clone(),
+        },
+    };
+    let err = tab.b_err.and_then(|b_err| combine(b_err, &ks)).map(|e| e.scale_time(h));
+    let k_last = ks.pop().expect("at least one stage");
+    let k_first = if ks.is_empty() { k_last.clone() } else { ks.swap_remove(0) };
+    Ok(StepOut { y: y_new, err, k_first, k_last })
+}
+
+/// Scaled RMS norm of an error estimate.
+fn rms_error<B: Backend, S: OdeState<B>>(err: &S, y0: &S, y1: &S, rtol: f64, atol: f64) -> f64 {
+    let (sum, n) = err.error_sq_sum(y0, y1, rtol, atol);
+    let sum: f64 = sum.into_scalar().elem();
+    (sum / n.max(1) as f64).sqrt()
+}
+
+/// Hairer's starting step: two evaluations of f, returns (h0 with sign, f(t0, y0)).
+fn initial_step<B: Backend, V: VectorField<B>>(
+    field: &V,
+    order: u32,
+    t0: f64,
+    y0: &V::State,
+    direction: f64,
+    tol: &Tolerances,
+    counters: &mut Counters,
+) -> Result<(f64, V::State)> {
+    counters.nfe += 1;
+    let f0 = field.eval(&Time::Value(t0), y0)?;
+    let d0 = rms_error(y0, y0, y0, tol.rtol, tol.atol);
+    let d1 = rms_error(&f0, y0, y0, tol.rtol, tol.atol);
+    let h0 = if d0 < 1e-5 || d1 < 1e-5 || !(d0.is_finite() && d1.is_finite()) { 1e-6 } else { 0.01 * d0 / d1 };
+    let y1 = y0.add(&f0.scale(direction * h0));
+    counters.nfe += 1;
+    let f1 = field.eval(&Time::Value(t0 + direction * h0), &y1)?;
+    let d2 = rms_error(&f1.add(&f0.scale(-1.0)), y0, y0, tol.rtol, tol.atol) / h0;
+    let dmax = d1.max(d2);
+    let h1 = if dmax <= 1e-15 || !dmax.is_finite() {
+        (h0 * 1e-3).max(1e-6)
+    } else {
+        (0.01 / dmax).powf(1.0 / f64::from(order + 1))
+    };
+    Ok((direction * (100.0 * h0).min(h1), f0))
+}
+
+/// Carries step-size state from one interval to the next.
+pub(crate) struct Stepper<'a, B: Backend, V: VectorField<B>> {
+    pub field: &'a V,
+    pub solver: Solver,
+    pub counters: Counters,
+    controller: PiController,
+    h: Option<f64>,
+    k1: Option<V::State>,
+    /// The grid as a tracked tensor, when steps must carry time gradients (Backprop).
+    time_leaf: Option<(Tensor<B, 1>, Vec<f64>)>,
+}
+
+impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
+    pub(crate) fn new(field: &'a V, solver: Solver) -> Self {
+        Self {
+            field,
+            solver,
+            counters: Counters::default(),
+            controller: PiController::new(solver.tableau.embedded_order),
+            h: None,
+            k1: None,
+            time_leaf: None,
+        }
+    }
+
+    /// Steps take their times from `times` (the values of `grid`), so that they carry gradients.
+    pub(crate) fn with_time_leaf(mut self, times: Tensor<B, 1>, grid: &TimeGrid) -> Self {
+        self.time_leaf = Some((times, grid.times().to_vec()));
+        self
+    }
+
+    /// Forgets the reusable first stage (the state was changed from outside).
+    pub(crate) fn reset_state(&mut self) {
+        self.k1 = None;
+    }
+
+    /// Integrates from `ta` to `tb` (either direction). With `fixed_steps`, takes that many even
+    /// steps; otherwise adapts. Calls `on_step` with each accepted step and the state it started
+    /// from.
+    pub(crate) fn interval(
+        &mut self,
+        interval: usize,
+        ta: f64,
+        tb: f64,
+        mut y: V::State,
+        fixed_steps: Option<usize>,
+        on_step: &mut dyn FnMut(Span, &V::State),
+    ) -> Result<V::State> {
+        let tab = self.solver.tableau;
+        if let Some(n) = fixed_steps {
+            let h = (tb - ta) / n as f64;
+            for j in 0..n {
+                let t0 = ta + j as f64 * h;
+                let t1 = if j + 1 == n { tb } else { ta + (j + 1) as f64 * h };
+                let span = Span { interval, t0, t1 };
+                let (t, h) = span.times(self.time_leaf.as_ref());
+                let out = rk_step(self.field, tab, &t, &h, &y, self.k1.take(), &mut self.counters)?;
+                if !out.y.finiteness_probe().is_finite() {
+                    return Err(Error::NonFiniteState { t: t1, step: self.counters.accepted + 1 });
+                }
+                on_step(span, &y);
+                self.counters.accepted += 1;
+                self.k1 = tab.is_fsal().then_some(out.k_last);
+                y = out.y;
+            }
+            return Ok(y);
+        }
+        let StepControl::Adaptive(tol) = self.solver.control else {
+            unreachable!("fixed step counts are computed for fixed controls")
+        };
+        let direction = (tb - ta).signum();
+        let mut h = match (self.h, tol.dt0) {
+            (Some(h), _) => h.abs() * direction,
+            (None, Some(dt0)) => dt0 * direction,
+            (None, None) => {
+                let (h, f0) = initial_step(self.field, tab.order, ta, &y, direction, &tol, &mut self.counters)?;
+                self.k1 = Some(f0);
+                h
+            }
+        };
+        let mut t = ta;
+        let mut last_bad = false;
+        while (tb - t) * direction > 0.0 {
+            if self.counters.accepted + self.counters.rejected >= tol.max_steps {
+                return Err(Error::MaxStepsExceeded { t, max_steps: tol.max_steps });
+            }
+            if h.abs() < tol.dt_min || t + h == t {
+                return Err(if last_bad {
+                    Error::NonFiniteState { t, step: self.counters.accepted }
+                } else {
+                    Error::StepSizeUnderflow { t, dt: h.abs(), dt_min: tol.dt_min }
+                });
+            }
+            let remaining = tb - t;
+            // Land exactly on the output time; stretch a step that would leave a sliver.
+            let last = h.abs() >= remaining.abs() * (1.0 - 1e-10);
+            let h_try = if last { remaining } else { h };
+            let span = Span { interval, t0: t, t1: if last { tb } else { t + h_try } };
+            let (t_step, h_step) = span.times(self.time_leaf.as_ref());
+            let out = rk_step(self.field, tab, &t_step, &h_step, &y, self.k1.take(), &mut self.counters)?;
+            let err = out.err.as_ref().map(|e| rms_error(e, &y, &out.y, tol.rtol, tol.atol)).unwrap_or(0.0);
+            let (accept, h_next) = self.controller.adapt(err, h_try);
+            last_bad = !err.is_finite();
+            if accept {
+                let t_new = span.t1;
+                on_step(span, &y);
+                self.counters.accepted += 1;
+                self.k1 = tab.is_fsal().then_some(out.k_last);
+                y = out.y;
+                t = t_new;
+            } else {
+                self.counters.rejected += 1;
+                self.k1 = Some(out.k_first);
+            }
+            h = h_next;
+        }
+        self.h = Some(h);
+        Ok(y)
+    }
+}
+
+/// Integrates over the whole grid; returns the state at every grid time (the first is `y0`).
+pub(crate) fn integrate<B: Backend, V: VectorField<B>>(
+    stepper: &mut Stepper<'_, B, V>,
+    grid: &TimeGrid,
+    y0: V::State,
+    on_step: &mut dyn FnMut(Span, &V::State),
+) -> Result<Vec<V::State>> {
+    if !y0.finiteness_probe().is_finite() {
+        return Err(Error::NonFiniteState { t: grid.times()[0], step: 0 });
+    }
+    let times = grid.times();
+    let mut outputs = Vec::with_capacity(times.len());
+    outputs.push(y0.clone());
+    let mut y = y0;
+    for k in 0..times.len() - 1 {
+        let n = stepper.solver.fixed_steps(grid, k);
+        y = stepper.interval(k, times[k], times[k + 1], y, n, on_step)?;
+        outputs.push(y.clone());
+    }
+    Ok(outputs)
+}

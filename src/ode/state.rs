@@ -1,0 +1,101 @@
+//! What the stepper needs of a state and of a time: a little linear algebra, an error norm.
+//!
+//! The solver is written once against [`OdeState`] and [`VectorField`], so the same code steps a
+//! user's state tensor and the augmented adjoint state of [`crate::ode::adjoint`] (diffrax's
+//! "the adjoint system is just another term").
+
+use burn::tensor::{backend::Backend, ElementConversion, Tensor};
+
+use crate::error::Result;
+
+/// A time or step size: a plain number when solving, a tensor when a step is replayed to
+/// differentiate with respect to the output times.
+#[derive(Debug, Clone)]
+pub enum Time<B: Backend> {
+    /// A value with no gradient.
+    Value(f64),
+    /// A `[1]` tensor, tracked on an autodiff backend.
+    Tensor(Tensor<B, 1>),
+}
+
+impl<B: Backend> Time<B> {
+    /// `self + c · h`.
+    pub fn offset(&self, c: f64, h: &Time<B>) -> Time<B> {
+        match (self, h) {
+            (Time::Value(t), Time::Value(h)) => Time::Value(t + c * h),
+            (Time::Tensor(t), Time::Value(h)) => Time::Tensor(t.clone().add_scalar(c * h)),
+            (Time::Value(t), Time::Tensor(h)) => Time::Tensor(h.clone().mul_scalar(c).add_scalar(*t)),
+            (Time::Tensor(t), Time::Tensor(h)) => Time::Tensor(t.clone() + h.clone().mul_scalar(c)),
+        }
+    }
+
+    /// The time as a `[1]` tensor on `device`, as the dynamics take it.
+    pub fn to_tensor(&self, device: &B::Device) -> Tensor<B, 1> {
+        match self {
+            Time::Value(t) => Tensor::from_data(burn::tensor::TensorData::from([*t]), device),
+            Time::Tensor(t) => t.clone(),
+        }
+    }
+
+}
+
+/// A state the Runge–Kutta stepper can combine.
+pub trait OdeState<B: Backend>: Clone + Sized {
+    /// `self + other`.
+    fn add(&self, other: &Self) -> Self;
+    /// `c · self`.
+    fn scale(&self, c: f64) -> Self;
+    /// `h · self`, with `h` possibly a tracked tensor.
+    fn scale_time(&self, h: &Time<B>) -> Self;
+    /// Σ over the error-controlled components of `(err / (atol + rtol·max(|y0|, |y1|)))²`, and
+    /// their number; the step controller takes the root mean square.
+    fn error_sq_sum(&self, y0: &Self, y1: &Self, rtol: f64, atol: f64) -> (Tensor<B, 1>, usize);
+    /// A number that is finite exactly when every component is (one reduction, one read).
+    fn finiteness_probe(&self) -> f64;
+}
+
+/// A vector field over some state type: the user's dynamics, or the augmented adjoint system.
+pub trait VectorField<B: Backend> {
+    /// The state it acts on.
+    type State: OdeState<B>;
+    /// dy/dt at `(t, y)`.
+    fn eval(&self, t: &Time<B>, y: &Self::State) -> Result<Self::State>;
+}
+
+/// The mean-square error term of one tensor (used by the state impls).
+pub(crate) fn tensor_error_sq_sum<B: Backend, const D: usize>(
+    err: &Tensor<B, D>,
+    y0: &Tensor<B, D>,
+    y1: &Tensor<B, D>,
+    rtol: f64,
+    atol: f64,
+) -> (Tensor<B, 1>, usize) {
+    let scale = y0.clone().abs().max_pair(y1.clone().abs()).mul_scalar(rtol).add_scalar(atol);
+    let ratio = err.clone() / scale;
+    (ratio.powi_scalar(2).sum(), err.shape().num_elements())
+}
+
+impl<B: Backend, const D: usize> OdeState<B> for Tensor<B, D> {
+    fn add(&self, other: &Self) -> Self {
+        self.clone() + other.clone()
+    }
+
+    fn scale(&self, c: f64) -> Self {
+        self.clone().mul_scalar(c)
+    }
+
+    fn scale_time(&self, h: &Time<B>) -> Self {
+        match h {
+            Time::Value(h) => self.clone().mul_scalar(*h),
+            Time::Tensor(h) => self.clone() * h.clone().reshape([1; D]),
+        }
+    }
+
+    fn error_sq_sum(&self, y0: &Self, y1: &Self, rtol: f64, atol: f64) -> (Tensor<B, 1>, usize) {
+        tensor_error_sq_sum(self, y0, y1, rtol, atol)
+    }
+
+    fn finiteness_probe(&self) -> f64 {
+        self.clone().sum().into_scalar().elem()
+    }
+}

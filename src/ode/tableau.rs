@@ -1,0 +1,234 @@
+//! Butcher tableaux of the explicit Runge–Kutta methods, as data.
+//!
+//! A method is `c`, the strictly lower triangle `a` (row `i` holds the `i` coefficients of stage
+//! `i + 1`), the solution weights `b` and, for adaptive methods, the error weights
+//! `b_err = b − b̂` of its embedded lower-order pair. Every method goes through the one stepper in
+//! [`crate::ode::solver`]; the tests below check each tableau's consistency and its order.
+
+/// An explicit Runge–Kutta method.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ButcherTableau {
+    /// Short name, as used by the CLI and error messages.
+    pub name: &'static str,
+    /// Order of the solution.
+    pub order: u32,
+    /// Order of the embedded solution (0 when there is none); sets the step controller's exponents.
+    pub embedded_order: u32,
+    /// Stage times as fractions of the step.
+    pub c: &'static [f64],
+    /// Rows of the strictly lower triangle: `a[i - 1][j]` weighs stage `j` in stage `i`.
+    pub a: &'static [&'static [f64]],
+    /// Solution weights.
+    pub b: &'static [f64],
+    /// Error weights `b − b̂`; `None` for methods without an embedded pair.
+    pub b_err: Option<&'static [f64]>,
+}
+
+impl ButcherTableau {
+    /// Number of stages.
+    pub fn stages(&self) -> usize {
+        self.b.len()
+    }
+
+    /// First-same-as-last: the last stage is evaluated at the new state, so the next step can reuse
+    /// it as its first stage.
+    pub fn is_fsal(&self) -> bool {
+        let s = self.stages();
+        s > 1
+            && self.c[s - 1] == 1.0
+            && self.b[s - 1] == 0.0
+            && self.a[s - 2].iter().zip(self.b).all(|(a, b)| a == b)
+    }
+
+    /// Whether the method can control its own step size.
+    pub fn is_adaptive(&self) -> bool {
+        self.b_err.is_some()
+    }
+
+    /// All methods shipped with the crate.
+    pub fn all() -> [&'static ButcherTableau; 7] {
+        [&EULER, &MIDPOINT, &HEUN, &RK4, &BOSH3, &DOPRI5, &TSIT5]
+    }
+
+    /// Looks a method up by its name (`euler`, `midpoint`, `heun`, `rk4`, `bosh3`, `dopri5`,
+    /// `tsit5`).
+    pub fn by_name(name: &str) -> Option<&'static ButcherTableau> {
+        Self::all().into_iter().find(|t| t.name == name)
+    }
+}
+
+/// Forward Euler: first order, one stage.
+pub const EULER: ButcherTableau = ButcherTableau {
+    name: "euler",
+    order: 1,
+    embedded_order: 0,
+    c: &[0.0],
+    a: &[],
+    b: &[1.0],
+    b_err: None,
+};
+
+/// Explicit midpoint: second order, two stages.
+pub const MIDPOINT: ButcherTableau = ButcherTableau {
+    name: "midpoint",
+    order: 2,
+    embedded_order: 0,
+    c: &[0.0, 0.5],
+    a: &[&[0.5]],
+    b: &[0.0, 1.0],
+    b_err: None,
+};
+
+/// Heun's method (explicit trapezoid), second order, with Euler embedded for an error estimate.
+/// In ρ on the semi-linear PF-ODE this is the 2nd-order sampler of EDM / AdjointDPM.
+pub const HEUN: ButcherTableau = ButcherTableau {
+    name: "heun",
+    order: 2,
+    embedded_order: 1,
+    c: &[0.0, 1.0],
+    a: &[&[1.0]],
+    b: &[0.5, 0.5],
+    b_err: Some(&[0.5 - 1.0, 0.5]),
+};
+
+/// The classical fourth-order Runge–Kutta method.
+pub const RK4: ButcherTableau = ButcherTableau {
+    name: "rk4",
+    order: 4,
+    embedded_order: 0,
+    c: &[0.0, 0.5, 0.5, 1.0],
+    a: &[&[0.5], &[0.0, 0.5], &[0.0, 0.0, 1.0]],
+    b: &[1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0],
+    b_err: None,
+};
+
+/// Bogacki–Shampine 3(2), FSAL. P. Bogacki and L. F. Shampine, "A 3(2) pair of Runge–Kutta
+/// formulas", Appl. Math. Lett. 2 (1989).
+pub const BOSH3: ButcherTableau = ButcherTableau {
+    name: "bosh3",
+    order: 3,
+    embedded_order: 2,
+    c: &[0.0, 0.5, 0.75, 1.0],
+    a: &[&[0.5], &[0.0, 0.75], &[2.0 / 9.0, 1.0 / 3.0, 4.0 / 9.0]],
+    b: &[2.0 / 9.0, 1.0 / 3.0, 4.0 / 9.0, 0.0],
+    b_err: Some(&[
+        2.0 / 9.0 - 7.0 / 24.0,
+        1.0 / 3.0 - 1.0 / 4.0,
+        4.0 / 9.0 - 1.0 / 3.0,
+        -1.0 / 8.0,
+    ]),
+};
+
+/// Dormand–Prince 5(4), FSAL. J. R. Dormand and P. J. Prince, "A family of embedded Runge–Kutta
+/// formulae", J. Comput. Appl. Math. 6 (1980).
+pub const DOPRI5: ButcherTableau = ButcherTableau {
+    name: "dopri5",
+    order: 5,
+    embedded_order: 4,
+    c: &[0.0, 1.0 / 5.0, 3.0 / 10.0, 4.0 / 5.0, 8.0 / 9.0, 1.0, 1.0],
+    a: &[
+        &[1.0 / 5.0],
+        &[3.0 / 40.0, 9.0 / 40.0],
+        &[44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0],
+        &[19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0],
+        &[9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
+        &[35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0],
+    ],
+    b: &[35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0, 0.0],
+    b_err: Some(&[
+        35.0 / 384.0 - 5179.0 / 57600.0,
+        0.0,
+        500.0 / 1113.0 - 7571.0 / 16695.0,
+        125.0 / 192.0 - 393.0 / 640.0,
+        -2187.0 / 6784.0 + 92097.0 / 339200.0,
+        11.0 / 84.0 - 187.0 / 2100.0,
+        -1.0 / 40.0,
+    ]),
+};
+
+const TSIT5_B: [f64; 7] = [
+    0.096_460_766_818_065_23,
+    0.01,
+    0.479_889_650_414_499_6,
+    1.379_008_574_103_742,
+    -3.290_069_515_436_080_7,
+    2.324_710_524_099_774,
+    0.0,
+];
+
+/// Tsitouras 5(4), FSAL. Ch. Tsitouras, "Runge–Kutta pairs of order 5(4) satisfying only the
+/// first column simplifying assumption", Comput. Math. Appl. 62 (2011).
+pub const TSIT5: ButcherTableau = ButcherTableau {
+    name: "tsit5",
+    order: 5,
+    embedded_order: 4,
+    c: &[0.0, 0.161, 0.327, 0.9, 0.980_025_540_904_509_7, 1.0, 1.0],
+    a: &[
+        &[0.161],
+        &[-0.008_480_655_492_356_989, 0.335_480_655_492_357],
+        &[2.897_153_057_105_493_4, -6.359_448_489_975_075, 4.362_295_432_869_581],
+        &[
+            5.325_864_828_439_257,
+            -11.748_883_564_062_828,
+            7.495_539_342_889_836,
+            -0.092_495_066_361_755_25,
+        ],
+        &[
+            5.861_455_442_946_42,
+            -12.920_969_317_847_11,
+            8.159_367_898_576_159,
+            -0.071_584_973_281_401,
+            -0.028_269_050_394_068_383,
+        ],
+        &[
+            TSIT5_B[0], TSIT5_B[1], TSIT5_B[2], TSIT5_B[3], TSIT5_B[4], TSIT5_B[5],
+        ],
+    ],
+    b: &TSIT5_B,
+    b_err: Some(&[
+        TSIT5_B[0] - 0.094_680_755_765_839_46,
+        TSIT5_B[1] - 0.009_183_565_540_343_253,
+        TSIT5_B[2] - 0.487_770_528_424_761_6,
+        TSIT5_B[3] - 1.234_297_566_930_479,
+        TSIT5_B[4] + 2.707_712_349_983_525_5,
+        TSIT5_B[5] - 1.866_628_418_170_587,
+        -1.0 / 66.0,
+    ]),
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_tableau_is_consistent() {
+        for t in ButcherTableau::all() {
+            let s = t.stages();
+            assert_eq!(t.c.len(), s, "{}: c has {} entries for {s} stages", t.name, t.c.len());
+            assert_eq!(t.a.len(), s - 1, "{}: a has {} rows", t.name, t.a.len());
+            assert_eq!(t.c[0], 0.0, "{}: explicit methods start at c = 0", t.name);
+            for (i, row) in t.a.iter().enumerate() {
+                assert_eq!(row.len(), i + 1, "{}: row {} of a", t.name, i + 1);
+                let sum: f64 = row.iter().sum();
+                assert!((sum - t.c[i + 1]).abs() < 1e-14, "{}: row {} sums to {sum}, c = {}", t.name, i + 1, t.c[i + 1]);
+            }
+            let sb: f64 = t.b.iter().sum();
+            assert!((sb - 1.0).abs() < 1e-14, "{}: Σb = {sb}", t.name);
+            if let Some(e) = t.b_err {
+                assert_eq!(e.len(), s);
+                let se: f64 = e.iter().sum();
+                assert!(se.abs() < 1e-14, "{}: Σb_err = {se}", t.name);
+            }
+        }
+        let fsal: Vec<_> = ButcherTableau::all().iter().filter(|t| t.is_fsal()).map(|t| t.name).collect();
+        assert_eq!(fsal, ["bosh3", "dopri5", "tsit5"]);
+    }
+
+    #[test]
+    fn lookup_by_name_round_trips() {
+        for t in ButcherTableau::all() {
+            assert_eq!(ButcherTableau::by_name(t.name), Some(t));
+        }
+        assert_eq!(ButcherTableau::by_name("rk45"), None);
+    }
+}

@@ -1,0 +1,166 @@
+//! Shared problems and helpers: the P1 spiral of DESIGN.md §6, random MLP dynamics, central
+//! finite differences.
+
+use adjoint_dpm::prelude::*;
+use burn::backend::{Autodiff, NdArray};
+use burn::module::Param;
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+/// The f64 CPU backend of the gradient checks.
+pub type F64 = NdArray<f64>;
+/// Its autodiff wrapper.
+pub type Ad = Autodiff<F64>;
+
+/// The activation of a random MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    Tanh,
+    Softplus,
+    Sin,
+}
+
+/// dz/dt = MLP(z) (+ time features), used by the property tests.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub layers: Vec<Linear<B>>,
+    /// Weight of t in the first layer's input (a time-dependent field when non-zero).
+    pub time_weight: Param<Tensor<B, 1>>,
+    pub act: u8,
+    /// Cube the input first (P1's dynamics).
+    pub cube: bool,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Widths `[dim, h1, …, dim]`.
+    pub fn new(widths: &[usize], act: Act, time_dependent: bool, device: &B::Device) -> Self {
+        let layers = widths.windows(2).map(|w| LinearConfig::new(w[0], w[1]).init(device)).collect();
+        let tw = if time_dependent { 0.5 } else { 0.0 };
+        let act = match act {
+            Act::Tanh => 0,
+            Act::Softplus => 1,
+            Act::Sin => 2,
+        };
+        Self { layers, time_weight: Param::from_tensor(Tensor::from_floats([tw], device)), act, cube: false }
+    }
+
+    fn activate(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self.act {
+            0 => x.tanh(),
+            1 => burn::tensor::activation::softplus(x, 1.0),
+            _ => x.sin(),
+        }
+    }
+}
+
+impl<B: Backend> Dynamics<B, 2> for Mlp<B> {
+    fn f(&self, t: Tensor<B, 1>, z: Tensor<B, 2>) -> Tensor<B, 2> {
+        let mut x = if self.cube { z.clone().powi_scalar(3) } else { z };
+        let n = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if i == 0 {
+                x = x + (t.clone() * self.time_weight.val()).sin().unsqueeze::<2>();
+            }
+            if i + 1 < n {
+                x = self.activate(x);
+            }
+        }
+        x
+    }
+}
+
+/// The P1 spiral problem with the reference numbers.
+pub struct P1 {
+    pub w0: Vec<f64>,
+    pub b0: Vec<f64>,
+    pub w1: Vec<f64>,
+    pub b1: Vec<f64>,
+    pub z0: Vec<f64>,
+    pub ts: Vec<f64>,
+    pub target: Vec<f64>,
+    pub rk4_loss: f64,
+    pub rk4_gp: Vec<f64>,
+    pub rk4_gz: Vec<f64>,
+    pub exact_loss: f64,
+    pub exact_gp: Vec<f64>,
+    pub exact_gz: Vec<f64>,
+}
+
+fn read(st: &safetensors::SafeTensors, name: &str) -> Vec<f64> {
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
+    t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+impl P1 {
+    pub fn load() -> Self {
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/p1_spiral.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        Self {
+            w0: read(&st, "W0"),
+            b0: read(&st, "b0"),
+            w1: read(&st, "W1"),
+            b1: read(&st, "b1"),
+            z0: read(&st, "z0"),
+            ts: read(&st, "ts"),
+            target: read(&st, "target"),
+            rk4_loss: read(&st, "rk4_100_loss")[0],
+            rk4_gp: read(&st, "rk4_100_gp"),
+            rk4_gz: read(&st, "rk4_100_gz"),
+            exact_loss: read(&st, "exact_loss")[0],
+            exact_gp: read(&st, "exact_gp"),
+            exact_gz: read(&st, "exact_gz"),
+        }
+    }
+
+    /// The MLP with the reference weights (PyTorch `[out, in]` layout transposed to burn's).
+    pub fn model<B: Backend>(&self, device: &B::Device) -> Mlp<B> {
+        let lin = |w: &[f64], b: &[f64], out: usize, inp: usize| {
+            let w = Tensor::<B, 2>::from_data(TensorData::new(w.to_vec(), [out, inp]), device).transpose();
+            let mut l = LinearConfig::new(inp, out).init(device);
+            l.weight = Param::from_tensor(w);
+            l.bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(b.to_vec(), [out]), device)));
+            l
+        };
+        let mut m = Mlp::new(&[2, 50, 2], Act::Tanh, false, device);
+        m.layers = vec![lin(&self.w0, &self.b0, 50, 2), lin(&self.w1, &self.b1, 2, 50)];
+        m.time_weight = Param::from_tensor(Tensor::zeros([1], device)).set_require_grad(false);
+        m.cube = true;
+        m
+    }
+
+    pub fn z0<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
+        Tensor::from_data(TensorData::new(self.z0.clone(), [16, 2]), device)
+    }
+
+    /// mean |z(t_k) − target_k| over k = 1..10.
+    pub fn loss<B: Backend>(&self, sol: &Solution<B, 2>, device: &B::Device) -> Tensor<B, 1> {
+        let target = Tensor::<B, 2>::from_data(TensorData::new(self.target.clone(), [160, 2]), device);
+        let states = Tensor::cat((1..11).map(|k| sol.state(k)).collect(), 0);
+        (states - target).abs().mean()
+    }
+
+    /// Parameter gradient in the reference order (W0, b0, W1, b1; PyTorch layout).
+    pub fn flat_param_grad(model: &Mlp<Ad>, grads: &<Ad as burn::tensor::backend::AutodiffBackend>::Gradients) -> Vec<f64> {
+        let mut out = Vec::new();
+        for layer in &model.layers {
+            out.extend(to_vec(layer.weight.grad(grads).unwrap().transpose()));
+            out.extend(to_vec(layer.bias.as_ref().unwrap().grad(grads).unwrap()));
+        }
+        out
+    }
+}
+
+/// A tensor's values.
+pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().into_vec().unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖.
+pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den.max(1e-300)
+}

@@ -1,0 +1,4 @@
+//! Engine tests: one binary (burn links slowly), one module per property family.
+
+mod common;
+mod p1;
