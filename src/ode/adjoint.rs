@@ -116,7 +116,7 @@ where
         let p = self.problem;
         let module: M = params::fresh::<AD, M>(&p.inner, &p.trainable, p.want.theta);
         let z = Tensor::<AD, D>::from_inner(s.z.clone()).require_grad();
-        let t = Tensor::<AD, 1>::from_inner(t.to_tensor(&s.z.device())).set_require_grad(s.a_t.is_some());
+        let t = Tensor::<AD, 1>::from_inner(t.to_tensor(&s.z)).set_require_grad(s.a_t.is_some());
         let f = module.f(t.clone(), z.clone());
         check_same_shape(&z, &f)?;
         let dz = f.clone().inner();
@@ -174,7 +174,7 @@ where
         z: outputs[last].clone(),
         a_z: cotangents[last].clone(),
         a_theta,
-        a_t: problem.want.times.then(|| Tensor::zeros([1], &outputs[0].device())),
+        a_t: problem.want.times.then(|| Tensor::zeros([1], (&outputs[0].device(), outputs[0].dtype()))),
         seminorm: options.seminorm,
     };
     // dL/dT_k = g_k · f(T_k, z_k) for k ≥ 1.

@@ -48,7 +48,7 @@ impl<B: Backend, M: Dynamics<B, D>, const D: usize> crate::ode::state::VectorFie
     type State = Tensor<B, D>;
 
     fn eval(&self, t: &crate::ode::state::Time<B>, z: &Tensor<B, D>) -> crate::error::Result<Tensor<B, D>> {
-        let out = self.module.f(t.to_tensor(&z.device()), z.clone());
+        let out = self.module.f(t.to_tensor(z), z.clone());
         check_same_shape(z, &out)?;
         Ok(out)
     }

@@ -128,7 +128,7 @@ impl<M> NeuralOde<M> {
         M::InnerModule: Dynamics<B, D>,
     {
         let grid = TimeGrid::new(times)?;
-        let times = Tensor::from_data(TensorData::from(times), &z0.device());
+        let times = Tensor::from_data(TensorData::from(times), (&z0.device(), z0.dtype()));
         self.solve_grid(z0, grid, times, false)
     }
 

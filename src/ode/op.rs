@@ -97,7 +97,7 @@ where
                 let device = like.device();
                 (
                     like.zeros_like().add_scalar(f64::NAN),
-                    Some(nan(Tensor::zeros([theta_len.max(1)], &device))),
+                    Some(nan(Tensor::zeros([theta_len.max(1)], (&device, like.dtype())))),
                     Some(nan(problem.times.zeros_like())),
                 )
             }
@@ -133,7 +133,7 @@ where
     let device = z0.device();
     let theta = params::flatten_trainable(module);
     let theta_len = theta.as_ref().map_or(0, |t| t.dims()[0]);
-    let theta = theta.unwrap_or_else(|| Tensor::zeros([1], &device));
+    let theta = theta.unwrap_or_else(|| Tensor::zeros([1], (&device, z0.dtype())));
     let inner = module.valid();
     let z0_inner = z0.clone().inner();
     let times_inner = times.clone().inner();

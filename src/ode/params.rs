@@ -44,7 +44,7 @@ impl<AD: AutodiffBackend> ModuleVisitor<AD> for GradsOf<'_, AD> {
             let n = value.shape().num_elements();
             let g = match value.grad(self.grads) {
                 Some(g) => g.reshape([n]),
-                None => Tensor::zeros([n], &value.device()),
+                None => Tensor::zeros([n], (&value.device(), value.dtype())),
             };
             self.out.push(g);
         }

@@ -412,7 +412,10 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
             (None, Some(dt0)) => dt0 * direction,
             (None, None) => {
                 let (h, f0) = initial_step(self.field, tab.order, ta, &y, direction, &tol, &mut self.counters)?;
-                self.k1 = Some(f0);
+                // f0 was evaluated at a plain time: reusable unless steps carry time gradients.
+                if self.time_leaf.is_none() {
+                    self.k1 = Some(f0);
+                }
                 h
             }
         };

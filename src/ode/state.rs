@@ -29,10 +29,12 @@ impl<B: Backend> Time<B> {
         }
     }
 
-    /// The time as a `[1]` tensor on `device`, as the dynamics take it.
-    pub fn to_tensor(&self, device: &B::Device) -> Tensor<B, 1> {
+    /// The time as a `[1]` tensor, as the dynamics take it, on the device and in the float type
+    /// of the state `like` (never the device's default float type, which burn shares between
+    /// backends that share a device).
+    pub fn to_tensor<const D: usize>(&self, like: &Tensor<B, D>) -> Tensor<B, 1> {
         match self {
-            Time::Value(t) => Tensor::from_data(burn::tensor::TensorData::from([*t]), device),
+            Time::Value(t) => Tensor::from_data(burn::tensor::TensorData::from([*t]), (&like.device(), like.dtype())),
             Time::Tensor(t) => t.clone(),
         }
     }

@@ -42,7 +42,17 @@ impl<B: Backend> Mlp<B> {
             Act::Softplus => 1,
             Act::Sin => 2,
         };
-        Self { layers, time_weight: Param::from_tensor(Tensor::from_floats([tw], device)), act, cube: false }
+        let model = Self { layers, time_weight: Param::from_tensor(Tensor::from_floats([tw], device)), act, cube: false };
+        // burn initialises parameters lazily and a clone of a lazy parameter draws its own values:
+        // materialise them so that every clone of the model is the same model.
+        struct Touch;
+        impl<B: Backend> burn::module::ModuleVisitor<B> for Touch {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                let _ = param.val();
+            }
+        }
+        model.visit(&mut Touch);
+        model
     }
 
     fn activate(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -163,4 +173,91 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     num / den.max(1e-300)
+}
+
+/// Gradients of one differentiated solve, flattened.
+#[derive(Debug, Clone)]
+pub struct GradSet {
+    pub loss: f64,
+    pub z0: Vec<f64>,
+    pub theta: Vec<f64>,
+    pub times: Vec<f64>,
+}
+
+/// A fixed nonlinear loss of every state: Σ w ⊙ z + 0.1 Σ z².
+pub fn test_loss<B: Backend>(sol: &Solution<B, 2>) -> Tensor<B, 1> {
+    let ys = sol.stacked();
+    let n = ys.shape().num_elements();
+    let w: Vec<f64> = (0..n).map(|i| ((i * 37 % 11) as f64 - 5.0) / 7.0).collect();
+    let w = Tensor::<B, 1>::from_data(TensorData::new(w, [n]), &ys.device()).reshape(ys.dims());
+    (ys.clone() * w).sum() + ys.powi_scalar(2).sum().mul_scalar(0.1)
+}
+
+/// Every float parameter's gradient, flattened in visiting order (zeros for frozen ones).
+pub fn param_grads(model: &Mlp<Ad>, grads: &<Ad as burn::tensor::backend::AutodiffBackend>::Gradients) -> Vec<f64> {
+    let mut out = Vec::new();
+    for layer in &model.layers {
+        let w = layer.weight.val();
+        out.extend(w.grad(grads).map(to_vec).unwrap_or_else(|| vec![0.0; w.shape().num_elements()]));
+        let b = layer.bias.as_ref().unwrap().val();
+        out.extend(b.grad(grads).map(to_vec).unwrap_or_else(|| vec![0.0; b.shape().num_elements()]));
+    }
+    out.extend(model.time_weight.val().grad(grads).map(to_vec).unwrap_or_else(|| vec![0.0]));
+    out
+}
+
+/// Solves with `mode` and differentiates [`test_loss`] w.r.t. z0, θ and the times.
+pub fn grads_of(model: &Mlp<Ad>, solver: Solver, mode: GradientMode, z0: &[f64], dim: usize, times: &[f64]) -> GradSet {
+    let device = Default::default();
+    let ode = NeuralOde::new(model.clone()).solver(solver).gradient(mode);
+    let batch = z0.len() / dim;
+    let z0 = Tensor::<Ad, 2>::from_data(TensorData::new(z0.to_vec(), [batch, dim]), &device).require_grad();
+    let t = Tensor::<Ad, 1>::from_data(TensorData::new(times.to_vec(), [times.len()]), &device).require_grad();
+    let sol = ode.solve_with_times(z0.clone(), t.clone()).unwrap();
+    let loss = test_loss(&sol);
+    let value = to_vec(loss.clone())[0];
+    let grads = loss.backward();
+    assert_eq!(sol.backward_error(), None);
+    GradSet {
+        loss: value,
+        z0: to_vec(z0.grad(&grads).unwrap()),
+        theta: param_grads(&ode.dynamics, &grads),
+        times: t.grad(&grads).map(to_vec).unwrap_or_else(|| vec![0.0; times.len()]),
+    }
+}
+
+/// The loss of a plain solve (no graph) on the f64 backend.
+pub fn loss_of(model: &Mlp<F64>, solver: Solver, z0: &[f64], dim: usize, times: &[f64]) -> f64 {
+    let device = Default::default();
+    let ode = NeuralOde::new(model.clone()).solver(solver);
+    let z0 = Tensor::<F64, 2>::from_data(TensorData::new(z0.to_vec(), [z0.len() / dim, dim]), &device);
+    to_vec(test_loss(&ode.integrate(z0, times).unwrap()))[0]
+}
+
+/// The model with one float parameter (visiting order, flattened index) moved by `eps`.
+pub fn perturbed(model: &Mlp<F64>, index: usize, eps: f64) -> Mlp<F64> {
+    use burn::module::ModuleMapper;
+    struct Nudge {
+        index: usize,
+        seen: usize,
+        eps: f64,
+    }
+    impl ModuleMapper<F64> for Nudge {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<F64, D>>) -> Param<Tensor<F64, D>> {
+            let n = param.val().shape().num_elements();
+            let (start, index, eps) = (self.seen, self.index, self.eps);
+            self.seen += n;
+            if (start..start + n).contains(&index) {
+                param.map(|t| {
+                    let shape = t.dims();
+                    let mut v = to_vec(t.clone());
+                    v[index - start] += eps;
+                    Tensor::from_data(TensorData::new(v, shape), &t.device())
+                })
+            } else {
+                param
+            }
+        }
+    }
+    model.clone().map(&mut Nudge { index, seen: 0, eps })
 }

@@ -1,4 +1,5 @@
 //! Engine tests: one binary (burn links slowly), one module per property family.
 
 mod common;
+mod exactness;
 mod p1;

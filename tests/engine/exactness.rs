@@ -1,0 +1,138 @@
+//! The exact modes differentiate the discretised solve: Checkpointed (every schedule) equals
+//! Backprop through the solver, and both equal central finite differences.
+
+use adjoint_dpm::ode::{tableau, StepControl};
+use adjoint_dpm::prelude::*;
+use burn::module::AutodiffModule;
+use proptest::prelude::*;
+
+use crate::common::{grads_of, loss_of, perturbed, rel_err, Act, Ad, Mlp};
+
+fn solver_strategy() -> impl Strategy<Value = Solver> {
+    prop_oneof![
+        (1usize..12).prop_map(Solver::euler),
+        (1usize..8).prop_map(Solver::midpoint),
+        (1usize..8).prop_map(Solver::heun),
+        (1usize..6).prop_map(Solver::rk4),
+        (1usize..4).prop_map(|n| Solver::fixed(&tableau::DOPRI5, n)),
+        Just(Solver::bosh3(1e-4, 1e-6)),
+        Just(Solver::dopri5(1e-5, 1e-7)),
+        Just(Solver::tsit5(1e-5, 1e-7)),
+    ]
+}
+
+fn schedule_strategy() -> impl Strategy<Value = Schedule> {
+    prop_oneof![Just(Schedule::All), (1usize..5).prop_map(Schedule::Every), Just(Schedule::Recursive)]
+}
+
+prop_compose! {
+    /// dim, widths, activation, time dependence, batch·dim initial values, a monotone grid.
+    fn problem()(dim in 1usize..4, hidden in 2usize..7, depth in 1usize..3, act in 0u8..3,
+                 timed in any::<bool>(), batch in 1usize..4, n_times in 2usize..5,
+                 backward in any::<bool>(), seed in any::<u64>())
+        -> (Vec<usize>, Act, bool, usize, Vec<f64>, Vec<f64>) {
+        let mut widths = vec![dim];
+        widths.extend(std::iter::repeat_n(hidden, depth));
+        widths.push(dim);
+        let act = [Act::Tanh, Act::Softplus, Act::Sin][act as usize];
+        let mut rng = seed;
+        let mut next = move || { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); ((rng >> 11) as f64) / ((1u64 << 53) as f64) };
+        let z0: Vec<f64> = (0..batch * dim).map(|_| next() * 2.0 - 1.0).collect();
+        let mut times = vec![0.0];
+        for _ in 1..n_times { let last = times[times.len() - 1]; times.push(last + 0.2 + 0.5 * next()); }
+        if backward { times.iter_mut().for_each(|t| *t = 1.0 - *t); }
+        (widths, act, timed, dim, z0, times)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    #[test]
+    fn checkpointed_equals_backprop_f64(
+        (widths, act, timed, dim, z0, times) in problem(),
+        solver in solver_strategy(),
+        schedule in schedule_strategy(),
+    ) {
+        let model = Mlp::<Ad>::new(&widths, act, timed, &Default::default());
+        let reference = grads_of(&model, solver, GradientMode::Backprop, &z0, dim, &times);
+        let exact = grads_of(&model, solver, GradientMode::Checkpointed(schedule), &z0, dim, &times);
+        prop_assert!((exact.loss - reference.loss).abs() <= 1e-12 * reference.loss.abs().max(1.0));
+        for (name, a, b) in [("z0", &exact.z0, &reference.z0), ("θ", &exact.theta, &reference.theta), ("T", &exact.times, &reference.times)] {
+            let e = rel_err(a, b);
+            prop_assert!(e <= 1e-10, "{} off by {:e} ({:?}, {:?})", name, e, solver.tableau.name, schedule);
+        }
+    }
+
+    #[test]
+    fn exact_gradients_match_central_differences(
+        (widths, act, timed, dim, z0, times) in problem(),
+        solver in solver_strategy().prop_filter("finite differences need fixed steps", |s| !matches!(s.control, StepControl::Adaptive(_))),
+    ) {
+        let model = Mlp::<Ad>::new(&widths, act, timed, &Default::default());
+        let g = grads_of(&model, solver, GradientMode::Checkpointed(Schedule::All), &z0, dim, &times);
+        let inner = model.valid();
+        let eps = 1e-6;
+        let central = |f: &dyn Fn(f64) -> f64| (f(eps) - f(-eps)) / (2.0 * eps);
+        let close = |fd: f64, ad: f64| (fd - ad).abs() <= 1e-6 * ad.abs().max(1.0);
+        for i in 0..z0.len() {
+            let fd = central(&|e| { let mut z = z0.clone(); z[i] += e; loss_of(&inner, solver, &z, dim, &times) });
+            prop_assert!(close(fd, g.z0[i]), "dL/dz0[{}]: FD {} vs {}", i, fd, g.z0[i]);
+        }
+        for i in [0, g.theta.len() / 2, g.theta.len() - 1] {
+            let fd = central(&|e| loss_of(&perturbed(&inner, i, e), solver, &z0, dim, &times));
+            prop_assert!(close(fd, g.theta[i]), "dL/dθ[{}]: FD {} vs {}", i, fd, g.theta[i]);
+        }
+        for k in [0, times.len() - 1] {
+            let fd = central(&|e| { let mut t = times.clone(); t[k] += e; loss_of(&inner, solver, &z0, dim, &t) });
+            prop_assert!(close(fd, g.times[k]), "dL/dT[{}]: FD {} vs {}", k, fd, g.times[k]);
+        }
+    }
+}
+
+#[test]
+fn backsolve_converges_as_tolerance_tightens() {
+    let device = Default::default();
+    let model = Mlp::<Ad>::new(&[2, 8, 2], Act::Tanh, true, &device);
+    let z0 = [0.3, -0.5, 0.9, 0.1];
+    let times = [0.0, 0.7, 1.5];
+    let exact = grads_of(&model, Solver::dopri5(1e-11, 1e-11), GradientMode::Checkpointed(Schedule::All), &z0, 2, &times);
+    let errors: Vec<f64> = [1e-3, 1e-5, 1e-7, 1e-9]
+        .iter()
+        .map(|&tol| {
+            let bs = BacksolveOptions { rtol: tol, atol: tol, seminorm: true };
+            let g = grads_of(&model, Solver::dopri5(tol, tol), GradientMode::Backsolve(bs), &z0, 2, &times);
+            rel_err(&g.theta, &exact.theta).max(rel_err(&g.z0, &exact.z0)).max(rel_err(&g.times, &exact.times))
+        })
+        .collect();
+    for w in errors.windows(2) {
+        assert!(w[1] < w[0], "backsolve error did not shrink with the tolerance: {errors:?}");
+    }
+    assert!(errors[0] < 1e-1 && errors[3] < 1e-6, "backsolve errors {errors:?}");
+}
+
+#[test]
+fn checkpointed_equals_backprop_f32() {
+    // Flex, not NdArray<f32>: burn keeps one default float type per device, and NdArray<f32>
+    // shares its device with the f64 checks in this binary.
+    use burn::backend::{Autodiff, Flex};
+    use burn::prelude::*;
+    type B32 = Autodiff<Flex>;
+    let device = Default::default();
+    let model = Mlp::<B32>::new(&[3, 16, 16, 3], Act::Tanh, true, &device);
+    let run = |mode| {
+        let ode = NeuralOde::new(model.clone()).solver(Solver::rk4(20)).gradient(mode);
+        let z0 = Tensor::<B32, 2>::random([4, 3], burn::tensor::Distribution::Default, &device);
+        let z0 = z0.clone().require_grad();
+        let sol = ode.solve(z0.clone(), &[0.0, 0.5, 1.0]).unwrap();
+        let grads = sol.last().powi_scalar(2).sum().backward();
+        let w = ode.dynamics.layers[1].weight.grad(&grads).unwrap();
+        (crate::common::to_vec(z0.grad(&grads).unwrap()), crate::common::to_vec(w))
+    };
+    // Same z0 for both: seed the backend RNG identically.
+    <Flex as Backend>::seed(&device, 7);
+    let (z_bp, w_bp) = run(GradientMode::Backprop);
+    <Flex as Backend>::seed(&device, 7);
+    let (z_ck, w_ck) = run(GradientMode::Checkpointed(Schedule::Every(3)));
+    assert!(rel_err(&z_ck, &z_bp) < 1e-5 && rel_err(&w_ck, &w_bp) < 1e-5);
+}
