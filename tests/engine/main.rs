@@ -1,5 +1,9 @@
 //! Engine tests: one binary (burn links slowly), one module per property family.
 
 mod common;
+mod errors;
 mod exactness;
+mod fields;
 mod p1;
+mod solvers;
+mod training;

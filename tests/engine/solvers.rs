@@ -1,0 +1,75 @@
+//! Solver behaviour: convergence order, tolerances, direction of time, counts.
+
+use adjoint_dpm::ode::{tableau, ButcherTableau};
+use adjoint_dpm::prelude::*;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use crate::common::{to_vec, F64};
+use crate::fields::{spiral_exact, Kind, Toy};
+
+const Z0: [f64; 2] = [1.0, 0.5];
+
+fn spiral_error(solver: Solver, t_end: f64) -> f64 {
+    let device = Default::default();
+    let ode = NeuralOde::new(Toy::<F64>::new(Kind::Spiral, &device)).solver(solver);
+    let z0 = Tensor::<F64, 2>::from_data(TensorData::from([Z0]), &device);
+    let z = to_vec(ode.integrate(z0, &[0.0, t_end]).unwrap().last());
+    let exact = spiral_exact(Z0, t_end);
+    ((z[0] - exact[0]).powi(2) + (z[1] - exact[1]).powi(2)).sqrt()
+}
+
+#[test]
+fn empirical_order_matches_declared() {
+    let fixed: [&'static ButcherTableau; 7] =
+        [&tableau::EULER, &tableau::MIDPOINT, &tableau::HEUN, &tableau::RK4, &tableau::BOSH3, &tableau::DOPRI5, &tableau::TSIT5];
+    for tab in fixed {
+        // Coarse enough to stay above rounding for the fifth-order methods.
+        let n = if tab.order >= 5 { 16 } else { 32 };
+        let e1 = spiral_error(Solver::fixed(tab, n), 2.0);
+        let e2 = spiral_error(Solver::fixed(tab, 2 * n), 2.0);
+        let slope = (e1 / e2).log2();
+        assert!((slope - f64::from(tab.order)).abs() <= 0.3, "{}: measured order {slope:.2}, declared {}", tab.name, tab.order);
+    }
+}
+
+#[test]
+fn adaptive_solvers_reach_the_tolerance_asked() {
+    for make in [Solver::bosh3 as fn(f64, f64) -> Solver, Solver::dopri5, Solver::tsit5] {
+        let mut last = f64::INFINITY;
+        for tol in [1e-4, 1e-6, 1e-8] {
+            let e = spiral_error(make(tol, tol), 5.0);
+            assert!(e < 20.0 * tol, "{}: error {e:e} at tol {tol:e}", make(tol, tol).tableau.name);
+            assert!(e < last, "{}: error did not shrink with tol", make(tol, tol).tableau.name);
+            last = e;
+        }
+    }
+}
+
+#[test]
+fn reverse_time_matches_forward() {
+    let device = Default::default();
+    let ode = NeuralOde::new(Toy::<F64>::new(Kind::Spiral, &device)).solver(Solver::dopri5(1e-10, 1e-10));
+    let z0 = Tensor::<F64, 2>::from_data(TensorData::from([Z0]), &device);
+    let forward = ode.integrate(z0.clone(), &[0.0, 1.0, 3.0]).unwrap();
+    let back = ode.integrate(forward.last(), &[3.0, 1.0, 0.0]).unwrap();
+    let (z1, z1_back) = (to_vec(forward.state(1)), to_vec(back.state(1)));
+    let z0_back = to_vec(back.last());
+    for i in 0..2 {
+        assert!((z0_back[i] - Z0[i]).abs() < 1e-8 && (z1_back[i] - z1[i]).abs() < 1e-8);
+    }
+}
+
+#[test]
+fn step_and_evaluation_counts_are_stable() {
+    // Snapshots: a change here means the solver takes different steps than before.
+    let device = Default::default();
+    let z0 = Tensor::<F64, 2>::from_data(TensorData::from([Z0]), &device);
+    let stats = |solver| NeuralOde::new(Toy::<F64>::new(Kind::Spiral, &device)).solver(solver).integrate(z0.clone(), &[0.0, 2.5, 5.0]).unwrap().stats();
+    let rk4 = stats(Solver::rk4(20));
+    assert_eq!((rk4.accepted_steps, rk4.rejected_steps, rk4.nfe_forward), (20, 0, 80));
+    let dp = stats(Solver::dopri5(1e-6, 1e-6));
+    // FSAL: 6 new evaluations per step after the first, plus 2 for the starting step size.
+    assert_eq!(dp.nfe_forward, 2 + 6 * (dp.accepted_steps + dp.rejected_steps));
+    assert!(dp.accepted_steps > 5 && dp.accepted_steps < 40, "{dp:?}");
+}

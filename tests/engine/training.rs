@@ -1,0 +1,63 @@
+//! Gradients reach burn's optimizers and respect frozen parameters.
+
+use adjoint_dpm::prelude::*;
+use burn::module::Param;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+
+use crate::common::{grads_of, param_grads, to_vec, Act, Ad, Mlp, P1};
+
+#[test]
+fn frozen_params_receive_no_grad() {
+    let device = Default::default();
+    let mut model = Mlp::<Ad>::new(&[2, 6, 2], Act::Tanh, true, &device);
+    model.layers[0].weight = model.layers[0].weight.clone().set_require_grad(false);
+    let z0 = [0.3, -0.2, 0.5, 0.1];
+    for mode in [GradientMode::Checkpointed(Schedule::All), GradientMode::Backsolve(BacksolveOptions::default())] {
+        let ode = NeuralOde::new(model.clone()).solver(Solver::rk4(8)).gradient(mode);
+        let z = Tensor::<Ad, 2>::from_data(burn::tensor::TensorData::new(z0.to_vec(), [2, 2]), &device).require_grad();
+        let grads = ode.solve(z, &[0.0, 1.0]).unwrap().last().sum().backward();
+        assert!(ode.dynamics.layers[0].weight.grad(&grads).is_none(), "{mode:?}: frozen weight got a gradient");
+        assert!(ode.dynamics.layers[0].bias.as_ref().unwrap().grad(&grads).is_some());
+        assert!(ode.dynamics.layers[1].weight.grad(&grads).is_some());
+    }
+    // The trainable ones still equal Backprop's.
+    let exact = grads_of(&model, Solver::rk4(8), GradientMode::Checkpointed(Schedule::All), &z0, 2, &[0.0, 1.0]);
+    let reference = grads_of(&model, Solver::rk4(8), GradientMode::Backprop, &z0, 2, &[0.0, 1.0]);
+    assert!(crate::common::rel_err(&exact.theta, &reference.theta) < 1e-10);
+    let _ = param_grads;
+}
+
+#[test]
+fn untracked_solves_keep_no_states() {
+    let device = Default::default();
+    let model = Mlp::<Ad>::new(&[2, 4, 2], Act::Tanh, false, &device).no_grad();
+    let ode = NeuralOde::new(model).solver(Solver::rk4(50));
+    let sol = ode.solve(Tensor::<Ad, 2>::ones([3, 2], &device), &[0.0, 1.0]).unwrap();
+    assert_eq!(sol.stored_states(), 0);
+    let tracked = NeuralOde::new(Mlp::<Ad>::new(&[2, 4, 2], Act::Tanh, false, &device)).solver(Solver::rk4(50));
+    for (schedule, states) in [(Schedule::All, 50), (Schedule::Every(10), 5), (Schedule::Recursive, 1)] {
+        let sol = tracked.clone().gradient(GradientMode::Checkpointed(schedule)).solve(Tensor::<Ad, 2>::ones([3, 2], &device), &[0.0, 1.0]).unwrap();
+        assert_eq!(sol.stored_states(), states, "{schedule:?}");
+    }
+}
+
+#[test]
+fn adam_fits_the_spiral_through_the_adjoint() {
+    let p = P1::load();
+    let device = Default::default();
+    let mut model = p.model::<Ad>(&device);
+    // Start away from the reference weights.
+    model.layers[1].weight = Param::from_tensor(model.layers[1].weight.val().mul_scalar(0.5).detach());
+    let mut optim = AdamConfig::new().init();
+    let mut losses = Vec::new();
+    for _ in 0..8 {
+        let ode = NeuralOde::new(model.clone()).solver(Solver::rk4(100)).gradient(GradientMode::Checkpointed(Schedule::All));
+        let sol = ode.solve(p.z0::<Ad>(&device), &p.ts).unwrap();
+        let loss = p.loss(&sol, &device);
+        losses.push(to_vec(loss.clone())[0]);
+        let grads = GradientsParams::from_grads(loss.backward(), &ode.dynamics);
+        model = optim.step(1e-2, ode.dynamics, grads);
+    }
+    assert!(losses[7] < 0.9 * losses[0], "Adam did not reduce the loss: {losses:?}");
+}
