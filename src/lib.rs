@@ -34,7 +34,7 @@ pub mod backend {
 
 /// The names a user needs.
 pub mod prelude {
-    pub use crate::error::{Error, Result};
+    pub use crate::error::Error;
     pub use crate::ode::{
         BacksolveOptions, Dynamics, GradientMode, NeuralOde, Schedule, Solution, Solver, Stats,
     };

@@ -52,7 +52,7 @@ mod tests {
     #[test]
     fn accepts_small_errors_and_shrinks_on_large_ones() {
         let mut c = PiController::new(4);
-        let (ok, h) = c.adapt(0.5, 0.1);
+        let (ok, h) = c.adapt(0.1, 0.1);
         assert!(ok && h > 0.1);
         let (ok, h) = c.adapt(4.0, 0.1);
         assert!(!ok && h < 0.1 && h >= 0.1 * FACTOR_MIN);

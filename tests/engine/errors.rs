@@ -8,7 +8,7 @@ use burn::tensor::TensorData;
 use crate::common::{Ad, F64};
 use crate::fields::{Kind, Toy};
 
-fn solve(kind: Kind, solver: Solver, z0: [[f64; 2]; 2], times: &[f64]) -> Result<Solution<F64, 2>> {
+fn solve(kind: Kind, solver: Solver, z0: [[f64; 2]; 2], times: &[f64]) -> adjoint_dpm::Result<Solution<F64, 2>> {
     let device = Default::default();
     let z0 = Tensor::<F64, 2>::from_data(TensorData::from(z0), &device);
     NeuralOde::new(Toy::<F64>::new(kind, &device)).solver(solver).integrate(z0, times)
