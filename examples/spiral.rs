@@ -54,7 +54,7 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { iters: 1500, out: "spiral.png".into(), every: 100 };
+    let mut args = Args { iters: 3000, out: "spiral.png".into(), every: 100 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));

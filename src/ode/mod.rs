@@ -10,6 +10,7 @@ mod controller;
 mod dynamics;
 mod gradient;
 mod grid;
+pub mod mlp;
 mod neural_ode;
 mod op;
 mod params;
@@ -19,6 +20,7 @@ mod state;
 pub mod tableau;
 
 pub use dynamics::Dynamics;
+pub use params::materialized;
 pub use gradient::{BacksolveOptions, GradientMode, Schedule};
 pub use grid::TimeGrid;
 pub use neural_ode::{NeuralOde, Solution};

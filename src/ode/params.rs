@@ -111,3 +111,24 @@ fn flatten_parts<B: Backend, M: Module<B>>(module: &M) -> Vec<Tensor<B, 1>> {
     module.visit(&mut v);
     v.parts
 }
+
+/// Initialises every lazily-initialised parameter of `module` now, so that its clones share
+/// weights (burn draws the weights of a lazy parameter at first use, separately in each clone).
+///
+/// ```
+/// use adjoint_dpm::ode::{materialized, mlp::MlpFieldConfig};
+/// use burn::backend::NdArray;
+/// let field = materialized(MlpFieldConfig::new(vec![2, 8, 2]).init::<NdArray>(&Default::default()));
+/// let copy = field.clone(); // same weights as `field`
+/// # let _ = copy;
+/// ```
+pub fn materialized<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Touch;
+    impl<B: Backend> ModuleVisitor<B> for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+    module
+}

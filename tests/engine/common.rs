@@ -43,16 +43,8 @@ impl<B: Backend> Mlp<B> {
             Act::Sin => 2,
         };
         let model = Self { layers, time_weight: Param::from_tensor(Tensor::from_floats([tw], device)), act, cube: false };
-        // burn initialises parameters lazily and a clone of a lazy parameter draws its own values:
-        // materialise them so that every clone of the model is the same model.
-        struct Touch;
-        impl<B: Backend> burn::module::ModuleVisitor<B> for Touch {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-                let _ = param.val();
-            }
-        }
-        model.visit(&mut Touch);
-        model
+        // Every clone of the model must be the same model.
+        adjoint_dpm::ode::materialized(model)
     }
 
     fn activate(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {

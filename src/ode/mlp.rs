@@ -1,0 +1,73 @@
+//! A ready-made vector field: dz/dt = MLP(z) (optionally of z³), for benchmarks, the spiral demo
+//! and quick experiments. Any other burn module works just as well as dynamics.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::ode::Dynamics;
+
+/// The nonlinearity between layers.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// tanh.
+    Tanh,
+    /// softplus (β = 1).
+    Softplus,
+    /// ReLU.
+    Relu,
+}
+
+/// Configuration of an [`MlpField`].
+#[derive(Config, Debug)]
+pub struct MlpFieldConfig {
+    /// Layer widths from input to output; first and last are the state's dimension.
+    pub widths: Vec<usize>,
+    /// Nonlinearity between layers.
+    #[config(default = "Activation::Tanh")]
+    pub activation: Activation,
+    /// Feed z³ (elementwise) instead of z, as in the spiral problem P1.
+    #[config(default = false)]
+    pub cube_input: bool,
+}
+
+impl MlpFieldConfig {
+    /// Builds the field with burn's default initialisation.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> MlpField<B> {
+        let layers = self.widths.windows(2).map(|w| LinearConfig::new(w[0], w[1]).init(device)).collect();
+        let activation = match self.activation {
+            Activation::Tanh => 0,
+            Activation::Softplus => 1,
+            Activation::Relu => 2,
+        };
+        MlpField { layers, activation, cube_input: self.cube_input }
+    }
+}
+
+/// dz/dt = MLP(z), autonomous.
+#[derive(Module, Debug)]
+pub struct MlpField<B: Backend> {
+    /// The linear layers.
+    pub layers: Vec<Linear<B>>,
+    activation: u8,
+    cube_input: bool,
+}
+
+impl<B: Backend> Dynamics<B, 2> for MlpField<B> {
+    fn f(&self, _t: Tensor<B, 1>, z: Tensor<B, 2>) -> Tensor<B, 2> {
+        let mut x = if self.cube_input { z.powi_scalar(3) } else { z };
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if i < last {
+                x = match self.activation {
+                    0 => x.tanh(),
+                    1 => burn::tensor::activation::softplus(x, 1.0),
+                    _ => burn::tensor::activation::relu(x),
+                };
+            }
+        }
+        x
+    }
+}
