@@ -22,6 +22,9 @@ pub enum StepControl {
     Steps(usize),
     /// Steps of at most this size; each interval between output times is split evenly.
     Dt(f64),
+    /// This many even steps in every interval between output times (a sampler's grid: one step
+    /// per interval).
+    PerInterval(usize),
     /// Error-controlled steps.
     Adaptive(Tolerances),
 }
@@ -141,8 +144,8 @@ impl Solver {
     pub fn validate(&self) -> Result<()> {
         let bad = |name, value: f64, rule| Err(Error::InvalidOption { name, value: value.to_string(), rule });
         match self.control {
-            StepControl::Steps(0) => bad("steps", 0.0, "take at least one step"),
-            StepControl::Steps(_) => Ok(()),
+            StepControl::Steps(0) | StepControl::PerInterval(0) => bad("steps", 0.0, "take at least one step"),
+            StepControl::Steps(_) | StepControl::PerInterval(_) => Ok(()),
             StepControl::Dt(dt) if !(dt.is_finite() && dt > 0.0) => bad("dt", dt, "must be finite and > 0"),
             StepControl::Dt(_) => Ok(()),
             StepControl::Adaptive(tol) => {
@@ -178,6 +181,7 @@ impl Solver {
         match self.control {
             StepControl::Steps(n) => Some(((n as f64) * len / grid.span().abs()).round().max(1.0) as usize),
             StepControl::Dt(dt) => Some(((len / dt) - 1e-9).ceil().max(1.0) as usize),
+            StepControl::PerInterval(n) => Some(n),
             StepControl::Adaptive(_) => None,
         }
     }

@@ -1,0 +1,43 @@
+//! Errors of the diffusion adapter.
+
+use thiserror::Error;
+
+/// Bad schedules, step counts and conditioning; solver failures pass through.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum DiffusionError {
+    /// The noise schedule is invalid.
+    #[error("invalid noise schedule: {reason}")]
+    BadSchedule {
+        /// What is wrong, with the value.
+        reason: String,
+    },
+    /// Zero steps, or more than the schedule has.
+    #[error("{steps} sampling steps asked of a schedule with {train_steps} training steps; use 1..={train_steps}")]
+    BadStepCount {
+        /// Steps asked.
+        steps: usize,
+        /// Training steps of the schedule.
+        train_steps: usize,
+    },
+    /// A conditioning tensor of the wrong shape.
+    #[error("conditioning {name} has shape {got:?}, expected {expected:?}")]
+    ConditioningShape {
+        /// Which conditioning.
+        name: &'static str,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Given shape.
+        got: Vec<usize>,
+    },
+    /// The network produced NaN or Inf.
+    #[error("the noise prediction became non-finite at sampling step {step} (t = {t:.3})")]
+    NonFiniteEps {
+        /// Sampling step (0 = the first, at the noisiest time).
+        step: usize,
+        /// Continuous timestep.
+        t: f64,
+    },
+    /// The ODE engine failed.
+    #[error(transparent)]
+    Solver(#[from] crate::Error),
+}

@@ -1,0 +1,65 @@
+//! The probability-flow ODE in semi-linear form, as an engine [`Dynamics`].
+//!
+//! With `y = x/α` and `ρ = σ/α` the PF-ODE of a VP diffusion, `dx/dt = f(t)x + g²(t)/(2σ) ε`,
+//! loses its linear part and becomes
+//!
+//! `dy/dρ = ε_θ(α(ρ)·y, t(ρ), c)`, with `α(ρ) = 1/√(1 + ρ²)`.
+//!
+//! Sampling integrates it from `ρ_T` down to `ρ_0`: Euler in ρ is exactly DDIM (η = 0), Heun the
+//! second-order exponential integrator of EDM/AdjointDPM. Gradients map between the two
+//! coordinates by the chain rule, which burn applies on its own since the maps are tensor ops:
+//! `∂L/∂x_T = a_y(ρ_T)/α_T` and `a_y(ρ_0) = α_0 ∂L/∂x_0`.
+
+use burn::module::{Module, ModuleDisplay};
+use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
+
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::ode::Dynamics;
+
+/// A noise-prediction network ε(x, t). Conditioning (a text or class embedding) lives inside the
+/// module as a parameter, so gradients w.r.t. it come from the parameter machinery (freeze the
+/// network's weights and keep the embedding trainable).
+pub trait EpsModel<B: Backend, const D: usize>: Module<B> + ModuleDisplay {
+    /// The predicted noise.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, …]`, the noisy sample.
+    /// - `t`: `[1]`, the continuous timestep in training units (`0 ..= N−1`).
+    /// - output: shaped like `x`.
+    fn eps(&self, x: Tensor<B, D>, t: Tensor<B, 1>) -> Tensor<B, D>;
+}
+
+/// The semi-linear PF-ODE of `model` under `schedule`: its time is ρ, its state y = x/α.
+#[derive(Module, Debug)]
+pub struct PfOde<B: Backend, M: Module<B>> {
+    /// The ε-network.
+    pub model: M,
+    #[module(skip)]
+    schedule: NoiseSchedule,
+    _backend: core::marker::PhantomData<B>,
+}
+
+impl<B: Backend, M: Module<B>> PfOde<B, M> {
+    /// Wraps a network and its schedule (materialising lazily-initialised weights, so that the
+    /// copies the samplers make share them).
+    pub fn new(model: M, schedule: NoiseSchedule) -> Self {
+        Self { model: crate::ode::materialized(model), schedule, _backend: core::marker::PhantomData }
+    }
+
+    /// The schedule.
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+}
+
+impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for PfOde<B, M> {
+    fn f(&self, rho: Tensor<B, 1>, y: Tensor<B, D>) -> Tensor<B, D> {
+        let r: f64 = rho.clone().into_scalar().elem();
+        let t = self.schedule.t_of_rho(r.max(0.0));
+        // α(ρ) as a tensor op on ρ, so that gradients w.r.t. the sampling times pass through it.
+        let alpha = rho.powi_scalar(2).add_scalar(1.0).powf_scalar(-0.5);
+        let x = y * alpha.reshape([1; D]);
+        let t = Tensor::from_data(TensorData::from([t]), (&x.device(), x.dtype()));
+        self.model.eps(x, t)
+    }
+}
