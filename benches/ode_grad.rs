@@ -17,23 +17,49 @@ fn modes() -> [(&'static str, GradientMode); 3] {
     [
         ("backprop", GradientMode::Backprop),
         ("checkpointed", GradientMode::Checkpointed(Schedule::All)),
-        ("backsolve", GradientMode::Backsolve(BacksolveOptions { rtol: 1e-6, atol: 1e-6, seminorm: true })),
+        (
+            "backsolve",
+            GradientMode::Backsolve(BacksolveOptions {
+                rtol: 1e-6,
+                atol: 1e-6,
+                seminorm: true,
+            }),
+        ),
     ]
 }
 
-fn bench_problem(c: &mut Criterion, name: &str, widths: Vec<usize>, cube: bool, batch: usize, times: Vec<f64>, solvers: [(&str, Solver); 2]) {
+fn bench_problem(
+    c: &mut Criterion,
+    name: &str,
+    widths: Vec<usize>,
+    cube: bool,
+    batch: usize,
+    times: Vec<f64>,
+    solvers: [(&str, Solver); 2],
+) {
     let device = Default::default();
     let mut group = c.benchmark_group(name);
     group.sample_size(10);
-    let field = MlpFieldConfig::new(widths.clone()).with_cube_input(cube).init::<B>(&device);
-    let z0 = Tensor::<B, 2>::random([batch, widths[0]], burn::tensor::Distribution::Normal(0.0, 0.5), &device).require_grad();
+    let field = MlpFieldConfig::new(widths.clone())
+        .with_cube_input(cube)
+        .init::<B>(&device);
+    let z0 = Tensor::<B, 2>::random(
+        [batch, widths[0]],
+        burn::tensor::Distribution::Normal(0.0, 0.5),
+        &device,
+    )
+    .require_grad();
     for (solver_name, solver) in solvers {
         for (mode_name, mode) in modes() {
             let ode = NeuralOde::new(field.clone()).solver(solver).gradient(mode);
             group.bench_function(BenchmarkId::new(solver_name, mode_name), |b| {
                 b.iter(|| {
                     let sol = ode.solve(z0.clone(), &times).expect("solve");
-                    let loss = sol.stacked().slice([batch..batch * times.len()]).powi_scalar(2).mean();
+                    let loss = sol
+                        .stacked()
+                        .narrow(0, batch, batch * (times.len() - 1))
+                        .powi_scalar(2)
+                        .mean();
                     let grads = loss.backward();
                     z0.grad(&grads).expect("gradient").sum().into_scalar()
                 })
@@ -45,11 +71,33 @@ fn bench_problem(c: &mut Criterion, name: &str, widths: Vec<usize>, cube: bool, 
 
 fn p1(c: &mut Criterion) {
     let times: Vec<f64> = (0..=10).map(|k| 2.5 * k as f64).collect();
-    bench_problem(c, "p1_spiral", vec![2, 50, 2], true, 16, times, [("rk4_100", Solver::rk4(100)), ("dopri5_1e-6", Solver::dopri5(1e-6, 1e-6))]);
+    bench_problem(
+        c,
+        "p1_spiral",
+        vec![2, 50, 2],
+        true,
+        16,
+        times,
+        [
+            ("rk4_100", Solver::rk4(100)),
+            ("dopri5_1e-6", Solver::dopri5(1e-6, 1e-6)),
+        ],
+    );
 }
 
 fn p2(c: &mut Criterion) {
-    bench_problem(c, "p2_wide", vec![64, 256, 256, 64], false, 256, vec![0.0, 1.0], [("rk4_100", Solver::rk4(100)), ("dopri5_1e-6", Solver::dopri5(1e-6, 1e-6))]);
+    bench_problem(
+        c,
+        "p2_wide",
+        vec![64, 256, 256, 64],
+        false,
+        256,
+        vec![0.0, 1.0],
+        [
+            ("rk4_100", Solver::rk4(100)),
+            ("dopri5_1e-6", Solver::dopri5(1e-6, 1e-6)),
+        ],
+    );
 }
 
 criterion_group!(benches, p1, p2);

@@ -126,7 +126,11 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         Mode::Backprop => GradientMode::Backprop,
         Mode::Checkpointed => GradientMode::Checkpointed(Schedule::All),
         Mode::Recursive => GradientMode::Checkpointed(Schedule::Recursive),
-        Mode::Backsolve => GradientMode::Backsolve(BacksolveOptions { rtol: args.rtol, atol: args.atol, seminorm: true }),
+        Mode::Backsolve => GradientMode::Backsolve(BacksolveOptions {
+            rtol: args.rtol,
+            atol: args.atol,
+            seminorm: true,
+        }),
     };
     let activation = match args.activation {
         Act::Tanh => Activation::Tanh,
@@ -135,17 +139,27 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     };
     let dim = *args.widths.first().ok_or("--widths is empty")?;
     B::seed(&device, 0);
-    let field = MlpFieldConfig::new(args.widths.clone()).with_activation(activation).with_cube_input(args.cube).init::<Autodiff<B>>(&device);
+    let field = MlpFieldConfig::new(args.widths.clone())
+        .with_activation(activation)
+        .with_cube_input(args.cube)
+        .init::<Autodiff<B>>(&device);
     let field = adjoint_dpm::ode::materialized(field);
     let ode = NeuralOde::new(field).solver(solver).gradient(mode);
     let n = args.outputs.max(2);
-    let times: Vec<f64> = (0..n).map(|i| args.t0 + (args.t1 - args.t0) * i as f64 / (n - 1) as f64).collect();
-    let z0 = Tensor::<Autodiff<B>, 2>::random([args.batch, dim], burn::tensor::Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let times: Vec<f64> = (0..n)
+        .map(|i| args.t0 + (args.t1 - args.t0) * i as f64 / (n - 1) as f64)
+        .collect();
+    let z0 = Tensor::<Autodiff<B>, 2>::random([args.batch, dim], burn::tensor::Distribution::Normal(0.0, 1.0), &device)
+        .require_grad();
 
     let once = || -> Result<(f64, Stats), String> {
         let start = Instant::now();
         let sol = ode.solve(z0.clone(), &times).map_err(|e| e.to_string())?;
-        let loss = sol.stacked().slice([args.batch..args.batch * n]).powi_scalar(2).mean();
+        let loss = sol
+            .stacked()
+            .narrow(0, args.batch, args.batch * (n - 1))
+            .powi_scalar(2)
+            .mean();
         let grads = loss.backward();
         // Read one gradient back so asynchronous backends have finished.
         let g = z0.grad(&grads).ok_or("no gradient reached z0")?;
@@ -154,10 +168,22 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     };
     let rel_diff = if args.check {
         let grad = |mode| -> Result<Vec<f64>, String> {
-            let sol = ode.clone().gradient(mode).solve(z0.clone(), &times).map_err(|e| e.to_string())?;
-            let grads = sol.stacked().slice([args.batch..args.batch * n]).powi_scalar(2).mean().backward();
+            let sol = ode
+                .clone()
+                .gradient(mode)
+                .solve(z0.clone(), &times)
+                .map_err(|e| e.to_string())?;
+            let grads = sol
+                .stacked()
+                .narrow(0, args.batch, args.batch * (n - 1))
+                .powi_scalar(2)
+                .mean()
+                .backward();
             let g = z0.grad(&grads).ok_or("no gradient reached z0")?;
-            g.into_data().convert::<f64>().to_vec::<f64>().map_err(|e| format!("{e:?}"))
+            g.into_data()
+                .convert::<f64>()
+                .to_vec::<f64>()
+                .map_err(|e| format!("{e:?}"))
         };
         let (a, b) = (grad(mode)?, grad(GradientMode::Backprop)?);
         let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();

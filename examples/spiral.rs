@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use adjoint_dpm::prelude::*;
 use burn::backend::{Autodiff, Flex};
-use burn::nn::{Linear, LinearConfig};
 use burn::module::AutodiffModule;
+use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -29,7 +29,10 @@ struct TrueSpiral {}
 
 impl<B: Backend> Dynamics<B, 2> for TrueSpiral {
     fn f(&self, _t: Tensor<B, 1>, z: Tensor<B, 2>) -> Tensor<B, 2> {
-        let a = Tensor::<B, 2>::from_data(TensorData::from([[-0.1f32, 2.0], [-2.0, -0.1]]), (&z.device(), z.dtype()));
+        let a = Tensor::<B, 2>::from_data(
+            TensorData::from([[-0.1f32, 2.0], [-2.0, -0.1]]),
+            (&z.device(), z.dtype()),
+        );
         z.powi_scalar(3).matmul(a)
     }
 }
@@ -54,7 +57,11 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { iters: 3000, out: "spiral.png".into(), every: 100 };
+    let mut args = Args {
+        iters: 3000,
+        out: "spiral.png".into(),
+        every: 100,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -62,7 +69,11 @@ fn parse_args() -> Result<Args, String> {
             "--iters" => args.iters = value()?.parse().map_err(|e| format!("--iters: {e}"))?,
             "--every" => args.every = value()?.parse::<usize>().map_err(|e| format!("--every: {e}"))?.max(1),
             "--out" => args.out = value()?,
-            other => return Err(format!("unknown argument {other}; use --iters N, --every N, --out FILE")),
+            other => {
+                return Err(format!(
+                    "unknown argument {other}; use --iters N, --every N, --out FILE"
+                ))
+            }
         }
     }
     Ok(args)
@@ -97,7 +108,10 @@ fn run() -> Result<(), String> {
         .collect();
 
     // The model, trained through the exact discrete adjoint.
-    let mut model = Field::<B> { hidden: LinearConfig::new(2, 50).init(&device), out: LinearConfig::new(50, 2).init(&device) };
+    let mut model = Field::<B> {
+        hidden: LinearConfig::new(2, 50).init(&device),
+        out: LinearConfig::new(50, 2).init(&device),
+    };
     let mut optim = AdamConfig::new().init();
     let (batch, window) = (16, 10);
     let dt = t_obs[1] - t_obs[0];
@@ -114,15 +128,22 @@ fn run() -> Result<(), String> {
             })
             .collect();
         let z0: Vec<f32> = starts.iter().flat_map(|&s| observed[s]).collect();
-        let target: Vec<f32> = (0..window).flat_map(|k| starts.iter().flat_map(|&s| observed[s + k]).collect::<Vec<_>>()).collect();
+        let target: Vec<f32> = (0..window)
+            .flat_map(|k| starts.iter().flat_map(|&s| observed[s + k]).collect::<Vec<_>>())
+            .collect();
         let z0 = Tensor::<B, 2>::from_data(TensorData::new(z0, [batch, 2]), &device);
         let target = Tensor::<B, 2>::from_data(TensorData::new(target, [batch * window, 2]), &device);
-        let ode = NeuralOde::new(model).solver(Solver::rk4(window - 1)).gradient(GradientMode::Checkpointed(Schedule::All));
+        let ode = NeuralOde::new(model)
+            .solver(Solver::rk4(window - 1))
+            .gradient(GradientMode::Checkpointed(Schedule::All));
         let sol = ode.solve(z0, &window_times).map_err(|e| e.to_string())?;
         let loss = (sol.stacked() - target).abs().mean();
         if iter % args.every == 0 || iter == 1 {
             let value: f32 = loss.clone().into_scalar();
-            println!("iter {iter:5}  loss {value:.5}  ({:.1} s)", started.elapsed().as_secs_f64());
+            println!(
+                "iter {iter:5}  loss {value:.5}  ({:.1} s)",
+                started.elapsed().as_secs_f64()
+            );
         }
         let grads = GradientsParams::from_grads(loss.backward(), &ode.dynamics);
         model = optim.step(1e-3, ode.dynamics, grads);
@@ -140,10 +161,19 @@ fn run() -> Result<(), String> {
         .chunks(2)
         .map(|c| [c[0], c[1]])
         .collect();
-    let err: f32 = observed.iter().zip(&predicted).map(|(a, b)| (a[0] - b[0]).abs() + (a[1] - b[1]).abs()).sum::<f32>() / (2 * n_obs) as f32;
+    let err: f32 = observed
+        .iter()
+        .zip(&predicted)
+        .map(|(a, b)| (a[0] - b[0]).abs() + (a[1] - b[1]).abs())
+        .sum::<f32>()
+        / (2 * n_obs) as f32;
     println!("trajectory from z(0): mean |learned - true| = {err:.4}");
     plot(&observed, &predicted, &args.out)?;
-    println!("wrote {} (blue: true, orange: learned) in {:.1} s", args.out, started.elapsed().as_secs_f64());
+    println!(
+        "wrote {} (blue: true, orange: learned) in {:.1} s",
+        args.out,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -172,6 +202,7 @@ fn plot(truth: &[[f32; 2]], learned: &[[f32; 2]], path: &str) -> Result<(), Stri
         }
     }
     let tmp = format!("{path}.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png).map_err(|e| format!("writing {tmp}: {e}"))?;
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| format!("writing {tmp}: {e}"))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("renaming {tmp} to {path}: {e}"))
 }

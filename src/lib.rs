@@ -36,7 +36,5 @@ pub mod backend {
 /// The names a user needs.
 pub mod prelude {
     pub use crate::error::Error;
-    pub use crate::ode::{
-        BacksolveOptions, Dynamics, GradientMode, NeuralOde, Schedule, Solution, Solver, Stats,
-    };
+    pub use crate::ode::{BacksolveOptions, Dynamics, GradientMode, NeuralOde, Schedule, Solution, Solver, Stats};
 }

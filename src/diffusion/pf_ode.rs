@@ -43,7 +43,11 @@ impl<B: Backend, M: Module<B>> PfOde<B, M> {
     /// Wraps a network and its schedule (materialising lazily-initialised weights, so that the
     /// copies the samplers make share them).
     pub fn new(model: M, schedule: NoiseSchedule) -> Self {
-        Self { model: crate::ode::materialized(model), schedule, _backend: core::marker::PhantomData }
+        Self {
+            model: crate::ode::materialized(model),
+            schedule,
+            _backend: core::marker::PhantomData,
+        }
     }
 
     /// The schedule.

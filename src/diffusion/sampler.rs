@@ -69,7 +69,10 @@ impl Sampler {
 
     /// Heun in ρ with `steps` steps.
     pub fn heun(steps: usize) -> Self {
-        Self { kind: SamplerKind::Heun, ..Self::ddim(steps) }
+        Self {
+            kind: SamplerKind::Heun,
+            ..Self::ddim(steps)
+        }
     }
 
     /// Sets the gradient mode.
@@ -85,7 +88,11 @@ impl Sampler {
 
     /// The ρ grid, decreasing: ρ at each timestep, then the final ρ (0, or ρ at ᾱ_0).
     pub fn rho_grid(&self, schedule: &NoiseSchedule) -> Result<Vec<f64>, DiffusionError> {
-        let mut grid: Vec<f64> = self.timesteps(schedule)?.iter().map(|&t| schedule.rho(t as f64)).collect();
+        let mut grid: Vec<f64> = self
+            .timesteps(schedule)?
+            .iter()
+            .map(|&t| schedule.rho(t as f64))
+            .collect();
         let last = if self.final_alpha_one { 0.0 } else { schedule.rho(0.0) };
         if grid[grid.len() - 1] > last {
             grid.push(last);
@@ -94,7 +101,10 @@ impl Sampler {
     }
 
     fn solver(&self) -> Solver {
-        Solver { tableau: self.kind.tableau(), control: StepControl::PerInterval(1) }
+        Solver {
+            tableau: self.kind.tableau(),
+            control: StepControl::PerInterval(1),
+        }
     }
 
     /// Generates `x_0` from `x_T` on an autodiff backend. A loss on the result back-propagates
@@ -113,7 +123,9 @@ impl Sampler {
         PfOde<Autodiff<B, C>, M>: AutodiffModule<Autodiff<B, C>, InnerModule = PfOde<B, M::InnerModule>>,
     {
         let grid = self.rho_grid(schedule)?;
-        let ode = NeuralOde::new(PfOde::new(model.clone(), schedule.clone())).solver(self.solver()).gradient(self.gradient);
+        let ode = NeuralOde::new(PfOde::new(model.clone(), schedule.clone()))
+            .solver(self.solver())
+            .gradient(self.gradient);
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
         let y_0 = ode.solve(y_t, &grid)?.last();
         Ok(y_0.mul_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1])))

@@ -49,19 +49,29 @@ impl NoiseSchedule {
     /// A schedule of `steps` betas (`beta_start`, `beta_end` unused for cosine).
     pub fn new(kind: BetaSchedule, steps: usize, beta_start: f64, beta_end: f64) -> Result<Self, DiffusionError> {
         if steps < 2 {
-            return Err(DiffusionError::BadSchedule { reason: format!("{steps} training steps; need at least 2") });
+            return Err(DiffusionError::BadSchedule {
+                reason: format!("{steps} training steps; need at least 2"),
+            });
         }
         let lerp = |a: f64, b: f64, i: usize| a + (b - a) * i as f64 / (steps - 1) as f64;
         let betas: Vec<f64> = match kind {
             BetaSchedule::Linear => (0..steps).map(|i| lerp(beta_start, beta_end, i)).collect(),
             BetaSchedule::ScaledLinear => {
                 if beta_start < 0.0 || beta_end < 0.0 {
-                    return Err(DiffusionError::BadSchedule { reason: format!("scaled_linear needs β ≥ 0, got {beta_start} → {beta_end}") });
+                    return Err(DiffusionError::BadSchedule {
+                        reason: format!("scaled_linear needs β ≥ 0, got {beta_start} → {beta_end}"),
+                    });
                 }
-                (0..steps).map(|i| lerp(beta_start.sqrt(), beta_end.sqrt(), i).powi(2)).collect()
+                (0..steps)
+                    .map(|i| lerp(beta_start.sqrt(), beta_end.sqrt(), i).powi(2))
+                    .collect()
             }
             BetaSchedule::Cosine => {
-                let abar = |i: usize| ((i as f64 / steps as f64 + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                let abar = |i: usize| {
+                    ((i as f64 / steps as f64 + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                        .cos()
+                        .powi(2)
+                };
                 (0..steps).map(|i| (1.0 - abar(i + 1) / abar(i)).min(0.999)).collect()
             }
         };
@@ -71,10 +81,18 @@ impl NoiseSchedule {
     /// A schedule from explicit betas: each must lie in (0, 1) — then ᾱ strictly decreases.
     pub fn from_betas(betas: &[f64]) -> Result<Self, DiffusionError> {
         if betas.len() < 2 {
-            return Err(DiffusionError::BadSchedule { reason: format!("{} betas; need at least 2", betas.len()) });
+            return Err(DiffusionError::BadSchedule {
+                reason: format!("{} betas; need at least 2", betas.len()),
+            });
         }
-        if let Some((index, beta)) = betas.iter().enumerate().find(|(_, b)| !(b.is_finite() && **b > 0.0 && **b < 1.0)) {
-            return Err(DiffusionError::BadSchedule { reason: format!("beta[{index}] = {beta}; every beta must lie in (0, 1)") });
+        if let Some((index, beta)) = betas
+            .iter()
+            .enumerate()
+            .find(|(_, b)| !(b.is_finite() && **b > 0.0 && **b < 1.0))
+        {
+            return Err(DiffusionError::BadSchedule {
+                reason: format!("beta[{index}] = {beta}; every beta must lie in (0, 1)"),
+            });
         }
         let mut log_abar = 0.0;
         let log_alpha = betas
@@ -162,7 +180,12 @@ pub enum TimestepSpacing {
 
 /// The S inference timesteps, descending, as diffusers' schedulers pick them
 /// (`DDIMScheduler.set_timesteps`, diffusers v0.31).
-pub fn timesteps(train_steps: usize, steps: usize, spacing: TimestepSpacing, steps_offset: usize) -> Result<Vec<usize>, DiffusionError> {
+pub fn timesteps(
+    train_steps: usize,
+    steps: usize,
+    spacing: TimestepSpacing,
+    steps_offset: usize,
+) -> Result<Vec<usize>, DiffusionError> {
     if steps == 0 || steps > train_steps {
         return Err(DiffusionError::BadStepCount { steps, train_steps });
     }
@@ -173,7 +196,9 @@ pub fn timesteps(train_steps: usize, steps: usize, spacing: TimestepSpacing, ste
         }
         TimestepSpacing::Trailing => {
             let ratio = train_steps as f64 / steps as f64;
-            (0..steps).map(|k| ((train_steps as f64 - k as f64 * ratio).round() as usize).saturating_sub(1)).collect()
+            (0..steps)
+                .map(|k| ((train_steps as f64 - k as f64 * ratio).round() as usize).saturating_sub(1))
+                .collect()
         }
         TimestepSpacing::Linspace => (0..steps)
             .rev()
@@ -187,7 +212,9 @@ pub fn timesteps(train_steps: usize, steps: usize, spacing: TimestepSpacing, ste
             .collect(),
     };
     if let Some(&t) = ts.iter().find(|&&t| t >= train_steps) {
-        return Err(DiffusionError::BadSchedule { reason: format!("timestep {t} ≥ {train_steps} training steps (steps_offset = {steps_offset})") });
+        return Err(DiffusionError::BadSchedule {
+            reason: format!("timestep {t} ≥ {train_steps} training steps (steps_offset = {steps_offset})"),
+        });
     }
     Ok(ts)
 }
@@ -198,7 +225,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn schedules() -> [NoiseSchedule; 3] {
-        [NoiseSchedule::ddpm_linear(), NoiseSchedule::sd_scaled_linear(), NoiseSchedule::cosine()]
+        [
+            NoiseSchedule::ddpm_linear(),
+            NoiseSchedule::sd_scaled_linear(),
+            NoiseSchedule::cosine(),
+        ]
     }
 
     proptest! {
@@ -236,23 +267,57 @@ mod tests {
         // diffusers DDPMScheduler(beta_schedule="scaled_linear", 0.00085, 0.012).alphas_cumprod
         let s = NoiseSchedule::sd_scaled_linear();
         assert!((s.alphas_cumprod(0) - 0.99915).abs() < 1e-12);
-        assert!((s.alphas_cumprod(999) - 0.004_660_098_513_077_234).abs() < 1e-14, "{}", s.alphas_cumprod(999));
+        assert!(
+            (s.alphas_cumprod(999) - 0.004_660_098_513_077_234).abs() < 1e-14,
+            "{}",
+            s.alphas_cumprod(999)
+        );
     }
 
     #[test]
     fn bad_schedules_and_step_counts_are_errors() {
-        assert!(matches!(NoiseSchedule::from_betas(&[0.1, 1.5]), Err(DiffusionError::BadSchedule { .. })));
-        assert!(matches!(NoiseSchedule::from_betas(&[0.1, f64::NAN]), Err(DiffusionError::BadSchedule { .. })));
-        assert!(matches!(NoiseSchedule::new(BetaSchedule::Linear, 1000, -0.1, 0.02), Err(DiffusionError::BadSchedule { .. })));
-        assert_eq!(timesteps(1000, 0, TimestepSpacing::Leading, 0), Err(DiffusionError::BadStepCount { steps: 0, train_steps: 1000 }));
-        assert_eq!(timesteps(1000, 1001, TimestepSpacing::Leading, 0), Err(DiffusionError::BadStepCount { steps: 1001, train_steps: 1000 }));
+        assert!(matches!(
+            NoiseSchedule::from_betas(&[0.1, 1.5]),
+            Err(DiffusionError::BadSchedule { .. })
+        ));
+        assert!(matches!(
+            NoiseSchedule::from_betas(&[0.1, f64::NAN]),
+            Err(DiffusionError::BadSchedule { .. })
+        ));
+        assert!(matches!(
+            NoiseSchedule::new(BetaSchedule::Linear, 1000, -0.1, 0.02),
+            Err(DiffusionError::BadSchedule { .. })
+        ));
+        assert_eq!(
+            timesteps(1000, 0, TimestepSpacing::Leading, 0),
+            Err(DiffusionError::BadStepCount {
+                steps: 0,
+                train_steps: 1000
+            })
+        );
+        assert_eq!(
+            timesteps(1000, 1001, TimestepSpacing::Leading, 0),
+            Err(DiffusionError::BadStepCount {
+                steps: 1001,
+                train_steps: 1000
+            })
+        );
     }
 
     #[test]
     fn spacings_match_diffusers() {
         // DDIMScheduler(num_train_timesteps=1000).set_timesteps(10) with each spacing.
-        assert_eq!(timesteps(1000, 10, TimestepSpacing::Leading, 1).unwrap(), [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]);
-        assert_eq!(timesteps(1000, 10, TimestepSpacing::Trailing, 0).unwrap(), [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]);
-        assert_eq!(timesteps(1000, 10, TimestepSpacing::Linspace, 0).unwrap(), [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]);
+        assert_eq!(
+            timesteps(1000, 10, TimestepSpacing::Leading, 1).unwrap(),
+            [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+        );
+        assert_eq!(
+            timesteps(1000, 10, TimestepSpacing::Trailing, 0).unwrap(),
+            [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+        );
+        assert_eq!(
+            timesteps(1000, 10, TimestepSpacing::Linspace, 0).unwrap(),
+            [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+        );
     }
 }

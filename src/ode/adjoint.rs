@@ -47,7 +47,11 @@ impl<B: Backend, const D: usize> OdeState<B> for AugState<B, D> {
             z: OdeState::add(&self.z, &o.z),
             a_z: OdeState::add(&self.a_z, &o.a_z),
             a_theta: zip_add(&self.a_theta, &o.a_theta),
-            a_t: self.a_t.as_ref().zip(o.a_t.as_ref()).map(|(a, b)| a.clone() + b.clone()),
+            a_t: self
+                .a_t
+                .as_ref()
+                .zip(o.a_t.as_ref())
+                .map(|(a, b)| a.clone() + b.clone()),
             seminorm: self.seminorm,
         }
     }
@@ -124,16 +128,33 @@ where
         let a_theta = if s.a_theta.is_empty() {
             Vec::new()
         } else {
-            params::trainable_grads(&module, &grads).into_iter().map(|g| g.neg()).collect()
+            params::trainable_grads(&module, &grads)
+                .into_iter()
+                .map(|g| g.neg())
+                .collect()
         };
-        let a_t = s.a_t.as_ref().map(|zero| t.grad(&grads).map_or_else(|| zero.zeros_like(), |g| g.neg()));
+        let a_t = s
+            .a_t
+            .as_ref()
+            .map(|zero| t.grad(&grads).map_or_else(|| zero.zeros_like(), |g| g.neg()));
         let a_z = z.grad(&grads).map_or_else(|| s.z.zeros_like(), |g| g.neg());
-        Ok(AugState { z: dz, a_z, a_theta, a_t, seminorm: s.seminorm })
+        Ok(AugState {
+            z: dz,
+            a_z,
+            a_theta,
+            a_t,
+            seminorm: s.seminorm,
+        })
     }
 }
 
 /// `g · f(t, z)` as a `[1]` tensor, f on the inner backend.
-fn dot_f<B: Backend, I: Dynamics<B, D>, const D: usize>(inner: &I, t: f64, z: &Tensor<B, D>, g: &Tensor<B, D>) -> Result<Tensor<B, 1>> {
+fn dot_f<B: Backend, I: Dynamics<B, D>, const D: usize>(
+    inner: &I,
+    t: f64,
+    z: &Tensor<B, D>,
+    g: &Tensor<B, D>,
+) -> Result<Tensor<B, 1>> {
     let field = DynamicsField { module: inner };
     let f = field.eval(&Time::Value(t), z)?;
     Ok((f * g.clone()).sum())
@@ -154,11 +175,18 @@ where
 {
     let grid = problem.grid.times();
     let last = grid.len() - 1;
-    let field = AugField::<AD, M, D> { problem, vjps: Cell::new(0) };
+    let field = AugField::<AD, M, D> {
+        problem,
+        vjps: Cell::new(0),
+    };
     let reverse_solver = match problem.solver.control {
         StepControl::Adaptive(tol) => Solver {
             tableau: problem.solver.tableau,
-            control: StepControl::Adaptive(Tolerances { rtol: options.rtol, atol: options.atol, ..tol }),
+            control: StepControl::Adaptive(Tolerances {
+                rtol: options.rtol,
+                atol: options.atol,
+                ..tol
+            }),
         },
         _ => problem.solver,
     };
@@ -174,7 +202,10 @@ where
         z: outputs[last].clone(),
         a_z: cotangents[last].clone(),
         a_theta,
-        a_t: problem.want.times.then(|| Tensor::zeros([1], (&outputs[0].device(), outputs[0].dtype()))),
+        a_t: problem
+            .want
+            .times
+            .then(|| Tensor::zeros([1], (&outputs[0].device(), outputs[0].dtype()))),
         seminorm: options.seminorm,
     };
     // dL/dT_k = g_k · f(T_k, z_k) for k ≥ 1.
@@ -194,8 +225,15 @@ where
         state.a_z = state.a_z + cotangents[k - 1].clone();
     }
     let times = if problem.want.times {
-        let sum_later: f64 = time_grads.iter().map(|g| -> f64 { g.clone().into_scalar().elem() }).sum();
-        let a_t0 = state.a_t.clone().expect("a_t is carried when times are wanted").sub_scalar(sum_later);
+        let sum_later: f64 = time_grads
+            .iter()
+            .map(|g| -> f64 { g.clone().into_scalar().elem() })
+            .sum();
+        let a_t0 = state
+            .a_t
+            .clone()
+            .expect("a_t is carried when times are wanted")
+            .sub_scalar(sum_later);
         let mut all = vec![a_t0];
         all.extend(time_grads);
         Some(Tensor::cat(all, 0))
@@ -203,5 +241,13 @@ where
         None
     };
     let vjps = field.vjps.get();
-    Ok((Cotangents { z0: state.a_z, theta: state.a_theta, times }, vjps + extra_fe, stepper.counters.accepted))
+    Ok((
+        Cotangents {
+            z0: state.a_z,
+            theta: state.a_theta,
+            times,
+        },
+        vjps + extra_fe,
+        stepper.counters.accepted,
+    ))
 }

@@ -19,7 +19,6 @@ use crate::ode::params;
 use crate::ode::problem::{Cotangents, Problem};
 use crate::ode::solver::{rk_step, Counters, Span};
 
-
 /// The states kept by the forward pass.
 #[derive(Debug, Clone)]
 pub(crate) enum Checkpoints<B: Backend, const D: usize> {
@@ -45,7 +44,10 @@ impl<B: Backend, const D: usize> Tape<B, D> {
             Schedule::Every(k) => Checkpoints::Every(k.max(1), Vec::new()),
             Schedule::Recursive => Checkpoints::Recursive(None),
         };
-        Self { spans: Vec::new(), checkpoints }
+        Self {
+            spans: Vec::new(),
+            checkpoints,
+        }
     }
 
     /// Records an accepted step and the state it started from.
@@ -54,7 +56,7 @@ impl<B: Backend, const D: usize> Tape<B, D> {
         self.spans.push(span);
         match &mut self.checkpoints {
             Checkpoints::All(states) => states.push(y.clone()),
-            Checkpoints::Every(k, states) if n % *k == 0 => states.push(y.clone()),
+            Checkpoints::Every(k, states) if n.is_multiple_of(*k) => states.push(y.clone()),
             Checkpoints::Recursive(first @ None) => *first = Some(y.clone()),
             _ => {}
         }
@@ -85,9 +87,19 @@ where
     /// z_{n+1} from z_n, without a graph.
     fn advance(&mut self, n: usize, y: &Tensor<AD::InnerBackend, D>) -> Result<Tensor<AD::InnerBackend, D>> {
         let span = self.spans[n];
-        let field = DynamicsField { module: &self.problem.inner };
+        let field = DynamicsField {
+            module: &self.problem.inner,
+        };
         let (t0, h) = span.times::<AD::InnerBackend>(None);
-        let out = rk_step(&field, self.problem.solver.tableau, &t0, &h, y, None, &mut self.counters)?;
+        let out = rk_step(
+            &field,
+            self.problem.solver.tableau,
+            &t0,
+            &h,
+            y,
+            None,
+            &mut self.counters,
+        )?;
         Ok(out.y)
     }
 
@@ -103,7 +115,12 @@ where
         let span = self.spans[n];
         let module: M = params::fresh::<AD, M>(&p.inner, &p.trainable, p.want.theta);
         let z = Tensor::<AD, D>::from_inner(y).require_grad();
-        let times = p.want.times.then(|| (Tensor::<AD, 1>::from_inner(p.times.clone()).require_grad(), p.grid.times().to_vec()));
+        let times = p.want.times.then(|| {
+            (
+                Tensor::<AD, 1>::from_inner(p.times.clone()).require_grad(),
+                p.grid.times().to_vec(),
+            )
+        });
         let (t0, h) = span.times(times.as_ref());
         let field = DynamicsField { module: &module };
         let out = rk_step(&field, p.solver.tableau, &t0, &h, &z, None, &mut self.counters)?;
@@ -120,11 +137,15 @@ where
     }
 }
 
+/// Called with each step index and its starting state, last step first.
+type StepVisitor<'v, 'r, AD, M, const D: usize> =
+    dyn FnMut(&mut Replay<'r, AD, M, D>, usize, Tensor<<AD as AutodiffBackend>::InnerBackend, D>) -> Result<()> + 'v;
+
 /// Visits steps N−1, …, 0 in that order with their starting states, as the schedule allows.
-fn reverse_states<AD, M, const D: usize>(
-    replay: &mut Replay<'_, AD, M, D>,
+fn reverse_states<'r, AD, M, const D: usize>(
+    replay: &mut Replay<'r, AD, M, D>,
     checkpoints: &Checkpoints<AD::InnerBackend, D>,
-    visit: &mut dyn FnMut(&mut Replay<'_, AD, M, D>, usize, Tensor<AD::InnerBackend, D>) -> Result<()>,
+    visit: &mut StepVisitor<'_, 'r, AD, M, D>,
 ) -> Result<()>
 where
     AD: AutodiffBackend,
@@ -162,12 +183,12 @@ where
 }
 
 /// Visits steps `j−1 … i` given z_i, keeping one state per level of recursion.
-fn bisect<AD, M, const D: usize>(
-    replay: &mut Replay<'_, AD, M, D>,
+fn bisect<'r, AD, M, const D: usize>(
+    replay: &mut Replay<'r, AD, M, D>,
     y_i: Tensor<AD::InnerBackend, D>,
     i: usize,
     j: usize,
-    visit: &mut dyn FnMut(&mut Replay<'_, AD, M, D>, usize, Tensor<AD::InnerBackend, D>) -> Result<()>,
+    visit: &mut StepVisitor<'_, 'r, AD, M, D>,
 ) -> Result<()>
 where
     AD: AutodiffBackend,
@@ -206,7 +227,11 @@ where
     let mut acc = Cotangents::zeros(problem, &cotangents[0]);
     let mut a: Option<Tensor<AD::InnerBackend, D>> = None;
     let mut next_output = problem.grid.len() - 1;
-    let mut replay = Replay::<AD, M, D> { problem, spans: &tape.spans, counters: Counters::default() };
+    let mut replay = Replay::<AD, M, D> {
+        problem,
+        spans: &tape.spans,
+        counters: Counters::default(),
+    };
     let add_outputs_at = |a: &mut Option<Tensor<AD::InnerBackend, D>>, step: usize, next_output: &mut usize| {
         while *next_output > 0 && output_step[*next_output] == step {
             let g = cotangents[*next_output].clone();

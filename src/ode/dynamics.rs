@@ -42,9 +42,7 @@ pub(crate) struct DynamicsField<'a, M, const D: usize> {
     pub module: &'a M,
 }
 
-impl<B: Backend, M: Dynamics<B, D>, const D: usize> crate::ode::state::VectorField<B>
-    for DynamicsField<'_, M, D>
-{
+impl<B: Backend, M: Dynamics<B, D>, const D: usize> crate::ode::state::VectorField<B> for DynamicsField<'_, M, D> {
     type State = Tensor<B, D>;
 
     fn eval(&self, t: &crate::ode::state::Time<B>, z: &Tensor<B, D>) -> crate::error::Result<Tensor<B, D>> {
@@ -60,7 +58,10 @@ pub(crate) fn check_same_shape<B: Backend, const D: usize>(
     out: &Tensor<B, D>,
 ) -> crate::error::Result<()> {
     if out.dims() != z.dims() {
-        return Err(crate::error::Error::ShapeMismatch { expected: z.dims().to_vec(), got: out.dims().to_vec() });
+        return Err(crate::error::Error::ShapeMismatch {
+            expected: z.dims().to_vec(),
+            got: out.dims().to_vec(),
+        });
     }
     Ok(())
 }

@@ -58,6 +58,10 @@ pub struct BacksolveOptions {
 
 impl Default for BacksolveOptions {
     fn default() -> Self {
-        Self { rtol: 1e-6, atol: 1e-8, seminorm: true }
+        Self {
+            rtol: 1e-6,
+            atol: 1e-8,
+            seminorm: true,
+        }
     }
 }

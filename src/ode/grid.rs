@@ -29,7 +29,11 @@ impl TimeGrid {
         let direction = (times[1] - times[0]).signum();
         for (index, w) in times.windows(2).enumerate() {
             if (w[1] - w[0]).signum() != direction || w[1] == w[0] {
-                return Err(Error::NonMonotoneGrid { index: index + 1, prev: w[0], next: w[1] });
+                return Err(Error::NonMonotoneGrid {
+                    index: index + 1,
+                    prev: w[0],
+                    next: w[1],
+                });
             }
         }
         Ok(Self { times: times.to_vec() })
@@ -62,7 +66,9 @@ impl TimeGrid {
 
     /// The grid reversed (for integrating the adjoint backward).
     pub fn reversed(&self) -> Self {
-        Self { times: self.times.iter().rev().copied().collect() }
+        Self {
+            times: self.times.iter().rev().copied().collect(),
+        }
     }
 }
 
@@ -80,11 +86,19 @@ mod tests {
         ));
         assert_eq!(
             TimeGrid::new(&[0.0, 1.0, 0.5]),
-            Err(Error::NonMonotoneGrid { index: 2, prev: 1.0, next: 0.5 })
+            Err(Error::NonMonotoneGrid {
+                index: 2,
+                prev: 1.0,
+                next: 0.5
+            })
         );
         assert_eq!(
             TimeGrid::new(&[2.0, 2.0]),
-            Err(Error::NonMonotoneGrid { index: 1, prev: 2.0, next: 2.0 })
+            Err(Error::NonMonotoneGrid {
+                index: 1,
+                prev: 2.0,
+                next: 2.0
+            })
         );
         let g = TimeGrid::new(&[1.0, 0.0]).unwrap();
         assert_eq!(g.direction(), -1.0);

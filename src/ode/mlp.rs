@@ -35,13 +35,21 @@ pub struct MlpFieldConfig {
 impl MlpFieldConfig {
     /// Builds the field with burn's default initialisation.
     pub fn init<B: Backend>(&self, device: &B::Device) -> MlpField<B> {
-        let layers = self.widths.windows(2).map(|w| LinearConfig::new(w[0], w[1]).init(device)).collect();
+        let layers = self
+            .widths
+            .windows(2)
+            .map(|w| LinearConfig::new(w[0], w[1]).init(device))
+            .collect();
         let activation = match self.activation {
             Activation::Tanh => 0,
             Activation::Softplus => 1,
             Activation::Relu => 2,
         };
-        MlpField { layers, activation, cube_input: self.cube_input }
+        MlpField {
+            layers,
+            activation,
+            cube_input: self.cube_input,
+        }
     }
 }
 

@@ -20,9 +20,9 @@ mod state;
 pub mod tableau;
 
 pub use dynamics::Dynamics;
-pub use params::materialized;
 pub use gradient::{BacksolveOptions, GradientMode, Schedule};
 pub use grid::TimeGrid;
 pub use neural_ode::{NeuralOde, Solution};
+pub use params::materialized;
 pub use solver::{Solver, Stats, StepControl, Tolerances};
 pub use tableau::ButcherTableau;

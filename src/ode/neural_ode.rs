@@ -57,7 +57,11 @@ pub struct NeuralOde<M> {
 impl<M> NeuralOde<M> {
     /// Dopri5 at rtol = atol = 1e-6, exact checkpointed gradients.
     pub fn new(dynamics: M) -> Self {
-        Self { dynamics, solver: Solver::dopri5(1e-6, 1e-6), gradient: GradientMode::default() }
+        Self {
+            dynamics,
+            solver: Solver::dopri5(1e-6, 1e-6),
+            gradient: GradientMode::default(),
+        }
     }
 
     /// Sets the solver.
@@ -151,7 +155,11 @@ impl<M> NeuralOde<M> {
             .into_data()
             .convert::<f64>()
             .into_vec()
-            .map_err(|e| Error::InvalidOption { name: "times", value: format!("{e:?}"), rule: "must be readable as f64" })?;
+            .map_err(|e| Error::InvalidOption {
+                name: "times",
+                value: format!("{e:?}"),
+                rule: "must be readable as f64",
+            })?;
         let grid = TimeGrid::new(&values)?;
         let tracked = times.is_require_grad();
         self.solve_grid(z0, grid, times, tracked)
@@ -204,7 +212,11 @@ impl<B: Backend, const D: usize> Solution<B, D> {
     /// # Panics
     /// If `k` is not below the number of times.
     pub fn state(&self, k: usize) -> Tensor<B, D> {
-        assert!(k < self.grid.len(), "state {k} asked of a solution with {} times", self.grid.len());
+        assert!(
+            k < self.grid.len(),
+            "state {k} asked of a solution with {} times",
+            self.grid.len()
+        );
         let batch = self.ys.dims()[0] / self.grid.len();
         self.ys.clone().narrow(0, k * batch, batch)
     }
@@ -237,6 +249,10 @@ impl<B: Backend, const D: usize> Solution<B, D> {
 
     /// Why the backward pass failed, if it did (its gradients are then NaN).
     pub fn backward_error(&self) -> Option<Error> {
-        self.report.lock().unwrap_or_else(|e| e.into_inner()).backward_error.clone()
+        self.report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .backward_error
+            .clone()
     }
 }

@@ -53,7 +53,10 @@ pub(crate) struct SolveState<B: Backend, I, const D: usize> {
     report: Arc<Mutex<Report>>,
 }
 
-struct SolveBackward<B, C, M, const D: usize>(PhantomData<fn() -> (B, C, M)>);
+/// Marks the backend, checkpoint strategy and module types without owning them.
+type Types<B, C, M> = PhantomData<fn() -> (B, C, M)>;
+
+struct SolveBackward<B, C, M, const D: usize>(Types<B, C, M>);
 
 impl<B, C, M, const D: usize> core::fmt::Debug for SolveBackward<B, C, M, D> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -72,15 +75,26 @@ where
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [p_z0, p_theta, p_times] = ops.parents;
-        let SolveState { mut problem, record, theta_len, report } = ops.state;
-        problem.want = Wants { z0: p_z0.is_some(), theta: p_theta.is_some() && theta_len > 0, times: p_times.is_some() };
+        let SolveState {
+            mut problem,
+            record,
+            theta_len,
+            report,
+        } = ops.state;
+        problem.want = Wants {
+            z0: p_z0.is_some(),
+            theta: p_theta.is_some() && theta_len > 0,
+            times: p_times.is_some(),
+        };
         let cotangent = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
         let cotangents = cotangent.chunk(problem.grid.len(), 0);
         let like = cotangents[0].clone();
         let result = match &record {
             Record::Discrete(tape) => discrete_adjoint::<Autodiff<B, C>, M, D>(&problem, tape, cotangents)
                 .map(|(c, nfe)| (c, nfe, tape.spans.len())),
-            Record::Continuous(options, outputs) => backsolve::<Autodiff<B, C>, M, D>(&problem, options, outputs, cotangents),
+            Record::Continuous(options, outputs) => {
+                backsolve::<Autodiff<B, C>, M, D>(&problem, options, outputs, cotangents)
+            }
         };
         let mut report = report.lock().unwrap_or_else(|e| e.into_inner());
         let (z0, theta, times) = match result {
@@ -114,6 +128,9 @@ where
     }
 }
 
+/// The stacked states and the report they fill in.
+type TrackedSolve<B, C, const D: usize> = (Tensor<Autodiff<B, C>, D>, Arc<Mutex<Report>>);
+
 /// Solves on the inner backend and returns the stacked states as a tracked tensor whose backward
 /// runs `mode` (Checkpointed or Backsolve).
 pub(crate) fn solve_op<B, C, M, const D: usize>(
@@ -123,7 +140,7 @@ pub(crate) fn solve_op<B, C, M, const D: usize>(
     grid: TimeGrid,
     z0: Tensor<Autodiff<B, C>, D>,
     times: Tensor<Autodiff<B, C>, 1>,
-) -> Result<(Tensor<Autodiff<B, C>, D>, Arc<Mutex<Report>>)>
+) -> Result<TrackedSolve<B, C, D>>
 where
     B: Backend,
     C: CheckpointStrategy,
@@ -171,8 +188,24 @@ where
                     Record::Continuous(_, outputs) => outputs.len(),
                 };
             }
-            let problem = Problem { inner: inner.clone(), trainable: params::trainable_mask(module), solver, grid, times: times_inner, want: Wants { z0: true, theta: true, times: true } };
-            let state = SolveState { problem, record, theta_len, report: report.clone() };
+            let problem = Problem {
+                inner: inner.clone(),
+                trainable: params::trainable_mask(module),
+                solver,
+                grid,
+                times: times_inner,
+                want: Wants {
+                    z0: true,
+                    theta: true,
+                    times: true,
+                },
+            };
+            let state = SolveState {
+                problem,
+                record,
+                theta_len,
+                report: report.clone(),
+            };
             prep.finish(state, Tensor::cat(outputs, 0).into_primitive().tensor())
         }
         OpsKind::UnTracked(prep) => {
@@ -185,7 +218,10 @@ where
 }
 
 /// Copies the forward counters into the report.
-pub(crate) fn record_forward<B: Backend, V: crate::ode::state::VectorField<B>>(report: &Arc<Mutex<Report>>, stepper: &Stepper<'_, B, V>) {
+pub(crate) fn record_forward<B: Backend, V: crate::ode::state::VectorField<B>>(
+    report: &Arc<Mutex<Report>>,
+    stepper: &Stepper<'_, B, V>,
+) {
     let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
     r.stats.nfe_forward = stepper.counters.nfe;
     r.stats.accepted_steps = stepper.counters.accepted;

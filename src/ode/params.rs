@@ -92,7 +92,11 @@ impl<B: Backend> ModuleMapper<B> for ApplyMask<'_> {
 /// A copy of the module whose parameters are fresh leaves of a new graph (the outer graph is
 /// never touched from inside a backward step), trainable as `mask` says when `train`, frozen
 /// otherwise.
-pub(crate) fn fresh<AD: AutodiffBackend, M: AutodiffModule<AD>>(inner: &M::InnerModule, mask: &[bool], train: bool) -> M {
+pub(crate) fn fresh<AD: AutodiffBackend, M: AutodiffModule<AD>>(
+    inner: &M::InnerModule,
+    mask: &[bool],
+    train: bool,
+) -> M {
     let module = M::from_inner(inner.clone());
     if train {
         module.map(&mut ApplyMask { mask, next: 0 })
@@ -103,7 +107,10 @@ pub(crate) fn fresh<AD: AutodiffBackend, M: AutodiffModule<AD>>(inner: &M::Inner
 
 /// Zeros shaped like each trainable parameter, flattened (the initial `a_θ`).
 pub(crate) fn trainable_zeros<AD: AutodiffBackend, M: Module<AD>>(module: &M) -> Vec<Tensor<AD::InnerBackend, 1>> {
-    flatten_parts(module).into_iter().map(|p| p.inner().zeros_like()).collect()
+    flatten_parts(module)
+        .into_iter()
+        .map(|p| p.inner().zeros_like())
+        .collect()
 }
 
 fn flatten_parts<B: Backend, M: Module<B>>(module: &M) -> Vec<Tensor<B, 1>> {

@@ -47,7 +47,13 @@ pub struct Tolerances {
 impl Tolerances {
     /// `rtol`, `atol`, automatic first step, at most 100 000 steps, `dt_min` = 1e-12.
     pub fn new(rtol: f64, atol: f64) -> Self {
-        Self { rtol, atol, dt0: None, max_steps: 100_000, dt_min: 1e-12 }
+        Self {
+            rtol,
+            atol,
+            dt0: None,
+            max_steps: 100_000,
+            dt_min: 1e-12,
+        }
     }
 }
 
@@ -70,17 +76,26 @@ pub struct Solver {
 impl Solver {
     /// A fixed-step solver taking `steps` steps over the whole grid.
     pub fn fixed(tableau: &'static ButcherTableau, steps: usize) -> Self {
-        Self { tableau, control: StepControl::Steps(steps) }
+        Self {
+            tableau,
+            control: StepControl::Steps(steps),
+        }
     }
 
     /// A fixed-step solver with steps of at most `dt`.
     pub fn fixed_dt(tableau: &'static ButcherTableau, dt: f64) -> Self {
-        Self { tableau, control: StepControl::Dt(dt) }
+        Self {
+            tableau,
+            control: StepControl::Dt(dt),
+        }
     }
 
     /// An adaptive solver; the method must have an embedded error estimate.
     pub fn adaptive(tableau: &'static ButcherTableau, rtol: f64, atol: f64) -> Self {
-        Self { tableau, control: StepControl::Adaptive(Tolerances::new(rtol, atol)) }
+        Self {
+            tableau,
+            control: StepControl::Adaptive(Tolerances::new(rtol, atol)),
+        }
     }
 
     /// Forward Euler with `steps` steps.
@@ -142,7 +157,13 @@ impl Solver {
 
     /// Checks the options; solves call it first.
     pub fn validate(&self) -> Result<()> {
-        let bad = |name, value: f64, rule| Err(Error::InvalidOption { name, value: value.to_string(), rule });
+        let bad = |name, value: f64, rule| {
+            Err(Error::InvalidOption {
+                name,
+                value: value.to_string(),
+                rule,
+            })
+        };
         match self.control {
             StepControl::Steps(0) | StepControl::PerInterval(0) => bad("steps", 0.0, "take at least one step"),
             StepControl::Steps(_) | StepControl::PerInterval(_) => Ok(()),
@@ -150,7 +171,9 @@ impl Solver {
             StepControl::Dt(_) => Ok(()),
             StepControl::Adaptive(tol) => {
                 if !self.tableau.is_adaptive() {
-                    return Err(Error::NoErrorEstimate { method: self.tableau.name });
+                    return Err(Error::NoErrorEstimate {
+                        method: self.tableau.name,
+                    });
                 }
                 if !(tol.rtol.is_finite() && tol.rtol >= 0.0) {
                     return bad("rtol", tol.rtol, "must be finite and >= 0");
@@ -230,9 +253,12 @@ impl Span {
         let k = self.interval;
         let (ta, tb) = (grid[k], grid[k + 1]);
         let (s0, s1) = ((self.t0 - ta) / (tb - ta), (self.t1 - ta) / (tb - ta));
-        let start = times.clone().slice([k..k + 1]);
-        let length = times.clone().slice([k + 1..k + 2]) - start.clone();
-        (Time::Tensor(start + length.clone().mul_scalar(s0)), Time::Tensor(length.mul_scalar(s1 - s0)))
+        let start = times.clone().narrow(0, k, 1);
+        let length = times.clone().narrow(0, k + 1, 1) - start.clone();
+        (
+            Time::Tensor(start + length.clone().mul_scalar(s0)),
+            Time::Tensor(length.mul_scalar(s1 - s0)),
+        )
     }
 }
 
@@ -250,13 +276,17 @@ pub(crate) struct StepOut<S> {
 
 /// `Σ coef_i · k_i` over the non-zero coefficients, `None` when all are zero.
 fn combine<B: Backend, S: OdeState<B>>(coefs: &[f64], ks: &[S]) -> Option<S> {
-    coefs.iter().zip(ks).filter(|(c, _)| **c != 0.0).fold(None, |acc, (c, k)| {
-        let term = k.scale(*c);
-        Some(match acc {
-            None => term,
-            Some(acc) => acc.add(&term),
+    coefs
+        .iter()
+        .zip(ks)
+        .filter(|(c, _)| **c != 0.0)
+        .fold(None, |acc, (c, k)| {
+            let term = k.scale(*c);
+            Some(match acc {
+                None => term,
+                Some(acc) => acc.add(&term),
+            })
         })
-    })
 }
 
 /// One explicit Runge–Kutta step of size `h` from `(t, y)`. `k1`, when given, is f(t, y).
@@ -301,8 +331,17 @@ pub(crate) fn rk_step<B: Backend, V: VectorField<B>>(
     };
     let err = tab.b_err.and_then(|b_err| combine(b_err, &ks)).map(|e| e.scale_time(h));
     let k_last = ks.pop().expect("at least one stage");
-    let k_first = if ks.is_empty() { k_last.clone() } else { ks.swap_remove(0) };
-    Ok(StepOut { y: y_new, err, k_first, k_last })
+    let k_first = if ks.is_empty() {
+        k_last.clone()
+    } else {
+        ks.swap_remove(0)
+    };
+    Ok(StepOut {
+        y: y_new,
+        err,
+        k_first,
+        k_last,
+    })
 }
 
 /// Scaled RMS norm of an error estimate.
@@ -326,7 +365,11 @@ fn initial_step<B: Backend, V: VectorField<B>>(
     let f0 = field.eval(&Time::Value(t0), y0)?;
     let d0 = rms_error(y0, y0, y0, tol.rtol, tol.atol);
     let d1 = rms_error(&f0, y0, y0, tol.rtol, tol.atol);
-    let h0 = if d0 < 1e-5 || d1 < 1e-5 || !(d0.is_finite() && d1.is_finite()) { 1e-6 } else { 0.01 * d0 / d1 };
+    let h0 = if d0 < 1e-5 || d1 < 1e-5 || !(d0.is_finite() && d1.is_finite()) {
+        1e-6
+    } else {
+        0.01 * d0 / d1
+    };
     let y1 = y0.add(&f0.scale(direction * h0));
     counters.nfe += 1;
     let f1 = field.eval(&Time::Value(t0 + direction * h0), &y1)?;
@@ -398,7 +441,10 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
                 let (t, h) = span.times(self.time_leaf.as_ref());
                 let out = rk_step(self.field, tab, &t, &h, &y, self.k1.take(), &mut self.counters)?;
                 if !out.y.finiteness_probe().is_finite() {
-                    return Err(Error::NonFiniteState { t: t1, step: self.counters.accepted + 1 });
+                    return Err(Error::NonFiniteState {
+                        t: t1,
+                        step: self.counters.accepted + 1,
+                    });
                 }
                 on_step(span, &y);
                 self.counters.accepted += 1;
@@ -427,23 +473,49 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
         let mut last_bad = false;
         while (tb - t) * direction > 0.0 {
             if self.counters.accepted + self.counters.rejected >= tol.max_steps {
-                return Err(Error::MaxStepsExceeded { t, max_steps: tol.max_steps });
+                return Err(Error::MaxStepsExceeded {
+                    t,
+                    max_steps: tol.max_steps,
+                });
             }
             if h.abs() < tol.dt_min || t + h == t {
                 return Err(if last_bad {
-                    Error::NonFiniteState { t, step: self.counters.accepted }
+                    Error::NonFiniteState {
+                        t,
+                        step: self.counters.accepted,
+                    }
                 } else {
-                    Error::StepSizeUnderflow { t, dt: h.abs(), dt_min: tol.dt_min }
+                    Error::StepSizeUnderflow {
+                        t,
+                        dt: h.abs(),
+                        dt_min: tol.dt_min,
+                    }
                 });
             }
             let remaining = tb - t;
             // Land exactly on the output time; stretch a step that would leave a sliver.
             let last = h.abs() >= remaining.abs() * (1.0 - 1e-10);
             let h_try = if last { remaining } else { h };
-            let span = Span { interval, t0: t, t1: if last { tb } else { t + h_try } };
+            let span = Span {
+                interval,
+                t0: t,
+                t1: if last { tb } else { t + h_try },
+            };
             let (t_step, h_step) = span.times(self.time_leaf.as_ref());
-            let out = rk_step(self.field, tab, &t_step, &h_step, &y, self.k1.take(), &mut self.counters)?;
-            let err = out.err.as_ref().map(|e| rms_error(e, &y, &out.y, tol.rtol, tol.atol)).unwrap_or(0.0);
+            let out = rk_step(
+                self.field,
+                tab,
+                &t_step,
+                &h_step,
+                &y,
+                self.k1.take(),
+                &mut self.counters,
+            )?;
+            let err = out
+                .err
+                .as_ref()
+                .map(|e| rms_error(e, &y, &out.y, tol.rtol, tol.atol))
+                .unwrap_or(0.0);
             let (accept, h_next) = self.controller.adapt(err, h_try);
             last_bad = !err.is_finite();
             if accept {
@@ -472,7 +544,10 @@ pub(crate) fn integrate<B: Backend, V: VectorField<B>>(
     on_step: &mut dyn FnMut(Span, &V::State),
 ) -> Result<Vec<V::State>> {
     if !y0.finiteness_probe().is_finite() {
-        return Err(Error::NonFiniteState { t: grid.times()[0], step: 0 });
+        return Err(Error::NonFiniteState {
+            t: grid.times()[0],
+            step: 0,
+        });
     }
     let times = grid.times();
     let mut outputs = Vec::with_capacity(times.len());

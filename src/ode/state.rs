@@ -38,7 +38,6 @@ impl<B: Backend> Time<B> {
             Time::Tensor(t) => t.clone(),
         }
     }
-
 }
 
 /// A state the Runge–Kutta stepper can combine.
@@ -72,7 +71,12 @@ pub(crate) fn tensor_error_sq_sum<B: Backend, const D: usize>(
     rtol: f64,
     atol: f64,
 ) -> (Tensor<B, 1>, usize) {
-    let scale = y0.clone().abs().max_pair(y1.clone().abs()).mul_scalar(rtol).add_scalar(atol);
+    let scale = y0
+        .clone()
+        .abs()
+        .max_pair(y1.clone().abs())
+        .mul_scalar(rtol)
+        .add_scalar(atol);
     let ratio = err.clone() / scale;
     (ratio.powi_scalar(2).sum(), err.shape().num_elements())
 }

@@ -34,10 +34,7 @@ impl ButcherTableau {
     /// it as its first stage.
     pub fn is_fsal(&self) -> bool {
         let s = self.stages();
-        s > 1
-            && self.c[s - 1] == 1.0
-            && self.b[s - 1] == 0.0
-            && self.a[s - 2].iter().zip(self.b).all(|(a, b)| a == b)
+        s > 1 && self.c[s - 1] == 1.0 && self.b[s - 1] == 0.0 && self.a[s - 2].iter().zip(self.b).all(|(a, b)| a == b)
     }
 
     /// Whether the method can control its own step size.
@@ -131,10 +128,31 @@ pub const DOPRI5: ButcherTableau = ButcherTableau {
         &[3.0 / 40.0, 9.0 / 40.0],
         &[44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0],
         &[19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0],
-        &[9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
-        &[35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0],
+        &[
+            9017.0 / 3168.0,
+            -355.0 / 33.0,
+            46732.0 / 5247.0,
+            49.0 / 176.0,
+            -5103.0 / 18656.0,
+        ],
+        &[
+            35.0 / 384.0,
+            0.0,
+            500.0 / 1113.0,
+            125.0 / 192.0,
+            -2187.0 / 6784.0,
+            11.0 / 84.0,
+        ],
     ],
-    b: &[35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0, 0.0],
+    b: &[
+        35.0 / 384.0,
+        0.0,
+        500.0 / 1113.0,
+        125.0 / 192.0,
+        -2187.0 / 6784.0,
+        11.0 / 84.0,
+        0.0,
+    ],
     b_err: Some(&[
         35.0 / 384.0 - 5179.0 / 57600.0,
         0.0,
@@ -151,7 +169,7 @@ const TSIT5_B: [f64; 7] = [
     0.01,
     0.479_889_650_414_499_6,
     1.379_008_574_103_742,
-    -3.290_069_515_436_080_7,
+    -3.290_069_515_436_081,
     2.324_710_524_099_774,
     0.0,
 ];
@@ -180,9 +198,7 @@ pub const TSIT5: ButcherTableau = ButcherTableau {
             -0.071_584_973_281_401,
             -0.028_269_050_394_068_383,
         ],
-        &[
-            TSIT5_B[0], TSIT5_B[1], TSIT5_B[2], TSIT5_B[3], TSIT5_B[4], TSIT5_B[5],
-        ],
+        &[TSIT5_B[0], TSIT5_B[1], TSIT5_B[2], TSIT5_B[3], TSIT5_B[4], TSIT5_B[5]],
     ],
     b: &TSIT5_B,
     b_err: Some(&[
@@ -210,7 +226,13 @@ mod tests {
             for (i, row) in t.a.iter().enumerate() {
                 assert_eq!(row.len(), i + 1, "{}: row {} of a", t.name, i + 1);
                 let sum: f64 = row.iter().sum();
-                assert!((sum - t.c[i + 1]).abs() < 1e-14, "{}: row {} sums to {sum}, c = {}", t.name, i + 1, t.c[i + 1]);
+                assert!(
+                    (sum - t.c[i + 1]).abs() < 1e-14,
+                    "{}: row {} sums to {sum}, c = {}",
+                    t.name,
+                    i + 1,
+                    t.c[i + 1]
+                );
             }
             let sb: f64 = t.b.iter().sum();
             assert!((sb - 1.0).abs() < 1e-14, "{}: Σb = {sb}", t.name);
@@ -220,7 +242,11 @@ mod tests {
                 assert!(se.abs() < 1e-14, "{}: Σb_err = {se}", t.name);
             }
         }
-        let fsal: Vec<_> = ButcherTableau::all().iter().filter(|t| t.is_fsal()).map(|t| t.name).collect();
+        let fsal: Vec<_> = ButcherTableau::all()
+            .iter()
+            .filter(|t| t.is_fsal())
+            .map(|t| t.name)
+            .collect();
         assert_eq!(fsal, ["bosh3", "dopri5", "tsit5"]);
     }
 

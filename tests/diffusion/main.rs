@@ -25,7 +25,11 @@ struct TinyEps<B: Backend> {
 
 impl<B: Backend> TinyEps<B> {
     fn new(channels: usize, device: &B::Device) -> Self {
-        let conv = |i, o| Conv2dConfig::new([i, o], [3, 3]).with_padding(PaddingConfig2d::Same).init(device);
+        let conv = |i, o| {
+            Conv2dConfig::new([i, o], [3, 3])
+                .with_padding(PaddingConfig2d::Same)
+                .init(device)
+        };
         let data = |v: Vec<f64>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), device);
         adjoint_dpm::ode::materialized(Self {
             conv_in: conv(channels, 6),
@@ -106,14 +110,22 @@ fn euler_in_rho_is_ddim() {
     let mut x = x_t;
     for (i, &t) in ts.iter().enumerate() {
         let abar = schedule.alphas_cumprod(t);
-        let abar_prev = if i + 1 < ts.len() { schedule.alphas_cumprod(ts[i + 1]) } else { 1.0 };
+        let abar_prev = if i + 1 < ts.len() {
+            schedule.alphas_cumprod(ts[i + 1])
+        } else {
+            1.0
+        };
         let t_tensor = Tensor::<F64, 1>::from_data(TensorData::from([t as f64]), &device);
         let eps = model.eps(x.clone(), t_tensor);
         let x0 = (x - eps.clone().mul_scalar((1.0 - abar).sqrt())).div_scalar(abar.sqrt());
         x = x0.mul_scalar(abar_prev.sqrt()) + eps.mul_scalar((1.0 - abar_prev).sqrt());
     }
     let reference = values(x);
-    assert!(rel_err(&ours, &reference) < 1e-10, "off by {:e}", rel_err(&ours, &reference));
+    assert!(
+        rel_err(&ours, &reference) < 1e-10,
+        "off by {:e}",
+        rel_err(&ours, &reference)
+    );
 }
 
 #[test]
@@ -124,10 +136,22 @@ fn checkpointed_equals_backprop_through_sampling() {
     for sampler in [Sampler::ddim(8), Sampler::heun(4)] {
         let reference = grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
         for schedule_kind in [Schedule::All, Schedule::Every(3), Schedule::Recursive] {
-            let exact = grads(&model, &schedule, sampler.gradient(GradientMode::Checkpointed(schedule_kind)));
-            for (name, a, b) in [("x_T", &exact.x_t, &reference.x_t), ("cond", &exact.cond, &reference.cond), ("weight", &exact.weight, &reference.weight)] {
+            let exact = grads(
+                &model,
+                &schedule,
+                sampler.gradient(GradientMode::Checkpointed(schedule_kind)),
+            );
+            for (name, a, b) in [
+                ("x_T", &exact.x_t, &reference.x_t),
+                ("cond", &exact.cond, &reference.cond),
+                ("weight", &exact.weight, &reference.weight),
+            ] {
                 let e = rel_err(a, b);
-                assert!(e < 1e-10, "{:?} {schedule_kind:?}: dL/d{name} off by {e:e}", sampler.kind);
+                assert!(
+                    e < 1e-10,
+                    "{:?} {schedule_kind:?}: dL/d{name} off by {e:e}",
+                    sampler.kind
+                );
             }
         }
     }
@@ -160,7 +184,11 @@ fn conditioning_gradient_with_frozen_network_matches_finite_differences() {
             m[i] -= eps;
             (loss_at(&inner, p) - loss_at(&inner, m)) / (2.0 * eps)
         };
-        assert!((fd - g.x_t[i]).abs() < 1e-6 * g.x_t[i].abs().max(1.0), "dL/dx_T[{i}]: FD {fd} vs {}", g.x_t[i]);
+        assert!(
+            (fd - g.x_t[i]).abs() < 1e-6 * g.x_t[i].abs().max(1.0),
+            "dL/dx_T[{i}]: FD {fd} vs {}",
+            g.x_t[i]
+        );
     }
     for i in 0..6 {
         let nudge = |e: f64| {
@@ -171,7 +199,11 @@ fn conditioning_gradient_with_frozen_network_matches_finite_differences() {
             loss_at(&m, noise(SHAPE, 1))
         };
         let fd = (nudge(eps) - nudge(-eps)) / (2.0 * eps);
-        assert!((fd - g.cond[i]).abs() < 1e-6 * g.cond[i].abs().max(1.0), "dL/dc[{i}]: FD {fd} vs {}", g.cond[i]);
+        assert!(
+            (fd - g.cond[i]).abs() < 1e-6 * g.cond[i].abs().max(1.0),
+            "dL/dc[{i}]: FD {fd} vs {}",
+            g.cond[i]
+        );
     }
 }
 
@@ -185,13 +217,20 @@ fn adjointdpm_converges_to_the_exact_gradient_like_one_over_n() {
         .map(|&n| {
             let exact = grads(&model, &schedule, Sampler::ddim(n));
             let bs = BacksolveOptions::default();
-            let adjoint = grads(&model, &schedule, Sampler::ddim(n).gradient(GradientMode::Backsolve(bs)));
+            let adjoint = grads(
+                &model,
+                &schedule,
+                Sampler::ddim(n).gradient(GradientMode::Backsolve(bs)),
+            );
             rel_err(&adjoint.x_t, &exact.x_t).max(rel_err(&adjoint.cond, &exact.cond))
         })
         .collect();
     for w in errors.windows(2) {
         let ratio = w[1] / w[0];
-        assert!((0.3..0.7).contains(&ratio), "AdjointDPM error should halve as N doubles: {errors:?}");
+        assert!(
+            (0.3..0.7).contains(&ratio),
+            "AdjointDPM error should halve as N doubles: {errors:?}"
+        );
     }
 }
 
@@ -202,7 +241,15 @@ fn bad_step_counts_are_errors() {
     let x = Tensor::<F64, 4>::zeros(SHAPE, &device);
     let schedule = NoiseSchedule::ddpm_linear();
     for steps in [0, 1001] {
-        let e = Sampler::ddim(steps).sample_inference(&model, &schedule, x.clone()).unwrap_err();
-        assert_eq!(e, adjoint_dpm::diffusion::DiffusionError::BadStepCount { steps, train_steps: 1000 });
+        let e = Sampler::ddim(steps)
+            .sample_inference(&model, &schedule, x.clone())
+            .unwrap_err();
+        assert_eq!(
+            e,
+            adjoint_dpm::diffusion::DiffusionError::BadStepCount {
+                steps,
+                train_steps: 1000
+            }
+        );
     }
 }

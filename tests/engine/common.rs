@@ -35,14 +35,22 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// Widths `[dim, h1, …, dim]`.
     pub fn new(widths: &[usize], act: Act, time_dependent: bool, device: &B::Device) -> Self {
-        let layers = widths.windows(2).map(|w| LinearConfig::new(w[0], w[1]).init(device)).collect();
+        let layers = widths
+            .windows(2)
+            .map(|w| LinearConfig::new(w[0], w[1]).init(device))
+            .collect();
         let tw = if time_dependent { 0.5 } else { 0.0 };
         let act = match act {
             Act::Tanh => 0,
             Act::Softplus => 1,
             Act::Sin => 2,
         };
-        let model = Self { layers, time_weight: Param::from_tensor(Tensor::from_floats([tw], device)), act, cube: false };
+        let model = Self {
+            layers,
+            time_weight: Param::from_tensor(Tensor::from_floats([tw], device)),
+            act,
+            cube: false,
+        };
         // Every clone of the model must be the same model.
         adjoint_dpm::ode::materialized(model)
     }
@@ -92,12 +100,19 @@ pub struct P1 {
 
 fn read(st: &safetensors::SafeTensors, name: &str) -> Vec<f64> {
     let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
-    t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect()
+    t.data()
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
 }
 
 impl P1 {
     pub fn load() -> Self {
-        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/p1_spiral.safetensors")).unwrap();
+        let bytes = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/p1_spiral.safetensors"
+        ))
+        .unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         Self {
             w0: read(&st, "W0"),
@@ -122,7 +137,10 @@ impl P1 {
             let w = Tensor::<B, 2>::from_data(TensorData::new(w.to_vec(), [out, inp]), device).transpose();
             let mut l = LinearConfig::new(inp, out).init(device);
             l.weight = Param::from_tensor(w);
-            l.bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(b.to_vec(), [out]), device)));
+            l.bias = Some(Param::from_tensor(Tensor::from_data(
+                TensorData::new(b.to_vec(), [out]),
+                device,
+            )));
             l
         };
         let mut m = Mlp::new(&[2, 50, 2], Act::Tanh, false, device);
@@ -144,7 +162,10 @@ impl P1 {
     }
 
     /// Parameter gradient in the reference order (W0, b0, W1, b1; PyTorch layout).
-    pub fn flat_param_grad(model: &Mlp<Ad>, grads: &<Ad as burn::tensor::backend::AutodiffBackend>::Gradients) -> Vec<f64> {
+    pub fn flat_param_grad(
+        model: &Mlp<Ad>,
+        grads: &<Ad as burn::tensor::backend::AutodiffBackend>::Gradients,
+    ) -> Vec<f64> {
         let mut out = Vec::new();
         for layer in &model.layers {
             out.extend(to_vec(layer.weight.grad(grads).unwrap().transpose()));
@@ -190,11 +211,26 @@ pub fn param_grads(model: &Mlp<Ad>, grads: &<Ad as burn::tensor::backend::Autodi
     let mut out = Vec::new();
     for layer in &model.layers {
         let w = layer.weight.val();
-        out.extend(w.grad(grads).map(to_vec).unwrap_or_else(|| vec![0.0; w.shape().num_elements()]));
+        out.extend(
+            w.grad(grads)
+                .map(to_vec)
+                .unwrap_or_else(|| vec![0.0; w.shape().num_elements()]),
+        );
         let b = layer.bias.as_ref().unwrap().val();
-        out.extend(b.grad(grads).map(to_vec).unwrap_or_else(|| vec![0.0; b.shape().num_elements()]));
+        out.extend(
+            b.grad(grads)
+                .map(to_vec)
+                .unwrap_or_else(|| vec![0.0; b.shape().num_elements()]),
+        );
     }
-    out.extend(model.time_weight.val().grad(grads).map(to_vec).unwrap_or_else(|| vec![0.0]));
+    out.extend(
+        model
+            .time_weight
+            .val()
+            .grad(grads)
+            .map(to_vec)
+            .unwrap_or_else(|| vec![0.0]),
+    );
     out
 }
 

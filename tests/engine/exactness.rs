@@ -22,7 +22,11 @@ fn solver_strategy() -> impl Strategy<Value = Solver> {
 }
 
 fn schedule_strategy() -> impl Strategy<Value = Schedule> {
-    prop_oneof![Just(Schedule::All), (1usize..5).prop_map(Schedule::Every), Just(Schedule::Recursive)]
+    prop_oneof![
+        Just(Schedule::All),
+        (1usize..5).prop_map(Schedule::Every),
+        Just(Schedule::Recursive)
+    ]
 }
 
 prop_compose! {
@@ -96,17 +100,40 @@ fn backsolve_converges_as_tolerance_tightens() {
     let model = Mlp::<Ad>::new(&[2, 8, 2], Act::Tanh, true, &device);
     let z0 = [0.3, -0.5, 0.9, 0.1];
     let times = [0.0, 0.7, 1.5];
-    let exact = grads_of(&model, Solver::dopri5(1e-11, 1e-11), GradientMode::Checkpointed(Schedule::All), &z0, 2, &times);
+    let exact = grads_of(
+        &model,
+        Solver::dopri5(1e-11, 1e-11),
+        GradientMode::Checkpointed(Schedule::All),
+        &z0,
+        2,
+        &times,
+    );
     let errors: Vec<f64> = [1e-3, 1e-5, 1e-7, 1e-9]
         .iter()
         .map(|&tol| {
-            let bs = BacksolveOptions { rtol: tol, atol: tol, seminorm: true };
-            let g = grads_of(&model, Solver::dopri5(tol, tol), GradientMode::Backsolve(bs), &z0, 2, &times);
-            rel_err(&g.theta, &exact.theta).max(rel_err(&g.z0, &exact.z0)).max(rel_err(&g.times, &exact.times))
+            let bs = BacksolveOptions {
+                rtol: tol,
+                atol: tol,
+                seminorm: true,
+            };
+            let g = grads_of(
+                &model,
+                Solver::dopri5(tol, tol),
+                GradientMode::Backsolve(bs),
+                &z0,
+                2,
+                &times,
+            );
+            rel_err(&g.theta, &exact.theta)
+                .max(rel_err(&g.z0, &exact.z0))
+                .max(rel_err(&g.times, &exact.times))
         })
         .collect();
     for w in errors.windows(2) {
-        assert!(w[1] < w[0], "backsolve error did not shrink with the tolerance: {errors:?}");
+        assert!(
+            w[1] < w[0],
+            "backsolve error did not shrink with the tolerance: {errors:?}"
+        );
     }
     assert!(errors[0] < 1e-1 && errors[3] < 1e-6, "backsolve errors {errors:?}");
 }
@@ -127,7 +154,10 @@ fn checkpointed_equals_backprop_f32() {
         let sol = ode.solve(z0.clone(), &[0.0, 0.5, 1.0]).unwrap();
         let grads = sol.last().powi_scalar(2).sum().backward();
         let w = ode.dynamics.layers[1].weight.grad(&grads).unwrap();
-        (crate::common::to_vec(z0.grad(&grads).unwrap()), crate::common::to_vec(w))
+        (
+            crate::common::to_vec(z0.grad(&grads).unwrap()),
+            crate::common::to_vec(w),
+        )
     };
     // Same z0 for both: seed the backend RNG identically.
     <Flex as Backend>::seed(&device, 7);

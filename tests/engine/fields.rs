@@ -32,7 +32,10 @@ impl<B: Backend> Toy<B> {
             Kind::WrongShape => 2,
             Kind::Blowup => 3,
         };
-        Self { k: Param::from_tensor(Tensor::from_data(TensorData::from([1.0f64]), device)), kind }
+        Self {
+            k: Param::from_tensor(Tensor::from_data(TensorData::from([1.0f64]), device)),
+            kind,
+        }
     }
 }
 
@@ -44,7 +47,7 @@ impl<B: Backend> Dynamics<B, 2> for Toy<B> {
                 z.matmul(a)
             }
             1 => z * self.k.val().unsqueeze::<2>().neg(),
-            2 => z.clone().slice([0..z.dims()[0] - 1]),
+            2 => z.clone().narrow(0, 0, z.dims()[0] - 1),
             _ => z.powi_scalar(2),
         }
     }

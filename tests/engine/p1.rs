@@ -28,9 +28,16 @@ fn exact_modes_reproduce_the_rk4_100_reference() {
         GradientMode::Checkpointed(Schedule::Recursive),
     ] {
         let (loss, gp, gz, stats) = run(&p, Solver::rk4(100), mode);
-        assert!((loss - p.rk4_loss).abs() / p.rk4_loss < 1e-12, "{mode:?}: loss {loss} vs {}", p.rk4_loss);
+        assert!(
+            (loss - p.rk4_loss).abs() / p.rk4_loss < 1e-12,
+            "{mode:?}: loss {loss} vs {}",
+            p.rk4_loss
+        );
         let (ep, ez) = (rel_err(&gp, &p.rk4_gp), rel_err(&gz, &p.rk4_gz));
-        assert!(ep < 1e-10 && ez < 1e-10, "{mode:?}: dL/dθ off by {ep:e}, dL/dz0 by {ez:e}");
+        assert!(
+            ep < 1e-10 && ez < 1e-10,
+            "{mode:?}: dL/dθ off by {ep:e}, dL/dz0 by {ez:e}"
+        );
         assert_eq!(stats.accepted_steps, 100);
         assert_eq!(stats.nfe_forward, 400);
     }
@@ -41,7 +48,11 @@ fn backsolve_rk4_differs_from_the_discrete_gradient_by_its_reverse_error() {
     // diffrax and torchdiffeq both put the continuous adjoint of RK4-100 2.7% from the exact
     // gradient of the discretisation.
     let p = P1::load();
-    let (_, gp, _, stats) = run(&p, Solver::rk4(100), GradientMode::Backsolve(BacksolveOptions::default()));
+    let (_, gp, _, stats) = run(
+        &p,
+        Solver::rk4(100),
+        GradientMode::Backsolve(BacksolveOptions::default()),
+    );
     let e = rel_err(&gp, &p.rk4_gp);
     assert!((0.02..0.035).contains(&e), "backsolve off the discrete gradient by {e}");
     assert_eq!(stats.backward_steps, 100);
@@ -51,12 +62,27 @@ fn backsolve_rk4_differs_from_the_discrete_gradient_by_its_reverse_error() {
 #[test]
 fn tight_adaptive_solves_approach_the_continuous_gradient() {
     let p = P1::load();
-    let (loss, gp, gz, _) = run(&p, Solver::dopri5(1e-9, 1e-9), GradientMode::Checkpointed(Schedule::All));
-    assert!((loss - p.exact_loss).abs() / p.exact_loss < 1e-6, "loss {loss} vs {}", p.exact_loss);
+    let (loss, gp, gz, _) = run(
+        &p,
+        Solver::dopri5(1e-9, 1e-9),
+        GradientMode::Checkpointed(Schedule::All),
+    );
+    assert!(
+        (loss - p.exact_loss).abs() / p.exact_loss < 1e-6,
+        "loss {loss} vs {}",
+        p.exact_loss
+    );
     let (ep, ez) = (rel_err(&gp, &p.exact_gp), rel_err(&gz, &p.exact_gz));
     assert!(ep < 1e-5 && ez < 1e-5, "dL/dθ off by {ep:e}, dL/dz0 by {ez:e}");
-    let bs = BacksolveOptions { rtol: 1e-9, atol: 1e-9, seminorm: true };
+    let bs = BacksolveOptions {
+        rtol: 1e-9,
+        atol: 1e-9,
+        seminorm: true,
+    };
     let (_, gp, gz, _) = run(&p, Solver::dopri5(1e-9, 1e-9), GradientMode::Backsolve(bs));
     let (ep, ez) = (rel_err(&gp, &p.exact_gp), rel_err(&gz, &p.exact_gz));
-    assert!(ep < 1e-5 && ez < 1e-5, "backsolve: dL/dθ off by {ep:e}, dL/dz0 by {ez:e}");
+    assert!(
+        ep < 1e-5 && ez < 1e-5,
+        "backsolve: dL/dθ off by {ep:e}, dL/dz0 by {ez:e}"
+    );
 }

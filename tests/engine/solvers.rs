@@ -21,15 +21,27 @@ fn spiral_error(solver: Solver, t_end: f64) -> f64 {
 
 #[test]
 fn empirical_order_matches_declared() {
-    let fixed: [&'static ButcherTableau; 7] =
-        [&tableau::EULER, &tableau::MIDPOINT, &tableau::HEUN, &tableau::RK4, &tableau::BOSH3, &tableau::DOPRI5, &tableau::TSIT5];
+    let fixed: [&'static ButcherTableau; 7] = [
+        &tableau::EULER,
+        &tableau::MIDPOINT,
+        &tableau::HEUN,
+        &tableau::RK4,
+        &tableau::BOSH3,
+        &tableau::DOPRI5,
+        &tableau::TSIT5,
+    ];
     for tab in fixed {
         // Coarse enough to stay above rounding for the fifth-order methods.
         let n = if tab.order >= 5 { 16 } else { 32 };
         let e1 = spiral_error(Solver::fixed(tab, n), 2.0);
         let e2 = spiral_error(Solver::fixed(tab, 2 * n), 2.0);
         let slope = (e1 / e2).log2();
-        assert!((slope - f64::from(tab.order)).abs() <= 0.3, "{}: measured order {slope:.2}, declared {}", tab.name, tab.order);
+        assert!(
+            (slope - f64::from(tab.order)).abs() <= 0.3,
+            "{}: measured order {slope:.2}, declared {}",
+            tab.name,
+            tab.order
+        );
     }
 }
 
@@ -39,8 +51,16 @@ fn adaptive_solvers_reach_the_tolerance_asked() {
         let mut last = f64::INFINITY;
         for tol in [1e-4, 1e-6, 1e-8] {
             let e = spiral_error(make(tol, tol), 5.0);
-            assert!(e < 20.0 * tol, "{}: error {e:e} at tol {tol:e}", make(tol, tol).tableau.name);
-            assert!(e < last, "{}: error did not shrink with tol", make(tol, tol).tableau.name);
+            assert!(
+                e < 20.0 * tol,
+                "{}: error {e:e} at tol {tol:e}",
+                make(tol, tol).tableau.name
+            );
+            assert!(
+                e < last,
+                "{}: error did not shrink with tol",
+                make(tol, tol).tableau.name
+            );
             last = e;
         }
     }
@@ -65,7 +85,13 @@ fn step_and_evaluation_counts_are_stable() {
     // Snapshots: a change here means the solver takes different steps than before.
     let device = Default::default();
     let z0 = Tensor::<F64, 2>::from_data(TensorData::from([Z0]), &device);
-    let stats = |solver| NeuralOde::new(Toy::<F64>::new(Kind::Spiral, &device)).solver(solver).integrate(z0.clone(), &[0.0, 2.5, 5.0]).unwrap().stats();
+    let stats = |solver| {
+        NeuralOde::new(Toy::<F64>::new(Kind::Spiral, &device))
+            .solver(solver)
+            .integrate(z0.clone(), &[0.0, 2.5, 5.0])
+            .unwrap()
+            .stats()
+    };
     let rk4 = stats(Solver::rk4(20));
     assert_eq!((rk4.accepted_steps, rk4.rejected_steps, rk4.nfe_forward), (20, 0, 80));
     let dp = stats(Solver::dopri5(1e-6, 1e-6));

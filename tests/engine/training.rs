@@ -13,16 +13,29 @@ fn frozen_params_receive_no_grad() {
     let mut model = Mlp::<Ad>::new(&[2, 6, 2], Act::Tanh, true, &device);
     model.layers[0].weight = model.layers[0].weight.clone().set_require_grad(false);
     let z0 = [0.3, -0.2, 0.5, 0.1];
-    for mode in [GradientMode::Checkpointed(Schedule::All), GradientMode::Backsolve(BacksolveOptions::default())] {
+    for mode in [
+        GradientMode::Checkpointed(Schedule::All),
+        GradientMode::Backsolve(BacksolveOptions::default()),
+    ] {
         let ode = NeuralOde::new(model.clone()).solver(Solver::rk4(8)).gradient(mode);
         let z = Tensor::<Ad, 2>::from_data(burn::tensor::TensorData::new(z0.to_vec(), [2, 2]), &device).require_grad();
         let grads = ode.solve(z, &[0.0, 1.0]).unwrap().last().sum().backward();
-        assert!(ode.dynamics.layers[0].weight.grad(&grads).is_none(), "{mode:?}: frozen weight got a gradient");
+        assert!(
+            ode.dynamics.layers[0].weight.grad(&grads).is_none(),
+            "{mode:?}: frozen weight got a gradient"
+        );
         assert!(ode.dynamics.layers[0].bias.as_ref().unwrap().grad(&grads).is_some());
         assert!(ode.dynamics.layers[1].weight.grad(&grads).is_some());
     }
     // The trainable ones still equal Backprop's.
-    let exact = grads_of(&model, Solver::rk4(8), GradientMode::Checkpointed(Schedule::All), &z0, 2, &[0.0, 1.0]);
+    let exact = grads_of(
+        &model,
+        Solver::rk4(8),
+        GradientMode::Checkpointed(Schedule::All),
+        &z0,
+        2,
+        &[0.0, 1.0],
+    );
     let reference = grads_of(&model, Solver::rk4(8), GradientMode::Backprop, &z0, 2, &[0.0, 1.0]);
     assert!(crate::common::rel_err(&exact.theta, &reference.theta) < 1e-10);
     let _ = param_grads;
@@ -37,7 +50,11 @@ fn untracked_solves_keep_no_states() {
     assert_eq!(sol.stored_states(), 0);
     let tracked = NeuralOde::new(Mlp::<Ad>::new(&[2, 4, 2], Act::Tanh, false, &device)).solver(Solver::rk4(50));
     for (schedule, states) in [(Schedule::All, 50), (Schedule::Every(10), 5), (Schedule::Recursive, 1)] {
-        let sol = tracked.clone().gradient(GradientMode::Checkpointed(schedule)).solve(Tensor::<Ad, 2>::ones([3, 2], &device), &[0.0, 1.0]).unwrap();
+        let sol = tracked
+            .clone()
+            .gradient(GradientMode::Checkpointed(schedule))
+            .solve(Tensor::<Ad, 2>::ones([3, 2], &device), &[0.0, 1.0])
+            .unwrap();
         assert_eq!(sol.stored_states(), states, "{schedule:?}");
     }
 }
@@ -52,7 +69,9 @@ fn adam_fits_the_spiral_through_the_adjoint() {
     let mut optim = AdamConfig::new().init();
     let mut losses = Vec::new();
     for _ in 0..8 {
-        let ode = NeuralOde::new(model.clone()).solver(Solver::rk4(100)).gradient(GradientMode::Checkpointed(Schedule::All));
+        let ode = NeuralOde::new(model.clone())
+            .solver(Solver::rk4(100))
+            .gradient(GradientMode::Checkpointed(Schedule::All));
         let sol = ode.solve(p.z0::<Ad>(&device), &p.ts).unwrap();
         let loss = p.loss(&sol, &device);
         losses.push(to_vec(loss.clone())[0]);
