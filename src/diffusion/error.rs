@@ -29,6 +29,12 @@ pub enum DiffusionError {
         /// Given shape.
         got: Vec<usize>,
     },
+    /// Guidance asked of a model that cannot give it.
+    #[error("invalid guidance: {reason}")]
+    BadGuidance {
+        /// What is wrong.
+        reason: String,
+    },
     /// The network produced NaN or Inf.
     #[error("the noise prediction became non-finite at sampling step {step} (t = {t:.3})")]
     NonFiniteEps {
@@ -36,6 +42,14 @@ pub enum DiffusionError {
         step: usize,
         /// Continuous timestep.
         t: f64,
+    },
+    /// The sampler cannot be differentiated in that mode.
+    #[error("{sampler} cannot be differentiated with {mode:?} yet; use GradientMode::Backprop, or DDIM/Heun for the adjoint modes")]
+    UnsupportedGradient {
+        /// The sampler.
+        sampler: &'static str,
+        /// The mode asked for.
+        mode: crate::ode::GradientMode,
     },
     /// The ODE engine failed.
     #[error(transparent)]

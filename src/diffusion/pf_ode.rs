@@ -10,24 +10,12 @@
 //! coordinates by the chain rule, which burn applies on its own since the maps are tensor ops:
 //! `∂L/∂x_T = a_y(ρ_T)/α_T` and `a_y(ρ_0) = α_0 ∂L/∂x_0`.
 
-use burn::module::{Module, ModuleDisplay};
+use burn::module::Module;
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 
+use crate::diffusion::eps_model::EpsModel;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::ode::Dynamics;
-
-/// A noise-prediction network ε(x, t). Conditioning (a text or class embedding) lives inside the
-/// module as a parameter, so gradients w.r.t. it come from the parameter machinery (freeze the
-/// network's weights and keep the embedding trainable).
-pub trait EpsModel<B: Backend, const D: usize>: Module<B> + ModuleDisplay {
-    /// The predicted noise.
-    ///
-    /// # Shapes
-    /// - `x`: `[batch, …]`, the noisy sample.
-    /// - `t`: `[1]`, the continuous timestep in training units (`0 ..= N−1`).
-    /// - output: shaped like `x`.
-    fn eps(&self, x: Tensor<B, D>, t: Tensor<B, 1>) -> Tensor<B, D>;
-}
 
 /// The semi-linear PF-ODE of `model` under `schedule`: its time is ρ, its state y = x/α.
 #[derive(Module, Debug)]

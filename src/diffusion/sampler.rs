@@ -8,11 +8,12 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 
+use crate::diffusion::eps_model::EpsModel;
 use crate::diffusion::error::DiffusionError;
-use crate::diffusion::pf_ode::{EpsModel, PfOde};
-use crate::diffusion::schedule::{timesteps, NoiseSchedule, TimestepSpacing};
+use crate::diffusion::pf_ode::PfOde;
+use crate::diffusion::schedule::{dpm_solver_timesteps, timesteps, NoiseSchedule, TimestepSpacing};
 use crate::ode::tableau::{self, ButcherTableau};
 use crate::ode::{Dynamics, GradientMode, NeuralOde, Solver, StepControl};
 
@@ -25,6 +26,11 @@ pub enum SamplerKind {
     Heun,
     /// Classical RK4 in ρ.
     Rk4,
+    /// DPM-Solver++(2M) (Lu et al. 2022): the multistep exponential integrator in data-prediction
+    /// form, `y_{i+1} = (ρ_{i+1}/ρ_i) y_i + (1 − ρ_{i+1}/ρ_i) D_i` with `D_i` a second-order
+    /// combination of the last two x̂_0. Its history is state the engine's adjoint modes do not
+    /// carry yet: it is differentiated by `Backprop` only.
+    DpmSolverPP2M,
 }
 
 impl SamplerKind {
@@ -33,6 +39,7 @@ impl SamplerKind {
             SamplerKind::Ddim => &tableau::EULER,
             SamplerKind::Heun => &tableau::HEUN,
             SamplerKind::Rk4 => &tableau::RK4,
+            SamplerKind::DpmSolverPP2M => &tableau::EULER,
         }
     }
 }
@@ -67,6 +74,17 @@ impl Sampler {
         }
     }
 
+    /// DPM-Solver++(2M) with `steps` steps, as diffusers' `DPMSolverMultistepScheduler` defaults:
+    /// "linspace" spacing, last step to ρ = 0 in first order. Differentiated by `Backprop`.
+    pub fn dpm_solver_pp_2m(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::DpmSolverPP2M,
+            spacing: TimestepSpacing::Linspace,
+            gradient: GradientMode::Backprop,
+            ..Self::ddim(steps)
+        }
+    }
+
     /// Heun in ρ with `steps` steps.
     pub fn heun(steps: usize) -> Self {
         Self {
@@ -83,7 +101,11 @@ impl Sampler {
 
     /// The inference timesteps, descending.
     pub fn timesteps(&self, schedule: &NoiseSchedule) -> Result<Vec<usize>, DiffusionError> {
-        timesteps(schedule.train_steps(), self.steps, self.spacing, self.steps_offset)
+        let pick = match self.kind {
+            SamplerKind::DpmSolverPP2M => dpm_solver_timesteps,
+            _ => timesteps,
+        };
+        pick(schedule.train_steps(), self.steps, self.spacing, self.steps_offset)
     }
 
     /// The ρ grid, decreasing: ρ at each timestep, then the final ρ (0, or ρ at ᾱ_0).
@@ -123,11 +145,20 @@ impl Sampler {
         PfOde<Autodiff<B, C>, M>: AutodiffModule<Autodiff<B, C>, InnerModule = PfOde<B, M::InnerModule>>,
     {
         let grid = self.rho_grid(schedule)?;
+        if self.kind == SamplerKind::DpmSolverPP2M {
+            if self.gradient != GradientMode::Backprop {
+                return Err(DiffusionError::UnsupportedGradient {
+                    sampler: "DPM-Solver++(2M)",
+                    mode: self.gradient,
+                });
+            }
+            return dpm_solver_pp_2m(model, schedule, &grid, x_t);
+        }
         let ode = NeuralOde::new(PfOde::new(model.clone(), schedule.clone()))
             .solver(self.solver())
             .gradient(self.gradient);
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
-        let y_0 = ode.solve(y_t, &grid)?.last();
+        let y_0 = ode.solve(y_t, &grid).map_err(|e| name_step(e, schedule, &grid))?.last();
         Ok(y_0.mul_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1])))
     }
 
@@ -144,9 +175,70 @@ impl Sampler {
         PfOde<B, M>: Dynamics<B, D>,
     {
         let grid = self.rho_grid(schedule)?;
+        if self.kind == SamplerKind::DpmSolverPP2M {
+            return dpm_solver_pp_2m(model, schedule, &grid, x_t);
+        }
         let ode = NeuralOde::new(PfOde::new(model.clone(), schedule.clone())).solver(self.solver());
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
-        let y_0 = ode.integrate(y_t, &grid)?.last();
+        let y_0 = ode
+            .integrate(y_t, &grid)
+            .map_err(|e| name_step(e, schedule, &grid))?
+            .last();
         Ok(y_0.mul_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1])))
     }
+}
+
+/// Names the sampling step and timestep of a non-finite network output.
+fn name_step(e: crate::Error, schedule: &NoiseSchedule, grid: &[f64]) -> DiffusionError {
+    match e {
+        // The engine reports the state after step `step` (1-based); the network was evaluated
+        // at the step's start.
+        crate::Error::NonFiniteState { step, .. } if step >= 1 => DiffusionError::NonFiniteEps {
+            step: step - 1,
+            t: schedule.t_of_rho(grid[step - 1]),
+        },
+        e => DiffusionError::Solver(e),
+    }
+}
+
+/// DPM-Solver++(2M) on the ρ grid, in y = x/α (diffusers' `DPMSolverMultistepScheduler` with
+/// `algorithm_type = "dpmsolver++"`, `solver_type = "midpoint"`, `lower_order_final = True`).
+fn dpm_solver_pp_2m<B: Backend, M: EpsModel<B, D>, const D: usize>(
+    model: &M,
+    schedule: &NoiseSchedule,
+    grid: &[f64],
+    x_t: Tensor<B, D>,
+) -> Result<Tensor<B, D>, DiffusionError> {
+    let steps = grid.len() - 1;
+    let mut y = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
+    let mut previous: Option<Tensor<B, D>> = None;
+    for i in 0..steps {
+        let (rho_s, rho_t) = (grid[i], grid[i + 1]);
+        let t = schedule.t_of_rho(rho_s);
+        let eps = model.eps(
+            y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(rho_s)),
+            Tensor::from_data(TensorData::from([t]), (&y.device(), y.dtype())),
+        );
+        let probe: f64 = eps.clone().sum().into_scalar().elem();
+        if !probe.is_finite() {
+            return Err(DiffusionError::NonFiniteEps { step: i, t });
+        }
+        // x̂_0 in y units: (x − σ ε)/α = y − ρ ε.
+        let x0 = y.clone() - eps.mul_scalar(rho_s);
+        // The last step is first order when it lands on ρ = 0 or the run is short (< 15 steps).
+        let first_order = i + 1 == steps && (rho_t == 0.0 || steps < 15);
+        let d = match (&previous, first_order) {
+            (Some(x0_prev), false) => {
+                let h = (rho_s / rho_t).ln();
+                let h_prev = (grid[i - 1] / rho_s).ln();
+                let r = h_prev / h;
+                x0.clone() + (x0.clone() - x0_prev.clone()).mul_scalar(0.5 / r)
+            }
+            _ => x0.clone(),
+        };
+        let ratio = rho_t / rho_s;
+        y = y.mul_scalar(ratio) + d.mul_scalar(1.0 - ratio);
+        previous = Some(x0);
+    }
+    Ok(y.mul_scalar(NoiseSchedule::alpha_of_rho(grid[steps])))
 }

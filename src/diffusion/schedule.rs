@@ -219,6 +219,36 @@ pub fn timesteps(
     Ok(ts)
 }
 
+/// The S inference timesteps of diffusers' `DPMSolverMultistepScheduler.set_timesteps`
+/// (diffusers v0.31, `lambda_min_clipped` = −∞): S + 1 points are spread and the last dropped.
+pub fn dpm_solver_timesteps(
+    train_steps: usize,
+    steps: usize,
+    spacing: TimestepSpacing,
+    steps_offset: usize,
+) -> Result<Vec<usize>, DiffusionError> {
+    if steps == 0 || steps > train_steps {
+        return Err(DiffusionError::BadStepCount { steps, train_steps });
+    }
+    let ts: Vec<usize> = match spacing {
+        TimestepSpacing::Linspace => (1..=steps)
+            .rev()
+            .map(|k| (k as f64 * (train_steps - 1) as f64 / steps as f64).round() as usize)
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = train_steps / (steps + 1);
+            (1..=steps).rev().map(|k| k * ratio + steps_offset).collect()
+        }
+        TimestepSpacing::Trailing => return timesteps(train_steps, steps, spacing, steps_offset),
+    };
+    if let Some(&t) = ts.iter().find(|&&t| t >= train_steps) {
+        return Err(DiffusionError::BadSchedule {
+            reason: format!("timestep {t} ≥ {train_steps} training steps (steps_offset = {steps_offset})"),
+        });
+    }
+    Ok(ts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +331,19 @@ mod tests {
                 steps: 1001,
                 train_steps: 1000
             })
+        );
+    }
+
+    #[test]
+    fn dpm_solver_spacings_match_diffusers() {
+        // DPMSolverMultistepScheduler(num_train_timesteps=1000).set_timesteps(10).
+        assert_eq!(
+            dpm_solver_timesteps(1000, 10, TimestepSpacing::Linspace, 0).unwrap(),
+            [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
+        );
+        assert_eq!(
+            dpm_solver_timesteps(1000, 10, TimestepSpacing::Leading, 1).unwrap(),
+            [901, 811, 721, 631, 541, 451, 361, 271, 181, 91]
         );
     }
 

@@ -253,3 +253,191 @@ fn bad_step_counts_are_errors() {
         );
     }
 }
+
+/// Rows of the batch's first half see `uncond`, the second half `cond`: the contract of `Cfg`.
+#[derive(Module, Debug)]
+struct TwoEmbeddings<B: Backend> {
+    net: TinyEps<B>,
+    cond: Param<Tensor<B, 1>>,
+    uncond: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> EpsModel<B, 4> for TwoEmbeddings<B> {
+    fn eps(&self, x: Tensor<B, 4>, t: Tensor<B, 1>) -> Tensor<B, 4> {
+        let half = x.dims()[0] / 2;
+        let base = self.net.eps(x, t);
+        let shift = Tensor::cat(
+            vec![
+                self.uncond.val().reshape([1, 1, 1, 1]).repeat_dim(0, half),
+                self.cond.val().reshape([1, 1, 1, 1]).repeat_dim(0, half),
+            ],
+            0,
+        );
+        base + shift
+    }
+}
+
+#[test]
+fn cfg_combines_both_halves_of_one_batched_call() {
+    use adjoint_dpm::diffusion::Cfg;
+    let device = Default::default();
+    let scalar = |v: f64| Param::from_tensor(Tensor::<F64, 1>::from_data(TensorData::from([v]), &device));
+    let model = TwoEmbeddings {
+        net: TinyEps::new(2, &device),
+        cond: scalar(1.0),
+        uncond: scalar(-0.5),
+    };
+    let x = Tensor::<F64, 4>::from_data(TensorData::new(noise(SHAPE, 4), SHAPE), &device);
+    let t = Tensor::<F64, 1>::from_data(TensorData::from([500.0]), &device);
+    let base = values(model.net.eps(x.clone(), t.clone()));
+    for s in [0.0, 1.0, 7.5] {
+        let eps = values(Cfg::new(model.clone(), s).unwrap().eps(x.clone(), t.clone()));
+        // ε_u + s(ε_c − ε_u) with ε_c = base + 1, ε_u = base − 0.5.
+        let expected: Vec<f64> = base.iter().map(|b| b - 0.5 + s * 1.5).collect();
+        assert!(rel_err(&eps, &expected) < 1e-12, "scale {s}");
+    }
+    assert!(Cfg::new(model, f64::NAN).is_err());
+}
+
+#[test]
+fn guidance_needs_an_unconditional_embedding_of_the_same_shape() {
+    use adjoint_dpm::diffusion::{DiffusionError, GuidanceEmbeddings};
+    let device = Default::default();
+    let cond = Tensor::<F64, 3>::zeros([1, 77, 8], &device);
+    assert!(GuidanceEmbeddings::new(cond.clone(), None, 1.0).is_ok());
+    assert!(matches!(
+        GuidanceEmbeddings::new(cond.clone(), None, 7.5),
+        Err(DiffusionError::BadGuidance { .. })
+    ));
+    let wrong = Tensor::<F64, 3>::zeros([1, 76, 8], &device);
+    assert!(matches!(
+        GuidanceEmbeddings::new(cond.clone(), Some(wrong), 7.5),
+        Err(DiffusionError::ConditioningShape { got, .. }) if got == vec![1, 76, 8]
+    ));
+    let pair = GuidanceEmbeddings::new(cond.clone(), Some(cond.clone().add_scalar(1.0)), 7.5).unwrap();
+    assert_eq!(pair.doubled().dims(), [2, 77, 8]);
+}
+
+/// A "network" that predicts v or x̂_0 exactly as TinyEps's ε implies, through the schedule.
+#[derive(Module, Debug)]
+struct Reparam<B: Backend> {
+    net: TinyEps<B>,
+    #[module(skip)]
+    schedule: NoiseSchedule,
+    #[module(skip)]
+    v: bool,
+}
+
+impl<B: Backend> adjoint_dpm::diffusion::Predictor<B, 4> for Reparam<B> {
+    fn predict(&self, x: Tensor<B, 4>, t: Tensor<B, 1>) -> Tensor<B, 4> {
+        use burn::tensor::ElementConversion;
+        let tv: f64 = t.clone().into_scalar().elem();
+        let (a, s) = (self.schedule.alpha(tv), self.schedule.sigma(tv));
+        let eps = self.net.eps(x.clone(), t);
+        let x0 = (x - eps.clone().mul_scalar(s)).div_scalar(a);
+        if self.v {
+            eps.mul_scalar(a) - x0.mul_scalar(s)
+        } else {
+            x0
+        }
+    }
+}
+
+#[test]
+fn v_and_x0_prediction_adapters_recover_eps() {
+    use adjoint_dpm::diffusion::{SamplePrediction, VPrediction};
+    let device = Default::default();
+    let net = TinyEps::<F64>::new(2, &device);
+    let schedule = NoiseSchedule::cosine();
+    let x = Tensor::<F64, 4>::from_data(TensorData::new(noise(SHAPE, 5), SHAPE), &device);
+    let t = Tensor::<F64, 1>::from_data(TensorData::from([321.25]), &device);
+    let eps = values(net.eps(x.clone(), t.clone()));
+    let reparam = |v| Reparam {
+        net: net.clone(),
+        schedule: schedule.clone(),
+        v,
+    };
+    let via_v = values(VPrediction::new(reparam(true), schedule.clone()).eps(x.clone(), t.clone()));
+    let via_x0 = values(SamplePrediction::new(reparam(false), schedule.clone()).eps(x, t));
+    assert!(rel_err(&via_v, &eps) < 1e-12 && rel_err(&via_x0, &eps) < 1e-10);
+}
+
+/// Returns NaN from the third network call on.
+#[derive(Module, Debug)]
+struct Poisoned<B: Backend> {
+    net: TinyEps<B>,
+}
+
+impl<B: Backend> EpsModel<B, 4> for Poisoned<B> {
+    fn eps(&self, x: Tensor<B, 4>, t: Tensor<B, 1>) -> Tensor<B, 4> {
+        use burn::tensor::ElementConversion;
+        let tv: f64 = t.clone().into_scalar().elem();
+        let out = self.net.eps(x, t);
+        if tv < 500.0 {
+            out.mul_scalar(f64::NAN)
+        } else {
+            out
+        }
+    }
+}
+
+#[test]
+fn a_non_finite_network_output_names_the_step_and_time() {
+    use adjoint_dpm::diffusion::DiffusionError;
+    let device = Default::default();
+    let model = Poisoned {
+        net: TinyEps::<F64>::new(2, &device),
+    };
+    let schedule = NoiseSchedule::ddpm_linear();
+    let x = Tensor::<F64, 4>::from_data(TensorData::new(noise(SHAPE, 6), SHAPE), &device);
+    for sampler in [Sampler::ddim(10), Sampler::dpm_solver_pp_2m(10)] {
+        let ts = sampler.timesteps(&schedule).unwrap();
+        let first_bad = ts.iter().position(|&t| (t as f64) < 500.0).unwrap();
+        let e = sampler.sample_inference(&model, &schedule, x.clone()).unwrap_err();
+        match e {
+            DiffusionError::NonFiniteEps { step, t } => {
+                assert_eq!(step, first_bad, "{:?}", sampler.kind);
+                assert!((t - ts[first_bad] as f64).abs() < 1e-6, "{:?}: t = {t}", sampler.kind);
+            }
+            other => panic!("{:?}: {other:?}", sampler.kind),
+        }
+    }
+}
+
+#[test]
+fn dpm_solver_pp_2m_is_second_order_and_differentiable_by_backprop() {
+    let device = Default::default();
+    let model = TinyEps::<F64>::new(2, &device);
+    let schedule = NoiseSchedule::sd_scaled_linear();
+    let x = Tensor::<F64, 4>::from_data(TensorData::new(noise(SHAPE, 7), SHAPE), &device);
+    // Reference: DDIM with many steps on the same "linspace" grid family.
+    let mut fine = Sampler::ddim(500);
+    fine.spacing = adjoint_dpm::diffusion::TimestepSpacing::Trailing;
+    let reference = values(fine.sample_inference(&model, &schedule, x.clone()).unwrap());
+    let err = |s: Sampler| {
+        rel_err(
+            &values(s.sample_inference(&model, &schedule, x.clone()).unwrap()),
+            &reference,
+        )
+    };
+    let (dpm, ddim) = (err(Sampler::dpm_solver_pp_2m(20)), err(Sampler::ddim(20)));
+    assert!(
+        dpm < ddim / 3.0,
+        "DPM-Solver++(2M) {dpm:e} vs DDIM {ddim:e} at 20 steps"
+    );
+
+    let model = TinyEps::<Ad>::new(2, &device);
+    let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 7), SHAPE), &device).require_grad();
+    let x0 = Sampler::dpm_solver_pp_2m(10)
+        .sample(&model, &schedule, x_t.clone())
+        .unwrap();
+    let g = x0.sum().backward();
+    assert!(values(x_t.grad(&g).unwrap()).iter().all(|v| v.is_finite()));
+    let refused = Sampler::dpm_solver_pp_2m(10)
+        .gradient(GradientMode::default())
+        .sample(&model, &schedule, x_t);
+    assert!(matches!(
+        refused,
+        Err(adjoint_dpm::diffusion::DiffusionError::UnsupportedGradient { .. })
+    ));
+}

@@ -1,0 +1,175 @@
+//! Noise-prediction networks, adapters from other parameterisations, classifier-free guidance.
+
+use burn::module::{Module, ModuleDisplay};
+use burn::tensor::{backend::Backend, ElementConversion, Tensor};
+
+use crate::diffusion::error::DiffusionError;
+use crate::diffusion::schedule::NoiseSchedule;
+
+/// A noise-prediction network ε(x, t). Conditioning (a text or class embedding) lives inside the
+/// module as a parameter, so gradients w.r.t. it come from the parameter machinery (freeze the
+/// network's weights and keep the embedding trainable).
+pub trait EpsModel<B: Backend, const D: usize>: Module<B> + ModuleDisplay {
+    /// The predicted noise.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, …]`, the noisy sample.
+    /// - `t`: `[1]`, the continuous timestep in training units (`0 ..= N−1`).
+    /// - output: shaped like `x`.
+    fn eps(&self, x: Tensor<B, D>, t: Tensor<B, 1>) -> Tensor<B, D>;
+}
+
+/// A network whose raw output is some other prediction target; see [`VPrediction`] and
+/// [`SamplePrediction`].
+pub trait Predictor<B: Backend, const D: usize>: Module<B> + ModuleDisplay {
+    /// The network's raw output at `(x, t)`, shaped like `x`.
+    fn predict(&self, x: Tensor<B, D>, t: Tensor<B, 1>) -> Tensor<B, D>;
+}
+
+fn alpha_sigma<B: Backend>(schedule: &NoiseSchedule, t: &Tensor<B, 1>) -> (f64, f64) {
+    let t: f64 = t.clone().into_scalar().elem();
+    (schedule.alpha(t), schedule.sigma(t))
+}
+
+/// A v-prediction network (`v = α ε − σ x_0`, Salimans & Ho 2022; SD 2.x) seen as an ε-model:
+/// `ε = σ x_t + α v`.
+#[derive(Module, Debug)]
+pub struct VPrediction<B: Backend, M: Module<B>> {
+    /// The network.
+    pub model: M,
+    #[module(skip)]
+    schedule: NoiseSchedule,
+    _backend: core::marker::PhantomData<B>,
+}
+
+impl<B: Backend, M: Module<B>> VPrediction<B, M> {
+    /// Wraps a v-prediction network trained with `schedule`.
+    pub fn new(model: M, schedule: NoiseSchedule) -> Self {
+        Self {
+            model,
+            schedule,
+            _backend: core::marker::PhantomData,
+        }
+    }
+}
+
+impl<B: Backend, M: Predictor<B, D>, const D: usize> EpsModel<B, D> for VPrediction<B, M> {
+    fn eps(&self, x: Tensor<B, D>, t: Tensor<B, 1>) -> Tensor<B, D> {
+        let (alpha, sigma) = alpha_sigma(&self.schedule, &t);
+        x.clone().mul_scalar(sigma) + self.model.predict(x, t).mul_scalar(alpha)
+    }
+}
+
+/// An x_0-prediction network seen as an ε-model: `ε = (x_t − α x̂_0)/σ`.
+#[derive(Module, Debug)]
+pub struct SamplePrediction<B: Backend, M: Module<B>> {
+    /// The network.
+    pub model: M,
+    #[module(skip)]
+    schedule: NoiseSchedule,
+    _backend: core::marker::PhantomData<B>,
+}
+
+impl<B: Backend, M: Module<B>> SamplePrediction<B, M> {
+    /// Wraps an x_0-prediction network trained with `schedule`.
+    pub fn new(model: M, schedule: NoiseSchedule) -> Self {
+        Self {
+            model,
+            schedule,
+            _backend: core::marker::PhantomData,
+        }
+    }
+}
+
+impl<B: Backend, M: Predictor<B, D>, const D: usize> EpsModel<B, D> for SamplePrediction<B, M> {
+    fn eps(&self, x: Tensor<B, D>, t: Tensor<B, 1>) -> Tensor<B, D> {
+        let (alpha, sigma) = alpha_sigma(&self.schedule, &t);
+        (x.clone() - self.model.predict(x, t).mul_scalar(alpha)).div_scalar(sigma)
+    }
+}
+
+/// Classifier-free guidance: `ε = ε_u + s (ε_c − ε_u)` (Ho & Salimans 2022), both halves from one
+/// batched network call.
+///
+/// The wrapped model is called on the batch doubled, `[x; x]`, and must evaluate its first half
+/// with the unconditional embedding and its second half with the conditional one (a conditioned
+/// network holds both embeddings; see [`GuidanceEmbeddings`]).
+#[derive(Module, Debug)]
+pub struct Cfg<B: Backend, M: Module<B>> {
+    /// The conditioned network.
+    pub model: M,
+    #[module(skip)]
+    scale: f64,
+    _backend: core::marker::PhantomData<B>,
+}
+
+impl<B: Backend, M: Module<B>> Cfg<B, M> {
+    /// Guidance with scale `s` (1 = conditional only, 0 = unconditional only).
+    pub fn new(model: M, scale: f64) -> Result<Self, DiffusionError> {
+        if !scale.is_finite() {
+            return Err(DiffusionError::BadGuidance {
+                reason: format!("guidance scale {scale} is not finite"),
+            });
+        }
+        Ok(Self {
+            model,
+            scale,
+            _backend: core::marker::PhantomData,
+        })
+    }
+
+    /// The guidance scale.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+}
+
+impl<B: Backend, M: EpsModel<B, D>, const D: usize> EpsModel<B, D> for Cfg<B, M> {
+    fn eps(&self, x: Tensor<B, D>, t: Tensor<B, 1>) -> Tensor<B, D> {
+        let batch = x.dims()[0];
+        let both = self.model.eps(Tensor::cat(vec![x.clone(), x], 0), t);
+        let uncond = both.clone().narrow(0, 0, batch);
+        let cond = both.narrow(0, batch, batch);
+        uncond.clone() + (cond - uncond).mul_scalar(self.scale)
+    }
+}
+
+/// The conditional and (optional) unconditional embeddings of a guided model, checked once.
+#[derive(Debug, Clone)]
+pub struct GuidanceEmbeddings<B: Backend, const E: usize> {
+    /// The conditional embedding, e.g. `[batch, 77, 768]` text or `[batch, dim]` class rows.
+    pub cond: Tensor<B, E>,
+    /// The unconditional one (empty prompt or null class), same shape.
+    pub uncond: Option<Tensor<B, E>>,
+}
+
+impl<B: Backend, const E: usize> GuidanceEmbeddings<B, E> {
+    /// Checks the pair for a guidance `scale`: any scale other than 1 needs the unconditional
+    /// embedding, which must be shaped like the conditional one.
+    pub fn new(cond: Tensor<B, E>, uncond: Option<Tensor<B, E>>, scale: f64) -> Result<Self, DiffusionError> {
+        match &uncond {
+            None if scale != 1.0 => {
+                return Err(DiffusionError::BadGuidance {
+                    reason: format!("guidance scale {scale} needs an unconditional embedding; give one or use scale 1"),
+                })
+            }
+            Some(u) if u.dims() != cond.dims() => {
+                return Err(DiffusionError::ConditioningShape {
+                    name: "unconditional embedding",
+                    expected: cond.dims().to_vec(),
+                    got: u.dims().to_vec(),
+                })
+            }
+            _ => {}
+        }
+        Ok(Self { cond, uncond })
+    }
+
+    /// `[uncond; cond]` along the batch, as the network sees them under [`Cfg`].
+    pub fn doubled(&self) -> Tensor<B, E> {
+        match &self.uncond {
+            Some(u) => Tensor::cat(vec![u.clone(), self.cond.clone()], 0),
+            None => Tensor::cat(vec![self.cond.clone(), self.cond.clone()], 0),
+        }
+    }
+}
