@@ -51,7 +51,10 @@ pub struct Sampler {
     pub kind: SamplerKind,
     /// Number of inference steps S.
     pub steps: usize,
-    /// How the S timesteps are spread over the training steps.
+    /// How the S timesteps are spread over the training steps. Every step goes from one
+    /// timestep to the next. (diffusers' DDIM instead steps from t to t − N/S, which is the next
+    /// timestep only for "leading" spacing or when S divides N; with "trailing" and other S it
+    /// lands on a noise level the next step does not start from.)
     pub spacing: TimestepSpacing,
     /// Added to "leading" timesteps (diffusers' `steps_offset`; 1 for Stable Diffusion).
     pub steps_offset: usize,
@@ -152,7 +155,7 @@ impl Sampler {
                     mode: self.gradient,
                 });
             }
-            return dpm_solver_pp_2m(model, schedule, &grid, x_t);
+            return dpm_solver_pp_2m(model, schedule, &grid, x_t, &mut |_| {});
         }
         let ode = NeuralOde::new(PfOde::new(model.clone(), schedule.clone()))
             .solver(self.solver())
@@ -174,17 +177,38 @@ impl Sampler {
         M: EpsModel<B, D>,
         PfOde<B, M>: Dynamics<B, D>,
     {
+        let mut trajectory = self.trajectory_inference(model, schedule, x_t)?;
+        Ok(trajectory.pop().expect("a trajectory holds x_T and x_0"))
+    }
+
+    /// Every intermediate sample, `x_T` first and `x_0` last (one per ρ knot), on any backend
+    /// without a graph: what diffusers' `scheduler.step` returns step by step.
+    pub fn trajectory_inference<B, M, const D: usize>(
+        &self,
+        model: &M,
+        schedule: &NoiseSchedule,
+        x_t: Tensor<B, D>,
+    ) -> Result<Vec<Tensor<B, D>>, DiffusionError>
+    where
+        B: Backend,
+        M: EpsModel<B, D>,
+        PfOde<B, M>: Dynamics<B, D>,
+    {
         let grid = self.rho_grid(schedule)?;
         if self.kind == SamplerKind::DpmSolverPP2M {
-            return dpm_solver_pp_2m(model, schedule, &grid, x_t);
+            let mut trajectory = Vec::with_capacity(grid.len());
+            dpm_solver_pp_2m(model, schedule, &grid, x_t, &mut |x| trajectory.push(x.clone()))?;
+            return Ok(trajectory);
         }
         let ode = NeuralOde::new(PfOde::new(model.clone(), schedule.clone())).solver(self.solver());
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
-        let y_0 = ode
-            .integrate(y_t, &grid)
-            .map_err(|e| name_step(e, schedule, &grid))?
-            .last();
-        Ok(y_0.mul_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1])))
+        let solution = ode.integrate(y_t, &grid).map_err(|e| name_step(e, schedule, &grid))?;
+        Ok(solution
+            .states()
+            .into_iter()
+            .zip(&grid)
+            .map(|(y, &rho)| y.mul_scalar(NoiseSchedule::alpha_of_rho(rho)))
+            .collect())
     }
 }
 
@@ -208,8 +232,10 @@ fn dpm_solver_pp_2m<B: Backend, M: EpsModel<B, D>, const D: usize>(
     schedule: &NoiseSchedule,
     grid: &[f64],
     x_t: Tensor<B, D>,
+    on_sample: &mut dyn FnMut(&Tensor<B, D>),
 ) -> Result<Tensor<B, D>, DiffusionError> {
     let steps = grid.len() - 1;
+    on_sample(&x_t);
     let mut y = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
     let mut previous: Option<Tensor<B, D>> = None;
     for i in 0..steps {
@@ -239,6 +265,11 @@ fn dpm_solver_pp_2m<B: Backend, M: EpsModel<B, D>, const D: usize>(
         let ratio = rho_t / rho_s;
         y = y.mul_scalar(ratio) + d.mul_scalar(1.0 - ratio);
         previous = Some(x0);
+        if i + 1 < steps {
+            on_sample(&y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(rho_t)));
+        }
     }
-    Ok(y.mul_scalar(NoiseSchedule::alpha_of_rho(grid[steps])))
+    let x0 = y.mul_scalar(NoiseSchedule::alpha_of_rho(grid[steps]));
+    on_sample(&x0);
+    Ok(x0)
 }

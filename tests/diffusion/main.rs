@@ -10,6 +10,8 @@ use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
+mod parity;
+
 type F64 = NdArray<f64>;
 type Ad = Autodiff<F64>;
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Reference trajectories of diffusers' DDIM and DPM-Solver++(2M) schedulers for the diffusion
+tests (tests/fixtures/samplers.safetensors + samplers.json).
+
+The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
+seeded random; x_T is seeded random of shape (2, 4). For each scheduler configuration we record
+the timesteps and the sample after every step. CI never runs this script; regenerate with
+
+    python3 -m venv /tmp/fxenv && /tmp/fxenv/bin/pip install torch diffusers safetensors
+    /tmp/fxenv/bin/python scripts/make_sampler_fixtures.py
+"""
+
+import json
+import os
+
+import diffusers
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from safetensors.torch import save_file
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+torch.manual_seed(7)
+A = (torch.randn(4, 4, dtype=torch.float64) * 0.3)
+c = torch.randn(4, dtype=torch.float64) * 0.5
+x_T = torch.randn(2, 4, dtype=torch.float64)
+
+
+def eps(x, t):
+    return x @ A.T + c * (float(t) / 1000.0)
+
+
+# DDIM with "trailing" spacing uses 8 steps, a divisor of 1000: diffusers' DDIMScheduler.step goes
+# from t to t - 1000 // steps, which is the next timestep only when the steps divide 1000 (for
+# other counts it steps to a noise level the next step does not start from).
+CASES = {
+    "ddim_sd": (DDIMScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                     clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                     timestep_spacing="leading"), 10),
+    "ddim_linear_trailing": (DDIMScheduler, dict(beta_schedule="linear", clip_sample=False,
+                                                  set_alpha_to_one=True, timestep_spacing="trailing"), 8),
+    "dpmpp2m_sd": (DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                      beta_end=0.012), 10),
+    "dpmpp2m_linear_leading": (DPMSolverMultistepScheduler, dict(beta_schedule="linear", timestep_spacing="leading",
+                                                                  steps_offset=1), 20),
+}
+
+tensors = {"A": A, "c": c, "x_T": x_T}
+meta = {"diffusers": diffusers.__version__, "torch": torch.__version__, "cases": {}}
+for name, (cls, config, steps) in CASES.items():
+    sched = cls(num_train_timesteps=1000, **config)
+    sched.set_timesteps(steps)
+    x = x_T.clone()
+    trajectory = [x.clone()]
+    for t in sched.timesteps:
+        x = sched.step(eps(x, t), t, x).prev_sample
+        trajectory.append(x.clone())
+    tensors[name] = torch.stack(trajectory)
+    meta["cases"][name] = {"scheduler": cls.__name__, "config": config, "steps": steps,
+                           "timesteps": [int(t) for t in sched.timesteps]}
+
+os.makedirs(OUT, exist_ok=True)
+save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "samplers.safetensors"))
+with open(os.path.join(OUT, "samplers.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+print(json.dumps(meta["cases"], indent=1))
