@@ -1,12 +1,14 @@
 //! The diffusion adapter: noise schedules, the probability-flow ODE in semi-linear form, samplers
 //! and their gradients, by plugging into the engine. Knows nothing of Stable Diffusion.
 
+pub mod diagnostic;
 pub mod eps_model;
 pub mod error;
 pub mod pf_ode;
 pub mod sampler;
 pub mod schedule;
 
+pub use diagnostic::AdjointReport;
 pub use eps_model::{Cfg, EpsModel, GuidanceEmbeddings, Predictor, SamplePrediction, VPrediction};
 pub use error::DiffusionError;
 pub use pf_ode::PfOde;

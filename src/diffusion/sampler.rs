@@ -125,7 +125,7 @@ impl Sampler {
         Ok(grid)
     }
 
-    fn solver(&self) -> Solver {
+    pub(crate) fn solver(&self) -> Solver {
         Solver {
             tableau: self.kind.tableau(),
             control: StepControl::PerInterval(1),

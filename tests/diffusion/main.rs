@@ -443,3 +443,36 @@ fn dpm_solver_pp_2m_is_second_order_and_differentiable_by_backprop() {
         Err(adjoint_dpm::diffusion::DiffusionError::UnsupportedGradient { .. })
     ));
 }
+
+#[test]
+fn adjoint_diagnostic_shrinks_with_the_number_of_steps() {
+    let device = Default::default();
+    let model = TinyEps::<Ad>::new(2, &device);
+    let schedule = NoiseSchedule::sd_scaled_linear();
+    let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 8), SHAPE), &device);
+    let reports: Vec<_> = [10, 40]
+        .iter()
+        .map(|&n| {
+            Sampler::ddim(n)
+                .adjoint_diagnostic(
+                    &model,
+                    &schedule,
+                    x_t.clone(),
+                    |x0| x0.powi_scalar(2).sum(),
+                    BacksolveOptions::default(),
+                )
+                .unwrap()
+        })
+        .collect();
+    for r in &reports {
+        assert!(r.gradient_rel_diff > 0.0 && r.reconstruction_rel_err > 0.0, "{r:?}");
+    }
+    assert!(
+        reports[1].gradient_rel_diff < 0.5 * reports[0].gradient_rel_diff,
+        "{reports:?}"
+    );
+    assert!(
+        reports[1].reconstruction_rel_err < 0.5 * reports[0].reconstruction_rel_err,
+        "{reports:?}"
+    );
+}
