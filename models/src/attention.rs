@@ -1,0 +1,354 @@
+//! Attention blocks of the UNet and the VAE.
+//!
+//! Mirrors diffusers v0.35: `models/attention_processor.py` (`Attention` with
+//! `AttnProcessor2_0`), `models/attention.py` (`BasicTransformerBlock`, `FeedForward`),
+//! `models/activations.py` (`GEGLU`) and `models/transformers/transformer_2d.py`
+//! (`Transformer2DModel`, continuous input). Checkpoint keys `to_out.0` and `ff.net.{0,2}` are
+//! Python list indices; [`unet_key_map`](crate::unet::unet_key_map) renames them to the fields
+//! below.
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::gelu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::Tensor;
+
+use crate::resnet_block::conv2d;
+
+/// Multi-head scaled dot-product attention on `[batch, tokens, heads·dim_head]` tensors.
+///
+/// Uses burn's fused `attention` op (flash attention on GPU backends, decomposed ops under
+/// autodiff). `is_causal` masks future positions (CLIP's text encoder).
+///
+/// # Shapes
+/// - q: `[batch, lq, heads·d]`, k and v: `[batch, lk, heads·d]`
+/// - output: `[batch, lq, heads·d]`
+pub fn multi_head_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    is_causal: bool,
+) -> Tensor<B, 3> {
+    let split = |x: Tensor<B, 3>| {
+        let [b, l, c] = x.dims();
+        x.reshape([b, l, heads, c / heads]).swap_dims(1, 2)
+    };
+    let [b, lq, c] = q.dims();
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal,
+    };
+    attention(split(q), split(k), split(v), None, None, options)
+        .swap_dims(1, 2)
+        .reshape([b, lq, c])
+}
+
+/// diffusers `Attention`: `to_q`, `to_k`, `to_v`, `to_out.0`, and, in the VAE, a `group_norm`
+/// applied to a 4-D input with a residual connection.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query projection.
+    pub to_q: Linear<B>,
+    /// Key projection (from the context in cross-attention).
+    pub to_k: Linear<B>,
+    /// Value projection.
+    pub to_v: Linear<B>,
+    /// Output projection (`to_out.0` in checkpoints).
+    pub to_out: Linear<B>,
+    /// GroupNorm on spatial input (VAE mid-block attention only).
+    pub group_norm: Option<GroupNorm<B>>,
+    /// Number of heads.
+    pub heads: usize,
+}
+
+/// Settings of an [`Attention`] layer.
+#[derive(Debug, Clone)]
+pub struct AttentionConfig {
+    /// Width of the queries and of the output.
+    pub query_dim: usize,
+    /// Width of the context (keys and values); `None` for self-attention.
+    pub cross_attention_dim: Option<usize>,
+    /// Number of heads.
+    pub heads: usize,
+    /// Width of one head.
+    pub dim_head: usize,
+    /// Whether q/k/v have biases (false in the UNet, true in the VAE).
+    pub qkv_bias: bool,
+    /// `(groups, eps)` of the VAE's GroupNorm, if any.
+    pub group_norm: Option<(usize, f64)>,
+}
+
+impl AttentionConfig {
+    /// Builds the layer.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Attention<B> {
+        let inner = self.heads * self.dim_head;
+        let ctx = self.cross_attention_dim.unwrap_or(self.query_dim);
+        let proj = |i: usize, o: usize, bias: bool| LinearConfig::new(i, o).with_bias(bias).init(device);
+        Attention {
+            to_q: proj(self.query_dim, inner, self.qkv_bias),
+            to_k: proj(ctx, inner, self.qkv_bias),
+            to_v: proj(ctx, inner, self.qkv_bias),
+            to_out: proj(inner, self.query_dim, true),
+            group_norm: self.group_norm.map(|(groups, eps)| {
+                GroupNormConfig::new(groups, self.query_dim)
+                    .with_epsilon(eps)
+                    .init(device)
+            }),
+            heads: self.heads,
+        }
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    /// Attention of `x` over `context` (over `x` itself when `None`).
+    ///
+    /// # Shapes
+    /// - x: `[batch, tokens, query_dim]`
+    /// - context: `[batch, context_tokens, cross_attention_dim]`
+    /// - output: `[batch, tokens, query_dim]`
+    pub fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+        let context = context.unwrap_or_else(|| x.clone());
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(context.clone());
+        let v = self.to_v.forward(context);
+        self.to_out.forward(multi_head_attention(q, k, v, self.heads, false))
+    }
+
+    /// Self-attention over the pixels of a feature map, with the GroupNorm and residual of
+    /// diffusers' VAE attention (`residual_connection=True`, `rescale_output_factor=1`).
+    ///
+    /// # Shapes
+    /// - x: `[batch, c, h, w]`
+    /// - output: `[batch, c, h, w]`
+    pub fn forward_spatial(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, c, h, w] = x.dims();
+        let normed = match &self.group_norm {
+            Some(norm) => norm.forward(x.clone()),
+            None => x.clone(),
+        };
+        let tokens = normed.reshape([b, c, h * w]).swap_dims(1, 2);
+        let out = self.forward(tokens, None);
+        out.swap_dims(1, 2).reshape([b, c, h, w]) + x
+    }
+}
+
+/// diffusers `GEGLU`: `proj` produces `[hidden, gate]`; the output is `hidden · gelu(gate)`
+/// (exact erf GELU).
+#[derive(Module, Debug)]
+pub struct GeGlu<B: Backend> {
+    /// `ff.net.0.proj`: `dim → 2·inner`.
+    pub proj: Linear<B>,
+}
+
+impl<B: Backend> GeGlu<B> {
+    /// # Shapes
+    /// - x: `[batch, tokens, dim]`
+    /// - output: `[batch, tokens, inner]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = self.proj.forward(x);
+        let [hidden, gate]: [Tensor<B, 3>; 2] = h.chunk(2, 2).try_into().expect("chunk(2) gives two halves");
+        hidden * gelu(gate)
+    }
+}
+
+/// diffusers `FeedForward` with `activation_fn="geglu"`: GEGLU, then a linear layer.
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    /// `ff.net.0`.
+    pub geglu: GeGlu<B>,
+    /// `ff.net.2`: `inner → dim`.
+    pub out: Linear<B>,
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// Builds `dim → 4·dim (GEGLU) → dim`.
+    pub fn new(dim: usize, device: &B::Device) -> Self {
+        let inner = 4 * dim;
+        Self {
+            geglu: GeGlu {
+                proj: LinearConfig::new(dim, 2 * inner).init(device),
+            },
+            out: LinearConfig::new(inner, dim).init(device),
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, tokens, dim]`
+    /// - output: `[batch, tokens, dim]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.out.forward(self.geglu.forward(x))
+    }
+}
+
+/// diffusers `BasicTransformerBlock` (`norm_type="layer_norm"`): pre-norm self-attention,
+/// cross-attention on the context, and a GEGLU feed-forward, each with a residual.
+#[derive(Module, Debug)]
+pub struct BasicTransformerBlock<B: Backend> {
+    /// LayerNorm before `attn1`.
+    pub norm1: LayerNorm<B>,
+    /// Self-attention (cross-attention when `only_cross_attention`).
+    pub attn1: Attention<B>,
+    /// LayerNorm before `attn2`.
+    pub norm2: LayerNorm<B>,
+    /// Cross-attention on the context.
+    pub attn2: Attention<B>,
+    /// LayerNorm before the feed-forward.
+    pub norm3: LayerNorm<B>,
+    /// Feed-forward.
+    pub ff: FeedForward<B>,
+    /// Whether `attn1` attends to the context as well.
+    pub only_cross_attention: bool,
+}
+
+impl<B: Backend> BasicTransformerBlock<B> {
+    /// Builds a block of width `dim = heads · dim_head`.
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        cross_attention_dim: usize,
+        only_cross_attention: bool,
+        device: &B::Device,
+    ) -> Self {
+        let attn = |ctx: Option<usize>| {
+            AttentionConfig {
+                query_dim: dim,
+                cross_attention_dim: ctx,
+                heads,
+                dim_head: dim / heads,
+                qkv_bias: false,
+                group_norm: None,
+            }
+            .init(device)
+        };
+        let norm = || LayerNormConfig::new(dim).init(device);
+        Self {
+            norm1: norm(),
+            attn1: attn(only_cross_attention.then_some(cross_attention_dim)),
+            norm2: norm(),
+            attn2: attn(Some(cross_attention_dim)),
+            norm3: norm(),
+            ff: FeedForward::new(dim, device),
+            only_cross_attention,
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, tokens, dim]`
+    /// - context: `[batch, context_tokens, cross_attention_dim]`
+    /// - output: `[batch, tokens, dim]`
+    pub fn forward(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
+        let ctx1 = self.only_cross_attention.then(|| context.clone());
+        let x = self.attn1.forward(self.norm1.forward(x.clone()), ctx1) + x;
+        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context)) + x;
+        self.ff.forward(self.norm3.forward(x.clone())) + x
+    }
+}
+
+/// `proj_in`/`proj_out` of a [`Transformer2DModel`]: a 1×1 conv (SD 1.x) or a linear layer
+/// (SD 2.x, `use_linear_projection`). Loading skips enum variant names, so both variants read
+/// the checkpoint's `proj_in.weight`.
+#[derive(Module, Debug)]
+pub enum Projection<B: Backend> {
+    /// 1×1 convolution.
+    Conv(Conv2d<B>),
+    /// Linear layer on the tokens.
+    Linear(Linear<B>),
+}
+
+/// diffusers `Transformer2DModel` on continuous (feature-map) input: GroupNorm, `proj_in`,
+/// a stack of [`BasicTransformerBlock`]s over the `h·w` tokens, `proj_out`, residual.
+#[derive(Module, Debug)]
+pub struct Transformer2DModel<B: Backend> {
+    /// GroupNorm (eps 1e-6).
+    pub norm: GroupNorm<B>,
+    /// Input projection.
+    pub proj_in: Projection<B>,
+    /// `transformer_blocks.{i}`.
+    pub transformer_blocks: Vec<BasicTransformerBlock<B>>,
+    /// Output projection.
+    pub proj_out: Projection<B>,
+}
+
+/// Settings of a [`Transformer2DModel`].
+#[derive(Debug, Clone)]
+pub struct Transformer2DConfig {
+    /// Channels of the feature map (also the inner width: `heads · dim_head`).
+    pub channels: usize,
+    /// Number of heads.
+    pub heads: usize,
+    /// Number of transformer blocks.
+    pub layers: usize,
+    /// Width of the context.
+    pub cross_attention_dim: usize,
+    /// GroupNorm groups.
+    pub norm_num_groups: usize,
+    /// Linear (true) or 1×1 conv (false) projections.
+    pub use_linear_projection: bool,
+    /// Whether self-attention attends to the context.
+    pub only_cross_attention: bool,
+}
+
+impl Transformer2DConfig {
+    /// Builds the model.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Transformer2DModel<B> {
+        let c = self.channels;
+        let proj = || {
+            if self.use_linear_projection {
+                Projection::Linear(LinearConfig::new(c, c).init(device))
+            } else {
+                Projection::Conv(conv2d(c, c, 1, device))
+            }
+        };
+        Transformer2DModel {
+            norm: GroupNormConfig::new(self.norm_num_groups, c)
+                .with_epsilon(1e-6)
+                .init(device),
+            proj_in: proj(),
+            transformer_blocks: (0..self.layers)
+                .map(|_| {
+                    BasicTransformerBlock::new(
+                        c,
+                        self.heads,
+                        self.cross_attention_dim,
+                        self.only_cross_attention,
+                        device,
+                    )
+                })
+                .collect(),
+            proj_out: proj(),
+        }
+    }
+}
+
+impl<B: Backend> Transformer2DModel<B> {
+    /// # Shapes
+    /// - x: `[batch, c, h, w]`
+    /// - context: `[batch, context_tokens, cross_attention_dim]`
+    /// - output: `[batch, c, h, w]`
+    pub fn forward(&self, x: Tensor<B, 4>, context: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [b, c, h, w] = x.dims();
+        let normed = self.norm.forward(x.clone());
+        let to_tokens = |t: Tensor<B, 4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
+        let to_map = |t: Tensor<B, 3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
+        // 1. proj_in (before flattening for the conv variant, after it for the linear one).
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(normed)),
+            Projection::Linear(linear) => linear.forward(to_tokens(normed)),
+        };
+        // 2. transformer blocks.
+        for block in &self.transformer_blocks {
+            tokens = block.forward(tokens, context.clone());
+        }
+        // 3. proj_out, back to a feature map, residual.
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(to_map(tokens)),
+            Projection::Linear(linear) => to_map(linear.forward(tokens)),
+        };
+        out + x
+    }
+}

@@ -1,0 +1,442 @@
+//! The Stable Diffusion text encoder: transformers' `CLIPTextModel` (Radford et al. 2021,
+//! "Learning Transferable Visual Models From Natural Language Supervision") and its BPE
+//! tokenizer.
+//!
+//! Mirrors `transformers/models/clip/modeling_clip.py` (`CLIPTextEmbeddings`, `CLIPAttention`,
+//! `CLIPMLP`, `CLIPEncoderLayer`, `CLIPTextTransformer`) and `tokenization_clip.py` (v4.40+/v5):
+//! token + position embeddings, pre-norm causal self-attention blocks with quick-GELU MLPs, a
+//! final LayerNorm. The tokenizer is the checkpoint's own `tokenizer.json`, run by the
+//! `tokenizers` crate, then truncated/padded to 77 ids as SD pipelines do.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::attention::multi_head_attention;
+use crate::load::{find_weights, load_safetensors, read_config, KeyMap, LoadError};
+
+/// transformers' `CLIPTextConfig`, deserialised from `text_encoder/config.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ClipTextConfig {
+    /// Vocabulary size (49408).
+    pub vocab_size: usize,
+    /// Width (768 in SD 1.x, 1024 in SD 2.x).
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Encoder layers (12; 23 in SD 2.x, which drops OpenCLIP's last layer).
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// Context length (77).
+    pub max_position_embeddings: usize,
+    /// `quick_gelu` (OpenAI CLIP) or `gelu` (OpenCLIP).
+    pub hidden_act: String,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+    /// Start-of-text id.
+    pub bos_token_id: i64,
+    /// End-of-text id (its first position gives the pooled output).
+    pub eos_token_id: i64,
+    /// Padding id.
+    pub pad_token_id: Option<i64>,
+}
+
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            bos_token_id: 49406,
+            eos_token_id: 49407,
+            pad_token_id: Some(1),
+        }
+    }
+}
+
+impl ClipTextConfig {
+    /// Builds the encoder with random weights (load real ones with [`load_clip_text`]).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<ClipTextModel<B>, LoadError> {
+        let quick_gelu = match self.hidden_act.as_str() {
+            "quick_gelu" => true,
+            "gelu" => false,
+            other => return Err(LoadError::Unsupported(format!("CLIP hidden_act {other:?}"))),
+        };
+        let d = self.hidden_size;
+        if !d.is_multiple_of(self.num_attention_heads) {
+            return Err(LoadError::Unsupported(format!(
+                "hidden_size {d} not divisible by num_attention_heads {}",
+                self.num_attention_heads
+            )));
+        }
+        let norm = || LayerNormConfig::new(d).with_epsilon(self.layer_norm_eps).init(device);
+        let linear = |i, o| LinearConfig::new(i, o).init(device);
+        let layers = (0..self.num_hidden_layers)
+            .map(|_| ClipEncoderLayer {
+                layer_norm1: norm(),
+                self_attn: ClipAttention {
+                    q_proj: linear(d, d),
+                    k_proj: linear(d, d),
+                    v_proj: linear(d, d),
+                    out_proj: linear(d, d),
+                    heads: self.num_attention_heads,
+                },
+                layer_norm2: norm(),
+                mlp: ClipMlp {
+                    fc1: linear(d, self.intermediate_size),
+                    fc2: linear(self.intermediate_size, d),
+                    quick_gelu,
+                },
+            })
+            .collect();
+        Ok(ClipTextModel {
+            embeddings: ClipTextEmbeddings {
+                token_embedding: EmbeddingConfig::new(self.vocab_size, d).init(device),
+                position_embedding: EmbeddingConfig::new(self.max_position_embeddings, d).init(device),
+            },
+            encoder: ClipEncoder { layers },
+            final_layer_norm: norm(),
+            eos_token_id: self.eos_token_id,
+        })
+    }
+}
+
+/// `text_model.embeddings`: token and learned absolute position embeddings.
+#[derive(Module, Debug)]
+pub struct ClipTextEmbeddings<B: Backend> {
+    /// `[vocab, d]`.
+    pub token_embedding: Embedding<B>,
+    /// `[max_positions, d]`.
+    pub position_embedding: Embedding<B>,
+}
+
+/// `CLIPAttention` with a causal mask (the text encoder's only use).
+#[derive(Module, Debug)]
+pub struct ClipAttention<B: Backend> {
+    /// Query projection.
+    pub q_proj: Linear<B>,
+    /// Key projection.
+    pub k_proj: Linear<B>,
+    /// Value projection.
+    pub v_proj: Linear<B>,
+    /// Output projection.
+    pub out_proj: Linear<B>,
+    /// Number of heads.
+    pub heads: usize,
+}
+
+/// `CLIPMLP`: `fc2(act(fc1(x)))`.
+#[derive(Module, Debug)]
+pub struct ClipMlp<B: Backend> {
+    /// Up projection.
+    pub fc1: Linear<B>,
+    /// Down projection.
+    pub fc2: Linear<B>,
+    /// `quick_gelu` (`x·σ(1.702x)`) when true, exact GELU otherwise.
+    pub quick_gelu: bool,
+}
+
+/// `CLIPEncoderLayer`: pre-norm attention and MLP, each with a residual.
+#[derive(Module, Debug)]
+pub struct ClipEncoderLayer<B: Backend> {
+    /// Norm before attention.
+    pub layer_norm1: LayerNorm<B>,
+    /// Causal self-attention.
+    pub self_attn: ClipAttention<B>,
+    /// Norm before the MLP.
+    pub layer_norm2: LayerNorm<B>,
+    /// MLP.
+    pub mlp: ClipMlp<B>,
+}
+
+/// `text_model.encoder`.
+#[derive(Module, Debug)]
+pub struct ClipEncoder<B: Backend> {
+    /// `layers.{i}`.
+    pub layers: Vec<ClipEncoderLayer<B>>,
+}
+
+/// The outputs of [`ClipTextModel::forward`].
+#[derive(Debug, Clone)]
+pub struct ClipTextOutput<B: Backend> {
+    /// After the final LayerNorm: the UNet's `encoder_hidden_states`. `[batch, seq, d]`.
+    pub last_hidden_state: Tensor<B, 3>,
+    /// The state at each sequence's first end-of-text token. `[batch, d]`.
+    pub pooler_output: Tensor<B, 2>,
+}
+
+/// transformers' `CLIPTextModel` (its `text_model`; the `text_model.` key prefix is renamed
+/// away on load).
+#[derive(Module, Debug)]
+pub struct ClipTextModel<B: Backend> {
+    /// Token and position embeddings.
+    pub embeddings: ClipTextEmbeddings<B>,
+    /// The transformer layers.
+    pub encoder: ClipEncoder<B>,
+    /// Final LayerNorm.
+    pub final_layer_norm: LayerNorm<B>,
+    /// End-of-text id, for the pooled output.
+    pub eos_token_id: i64,
+}
+
+impl<B: Backend> ClipTextModel<B> {
+    /// Encodes token ids (from [`ClipTokenizer::encode`]).
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]`, `seq ≤ max_position_embeddings`
+    /// - output: see [`ClipTextOutput`]
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> ClipTextOutput<B> {
+        let [b, seq] = input_ids.dims();
+        let device = input_ids.device();
+        // 1. embeddings.
+        let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device).reshape([1, seq]);
+        let mut h = self.embeddings.token_embedding.forward(input_ids.clone())
+            + self.embeddings.position_embedding.forward(positions);
+        // 2. causal pre-norm transformer layers.
+        for layer in &self.encoder.layers {
+            let a = &layer.self_attn;
+            let x = layer.layer_norm1.forward(h.clone());
+            let attn = multi_head_attention(
+                a.q_proj.forward(x.clone()),
+                a.k_proj.forward(x.clone()),
+                a.v_proj.forward(x),
+                a.heads,
+                true,
+            );
+            h = h + a.out_proj.forward(attn);
+            let x = layer.mlp.fc1.forward(layer.layer_norm2.forward(h.clone()));
+            let x = if layer.mlp.quick_gelu {
+                x.clone() * sigmoid(x * 1.702)
+            } else {
+                gelu(x)
+            };
+            h = h + layer.mlp.fc2.forward(x);
+        }
+        // 3. final norm and pooled output at the first end-of-text token (transformers' rule
+        //    for configs whose eos_token_id is not the legacy 2).
+        let last = self.final_layer_norm.forward(h);
+        let ids = input_ids
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .unwrap_or_default();
+        let rows: Vec<i64> = (0..b)
+            .map(|i| {
+                let row = &ids[i * seq..(i + 1) * seq];
+                let pos = if self.eos_token_id == 2 {
+                    row.iter()
+                        .enumerate()
+                        .max_by_key(|(j, v)| (**v, std::cmp::Reverse(*j)))
+                        .map(|(j, _)| j)
+                } else {
+                    row.iter().position(|&v| v == self.eos_token_id)
+                };
+                (i * seq + pos.unwrap_or(0)) as i64
+            })
+            .collect();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b]), &device);
+        let d = last.dims()[2];
+        let pooled = last.clone().reshape([b * seq, d]).select(0, index);
+        ClipTextOutput {
+            last_hidden_state: last,
+            pooler_output: pooled,
+        }
+    }
+}
+
+/// Key renames for transformers' CLIP text checkpoints: drop the `text_model.` prefix; the
+/// `position_ids` buffer of older files is not a parameter.
+pub fn clip_key_map() -> KeyMap {
+    KeyMap::new().rename(r"^text_model\.", "").ignore(r"position_ids$")
+}
+
+/// Loads a transformers text-encoder directory (`config.json` and `model[.fp16].safetensors`,
+/// as in a pipeline's `text_encoder/` folder).
+pub fn load_clip_text<B: Backend>(
+    dir: impl AsRef<Path>,
+    device: &B::Device,
+) -> Result<(ClipTextConfig, ClipTextModel<B>), LoadError> {
+    let dir = dir.as_ref();
+    let config: ClipTextConfig = read_config(dir.join("config.json"))?;
+    let model = config.init(device)?;
+    let weights = find_weights(dir, &["model.safetensors", "model.fp16.safetensors"])?;
+    let model = load_safetensors(model, weights, &clip_key_map())?;
+    Ok((config, model))
+}
+
+/// The CLIP BPE tokenizer as SD pipelines call it: `tokenizer(prompt, padding="max_length",
+/// max_length=77, truncation=True)`.
+pub struct ClipTokenizer {
+    tokenizer: tokenizers::Tokenizer,
+    /// Start-of-text id.
+    pub bos_id: u32,
+    /// End-of-text id.
+    pub eos_id: u32,
+    /// Padding id (`<|endoftext|>` in SD 1.x, `!` in SD 2.x).
+    pub pad_id: u32,
+    /// Output length (77).
+    pub max_length: usize,
+}
+
+#[derive(Deserialize)]
+struct TokenizerConfig {
+    bos_token: Option<SpecialToken>,
+    eos_token: Option<SpecialToken>,
+    pad_token: Option<SpecialToken>,
+    model_max_length: Option<f64>,
+}
+
+/// transformers writes special tokens either as strings or as `{"content": ...}` objects.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SpecialToken {
+    Plain(String),
+    Added { content: String },
+}
+
+impl SpecialToken {
+    fn content(&self) -> &str {
+        match self {
+            SpecialToken::Plain(s) | SpecialToken::Added { content: s } => s,
+        }
+    }
+}
+
+impl ClipTokenizer {
+    /// Loads `tokenizer.json` and, if present, `tokenizer_config.json` (special tokens and
+    /// `model_max_length`) from a pipeline's `tokenizer/` folder.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self, LoadError> {
+        let dir = dir.as_ref();
+        let path = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| LoadError::Corrupt {
+            path: path.clone(),
+            format: "tokenizer.json",
+            message: e.to_string(),
+        })?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Option<TokenizerConfig> = if config_path.is_file() {
+            Some(read_config(&config_path)?)
+        } else {
+            None
+        };
+        let id = |token: Option<&SpecialToken>, default: &str| -> Result<u32, LoadError> {
+            let name = token.map(SpecialToken::content).unwrap_or(default);
+            tokenizer.token_to_id(name).ok_or_else(|| LoadError::Corrupt {
+                path: path.clone(),
+                format: "tokenizer.json",
+                message: format!("special token {name:?} is not in the vocabulary"),
+            })
+        };
+        let c = config.as_ref();
+        let eos_id = id(c.and_then(|c| c.eos_token.as_ref()), "<|endoftext|>")?;
+        Ok(Self {
+            bos_id: id(c.and_then(|c| c.bos_token.as_ref()), "<|startoftext|>")?,
+            eos_id,
+            pad_id: match c.and_then(|c| c.pad_token.as_ref()) {
+                Some(t) => id(Some(t), "")?,
+                None => eos_id,
+            },
+            max_length: c
+                .and_then(|c| c.model_max_length)
+                .filter(|m| (2.0..=4096.0).contains(m))
+                .map_or(77, |m| m as usize),
+            tokenizer,
+        })
+    }
+
+    /// `[bos] + tokens (truncated to max_length − 2) + [eos] + padding`: exactly
+    /// `max_length` ids.
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, LoadError> {
+        let encoding = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| LoadError::Unsupported(format!("cannot tokenize {prompt:?}: {e}")))?;
+        let body = encoding.get_ids();
+        let body = &body[..body.len().min(self.max_length - 2)];
+        let mut ids = Vec::with_capacity(self.max_length);
+        ids.push(self.bos_id);
+        ids.extend_from_slice(body);
+        ids.push(self.eos_id);
+        ids.resize(self.max_length, self.pad_id);
+        Ok(ids)
+    }
+
+    /// Encodes a batch of prompts into an id tensor.
+    ///
+    /// # Shapes
+    /// - output: `[prompts.len(), max_length]`
+    pub fn encode_batch<B: Backend>(
+        &self,
+        prompts: &[&str],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 2, Int>, LoadError> {
+        let mut ids = Vec::with_capacity(prompts.len() * self.max_length);
+        for p in prompts {
+            ids.extend(self.encode(p)?.into_iter().map(i64::from));
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(ids, [prompts.len(), self.max_length]),
+            device,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{fixture, rel_err, Io, TestBackend};
+
+    #[test]
+    fn clip_tiny_matches_transformers() {
+        let device = Default::default();
+        let (_, clip) = load_clip_text::<TestBackend>(fixture("clip_tiny"), &device).expect("fixture loads");
+        let io = Io::open("clip_tiny");
+        let out = clip.forward(io.int::<TestBackend, 2>("input_ids", &device));
+        let last = rel_err(&out.last_hidden_state.into_data(), &io.data("last_hidden_state"));
+        let pooled = rel_err(&out.pooler_output.into_data(), &io.data("pooler_output"));
+        eprintln!("clip_tiny: last_hidden_state rel err {last:.2e}, pooler_output rel err {pooled:.2e}");
+        assert!(last <= 1e-4, "last_hidden_state rel err {last}");
+        assert!(pooled <= 1e-4, "pooler_output rel err {pooled}");
+    }
+
+    #[test]
+    fn tokenizer_matches_transformers_on_tricky_prompts() {
+        #[derive(Deserialize)]
+        struct Expected {
+            prompts: Vec<String>,
+            input_ids: Vec<Vec<u32>>,
+        }
+        let tok = ClipTokenizer::from_dir(fixture("clip_tiny")).expect("tokenizer loads");
+        let expected: Expected = read_config(fixture("clip_tiny/tokens.json")).unwrap();
+        for (prompt, ids) in expected.prompts.iter().zip(&expected.input_ids) {
+            assert_eq!(&tok.encode(prompt).unwrap(), ids, "prompt {prompt:?}");
+        }
+    }
+
+    #[test]
+    fn tokenizer_ids_drive_the_encoder() {
+        let device = Default::default();
+        let tok = ClipTokenizer::from_dir(fixture("clip_tiny")).unwrap();
+        let (_, clip) = load_clip_text::<TestBackend>(fixture("clip_tiny"), &device).unwrap();
+        let io = Io::open("clip_tiny");
+        let ids = tok
+            .encode_batch::<TestBackend>(&["a photo of the cat", "café naïve résumé, 東京 and 🐱🚀"], &device)
+            .unwrap();
+        let expected = io.int::<TestBackend, 2>("input_ids", &device);
+        assert_eq!(ids.to_data().convert::<i64>(), expected.to_data().convert::<i64>());
+        let last = clip.forward(ids).last_hidden_state;
+        assert!(rel_err(&last.into_data(), &io.data("last_hidden_state")) <= 1e-4);
+    }
+}

@@ -1,0 +1,77 @@
+//! Timestep embeddings of the diffusion UNet.
+//!
+//! Mirrors diffusers `src/diffusers/models/embeddings.py` (`get_timestep_embedding`, `Timesteps`,
+//! `TimestepEmbedding`) at v0.35: a sinusoidal code of the (possibly fractional) timestep, then a
+//! two-layer MLP.
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+/// Sinusoidal timestep code (DDPM / "Attention is all you need" positions).
+///
+/// Frequencies are `exp(-ln(10000)·i / (half − freq_shift))` for `i < half = dim/2`; the code is
+/// `[sin(t·f), cos(t·f)]`, or `[cos, sin]` when `flip_sin_to_cos` (as SD checkpoints use).
+/// The frequencies are host constants built in the dtype of `timesteps`; the output is
+/// differentiable with respect to `timesteps`.
+///
+/// # Shapes
+/// - timesteps: `[batch]`
+/// - output: `[batch, dim]`
+pub fn timestep_embedding<B: Backend>(
+    timesteps: Tensor<B, 1>,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Tensor<B, 2> {
+    let half = dim / 2;
+    // f32 arithmetic in diffusers' order, so the codes agree to the last bit or two.
+    let log_max = -(10000f64.ln() as f32);
+    let denom = (half as f64 - freq_shift) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| (log_max * i as f32 / denom).exp()).collect();
+    let device = timesteps.device();
+    let freqs = Tensor::<B, 1>::from_data(TensorData::new(freqs, [half]), (&device, timesteps.dtype()));
+    let args = timesteps.unsqueeze_dim::<2>(1) * freqs.unsqueeze_dim::<2>(0);
+    let (first, second) = if flip_sin_to_cos {
+        (args.clone().cos(), args.sin())
+    } else {
+        (args.clone().sin(), args.cos())
+    };
+    let emb = Tensor::cat(vec![first, second], 1);
+    if dim % 2 == 1 {
+        let [b, _] = emb.dims();
+        let pad = Tensor::zeros([b, 1], (&device, emb.dtype()));
+        Tensor::cat(vec![emb, pad], 1)
+    } else {
+        emb
+    }
+}
+
+/// The MLP after the sinusoidal code: `linear_2(silu(linear_1(x)))` (diffusers
+/// `TimestepEmbedding` with `act_fn="silu"` and no post activation or condition projection).
+#[derive(Module, Debug)]
+pub struct TimestepEmbedding<B: Backend> {
+    /// `time_embedding.linear_1`.
+    pub linear_1: Linear<B>,
+    /// `time_embedding.linear_2`.
+    pub linear_2: Linear<B>,
+}
+
+impl<B: Backend> TimestepEmbedding<B> {
+    /// Builds the MLP `in_channels → time_embed_dim → time_embed_dim`.
+    pub fn new(in_channels: usize, time_embed_dim: usize, device: &B::Device) -> Self {
+        Self {
+            linear_1: LinearConfig::new(in_channels, time_embed_dim).init(device),
+            linear_2: LinearConfig::new(time_embed_dim, time_embed_dim).init(device),
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, in_channels]`
+    /// - output: `[batch, time_embed_dim]`
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.linear_2.forward(silu(self.linear_1.forward(x)))
+    }
+}

@@ -1,0 +1,642 @@
+//! The Stable Diffusion denoiser: diffusers' `UNet2DConditionModel`.
+//!
+//! Mirrors `src/diffusers/models/unets/unet_2d_condition.py` at v0.35 for the options SD 1.x and
+//! 2.x use (positional time embedding, cross-attention down/mid/up blocks, conv or linear
+//! transformer projections, optional class embedding). [`UNet2DConditionConfig`] reads the
+//! checkpoint's own `unet/config.json`; options outside that set are rejected with
+//! [`LoadError::Unsupported`] instead of being silently ignored.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::attention::Transformer2DConfig;
+use crate::embeddings::{timestep_embedding, TimestepEmbedding};
+use crate::load::{find_weights, load_safetensors, read_config, KeyMap, LoadError};
+use crate::resnet_block::{conv2d, ResnetBlock2DConfig, TimeScaleShift};
+use crate::unet_blocks::{BlockSettings, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D};
+
+/// A config value that is either one value for every block or one per block (diffusers accepts
+/// both for `attention_head_dim`, `layers_per_block`, `cross_attention_dim`...).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    /// The same value for every block.
+    All(T),
+    /// One value per down block (up blocks use them reversed).
+    Each(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    /// The value for down block `i` of `n`, or an error naming `field` if the list is too short.
+    pub fn get(&self, i: usize, n: usize, field: &str) -> Result<T, LoadError> {
+        match self {
+            PerBlock::All(v) => Ok(v.clone()),
+            PerBlock::Each(vs) if vs.len() == n => Ok(vs[i].clone()),
+            PerBlock::Each(vs) => Err(LoadError::Unsupported(format!(
+                "`{field}` has {} entries for {n} blocks",
+                vs.len()
+            ))),
+        }
+    }
+}
+
+/// diffusers' `UNet2DConditionModel` config, deserialised from its `config.json`.
+///
+/// Field names and defaults are diffusers' (the defaults are SD 1.x's). Note diffusers'
+/// naming quirk: `attention_head_dim` is the number of *heads* per block (diffusers issue
+/// #2011); each head is `channels / attention_head_dim` wide.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct UNet2DConditionConfig {
+    /// Latent height/width the model was trained at (informational).
+    pub sample_size: Option<PerBlock<usize>>,
+    /// Input channels (4 latent channels).
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Whether to map the input `x ↦ 2x − 1` first.
+    pub center_input_sample: bool,
+    /// Order of the sinusoidal code: `[cos, sin]` when true.
+    pub flip_sin_to_cos: bool,
+    /// Frequency shift of the sinusoidal code.
+    pub freq_shift: f64,
+    /// `CrossAttnDownBlock2D` or `DownBlock2D`, one per resolution.
+    pub down_block_types: Vec<String>,
+    /// `UNetMidBlock2DCrossAttn` or none.
+    pub mid_block_type: Option<String>,
+    /// `CrossAttnUpBlock2D` or `UpBlock2D`, one per resolution, coarsest first.
+    pub up_block_types: Vec<String>,
+    /// Whether self-attention attends to the context instead (per block or for all).
+    pub only_cross_attention: PerBlock<bool>,
+    /// Channels per resolution.
+    pub block_out_channels: Vec<usize>,
+    /// Resnets per down block (up blocks have one more).
+    pub layers_per_block: PerBlock<usize>,
+    /// Padding of the downsampling convs.
+    pub downsample_padding: usize,
+    /// Output divisor of the mid-block resnets.
+    pub mid_block_scale_factor: f64,
+    /// Dropout (unused at inference).
+    pub dropout: f64,
+    /// Activation; only `silu` is supported.
+    pub act_fn: String,
+    /// GroupNorm groups.
+    pub norm_num_groups: Option<usize>,
+    /// GroupNorm epsilon of the resnets and of `conv_norm_out`.
+    pub norm_eps: f64,
+    /// Width of the text context (768 in SD 1.x, 1024 in SD 2.x).
+    pub cross_attention_dim: PerBlock<usize>,
+    /// Transformer blocks per attention.
+    pub transformer_layers_per_block: PerBlock<usize>,
+    /// Number of heads per block (sic, see the type doc).
+    pub attention_head_dim: PerBlock<usize>,
+    /// Must be unset (diffusers rejects it too).
+    pub num_attention_heads: Option<PerBlock<usize>>,
+    /// Unsupported when true.
+    pub dual_cross_attention: bool,
+    /// Linear instead of 1×1-conv transformer projections (SD 2.x).
+    pub use_linear_projection: bool,
+    /// `null` (table of `num_class_embeds` when set) or `"timestep"`.
+    pub class_embed_type: Option<String>,
+    /// Unsupported when set.
+    pub addition_embed_type: Option<String>,
+    /// Size of the class-embedding table.
+    pub num_class_embeds: Option<usize>,
+    /// fp16 numerics only; irrelevant in f32.
+    pub upcast_attention: bool,
+    /// How resnets apply the time embedding.
+    pub resnet_time_scale_shift: TimeScaleShift,
+    /// Only `positional` is supported.
+    pub time_embedding_type: String,
+    /// Width of the time embedding (default `4 · block_out_channels[0]`).
+    pub time_embedding_dim: Option<usize>,
+    /// Unsupported when set.
+    pub time_embedding_act_fn: Option<String>,
+    /// Unsupported when set.
+    pub timestep_post_act: Option<String>,
+    /// Unsupported when set.
+    pub time_cond_proj_dim: Option<usize>,
+    /// Kernel of `conv_in`.
+    pub conv_in_kernel: usize,
+    /// Kernel of `conv_out`.
+    pub conv_out_kernel: usize,
+    /// Unsupported when set.
+    pub encoder_hid_dim: Option<usize>,
+    /// Only `default` is supported.
+    pub attention_type: String,
+    /// Unsupported when true.
+    pub class_embeddings_concat: bool,
+    /// Unsupported when true.
+    pub resnet_skip_time_act: bool,
+    /// Only 1 is supported.
+    pub resnet_out_scale_factor: f64,
+    /// Unsupported when set.
+    pub cross_attention_norm: Option<String>,
+    /// Mid-block `only_cross_attention` (defaults to the global bool).
+    pub mid_block_only_cross_attention: Option<bool>,
+}
+
+impl Default for UNet2DConditionConfig {
+    fn default() -> Self {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect();
+        Self {
+            sample_size: None,
+            in_channels: 4,
+            out_channels: 4,
+            center_input_sample: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: s(&[
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]),
+            mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
+            up_block_types: s(&[
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]),
+            only_cross_attention: PerBlock::All(false),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: PerBlock::All(2),
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            dropout: 0.0,
+            act_fn: "silu".into(),
+            norm_num_groups: Some(32),
+            norm_eps: 1e-5,
+            cross_attention_dim: PerBlock::All(1280),
+            transformer_layers_per_block: PerBlock::All(1),
+            attention_head_dim: PerBlock::All(8),
+            num_attention_heads: None,
+            dual_cross_attention: false,
+            use_linear_projection: false,
+            class_embed_type: None,
+            addition_embed_type: None,
+            num_class_embeds: None,
+            upcast_attention: false,
+            resnet_time_scale_shift: TimeScaleShift::Default,
+            time_embedding_type: "positional".into(),
+            time_embedding_dim: None,
+            time_embedding_act_fn: None,
+            timestep_post_act: None,
+            time_cond_proj_dim: None,
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+            encoder_hid_dim: None,
+            attention_type: "default".into(),
+            class_embeddings_concat: false,
+            resnet_skip_time_act: false,
+            resnet_out_scale_factor: 1.0,
+            cross_attention_norm: None,
+            mid_block_only_cross_attention: None,
+        }
+    }
+}
+
+/// The block kind a `*_block_types` entry names.
+fn has_cross_attention(kind: &str, allowed: [&str; 2]) -> Result<bool, LoadError> {
+    match kind {
+        k if k == allowed[0] => Ok(true),
+        k if k == allowed[1] => Ok(false),
+        other => Err(LoadError::Unsupported(format!(
+            "block type {other:?} (supported: {allowed:?})"
+        ))),
+    }
+}
+
+impl UNet2DConditionConfig {
+    /// Rejects options this implementation does not have.
+    pub fn check(&self) -> Result<(), LoadError> {
+        let unsupported = |what: &str| Err(LoadError::Unsupported(what.to_string()));
+        let n = self.block_out_channels.len();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(LoadError::Unsupported(format!(
+                "{} down and {} up block types for {n} block_out_channels",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            )));
+        }
+        if self.act_fn != "silu" {
+            return unsupported("act_fn other than silu");
+        }
+        if self.time_embedding_type != "positional" {
+            return unsupported("time_embedding_type other than positional");
+        }
+        if self.attention_type != "default" {
+            return unsupported("attention_type other than default");
+        }
+        if self.norm_num_groups.is_none() {
+            return unsupported("norm_num_groups = null");
+        }
+        if self.num_attention_heads.is_some() {
+            return unsupported("num_attention_heads (diffusers rejects it too)");
+        }
+        if self.dual_cross_attention
+            || self.class_embeddings_concat
+            || self.resnet_skip_time_act
+            || self.resnet_out_scale_factor != 1.0
+        {
+            return unsupported(
+                "dual_cross_attention, class_embeddings_concat, resnet_skip_time_act or resnet_out_scale_factor != 1",
+            );
+        }
+        if self.addition_embed_type.is_some()
+            || self.encoder_hid_dim.is_some()
+            || self.time_embedding_act_fn.is_some()
+            || self.timestep_post_act.is_some()
+            || self.time_cond_proj_dim.is_some()
+            || self.cross_attention_norm.is_some()
+        {
+            return unsupported(
+                "addition_embed_type, encoder_hid_dim, time_embedding_act_fn, timestep_post_act, time_cond_proj_dim or cross_attention_norm",
+            );
+        }
+        match self.class_embed_type.as_deref() {
+            None | Some("timestep") => {}
+            Some(other) => return Err(LoadError::Unsupported(format!("class_embed_type {other:?}"))),
+        }
+        match self.mid_block_type.as_deref() {
+            None | Some("UNetMidBlock2DCrossAttn") => {}
+            Some(other) => return Err(LoadError::Unsupported(format!("mid_block_type {other:?}"))),
+        }
+        for kind in &self.down_block_types {
+            has_cross_attention(kind, ["CrossAttnDownBlock2D", "DownBlock2D"])?;
+        }
+        for kind in &self.up_block_types {
+            has_cross_attention(kind, ["CrossAttnUpBlock2D", "UpBlock2D"])?;
+        }
+        Ok(())
+    }
+
+    /// Width of the time embedding.
+    pub fn time_embed_dim(&self) -> usize {
+        self.time_embedding_dim.unwrap_or(4 * self.block_out_channels[0])
+    }
+
+    fn block_settings(&self, i: usize, layers: usize, only_cross: bool) -> Result<BlockSettings, LoadError> {
+        let n = self.block_out_channels.len();
+        let groups = self.norm_num_groups.unwrap_or(32);
+        Ok(BlockSettings {
+            resnet: ResnetBlock2DConfig {
+                in_channels: 0,
+                out_channels: 0,
+                temb_channels: Some(self.time_embed_dim()),
+                groups,
+                eps: self.norm_eps,
+                output_scale_factor: 1.0,
+                time_scale_shift: self.resnet_time_scale_shift,
+            },
+            transformer: Transformer2DConfig {
+                channels: 0,
+                heads: self.attention_head_dim.get(i, n, "attention_head_dim")?,
+                layers,
+                cross_attention_dim: self.cross_attention_dim.get(i, n, "cross_attention_dim")?,
+                norm_num_groups: groups,
+                use_linear_projection: self.use_linear_projection,
+                only_cross_attention: only_cross,
+            },
+        })
+    }
+
+    /// Builds a UNet with random weights (load real ones with [`load_unet`]).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<UNet2DConditionModel<B>, LoadError> {
+        self.check()?;
+        let n = self.block_out_channels.len();
+        let ch = &self.block_out_channels;
+        let t_dim = self.time_embed_dim();
+        let only_cross = |i| self.only_cross_attention.get(i, n, "only_cross_attention");
+        let layers = |i| self.layers_per_block.get(i, n, "layers_per_block");
+        let t_layers = |i| {
+            self.transformer_layers_per_block
+                .get(i, n, "transformer_layers_per_block")
+        };
+
+        let mut down_blocks = Vec::with_capacity(n);
+        for (i, kind) in self.down_block_types.iter().enumerate() {
+            let cross = has_cross_attention(kind, ["CrossAttnDownBlock2D", "DownBlock2D"])?;
+            let s = self.block_settings(i, t_layers(i)?, only_cross(i)?)?;
+            let c_in = if i == 0 { ch[0] } else { ch[i - 1] };
+            down_blocks.push(DownBlock2D::new(
+                &s,
+                c_in,
+                ch[i],
+                layers(i)?,
+                cross,
+                i == n - 1,
+                self.downsample_padding,
+                device,
+            ));
+        }
+
+        let mid_block = match self.mid_block_type {
+            Some(_) => {
+                let mid_only_cross = self
+                    .mid_block_only_cross_attention
+                    .unwrap_or(matches!(self.only_cross_attention, PerBlock::All(true)));
+                let mut s = self.block_settings(n - 1, t_layers(n - 1)?, mid_only_cross)?;
+                s.resnet.output_scale_factor = self.mid_block_scale_factor;
+                Some(UNetMidBlock2DCrossAttn::new(&s, ch[n - 1], device))
+            }
+            None => None,
+        };
+
+        let mut up_blocks = Vec::with_capacity(n);
+        for (i, kind) in self.up_block_types.iter().enumerate() {
+            let cross = has_cross_attention(kind, ["CrossAttnUpBlock2D", "UpBlock2D"])?;
+            let r = n - 1 - i; // the matching down block
+            let s = self.block_settings(r, t_layers(r)?, only_cross(r)?)?;
+            let prev_out = ch[(r + 1).min(n - 1)];
+            let c_in = ch[r.saturating_sub(1)];
+            up_blocks.push(UpBlock2D::new(
+                &s,
+                c_in,
+                ch[r],
+                prev_out,
+                layers(r)? + 1,
+                cross,
+                i == n - 1,
+                device,
+            ));
+        }
+
+        let class_embedding = match (self.class_embed_type.as_deref(), self.num_class_embeds) {
+            (None, Some(classes)) => Some(ClassEmbedding::Table(EmbeddingConfig::new(classes, t_dim).init(device))),
+            (Some("timestep"), _) => Some(ClassEmbedding::Timestep(TimestepEmbedding::new(ch[0], t_dim, device))),
+            _ => None,
+        };
+
+        Ok(UNet2DConditionModel {
+            conv_in: conv2d(self.in_channels, ch[0], self.conv_in_kernel, device),
+            time_embedding: TimestepEmbedding::new(ch[0], t_dim, device),
+            class_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNormConfig::new(self.norm_num_groups.unwrap_or(32), ch[0])
+                .with_epsilon(self.norm_eps)
+                .init(device),
+            conv_out: conv2d(ch[0], self.out_channels, self.conv_out_kernel, device),
+            time_proj_dim: ch[0],
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
+            center_input_sample: self.center_input_sample,
+        })
+    }
+}
+
+/// The optional class-conditioning input of the UNet (`class_embedding.*` keys).
+// One per model: the variant size difference costs nothing, and burn modules cannot be boxed.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum ClassEmbedding<B: Backend> {
+    /// `num_class_embeds` learned vectors (`class_embed_type: null`).
+    Table(Embedding<B>),
+    /// Class labels encoded like timesteps (`class_embed_type: "timestep"`).
+    Timestep(TimestepEmbedding<B>),
+}
+
+/// diffusers' `UNet2DConditionModel`: predicts the noise (or v) of a latent at a timestep,
+/// conditioned on a text context. Field names are the checkpoint keys.
+#[derive(Module, Debug)]
+pub struct UNet2DConditionModel<B: Backend> {
+    /// Input convolution.
+    pub conv_in: Conv2d<B>,
+    /// MLP on the sinusoidal timestep code.
+    pub time_embedding: TimestepEmbedding<B>,
+    /// Optional class conditioning, added to the time embedding.
+    pub class_embedding: Option<ClassEmbedding<B>>,
+    /// `down_blocks.{i}`, finest first.
+    pub down_blocks: Vec<DownBlock2D<B>>,
+    /// `mid_block`.
+    pub mid_block: Option<UNetMidBlock2DCrossAttn<B>>,
+    /// `up_blocks.{i}`, coarsest first.
+    pub up_blocks: Vec<UpBlock2D<B>>,
+    /// Final GroupNorm.
+    pub conv_norm_out: GroupNorm<B>,
+    /// Output convolution.
+    pub conv_out: Conv2d<B>,
+    /// Width of the sinusoidal timestep code (`block_out_channels[0]`).
+    pub time_proj_dim: usize,
+    /// See [`UNet2DConditionConfig::flip_sin_to_cos`].
+    pub flip_sin_to_cos: bool,
+    /// See [`UNet2DConditionConfig::freq_shift`].
+    pub freq_shift: f64,
+    /// See [`UNet2DConditionConfig::center_input_sample`].
+    pub center_input_sample: bool,
+}
+
+impl<B: Backend> UNet2DConditionModel<B> {
+    /// The denoiser output (noise, or v for v-prediction checkpoints).
+    ///
+    /// `timestep` is float so that it can be fractional and, if needed, differentiated.
+    /// `class_labels` is required exactly when the model has a class embedding.
+    ///
+    /// # Shapes
+    /// - sample: `[batch, in_channels, h, w]`, `h` and `w` divisible by `2^(blocks−1)`
+    /// - timestep: `[batch]`
+    /// - encoder_hidden_states: `[batch, tokens, cross_attention_dim]`
+    /// - class_labels: `[batch]`
+    /// - output: `[batch, out_channels, h, w]`
+    ///
+    /// # Panics
+    /// If `class_labels` is given to a model without class embedding or missing for one with.
+    pub fn forward(
+        &self,
+        sample: Tensor<B, 4>,
+        timestep: Tensor<B, 1>,
+        encoder_hidden_states: Tensor<B, 3>,
+        class_labels: Option<Tensor<B, 1, Int>>,
+    ) -> Tensor<B, 4> {
+        // 0. center the input if the config asks for it.
+        let sample = if self.center_input_sample {
+            sample * 2.0 - 1.0
+        } else {
+            sample
+        };
+        // 1. time (and class) embedding.
+        let t_code = timestep_embedding(timestep, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
+        let mut emb = self.time_embedding.forward(t_code);
+        match (&self.class_embedding, class_labels) {
+            (Some(ClassEmbedding::Table(table)), Some(labels)) => {
+                emb = emb + table.weight.val().select(0, labels);
+            }
+            (Some(ClassEmbedding::Timestep(mlp)), Some(labels)) => {
+                let code = timestep_embedding(
+                    labels.float(),
+                    self.time_proj_dim,
+                    self.flip_sin_to_cos,
+                    self.freq_shift,
+                );
+                emb = emb + mlp.forward(code);
+            }
+            (None, None) => {}
+            (Some(_), None) => panic!("this UNet has a class embedding: pass class_labels"),
+            (None, Some(_)) => panic!("this UNet has no class embedding: class_labels must be None"),
+        }
+        let context = encoder_hidden_states;
+        // 2. pre-process.
+        let mut h = self.conv_in.forward(sample);
+        // 3. down.
+        let mut skips = vec![h.clone()];
+        for block in &self.down_blocks {
+            let (out, res) = block.forward(h, &emb, &context);
+            h = out;
+            skips.extend(res);
+        }
+        // 4. mid.
+        if let Some(mid) = &self.mid_block {
+            h = mid.forward(h, &emb, &context);
+        }
+        // 5. up, consuming the skips in reverse.
+        for block in &self.up_blocks {
+            h = block.forward(h, &mut skips, &emb, &context);
+        }
+        // 6. post-process.
+        self.conv_out.forward(silu(self.conv_norm_out.forward(h)))
+    }
+}
+
+/// The rename table from diffusers UNet keys to [`UNet2DConditionModel`] paths: Python list
+/// indices that are not lists here (`to_out.0`, `ff.net.0`/`ff.net.2`, `downsamplers.0`,
+/// `upsamplers.0`).
+pub fn unet_key_map() -> KeyMap {
+    KeyMap::new()
+        .rename(r"\.to_out\.0\.", ".to_out.")
+        .rename(r"\.ff\.net\.0\.", ".ff.geglu.")
+        .rename(r"\.ff\.net\.2\.", ".ff.out.")
+        .rename(r"\.downsamplers\.0\.", ".downsamplers.")
+        .rename(r"\.upsamplers\.0\.", ".upsamplers.")
+}
+
+/// Loads a diffusers UNet directory (`config.json` and
+/// `diffusion_pytorch_model[.fp16].safetensors`, as in a pipeline's `unet/` folder).
+pub fn load_unet<B: Backend>(
+    dir: impl AsRef<Path>,
+    device: &B::Device,
+) -> Result<(UNet2DConditionConfig, UNet2DConditionModel<B>), LoadError> {
+    let dir = dir.as_ref();
+    let config: UNet2DConditionConfig = read_config(dir.join("config.json"))?;
+    let model = config.init(device)?;
+    let weights = find_weights(
+        dir,
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ],
+    )?;
+    let model = load_safetensors(model, weights, &unet_key_map())?;
+    Ok((config, model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{fixture, rel_err, Io, TestAutodiffBackend};
+
+    /// Loads a fixture UNet through [`load_unet`], runs it on the fixture inputs with autodiff
+    /// and returns the relative errors of the output and of the input gradient.
+    fn parity(dir: &str) -> (f32, f32) {
+        type B = TestAutodiffBackend;
+        let device = Default::default();
+        let (_, unet) = load_unet::<B>(fixture(dir), &device).expect("fixture loads");
+        let io = Io::open(dir);
+        let sample = io.float::<B, 4>("sample", &device).require_grad();
+        let labels = unet
+            .class_embedding
+            .as_ref()
+            .map(|_| io.int::<B, 1>("class_labels", &device));
+        let out = unet.forward(
+            sample.clone(),
+            io.float("timestep", &device),
+            io.float("encoder_hidden_states", &device),
+            labels,
+        );
+        let loss = (out.clone() * io.float::<B, 4>("w", &device)).sum();
+        let grads = loss.backward();
+        let grad = sample.grad(&grads).expect("sample gradient");
+        (
+            rel_err(&out.into_data(), &io.data("out")),
+            rel_err(&grad.into_data(), &io.data("grad_sample")),
+        )
+    }
+
+    #[test]
+    fn unet_tiny_matches_diffusers() {
+        let (out, grad) = parity("unet_tiny");
+        eprintln!("unet_tiny: output rel err {out:.2e}, input-gradient rel err {grad:.2e}");
+        assert!(out <= 1e-4, "output rel err {out}");
+        assert!(grad <= 1e-3, "gradient rel err {grad}");
+    }
+
+    #[test]
+    fn unet_linear_projection_fp16_weights_match_diffusers() {
+        let (out, grad) = parity("unet_tiny_linear_fp16");
+        eprintln!("unet_tiny_linear_fp16: output rel err {out:.2e}, input-gradient rel err {grad:.2e}");
+        assert!(out <= 1e-4, "output rel err {out}");
+        assert!(grad <= 1e-3, "gradient rel err {grad}");
+    }
+
+    /// `unet/config.json` of runwayml/stable-diffusion-v1-5 and of
+    /// stabilityai/stable-diffusion-2-1 parse, pass the checks and pick the right head counts.
+    #[test]
+    fn sd_configs_parse() {
+        let sd15 = r#"{"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0",
+            "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+            "center_input_sample": false, "cross_attention_dim": 768,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+            "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+            "out_channels": 4, "sample_size": 64,
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#;
+        let sd21 = r#"{"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.10.0.dev0",
+            "act_fn": "silu", "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+            "center_input_sample": false, "cross_attention_dim": 1024,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "downsample_padding": 1, "dual_cross_attention": false, "flip_sin_to_cos": true, "freq_shift": 0,
+            "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+            "norm_num_groups": 32, "num_class_embeds": null, "only_cross_attention": false, "out_channels": 4,
+            "sample_size": 96, "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "use_linear_projection": true, "upcast_attention": true}"#;
+        let c15: UNet2DConditionConfig = serde_json::from_str(sd15).unwrap();
+        let c21: UNet2DConditionConfig = serde_json::from_str(sd21).unwrap();
+        c15.check().unwrap();
+        c21.check().unwrap();
+        assert_eq!(c15.cross_attention_dim, PerBlock::All(768));
+        assert_eq!(c15.attention_head_dim.get(3, 4, "").unwrap(), 8);
+        assert_eq!(c21.attention_head_dim.get(1, 4, "").unwrap(), 10);
+        assert!(c21.use_linear_projection && !c15.use_linear_projection);
+        assert_eq!(c21.time_embed_dim(), 1280);
+    }
+
+    #[test]
+    fn unsupported_config_is_an_error() {
+        let mut cfg = UNet2DConditionConfig {
+            addition_embed_type: Some("text_time".into()),
+            ..Default::default()
+        };
+        assert!(matches!(cfg.check(), Err(LoadError::Unsupported(_))));
+        cfg.addition_embed_type = None;
+        cfg.down_block_types[0] = "SimpleCrossAttnDownBlock2D".into();
+        let err = cfg.check().unwrap_err().to_string();
+        assert!(err.contains("SimpleCrossAttnDownBlock2D"), "{err}");
+        cfg = UNet2DConditionConfig {
+            attention_head_dim: PerBlock::Each(vec![5, 10]),
+            ..Default::default()
+        };
+        let err = cfg
+            .init::<crate::testing::TestBackend>(&Default::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("attention_head_dim"), "{err}");
+    }
+}
