@@ -18,6 +18,8 @@
 
 pub mod diffusion;
 pub mod error;
+pub mod tasks;
+pub mod toy;
 pub mod ode;
 
 pub use error::{Error, Result};
