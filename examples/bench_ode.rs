@@ -210,16 +210,8 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         "median_s": median, "min_s": samples[0], "warmup_s": warmup, "reps": samples.len(),
         "nfe_forward": stats.nfe_forward, "nfe_backward": stats.nfe_backward,
         "accepted_steps": stats.accepted_steps, "rejected_steps": stats.rejected_steps,
-        "peak_rss_mib": peak_rss_mib(), "rel_diff_vs_backprop": rel_diff,
+        "peak_rss_mib": adjoint_dpm::bench::peak_rss_mib(), "rel_diff_vs_backprop": rel_diff,
     });
     println!("{line}");
     Ok(())
-}
-
-/// Peak resident set size of this process (Linux), in MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }

@@ -16,6 +16,7 @@
 //! Bad input (grids, shapes, NaN, step-size underflow, step limits) is an [`Error`], never a
 //! panic.
 
+pub mod bench;
 pub mod diffusion;
 pub mod error;
 pub mod tasks;
