@@ -62,6 +62,8 @@ pub struct Attention<B: Backend> {
     pub to_out: Linear<B>,
     /// GroupNorm on spatial input (VAE mid-block attention only).
     pub group_norm: Option<GroupNorm<B>>,
+    /// Low-rank adapters, when attached ([`Attention::with_lora`]); never in checkpoints.
+    pub lora: Option<crate::lora::AttentionLora<B>>,
     /// Number of heads.
     pub heads: usize,
 }
@@ -99,6 +101,7 @@ impl AttentionConfig {
                     .with_epsilon(eps)
                     .init(device)
             }),
+            lora: None,
             heads: self.heads,
         }
     }
@@ -113,10 +116,21 @@ impl<B: Backend> Attention<B> {
     /// - output: `[batch, tokens, query_dim]`
     pub fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
         let context = context.unwrap_or_else(|| x.clone());
-        let q = self.to_q.forward(x);
-        let k = self.to_k.forward(context.clone());
-        let v = self.to_v.forward(context);
-        self.to_out.forward(multi_head_attention(q, k, v, self.heads, false))
+        let (mut q, mut k, mut v) = (
+            self.to_q.forward(x.clone()),
+            self.to_k.forward(context.clone()),
+            self.to_v.forward(context.clone()),
+        );
+        if let Some(lora) = &self.lora {
+            q = q + lora.q.forward(x);
+            k = k + lora.k.forward(context.clone());
+            v = v + lora.v.forward(context);
+        }
+        let heads = multi_head_attention(q, k, v, self.heads, false);
+        match &self.lora {
+            Some(lora) => self.to_out.forward(heads.clone()) + lora.out.forward(heads),
+            None => self.to_out.forward(heads),
+        }
     }
 
     /// Self-attention over the pixels of a feature map, with the GroupNorm and residual of

@@ -16,6 +16,7 @@ pub mod attention;
 pub mod clip;
 pub mod embeddings;
 pub mod load;
+pub mod lora;
 pub mod resnet;
 pub mod resnet_block;
 pub mod unet;

@@ -23,6 +23,6 @@ pub use dynamics::Dynamics;
 pub use gradient::{BacksolveOptions, GradientMode, Schedule};
 pub use grid::TimeGrid;
 pub use neural_ode::{NeuralOde, Solution};
-pub use params::materialized;
+pub use params::{materialized, train_only};
 pub use solver::{Solver, Stats, StepControl, Tolerances};
 pub use tableau::ButcherTableau;

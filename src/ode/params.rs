@@ -139,3 +139,36 @@ pub fn materialized<B: Backend, M: Module<B>>(module: M) -> M {
     module.visit(&mut Touch);
     module
 }
+
+/// Keeps trainable exactly the float parameters whose path (field names joined by `.`, e.g.
+/// `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight`) satisfies `keep`, and
+/// freezes the rest: the "named subset" of weights to fine-tune or differentiate. Frozen
+/// parameters cost the adjoint nothing.
+///
+/// ```
+/// use adjoint_dpm::ode::{train_only, mlp::MlpFieldConfig};
+/// use burn::backend::{Autodiff, NdArray};
+/// let field = MlpFieldConfig::new(vec![2, 8, 2]).init::<Autodiff<NdArray>>(&Default::default());
+/// let field = train_only(field, |path| path.starts_with("layers.1."));
+/// assert!(!field.layers[0].weight.val().is_require_grad());
+/// assert!(field.layers[1].weight.val().is_require_grad());
+/// ```
+pub fn train_only<B: Backend, M: Module<B>>(module: M, keep: impl Fn(&str) -> bool) -> M {
+    struct ByPath<F> {
+        path: Vec<String>,
+        keep: F,
+    }
+    impl<B: Backend, F: Fn(&str) -> bool> ModuleMapper<B> for ByPath<F> {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let train = (self.keep)(&self.path.join("."));
+            param.set_require_grad(train)
+        }
+    }
+    module.map(&mut ByPath { path: Vec::new(), keep })
+}

@@ -11,6 +11,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 
 mod parity;
+mod weights;
 
 type F64 = NdArray<f64>;
 type Ad = Autodiff<F64>;
