@@ -216,6 +216,12 @@ fn has_cross_attention(kind: &str, allowed: [&str; 2]) -> Result<bool, LoadError
 }
 
 impl UNet2DConditionConfig {
+    /// The UNet of Stable Diffusion 1.5: `unet/config.json` of runwayml/stable-diffusion-v1-5
+    /// (859.5M parameters), kept verbatim in `models/configs/sd15_unet.json`.
+    pub fn sd15() -> Self {
+        serde_json::from_str(include_str!("../configs/sd15_unet.json")).expect("the shipped SD 1.5 config parses")
+    }
+
     /// Rejects options this implementation does not have.
     pub fn check(&self) -> Result<(), LoadError> {
         let unsupported = |what: &str| Err(LoadError::Unsupported(what.to_string()));
