@@ -1,0 +1,211 @@
+//! Task 2, security auditing: from a sample's noise x_T, find x_T' with ‖x_T' − x_T‖∞ ≤ ε whose
+//! sample the classifier labels differently while the image stays close (AdjointDPM §4.3).
+//!
+//! Maximises `CE(classifier(decode(sample(x_T + δ))), y) − w · ‖image' − image‖²/n` over δ with
+//! Adam, projecting δ back onto the ε-ball after each step.
+
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::module::{AutodiffModule, Param};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use serde::Serialize;
+
+use crate::diffusion::{EpsModel, NoiseSchedule, PfOde, Sampler};
+use crate::tasks::common::{scalar, to_f64, Classifier, Decoder, Noise, TaskError};
+
+/// Settings of an audit.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    /// Radius of the ℓ∞ ball around x_T.
+    pub epsilon: f64,
+    /// Adam steps.
+    pub iters: usize,
+    /// Learning rate on δ.
+    pub lr: f64,
+    /// Weight of the image-closeness penalty.
+    pub closeness_weight: f64,
+    /// The sampler and its gradient mode.
+    pub sampler: Sampler,
+}
+
+/// What the audit found.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditReport {
+    /// ε.
+    pub epsilon: f64,
+    /// Fraction of the batch whose label changed.
+    pub success_rate: f64,
+    /// Mean per-image RMS pixel distance between the original and the audited image.
+    pub mean_image_rms: f64,
+    /// Mean margin (original-class logit minus the best other) before and after; negative means
+    /// the label changed.
+    pub mean_margin_before: f64,
+    /// See `mean_margin_before`.
+    pub mean_margin_after: f64,
+    /// Loss per iteration.
+    pub losses: Vec<f64>,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// The result: report, images before/after, the audited noise.
+pub struct AuditRun<B: Backend> {
+    /// Metrics.
+    pub report: AuditReport,
+    /// Images from x_T.
+    pub before: Tensor<B, 4>,
+    /// Images from x_T'.
+    pub after: Tensor<B, 4>,
+    /// x_T'.
+    pub x_t: Tensor<B, 4>,
+}
+
+/// Labels and margins of `images`.
+fn margins<B: Backend>(logits: Tensor<B, 2>, labels: &[usize]) -> Vec<f64> {
+    let [b, n] = logits.dims();
+    let v = to_f64(logits);
+    (0..b)
+        .map(|i| {
+            let row = &v[i * n..(i + 1) * n];
+            let own = row[labels[i]];
+            let other = row
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != labels[i])
+                .map(|(_, x)| *x)
+                .fold(f64::NEG_INFINITY, f64::max);
+            own - other
+        })
+        .collect()
+}
+
+fn argmax_rows(v: &[f64], n: usize) -> Vec<usize> {
+    v.chunks(n)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold((0, f64::NEG_INFINITY), |a, (j, &x)| if x > a.1 { (j, x) } else { a })
+                .0
+        })
+        .collect()
+}
+
+/// Audits the samples of `x_t`.
+#[allow(clippy::too_many_arguments)]
+pub fn audit<B, M, K, Dec>(
+    model: &M,
+    classifier: &K,
+    decoder: &Dec,
+    schedule: &NoiseSchedule,
+    x_t: Tensor<B, 4>,
+    config: &Audit,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<AuditRun<B>, TaskError>
+where
+    B: Backend,
+    M: EpsModel<Autodiff<B>, 4> + AutodiffModule<Autodiff<B>> + 'static,
+    M::InnerModule: EpsModel<B, 4>,
+    PfOde<Autodiff<B>, M>: AutodiffModule<Autodiff<B>, InnerModule = PfOde<B, M::InnerModule>>,
+    K: Classifier<Autodiff<B>> + AutodiffModule<Autodiff<B>>,
+    K::InnerModule: Classifier<B>,
+    Dec: Decoder<Autodiff<B>> + AutodiffModule<Autodiff<B>>,
+    Dec::InnerModule: Decoder<B>,
+{
+    if !(config.epsilon.is_finite() && config.epsilon > 0.0) {
+        return Err(TaskError::InvalidOption {
+            name: "epsilon",
+            value: config.epsilon.to_string(),
+            rule: "must be > 0",
+        });
+    }
+    if !(config.lr.is_finite() && config.lr > 0.0) {
+        return Err(TaskError::InvalidOption {
+            name: "lr",
+            value: config.lr.to_string(),
+            rule: "must be > 0",
+        });
+    }
+    let started = Instant::now();
+    let device = x_t.device();
+    let batch = x_t.dims()[0];
+    let model = model.clone().no_grad();
+    let classifier = classifier.clone().no_grad();
+    let decoder = decoder.clone().no_grad();
+    let (model_i, classifier_i, decoder_i) = (model.valid(), classifier.valid(), decoder.valid());
+    let images = |x: Tensor<B, 4>| -> Result<Tensor<B, 4>, TaskError> {
+        Ok(decoder_i.decode(config.sampler.sample_inference(&model_i, schedule, x)?))
+    };
+    let before = images(x_t.clone())?;
+    let logits_before = classifier_i.logits(before.clone());
+    let classes = logits_before.dims()[1];
+    let labels = argmax_rows(&to_f64(logits_before.clone()), classes);
+    let margin_before = margins(logits_before, &labels);
+
+    let targets = Tensor::<Autodiff<B>, 1, Int>::from_data(
+        burn::tensor::TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [batch]),
+        &device,
+    );
+    let reference = Tensor::<Autodiff<B>, 4>::from_inner(before.clone());
+    let base = Tensor::<Autodiff<B>, 4>::from_inner(x_t.clone());
+    let ce = CrossEntropyLossConfig::new().init(&device);
+    let mut delta = Noise {
+        x_t: Param::from_tensor(Tensor::<Autodiff<B>, 4>::zeros(x_t.dims(), &device).require_grad()),
+    };
+    let mut optim = AdamConfig::new().init();
+    let mut losses = Vec::with_capacity(config.iters);
+    let eps = config.epsilon;
+    for iter in 0..config.iters {
+        let x = base.clone() + delta.x_t.val();
+        let image = decoder.decode(config.sampler.sample(&model, schedule, x)?);
+        let closeness = (image.clone() - reference.clone()).powi_scalar(2).mean();
+        let loss =
+            ce.forward(classifier.logits(image), targets.clone()).neg() + closeness.mul_scalar(config.closeness_weight);
+        let value = scalar(loss.clone().inner());
+        if !value.is_finite() {
+            return Err(TaskError::NonFiniteLoss { iter });
+        }
+        losses.push(value);
+        let grads = GradientsParams::from_grads(loss.backward(), &delta);
+        delta = optim.step(config.lr, delta, grads);
+        // Project back onto the ε-ball (same parameter, so Adam keeps its state).
+        delta.x_t = delta
+            .x_t
+            .map(|d| Tensor::from_inner(d.inner().clamp(-eps, eps)).require_grad());
+        on_iter(iter, value);
+    }
+    let x_final = x_t.clone() + delta.x_t.val().inner();
+    let after = images(x_final.clone())?;
+    let margin_after = margins(classifier_i.logits(after.clone()), &labels);
+    let flipped = margin_after.iter().filter(|m| **m < 0.0).count();
+    let per_image: Vec<f64> = to_f64(
+        (after.clone() - before.clone())
+            .powi_scalar(2)
+            .mean_dim(3)
+            .mean_dim(2)
+            .mean_dim(1)
+            .reshape([batch]),
+    )
+    .into_iter()
+    .map(f64::sqrt)
+    .collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let report = AuditReport {
+        epsilon: eps,
+        success_rate: flipped as f64 / batch as f64,
+        mean_image_rms: mean(&per_image),
+        mean_margin_before: mean(&margin_before),
+        mean_margin_after: mean(&margin_after),
+        losses,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok(AuditRun {
+        report,
+        before,
+        after,
+        x_t: x_final,
+    })
+}

@@ -1,0 +1,76 @@
+//! The loop under tasks 3 and 4: move a model's trainable parameters (an embedding, LoRA
+//! adapters, all weights) with Adam so that a loss on the images it samples falls. Which
+//! parameters move is the model's business (`no_grad`, `train_only`, `with_lora`); the adjoint
+//! does no work for the frozen ones.
+
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+use crate::diffusion::{EpsModel, NoiseSchedule, PfOde, Sampler};
+use crate::tasks::common::{scalar, Decoder, TaskError};
+
+/// Settings of the tuning loop.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Adam steps.
+    pub iters: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// The sampler and its gradient mode.
+    pub sampler: Sampler,
+}
+
+/// Tunes `model`; `noise(i)` gives iteration i's batch of x_T, `loss(images)` the objective of
+/// the decoded samples. Returns the tuned model and the loss of each iteration.
+#[allow(clippy::too_many_arguments)]
+pub fn tune_through_sampling<B, M, Dec>(
+    model: M,
+    decoder: &Dec,
+    schedule: &NoiseSchedule,
+    config: &Tuning,
+    noise: &mut dyn FnMut(usize) -> Tensor<B, 4>,
+    loss: &dyn Fn(Tensor<Autodiff<B>, 4>) -> Tensor<Autodiff<B>, 1>,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<(M, Vec<f64>), TaskError>
+where
+    B: Backend,
+    M: EpsModel<Autodiff<B>, 4> + AutodiffModule<Autodiff<B>> + 'static,
+    M::InnerModule: EpsModel<B, 4>,
+    PfOde<Autodiff<B>, M>: AutodiffModule<Autodiff<B>, InnerModule = PfOde<B, M::InnerModule>>,
+    Dec: Decoder<Autodiff<B>>,
+{
+    if !(config.lr.is_finite() && config.lr > 0.0) {
+        return Err(TaskError::InvalidOption {
+            name: "lr",
+            value: config.lr.to_string(),
+            rule: "must be > 0",
+        });
+    }
+    let mut model = model;
+    let mut optim = AdamConfig::new().init();
+    let mut losses = Vec::with_capacity(config.iters);
+    for iter in 0..config.iters {
+        let x_t = Tensor::<Autodiff<B>, 4>::from_inner(noise(iter));
+        let x0 = config.sampler.sample(&model, schedule, x_t)?;
+        let value_tensor = loss(decoder.decode(x0));
+        let value = scalar(value_tensor.clone().inner());
+        if !value.is_finite() {
+            return Err(TaskError::NonFiniteLoss { iter });
+        }
+        losses.push(value);
+        let grads = GradientsParams::from_grads(value_tensor.backward(), &model);
+        model = optim.step(config.lr, model, grads);
+        on_iter(iter, value);
+    }
+    Ok((model, losses))
+}
+
+/// Gram matrices of feature maps, normalised by their size: the style statistics of Gatys et al.
+pub fn gram<B: Backend>(features: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, c, h, w] = features.dims();
+    let f = features.reshape([b, c, h * w]);
+    f.clone().matmul(f.swap_dims(1, 2)).div_scalar((c * h * w) as f64)
+}
