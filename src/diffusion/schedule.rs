@@ -78,7 +78,8 @@ impl NoiseSchedule {
         Self::from_betas(&betas)
     }
 
-    /// A schedule from explicit betas: each must lie in (0, 1) — then ᾱ strictly decreases.
+    /// A schedule from explicit betas: each in (0, 1) (then ᾱ strictly decreases), none smaller
+    /// than the one before (noise is added ever faster, as in every published schedule).
     pub fn from_betas(betas: &[f64]) -> Result<Self, DiffusionError> {
         if betas.len() < 2 {
             return Err(DiffusionError::BadSchedule {
@@ -92,6 +93,16 @@ impl NoiseSchedule {
         {
             return Err(DiffusionError::BadSchedule {
                 reason: format!("beta[{index}] = {beta}; every beta must lie in (0, 1)"),
+            });
+        }
+        if let Some(i) = (1..betas.len()).find(|&i| betas[i] < betas[i - 1]) {
+            return Err(DiffusionError::BadSchedule {
+                reason: format!(
+                    "beta[{i}] = {} < beta[{}] = {}; betas must not decrease",
+                    betas[i],
+                    i - 1,
+                    betas[i - 1]
+                ),
             });
         }
         let mut log_abar = 0.0;
