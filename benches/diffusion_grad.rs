@@ -32,7 +32,11 @@ impl<B: Backend> EpsModel<B, 4> for ConvEps<B> {
 
 fn diffusion_grad(c: &mut Criterion) {
     let device = Default::default();
-    let conv = |i, o| Conv2dConfig::new([i, o], [3, 3]).with_padding(PaddingConfig2d::Same).init(&device);
+    let conv = |i, o| {
+        Conv2dConfig::new([i, o], [3, 3])
+            .with_padding(PaddingConfig2d::Same)
+            .init(&device)
+    };
     let model = adjoint_dpm::ode::materialized(ConvEps::<B> {
         conv_in: conv(4, 32),
         conv_out: conv(32, 4),
@@ -61,7 +65,13 @@ fn diffusion_grad(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("sampling_only", steps), |b| {
             let sampler = Sampler::ddim(steps);
             let inner = burn::module::AutodiffModule::valid(&model);
-            b.iter(|| sampler.sample_inference(&inner, &schedule, x_t.clone().inner()).expect("sampling").sum().into_scalar())
+            b.iter(|| {
+                sampler
+                    .sample_inference(&inner, &schedule, x_t.clone().inner())
+                    .expect("sampling")
+                    .sum()
+                    .into_scalar()
+            })
         });
     }
     group.finish();

@@ -38,7 +38,10 @@ fn unet(c: &mut Criterion) {
     group.bench_function("vjp", |b| {
         b.iter(|| {
             let x = sample.clone().require_grad();
-            let grads = unet.forward(x.clone(), t.clone(), context.clone(), None).sum().backward();
+            let grads = unet
+                .forward(x.clone(), t.clone(), context.clone(), None)
+                .sum()
+                .backward();
             x.grad(&grads).expect("gradient").sum().into_scalar()
         })
     });

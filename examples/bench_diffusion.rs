@@ -85,8 +85,15 @@ fn run() -> Result<(), String> {
     <Inner as Backend>::seed(&device, 0);
     let config: UNet2DConditionConfig = serde_json::from_str(CONFIG).map_err(|e| e.to_string())?;
     let unet = config.init::<B>(&device).map_err(|e| e.to_string())?;
-    let context = Tensor::<B, 3>::random([args.batch, 4, 32], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-    let model = adjoint_dpm::ode::materialized(UnetEps { unet, context: Param::from_tensor(context) });
+    let context = Tensor::<B, 3>::random(
+        [args.batch, 4, 32],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let model = adjoint_dpm::ode::materialized(UnetEps {
+        unet,
+        context: Param::from_tensor(context),
+    });
     let schedule = NoiseSchedule::sd_scaled_linear();
     let mode = match args.gradient {
         Mode::Backprop => GradientMode::Backprop,
@@ -101,14 +108,18 @@ fn run() -> Result<(), String> {
     let inner = model.valid();
     let sample = || -> Result<f64, String> {
         let start = Instant::now();
-        let x0 = sampler.sample_inference(&inner, &schedule, x_t.clone().inner()).map_err(|e| e.to_string())?;
+        let x0 = sampler
+            .sample_inference(&inner, &schedule, x_t.clone().inner())
+            .map_err(|e| e.to_string())?;
         let _: f32 = x0.sum().into_scalar();
         Ok(start.elapsed().as_secs_f64())
     };
     let gradient = || -> Result<f64, String> {
         let start = Instant::now();
         let leaf = x_t.clone().require_grad();
-        let x0 = sampler.sample(&model, &schedule, leaf.clone()).map_err(|e| e.to_string())?;
+        let x0 = sampler
+            .sample(&model, &schedule, leaf.clone())
+            .map_err(|e| e.to_string())?;
         let grads = x0.powi_scalar(2).mean().backward();
         let g = leaf.grad(&grads).ok_or("no gradient reached x_T")?;
         let _: f32 = g.sum().into_scalar();

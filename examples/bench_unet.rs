@@ -70,7 +70,11 @@ fn main() {
 fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let device = B::Device::default();
     let (config, size, tokens) = match args.config {
-        Config::Tiny => (serde_json::from_str::<UNet2DConditionConfig>(TINY).map_err(|e| e.to_string())?, 16, 8),
+        Config::Tiny => (
+            serde_json::from_str::<UNet2DConditionConfig>(TINY).map_err(|e| e.to_string())?,
+            16,
+            8,
+        ),
         Config::Sd15 => (UNet2DConditionConfig::sd15(), 64, 77),
     };
     let unet = config.init::<Autodiff<B>>(&device).map_err(|e| e.to_string())?;
@@ -78,7 +82,10 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let params = burn::module::Module::num_params(&unet);
     let normal = burn::tensor::Distribution::Normal(0.0, 1.0);
     let sample = Tensor::<Autodiff<B>, 4>::random([args.batch, 4, size, size], normal, &device);
-    let context_dim = config.cross_attention_dim.get(0, 1, "cross_attention_dim").map_err(|e| e.to_string())?;
+    let context_dim = config
+        .cross_attention_dim
+        .get(0, 1, "cross_attention_dim")
+        .map_err(|e| e.to_string())?;
     let context = Tensor::<Autodiff<B>, 3>::random([args.batch, tokens, context_dim], normal, &device);
     let t = Tensor::<Autodiff<B>, 1>::from_data(vec![500.0f32; args.batch].as_slice(), &device);
     let w = Tensor::<Autodiff<B>, 4>::random([args.batch, 4, size, size], normal, &device);

@@ -19,9 +19,9 @@
 pub mod bench;
 pub mod diffusion;
 pub mod error;
+pub mod ode;
 pub mod tasks;
 pub mod toy;
-pub mod ode;
 
 pub use error::{Error, Result};
 

@@ -47,7 +47,6 @@ impl Sampler {
         C: CheckpointStrategy,
         M: EpsModel<Autodiff<B, C>, D> + AutodiffModule<Autodiff<B, C>> + 'static,
         M::InnerModule: EpsModel<B, D>,
-        PfOde<Autodiff<B, C>, M>: AutodiffModule<Autodiff<B, C>, InnerModule = PfOde<B, M::InnerModule>>,
     {
         let x_t = x_t.detach();
         let gradient = |mode: GradientMode| -> Result<Tensor<B, D>, DiffusionError> {

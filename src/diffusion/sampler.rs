@@ -145,7 +145,6 @@ impl Sampler {
         C: CheckpointStrategy,
         M: EpsModel<Autodiff<B, C>, D> + AutodiffModule<Autodiff<B, C>> + 'static,
         M::InnerModule: EpsModel<B, D>,
-        PfOde<Autodiff<B, C>, M>: AutodiffModule<Autodiff<B, C>, InnerModule = PfOde<B, M::InnerModule>>,
     {
         let grid = self.rho_grid(schedule)?;
         if self.kind == SamplerKind::DpmSolverPP2M {

@@ -7,15 +7,17 @@
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::module::{AutodiffModule, Param};
+use burn::module::Param;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use serde::Serialize;
 
-use crate::diffusion::{EpsModel, NoiseSchedule, PfOde, Sampler};
-use crate::tasks::common::{scalar, to_f64, Classifier, Decoder, Noise, TaskError};
+use crate::diffusion::{NoiseSchedule, Sampler};
+use crate::tasks::common::{
+    positive, scalar, to_f64, FrozenPipeline, Noise, TaskClassifier, TaskDecoder, TaskError, TaskModel,
+};
 
 /// Settings of an audit.
 #[derive(Debug, Clone)]
@@ -95,7 +97,6 @@ fn argmax_rows(v: &[f64], n: usize) -> Vec<usize> {
 }
 
 /// Audits the samples of `x_t`.
-#[allow(clippy::too_many_arguments)]
 pub fn audit<B, M, K, Dec>(
     model: &M,
     classifier: &K,
@@ -107,40 +108,18 @@ pub fn audit<B, M, K, Dec>(
 ) -> Result<AuditRun<B>, TaskError>
 where
     B: Backend,
-    M: EpsModel<Autodiff<B>, 4> + AutodiffModule<Autodiff<B>> + 'static,
-    M::InnerModule: EpsModel<B, 4>,
-    PfOde<Autodiff<B>, M>: AutodiffModule<Autodiff<B>, InnerModule = PfOde<B, M::InnerModule>>,
-    K: Classifier<Autodiff<B>> + AutodiffModule<Autodiff<B>>,
-    K::InnerModule: Classifier<B>,
-    Dec: Decoder<Autodiff<B>> + AutodiffModule<Autodiff<B>>,
-    Dec::InnerModule: Decoder<B>,
+    M: TaskModel<B>,
+    K: TaskClassifier<B>,
+    Dec: TaskDecoder<B>,
 {
-    if !(config.epsilon.is_finite() && config.epsilon > 0.0) {
-        return Err(TaskError::InvalidOption {
-            name: "epsilon",
-            value: config.epsilon.to_string(),
-            rule: "must be > 0",
-        });
-    }
-    if !(config.lr.is_finite() && config.lr > 0.0) {
-        return Err(TaskError::InvalidOption {
-            name: "lr",
-            value: config.lr.to_string(),
-            rule: "must be > 0",
-        });
-    }
+    positive("epsilon", config.epsilon)?;
+    positive("lr", config.lr)?;
     let started = Instant::now();
     let device = x_t.device();
     let batch = x_t.dims()[0];
-    let model = model.clone().no_grad();
-    let classifier = classifier.clone().no_grad();
-    let decoder = decoder.clone().no_grad();
-    let (model_i, classifier_i, decoder_i) = (model.valid(), classifier.valid(), decoder.valid());
-    let images = |x: Tensor<B, 4>| -> Result<Tensor<B, 4>, TaskError> {
-        Ok(decoder_i.decode(config.sampler.sample_inference(&model_i, schedule, x)?))
-    };
-    let before = images(x_t.clone())?;
-    let logits_before = classifier_i.logits(before.clone());
+    let nets = FrozenPipeline::new(model, classifier, decoder, schedule, config.sampler);
+    let before = nets.images(x_t.clone())?;
+    let logits_before = nets.logits(before.clone());
     let classes = logits_before.dims()[1];
     let labels = argmax_rows(&to_f64(logits_before.clone()), classes);
     let margin_before = margins(logits_before, &labels);
@@ -159,8 +138,7 @@ where
     let mut losses = Vec::with_capacity(config.iters);
     let eps = config.epsilon;
     for iter in 0..config.iters {
-        let x = base.clone() + delta.x_t.val();
-        let image = decoder.decode(config.sampler.sample(&model, schedule, x)?);
+        let image = nets.tracked_images(base.clone() + delta.x_t.val())?;
         let closeness = (image.clone() - reference.clone()).powi_scalar(2).mean();
         let loss =
             ce.forward(classifier.logits(image), targets.clone()).neg() + closeness.mul_scalar(config.closeness_weight);
@@ -178,8 +156,8 @@ where
         on_iter(iter, value);
     }
     let x_final = x_t.clone() + delta.x_t.val().inner();
-    let after = images(x_final.clone())?;
-    let margin_after = margins(classifier_i.logits(after.clone()), &labels);
+    let after = nets.images(x_final.clone())?;
+    let margin_after = margins(nets.logits(after.clone()), &labels);
     let flipped = margin_after.iter().filter(|m| **m < 0.0).count();
     let per_image: Vec<f64> = to_f64(
         (after.clone() - before.clone())

@@ -1,11 +1,12 @@
 //! What every task shares: the classifier and decoder seams, the optimised noise, choices the CLI
 //! parses once, and the task error.
 
-use burn::module::{Module, ModuleDisplay, Param};
+use burn::backend::Autodiff;
+use burn::module::{AutodiffModule, Module, ModuleDisplay, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
 
-use crate::diffusion::{DiffusionError, Sampler};
+use crate::diffusion::{DiffusionError, EpsModel, NoiseSchedule, Sampler};
 use crate::ode::{BacksolveOptions, GradientMode, Schedule};
 
 /// A differentiable image classifier: logits of images in `[-1, 1]`.
@@ -33,6 +34,101 @@ pub struct PixelSpace;
 impl<B: Backend> Decoder<B> for PixelSpace {
     fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
         latents
+    }
+}
+
+/// An ε-model the tasks can sample on `Autodiff<B>` (differentiably) and on `B` (inference).
+pub trait TaskModel<B: Backend>:
+    EpsModel<Autodiff<B>, 4> + AutodiffModule<Autodiff<B>, InnerModule: EpsModel<B, 4>> + 'static
+{
+}
+
+impl<B: Backend, M> TaskModel<B> for M where
+    M: EpsModel<Autodiff<B>, 4> + AutodiffModule<Autodiff<B>, InnerModule: EpsModel<B, 4>> + 'static
+{
+}
+
+/// A classifier usable with and without a graph.
+pub trait TaskClassifier<B: Backend>:
+    Classifier<Autodiff<B>> + AutodiffModule<Autodiff<B>, InnerModule: Classifier<B>>
+{
+}
+
+impl<B: Backend, K> TaskClassifier<B> for K where
+    K: Classifier<Autodiff<B>> + AutodiffModule<Autodiff<B>, InnerModule: Classifier<B>>
+{
+}
+
+/// A decoder usable with and without a graph.
+pub trait TaskDecoder<B: Backend>: Decoder<Autodiff<B>> + AutodiffModule<Autodiff<B>, InnerModule: Decoder<B>> {}
+
+impl<B: Backend, D> TaskDecoder<B> for D where
+    D: Decoder<Autodiff<B>> + AutodiffModule<Autodiff<B>, InnerModule: Decoder<B>>
+{
+}
+
+/// The networks of a task that optimises the noise: frozen (so the adjoint does no parameter
+/// work), on the autodiff backend for the optimisation and on the inner one for the metrics.
+pub(crate) struct FrozenPipeline<'a, B: Backend, M: TaskModel<B>, K: TaskClassifier<B>, Dec: TaskDecoder<B>> {
+    pub model: M,
+    pub classifier: K,
+    pub decoder: Dec,
+    model_inner: M::InnerModule,
+    classifier_inner: K::InnerModule,
+    decoder_inner: Dec::InnerModule,
+    pub schedule: &'a NoiseSchedule,
+    pub sampler: Sampler,
+}
+
+impl<'a, B: Backend, M: TaskModel<B>, K: TaskClassifier<B>, Dec: TaskDecoder<B>> FrozenPipeline<'a, B, M, K, Dec> {
+    pub(crate) fn new(model: &M, classifier: &K, decoder: &Dec, schedule: &'a NoiseSchedule, sampler: Sampler) -> Self {
+        let (model, classifier, decoder) = (
+            model.clone().no_grad(),
+            classifier.clone().no_grad(),
+            decoder.clone().no_grad(),
+        );
+        Self {
+            model_inner: model.valid(),
+            classifier_inner: classifier.valid(),
+            decoder_inner: decoder.valid(),
+            model,
+            classifier,
+            decoder,
+            schedule,
+            sampler,
+        }
+    }
+
+    /// Images of a batch of noise, without a graph.
+    pub(crate) fn images(&self, x_t: Tensor<B, 4>) -> Result<Tensor<B, 4>, TaskError> {
+        Ok(self
+            .decoder_inner
+            .decode(self.sampler.sample_inference(&self.model_inner, self.schedule, x_t)?))
+    }
+
+    /// Logits of images, without a graph.
+    pub(crate) fn logits(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
+        self.classifier_inner.logits(images)
+    }
+
+    /// Images of a batch of noise, differentiably.
+    pub(crate) fn tracked_images(&self, x_t: Tensor<Autodiff<B>, 4>) -> Result<Tensor<Autodiff<B>, 4>, TaskError> {
+        Ok(self
+            .decoder
+            .decode(self.sampler.sample(&self.model, self.schedule, x_t)?))
+    }
+}
+
+/// `Err(InvalidOption)` unless `value` is finite and > 0.
+pub(crate) fn positive(name: &'static str, value: f64) -> Result<(), TaskError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(TaskError::InvalidOption {
+            name,
+            value: value.to_string(),
+            rule: "must be finite and > 0",
+        })
     }
 }
 

@@ -8,6 +8,9 @@ pub mod noise_opt;
 pub mod tune;
 
 pub use audit::{audit, Audit, AuditReport, AuditRun};
-pub use common::{Classifier, Decoder, GradientChoice, Noise, PixelSpace, SolverChoice, TaskError};
+pub use common::{
+    Classifier, Decoder, GradientChoice, Noise, PixelSpace, SolverChoice, TaskClassifier, TaskDecoder, TaskError,
+    TaskModel,
+};
 pub use noise_opt::{guided_sampling, GuidedReport, GuidedRun, GuidedSampling};
 pub use tune::{gram, tune_through_sampling, Tuning};

@@ -8,15 +8,17 @@
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::module::{AutodiffModule, Param};
+use burn::module::Param;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
-use crate::diffusion::{EpsModel, NoiseSchedule, PfOde, Sampler};
-use crate::tasks::common::{scalar, to_f64, Classifier, Decoder, Noise, TaskError};
+use crate::diffusion::{NoiseSchedule, Sampler};
+use crate::tasks::common::{
+    positive, scalar, to_f64, FrozenPipeline, Noise, TaskClassifier, TaskDecoder, TaskError, TaskModel,
+};
 
 /// Settings of guided sampling.
 #[derive(Debug, Clone)]
@@ -65,9 +67,8 @@ pub struct GuidedRun<B: Backend> {
     pub x_t: Tensor<B, 4>,
 }
 
-/// Target rate and mean target probability of `images`.
-fn judge<B: Backend, K: Classifier<B>>(classifier: &K, images: Tensor<B, 4>, target: usize) -> (f64, f64) {
-    let logits = classifier.logits(images);
+/// Target rate and mean target probability, from logits.
+fn judge<B: Backend>(logits: Tensor<B, 2>, target: usize) -> (f64, f64) {
     let [b, _] = logits.dims();
     let probs = burn::tensor::activation::softmax(logits.clone(), 1);
     let hits = to_f64(logits.argmax(1).reshape([b]).float())
@@ -80,7 +81,6 @@ fn judge<B: Backend, K: Classifier<B>>(classifier: &K, images: Tensor<B, 4>, tar
 
 /// Runs guided sampling from `x_t` (the batch of initial noises). `on_iter(i, loss)` is called
 /// after every iteration.
-#[allow(clippy::too_many_arguments)]
 pub fn guided_sampling<B, M, K, Dec>(
     model: &M,
     classifier: &K,
@@ -92,36 +92,18 @@ pub fn guided_sampling<B, M, K, Dec>(
 ) -> Result<GuidedRun<B>, TaskError>
 where
     B: Backend,
-    M: EpsModel<Autodiff<B>, 4> + AutodiffModule<Autodiff<B>> + 'static,
-    M::InnerModule: EpsModel<B, 4>,
-    PfOde<Autodiff<B>, M>: AutodiffModule<Autodiff<B>, InnerModule = PfOde<B, M::InnerModule>>,
-    K: Classifier<Autodiff<B>> + AutodiffModule<Autodiff<B>>,
-    K::InnerModule: Classifier<B>,
-    Dec: Decoder<Autodiff<B>> + AutodiffModule<Autodiff<B>>,
-    Dec::InnerModule: Decoder<B>,
+    M: TaskModel<B>,
+    K: TaskClassifier<B>,
+    Dec: TaskDecoder<B>,
 {
-    if !(config.lr.is_finite() && config.lr > 0.0) {
-        return Err(TaskError::InvalidOption {
-            name: "lr",
-            value: config.lr.to_string(),
-            rule: "must be > 0",
-        });
-    }
+    positive("lr", config.lr)?;
     let started = Instant::now();
     let device = x_t.device();
     let [batch, c, h, w] = x_t.dims();
     let d = (c * h * w) as f64;
-    // Only x_T is optimised: the networks are frozen, so the adjoint does no parameter work.
-    let model = model.clone().no_grad();
-    let classifier = classifier.clone().no_grad();
-    let decoder = decoder.clone().no_grad();
-    let (model_i, classifier_i, decoder_i) = (model.valid(), classifier.valid(), decoder.valid());
-    let inference = |x: Tensor<B, 4>| -> Result<Tensor<B, 4>, TaskError> {
-        let x0 = config.sampler.sample_inference(&model_i, schedule, x)?;
-        Ok(decoder_i.decode(x0))
-    };
-    let before = inference(x_t.clone())?;
-    let (rate_before, prob_before) = judge(&classifier_i, before.clone(), config.target);
+    let nets = FrozenPipeline::new(model, classifier, decoder, schedule, config.sampler);
+    let before = nets.images(x_t.clone())?;
+    let (rate_before, prob_before) = judge(nets.logits(before.clone()), config.target);
 
     let targets =
         Tensor::<Autodiff<B>, 1, Int>::from_data(TensorData::new(vec![config.target as i64; batch], [batch]), &device);
@@ -133,8 +115,7 @@ where
     let mut losses = Vec::with_capacity(config.iters);
     for iter in 0..config.iters {
         let x = noise.x_t.val();
-        let x0 = config.sampler.sample(&model, schedule, x.clone())?;
-        let logits = classifier.logits(decoder.decode(x0));
+        let logits = nets.classifier.logits(nets.tracked_images(x.clone())?);
         let shell = x
             .powi_scalar(2)
             .sum_dim(3)
@@ -154,8 +135,8 @@ where
         on_iter(iter, value);
     }
     let x_final = noise.x_t.val().inner();
-    let after = inference(x_final.clone())?;
-    let (rate_after, prob_after) = judge(&classifier_i, after.clone(), config.target);
+    let after = nets.images(x_final.clone())?;
+    let (rate_after, prob_after) = judge(nets.logits(after.clone()), config.target);
     let report = GuidedReport {
         target: config.target,
         target_rate_before: rate_before,

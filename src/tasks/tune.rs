@@ -4,13 +4,12 @@
 //! does no work for the frozen ones.
 
 use burn::backend::Autodiff;
-use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::diffusion::{EpsModel, NoiseSchedule, PfOde, Sampler};
-use crate::tasks::common::{scalar, Decoder, TaskError};
+use crate::diffusion::{NoiseSchedule, Sampler};
+use crate::tasks::common::{positive, scalar, Decoder, TaskError, TaskModel};
 
 /// Settings of the tuning loop.
 #[derive(Debug, Clone)]
@@ -37,18 +36,10 @@ pub fn tune_through_sampling<B, M, Dec>(
 ) -> Result<(M, Vec<f64>), TaskError>
 where
     B: Backend,
-    M: EpsModel<Autodiff<B>, 4> + AutodiffModule<Autodiff<B>> + 'static,
-    M::InnerModule: EpsModel<B, 4>,
-    PfOde<Autodiff<B>, M>: AutodiffModule<Autodiff<B>, InnerModule = PfOde<B, M::InnerModule>>,
+    M: TaskModel<B>,
     Dec: Decoder<Autodiff<B>>,
 {
-    if !(config.lr.is_finite() && config.lr > 0.0) {
-        return Err(TaskError::InvalidOption {
-            name: "lr",
-            value: config.lr.to_string(),
-            rule: "must be > 0",
-        });
-    }
+    positive("lr", config.lr)?;
     let mut model = model;
     let mut optim = AdamConfig::new().init();
     let mut losses = Vec::with_capacity(config.iters);
