@@ -206,7 +206,7 @@ fn tuning_an_embedding_or_the_weights_lowers_their_loss() {
         &PixelSpace,
         &schedule,
         &config,
-        &mut |i| noise(i % 1),
+        &mut |_| noise(0),
         &mse,
         &mut |_, _| {},
     )
@@ -240,7 +240,7 @@ fn tuning_an_embedding_or_the_weights_lowers_their_loss() {
         &PixelSpace,
         &schedule,
         &config,
-        &mut |i| noise(i % 1),
+        &mut |_| noise(0),
         &style_loss,
         &mut |_, _| {},
     )

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod common;
 pub mod noise_opt;
+pub mod run;
 pub mod tune;
 
 pub use audit::{audit, Audit, AuditReport, AuditRun};

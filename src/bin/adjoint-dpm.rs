@@ -1,0 +1,418 @@
+//! The `adjoint-dpm` command line.
+//!
+//! ```text
+//! adjoint-dpm                                             # = guide, on the embedded toy model
+//! adjoint-dpm guide --target ring --out out/guide        # task 1: steer x_T to a class
+//! adjoint-dpm audit --epsilon 0.2 --out out/audit        # task 2: flip labels within an ℓ∞ ball
+//! adjoint-dpm invert --class square --out out/invert     # task 3: learn a new class embedding
+//! adjoint-dpm finetune --style cross --out out/finetune  # task 4: LoRA stylisation
+//! adjoint-dpm sample --out out/sample                    # class-conditional samples, one row per class
+//! adjoint-dpm train-toy --out models/weights --seed 0     # retrain the embedded default
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use adjoint_dpm::tasks::run::{self as tasks, RunConfig};
+use adjoint_dpm::tasks::{GradientChoice, SolverChoice};
+use adjoint_dpm::toy::{self, Phase, Progress, TrainConfig};
+use burn::backend::{Autodiff, Flex};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Gradients through diffusion sampling (AdjointDPM) on burn.
+#[derive(Debug, Parser)]
+#[command(name = "adjoint-dpm", version, about)]
+struct Cli {
+    /// What to run (default: `guide` with its defaults).
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Task 1, guided sampling: optimise the initial noise so that samples of the unconditional
+    /// model become the target class.
+    Guide {
+        /// Target class (circle, square, triangle, cross, ring, diamond).
+        #[arg(long, default_value = "ring")]
+        target: String,
+        /// Weight of the prior that keeps x_T a plausible Gaussian sample.
+        #[arg(long, default_value_t = 0.1)]
+        prior: f64,
+        #[command(flatten)]
+        task: TaskArgs,
+    },
+    /// Task 2, security auditing: noise within an ℓ∞ ball of radius ε around x_T whose sample the
+    /// classifier labels differently.
+    Audit {
+        /// Radius ε of the ℓ∞ ball (> 0).
+        #[arg(long, default_value_t = 0.2)]
+        epsilon: f64,
+        #[command(flatten)]
+        task: TaskArgs,
+    },
+    /// Task 3, embedding inversion: learn a conditioning embedding whose samples reproduce a
+    /// reference image of a class.
+    Invert {
+        /// Class of the reference image.
+        #[arg(long, default_value = "square")]
+        class: String,
+        #[command(flatten)]
+        task: TaskArgs,
+    },
+    /// Task 4, stylisation: fine-tune LoRA adapters of the UNet towards the style (feature Gram
+    /// matrices) of one reference image.
+    Finetune {
+        /// Class of the style image.
+        #[arg(long, default_value = "cross")]
+        style: String,
+        /// Rank of the adapters.
+        #[arg(long, default_value_t = 4)]
+        rank: usize,
+        #[command(flatten)]
+        task: TaskArgs,
+    },
+    /// Class-conditional samples with classifier-free guidance, one row per class.
+    Sample {
+        #[command(flatten)]
+        task: TaskArgs,
+    },
+    /// Train the embedded toy models (class-conditional UNet + classifier) on the procedural
+    /// shapes and write their weights, a record and a sample grid to --out.
+    TrainToy(TrainToyArgs),
+}
+
+/// Options of `train-toy`; defaults are the shipped run's.
+#[derive(Debug, Args)]
+struct TrainToyArgs {
+    /// Output directory (created if missing; files are replaced atomically).
+    #[arg(long, default_value = "models/weights")]
+    out: PathBuf,
+    /// Seed of weights, data, noise and label dropout.
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    seed: u64,
+    /// Denoiser optimisation steps.
+    #[arg(long, default_value_t = TrainConfig::default().steps)]
+    steps: usize,
+    /// Denoiser batch size.
+    #[arg(long, default_value_t = TrainConfig::default().batch)]
+    batch: usize,
+    /// Denoiser peak learning rate (Adam).
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    lr: f64,
+    /// Classifier optimisation steps.
+    #[arg(long, default_value_t = TrainConfig::default().classifier_steps)]
+    classifier_steps: usize,
+    /// Class-conditional samples for the sample-quality metric.
+    #[arg(long, default_value_t = TrainConfig::default().eval_samples)]
+    eval_samples: usize,
+    /// DDIM steps of those samples.
+    #[arg(long, default_value_t = TrainConfig::default().eval_steps)]
+    eval_steps: usize,
+    /// Classifier-free guidance scale of those samples.
+    #[arg(long, default_value_t = TrainConfig::default().eval_cfg)]
+    cfg: f64,
+}
+
+/// `--gradient`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum GradientArg {
+    /// Exact gradient of the sampler (checkpointed discrete adjoint).
+    Exact,
+    /// The continuous adjoint: AdjointDPM.
+    Adjointdpm,
+    /// Backprop through every step (memory grows with --steps).
+    Backprop,
+}
+
+/// `--solver`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SolverArg {
+    /// DDIM (Euler in ρ).
+    Ddim,
+    /// DPM-Solver++(2M) (with --gradient backprop).
+    Dpmpp2m,
+    /// Heun in ρ.
+    Heun,
+}
+
+/// Options every task takes.
+#[derive(Debug, Args)]
+struct TaskArgs {
+    /// Output directory (created if missing; files are written atomically).
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// Toy weights written by `train-toy` (default: the embedded ones).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// How gradients pass through sampling.
+    #[arg(long, value_enum, default_value = "exact")]
+    gradient: GradientArg,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Sampler.
+    #[arg(long, value_enum, default_value = "ddim")]
+    solver: SolverArg,
+    /// Learning rate.
+    #[arg(long, default_value_t = 0.05)]
+    lr: f64,
+    /// Optimisation iterations.
+    #[arg(long, default_value_t = 30)]
+    iters: usize,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Classifier-free guidance scale (class-conditional sampling).
+    #[arg(long, default_value_t = 3.0)]
+    cfg: f64,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+}
+
+impl TaskArgs {
+    fn config(&self) -> RunConfig {
+        RunConfig {
+            out: self.out.clone(),
+            weights: self.weights.clone(),
+            gradient: match self.gradient {
+                GradientArg::Exact => GradientChoice::Exact,
+                GradientArg::Adjointdpm => GradientChoice::AdjointDpm,
+                GradientArg::Backprop => GradientChoice::Backprop,
+            },
+            solver: match self.solver {
+                SolverArg::Ddim => SolverChoice::Ddim,
+                SolverArg::Dpmpp2m => SolverChoice::Dpmpp2m,
+                SolverArg::Heun => SolverChoice::Heun,
+            },
+            steps: self.steps,
+            lr: self.lr,
+            iters: self.iters,
+            seed: self.seed,
+            cfg: self.cfg,
+            batch: self.batch,
+        }
+    }
+}
+
+/// A progress bar over the iterations showing the current loss.
+fn task_bar(name: &str, iters: usize) -> ProgressBar {
+    let bar = ProgressBar::new(iters as u64);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{name} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {{msg}}"
+        ))
+        .expect("a valid template"),
+    );
+    bar
+}
+
+fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
+    let (name, task) = match &command {
+        Command::Guide { task, .. } => ("guide", task),
+        Command::Audit { task, .. } => ("audit", task),
+        Command::Invert { task, .. } => ("invert", task),
+        Command::Finetune { task, .. } => ("finetune", task),
+        Command::Sample { task } => ("sample", task),
+        Command::TrainToy(_) => unreachable!("train-toy is dispatched in main"),
+    };
+    let config = task.config();
+    let bar = task_bar(name, config.iters);
+    let mut on_iter = |i: usize, loss: f64| {
+        bar.set_position(i as u64 + 1);
+        bar.set_message(format!("loss {loss:.4}"));
+    };
+    let out = config.out.display().to_string();
+    match command {
+        Command::Guide { target, prior, .. } => {
+            let r = tasks::run_guide(&config, &target, prior, &mut on_iter)?;
+            bar.finish();
+            println!(
+                "guided sampling to {target:?}: classified as {target} {:.0}% -> {:.0}% of {} samples (mean p {:.2} -> {:.2}), {:.0} s",
+                100.0 * r.target_rate_before,
+                100.0 * r.target_rate_after,
+                config.batch,
+                r.target_prob_before,
+                r.target_prob_after,
+                r.seconds
+            );
+        }
+        Command::Audit { epsilon, .. } => {
+            let r = tasks::run_audit(&config, epsilon, &mut on_iter)?;
+            bar.finish();
+            println!(
+                "audit at ε = {epsilon}: label changed for {:.0}% of samples, mean RMS image change {:.3}, margin {:.2} -> {:.2}",
+                100.0 * r.success_rate,
+                r.mean_image_rms,
+                r.mean_margin_before,
+                r.mean_margin_after
+            );
+        }
+        Command::Invert { class, .. } => {
+            let r = tasks::run_invert(&config, &class, &mut on_iter)?;
+            bar.finish();
+            println!(
+                "embedding inversion of a {class}: loss {:.4} -> {:.4}, classified as {class} {:.0}% -> {:.0}%",
+                r.loss_before,
+                r.loss_after,
+                100.0 * r.class_rate_before,
+                100.0 * r.class_rate_after
+            );
+        }
+        Command::Finetune { style, rank, .. } => {
+            let r = tasks::run_finetune(&config, &style, rank, &mut on_iter)?;
+            bar.finish();
+            println!(
+                "stylisation towards a {style} (LoRA rank {rank}): style loss {:.4} -> {:.4} on fresh noise",
+                r.loss_before, r.loss_after
+            );
+        }
+        Command::Sample { .. } => {
+            bar.finish_and_clear();
+            let predicted = tasks::sample_grid(&config)?;
+            let correct = predicted
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| i / config.batch == **p)
+                .count();
+            println!(
+                "{} samples, {:.0}% classified as their class",
+                predicted.len(),
+                100.0 * correct as f64 / predicted.len() as f64
+            );
+        }
+        Command::TrainToy(_) => {}
+    }
+    println!("wrote {out}");
+    Ok(())
+}
+
+type Train = Autodiff<Flex>;
+
+fn bar(phase: Phase, steps: usize) -> ProgressBar {
+    let bar = ProgressBar::new(steps as u64);
+    let name = match phase {
+        Phase::Classifier => "classifier",
+        Phase::Denoiser => "denoiser  ",
+        Phase::Evaluation => "sampling  ",
+    };
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{name} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} (eta {{eta}}) {{msg}}"
+        ))
+        .expect("a valid template"),
+    );
+    bar
+}
+
+fn train_toy(args: TrainToyArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let config = TrainConfig {
+        seed: args.seed,
+        steps: args.steps,
+        batch: args.batch,
+        lr: args.lr,
+        classifier_steps: args.classifier_steps,
+        eval_samples: args.eval_samples,
+        eval_steps: args.eval_steps,
+        eval_cfg: args.cfg,
+        ..TrainConfig::default()
+    };
+    config.check()?;
+    // Fail on an unwritable output directory before training, not after.
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let probe = args.out.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| format!("cannot write into {}: {e}", args.out.display()))?;
+    std::fs::remove_file(&probe).ok();
+
+    let device = Default::default();
+    let mut current: Option<(Phase, ProgressBar)> = None;
+    let mut ema: Option<f64> = None;
+    let mut on_progress = |p: &Progress| {
+        if current.as_ref().map(|(phase, _)| *phase) != Some(p.phase) {
+            if let Some((_, b)) = current.take() {
+                b.finish();
+            }
+            ema = None;
+            current = Some((p.phase, bar(p.phase, p.steps)));
+        }
+        let (_, b) = current.as_ref().expect("set above");
+        b.set_position(p.step as u64);
+        if let Some(loss) = p.loss {
+            let smoothed = ema.map_or(loss, |e| 0.98 * e + 0.02 * loss);
+            ema = Some(smoothed);
+            b.set_message(format!("loss {smoothed:.4}"));
+        }
+        // Not a terminal (e.g. under nohup): indicatif draws nothing, so log every 5%.
+        if b.is_hidden() && (p.step.is_multiple_of((p.steps / 20).max(1)) || p.step == p.steps) {
+            let loss = ema.map(|l| format!(", loss {l:.4}")).unwrap_or_default();
+            eprintln!(
+                "{:?} {}/{} [{:.0} s]{loss}",
+                p.phase,
+                p.step,
+                p.steps,
+                b.elapsed().as_secs_f64()
+            );
+        }
+        if p.step == p.steps {
+            b.finish();
+        }
+    };
+    let trained = toy::train::train::<Train>(&config, &device, &mut on_progress)?;
+    let record = toy::ToyRecord {
+        format: toy::train::RECORD_FORMAT.into(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        crate_version: env!("CARGO_PKG_VERSION").into(),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        train: config,
+        report: trained.report.clone(),
+    };
+    toy::train::save(&args.out, &trained, &record)?;
+    let r = &record.report;
+    println!(
+        "classifier: held-out accuracy {:.1}% (final loss {:.4}, {:.0} s)",
+        100.0 * r.classifier_held_out_accuracy,
+        r.classifier_final_loss,
+        r.classifier_seconds
+    );
+    println!(
+        "denoiser: loss {:.4} -> {:.4} ({:.0} s)",
+        r.denoiser_initial_loss, r.denoiser_final_loss, r.denoiser_seconds
+    );
+    println!(
+        "samples: classifier accuracy {:.1}% on {} guided DDIM samples ({} steps, cfg {}); per class {:?}",
+        100.0 * r.sample_accuracy,
+        record.train.eval_samples,
+        record.train.eval_steps,
+        record.train.eval_cfg,
+        r.sample_accuracy_per_class
+            .iter()
+            .map(|a| format!("{:.0}%", 100.0 * a))
+            .collect::<Vec<_>>()
+    );
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or_else(|| {
+        // No arguments: the main job, guided sampling on the embedded model into ./out/guide.
+        Cli::parse_from(["adjoint-dpm", "guide", "--out", "out/guide"])
+            .command
+            .expect("guide parses")
+    });
+    let result = match command {
+        Command::TrainToy(args) => train_toy(args),
+        task => run_task(task),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

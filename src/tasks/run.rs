@@ -1,0 +1,411 @@
+//! The four tasks end to end on the embedded toy model: load it, draw the noise, run, and write
+//! into an output directory a before/after PNG grid, a loss-curve PNG and `metrics.json` (every
+//! file written atomically). This is what the CLI subcommands call.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::{AutodiffModule, Module, Param};
+use burn::tensor::{Distribution, Tensor, TensorData};
+use serde::Serialize;
+
+use crate::diffusion::{Cfg, Sampler};
+use crate::tasks::common::{scalar, GradientChoice, PixelSpace, SolverChoice, TaskError};
+use crate::tasks::{audit, gram, guided_sampling, tune_through_sampling, Audit, GuidedSampling, Tuning};
+use crate::toy::{self, ToyClassifier, ToyDenoiser, ToyError, CLASSES, IMAGE_SIZE};
+
+/// The CPU backend the tasks run on.
+pub type Inner = Flex;
+type Ad = Autodiff<Inner>;
+
+/// Options every task takes (`--gradient`, `--steps`, `--solver`, `--lr`, `--iters`, `--seed`,
+/// `--cfg`, `--batch`, `--out`, `--weights`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunConfig {
+    /// Output directory (created if missing).
+    pub out: PathBuf,
+    /// A directory of toy weights (as `train-toy` writes them); `None`: the embedded ones.
+    pub weights: Option<PathBuf>,
+    /// Gradient mode through sampling.
+    pub gradient: GradientChoice,
+    /// Sampler.
+    pub solver: SolverChoice,
+    /// Sampling steps.
+    pub steps: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// Optimisation iterations.
+    pub iters: usize,
+    /// Seed of the noise.
+    pub seed: u64,
+    /// Guidance scale for class-conditional sampling.
+    pub cfg: f64,
+    /// Samples per batch.
+    pub batch: usize,
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The task itself.
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    /// Loading the toy model, its data or writing an image.
+    #[error(transparent)]
+    Toy(#[from] ToyError),
+    /// The output directory or a result file.
+    #[error("cannot write {path}: {message}")]
+    Output {
+        /// The path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl From<crate::diffusion::DiffusionError> for RunError {
+    fn from(e: crate::diffusion::DiffusionError) -> Self {
+        RunError::Task(TaskError::Diffusion(e))
+    }
+}
+
+impl<B: burn::tensor::backend::Backend> crate::tasks::Classifier<B> for ToyClassifier<B> {
+    fn logits(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
+        ToyClassifier::logits(self, images)
+    }
+
+    fn features(&self, images: Tensor<B, 4>) -> Vec<Tensor<B, 4>> {
+        ToyClassifier::features(self, images)
+    }
+}
+
+/// Everything a run needs, loaded once.
+struct Setup {
+    denoiser: ToyDenoiser<Ad>,
+    classifier: ToyClassifier<Ad>,
+    schedule: crate::diffusion::NoiseSchedule,
+    sampler: Sampler,
+}
+
+fn setup(config: &RunConfig) -> Result<Setup, RunError> {
+    if config.batch == 0 || config.steps == 0 {
+        return Err(TaskError::InvalidOption {
+            name: "batch/steps",
+            value: "0".into(),
+            rule: "must be ≥ 1",
+        }
+        .into());
+    }
+    std::fs::create_dir_all(&config.out).map_err(|e| RunError::Output {
+        path: config.out.clone(),
+        message: e.to_string(),
+    })?;
+    let probe = config.out.join(".write-test");
+    std::fs::write(&probe, b"")
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| RunError::Output {
+            path: config.out.clone(),
+            message: e.to_string(),
+        })?;
+    let device = Default::default();
+    let (denoiser, classifier, schedule) = match &config.weights {
+        Some(dir) => toy::load_from_dir::<Ad>(dir, &device)?,
+        None => toy::load_default::<Ad>(&device)?,
+    };
+    Ok(Setup {
+        denoiser,
+        classifier,
+        schedule,
+        sampler: config.solver.sampler(config.steps, config.gradient),
+    })
+}
+
+fn noise(config: &RunConfig, salt: u64) -> Tensor<Inner, 4> {
+    let device = Default::default();
+    <Inner as burn::tensor::backend::Backend>::seed(&device, config.seed.wrapping_mul(1_000_003).wrapping_add(salt));
+    Tensor::random(
+        [config.batch, 3, IMAGE_SIZE, IMAGE_SIZE],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    )
+}
+
+fn values(t: Tensor<Inner, 4>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap_or_default()
+}
+
+/// Writes the before/after grid (first row before, second after), the loss curve and metrics.
+fn write_outputs<M: Serialize>(
+    config: &RunConfig,
+    before: Tensor<Inner, 4>,
+    after: Tensor<Inner, 4>,
+    losses: &[f64],
+    metrics: &M,
+) -> Result<(), RunError> {
+    let n = config.batch;
+    let mut grid = values(before);
+    grid.extend(values(after));
+    toy::write_png_grid(
+        &config.out.join("before_after.png"),
+        &grid,
+        2 * n,
+        [IMAGE_SIZE, IMAGE_SIZE],
+        n,
+        3,
+    )?;
+    write_curve(&config.out.join("loss.png"), losses)?;
+    let json =
+        serde_json::to_vec_pretty(&serde_json::json!({ "config": config, "metrics": metrics })).map_err(|e| {
+            RunError::Output {
+                path: config.out.join("metrics.json"),
+                message: e.to_string(),
+            }
+        })?;
+    toy::png::write_atomic(&config.out.join("metrics.json"), &json)?;
+    Ok(())
+}
+
+/// A loss curve as a 480×240 PNG (no axes: the values are in metrics.json).
+fn write_curve(path: &Path, losses: &[f64]) -> Result<(), RunError> {
+    let (w, h) = (480u32, 240u32);
+    let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    let finite: Vec<f64> = losses.iter().copied().filter(|v| v.is_finite()).collect();
+    if finite.len() >= 2 {
+        let (lo, hi) = finite
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        let span = (hi - lo).max(1e-12);
+        let point = |i: usize, v: f64| {
+            let x = 10.0 + (w as f64 - 20.0) * i as f64 / (finite.len() - 1) as f64;
+            let y = 10.0 + (h as f64 - 20.0) * (hi - v) / span;
+            (x, y)
+        };
+        for i in 1..finite.len() {
+            let ((x0, y0), (x1, y1)) = (point(i - 1, finite[i - 1]), point(i, finite[i]));
+            let steps = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
+            for s in 0..=steps {
+                let f = s as f64 / steps as f64;
+                let (x, y) = ((x0 + f * (x1 - x0)) as u32, (y0 + f * (y1 - y0)) as u32);
+                for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
+                    if x + dx < w && y + dy < h {
+                        img.put_pixel(x + dx, y + dy, image::Rgb([31, 119, 180]));
+                    }
+                }
+            }
+        }
+    }
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .map_err(|e| RunError::Output {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+    toy::png::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+/// Task 1: samples of the unconditional model steered to `target` by optimising x_T.
+pub fn run_guide(
+    config: &RunConfig,
+    target: &str,
+    prior_weight: f64,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<crate::tasks::GuidedReport, RunError> {
+    let target = toy::class_index(target)?;
+    let s = setup(config)?;
+    let task = GuidedSampling {
+        target,
+        iters: config.iters,
+        lr: config.lr,
+        prior_weight,
+        sampler: s.sampler,
+    };
+    let model = s.denoiser.unconditional();
+    let run = guided_sampling(
+        &model,
+        &s.classifier,
+        &PixelSpace,
+        &s.schedule,
+        noise(config, 1),
+        &task,
+        on_iter,
+    )?;
+    write_outputs(config, run.before, run.after, &run.report.losses, &run.report)?;
+    Ok(run.report)
+}
+
+/// Task 2: for each sample, noise within an ℓ∞ ball of radius `epsilon` that changes its label.
+pub fn run_audit(
+    config: &RunConfig,
+    epsilon: f64,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<crate::tasks::AuditReport, RunError> {
+    let s = setup(config)?;
+    let task = Audit {
+        epsilon,
+        iters: config.iters,
+        lr: config.lr,
+        closeness_weight: 1.0,
+        sampler: s.sampler,
+    };
+    let model = s.denoiser.unconditional();
+    let run = audit(
+        &model,
+        &s.classifier,
+        &PixelSpace,
+        &s.schedule,
+        noise(config, 2),
+        &task,
+        on_iter,
+    )?;
+    write_outputs(config, run.before, run.after, &run.report.losses, &run.report)?;
+    Ok(run.report)
+}
+
+/// Metrics of tasks 3 and 4.
+#[derive(Debug, Clone, Serialize)]
+pub struct TuneReport {
+    /// The objective on held-out noise before tuning.
+    pub loss_before: f64,
+    /// … and after.
+    pub loss_after: f64,
+    /// Fraction of held-out samples the classifier assigns to the class in question, before.
+    pub class_rate_before: f64,
+    /// … and after.
+    pub class_rate_after: f64,
+    /// Loss per iteration.
+    pub losses: Vec<f64>,
+}
+
+/// The class rate of the classifier on images.
+fn class_rate(classifier: &ToyClassifier<Inner>, images: Tensor<Inner, 4>, class: usize) -> f64 {
+    let p = classifier.predict(images);
+    p.iter().filter(|&&c| c == class).count() as f64 / p.len().max(1) as f64
+}
+
+/// Task 3: learn a new conditioning embedding (starting from the null class) whose samples
+/// reproduce reference images of `class`; the UNet stays frozen.
+pub fn run_invert(
+    config: &RunConfig,
+    class: &str,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<TuneReport, RunError> {
+    let class = toy::class_index(class)?;
+    let s = setup(config)?;
+    let device = Default::default();
+    let reference = toy::dataset_of_class(class, 1, config.seed)?;
+    let reference = Tensor::<Ad, 4>::from_data(
+        TensorData::new(reference.images, [1, 3, IMAGE_SIZE, IMAGE_SIZE]),
+        &device,
+    );
+    let mut model = s.denoiser.unconditional();
+    model.unet = model.unet.no_grad();
+    model.context = Param::from_tensor(model.context.val().detach().require_grad());
+    let loss = |images: Tensor<Ad, 4>| (images - reference.clone()).powi_scalar(2).mean();
+    tune_task(config, &s, model, &loss, class, on_iter)
+}
+
+/// Task 4: fine-tune LoRA adapters of the UNet so that samples take the style (Gram statistics
+/// of the classifier's features) of one reference image of `style_class`.
+pub fn run_finetune(
+    config: &RunConfig,
+    style_class: &str,
+    rank: usize,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<TuneReport, RunError> {
+    let class = toy::class_index(style_class)?;
+    let s = setup(config)?;
+    let device = Default::default();
+    let style = toy::dataset_of_class(class, 1, config.seed.wrapping_add(7))?;
+    let style = Tensor::<Ad, 4>::from_data(TensorData::new(style.images, [1, 3, IMAGE_SIZE, IMAGE_SIZE]), &device);
+    let features = s.classifier.clone().no_grad();
+    let targets: Vec<Tensor<Ad, 3>> = features.features(style).into_iter().map(|f| gram(f).detach()).collect();
+    let mut model = s.denoiser.unconditional();
+    model.unet = model.unet.no_grad().with_lora(rank, rank as f64);
+    model.context = model.context.set_require_grad(false);
+    let model = crate::ode::materialized(model);
+    let loss = |images: Tensor<Ad, 4>| {
+        let b = images.dims()[0];
+        let grams = features.features(images).into_iter().map(gram);
+        grams
+            .zip(&targets)
+            .map(|(g, t)| (g - t.clone().repeat_dim(0, b)).powi_scalar(2).mean())
+            .reduce(|a, b| a + b)
+            .expect("the classifier has feature maps")
+    };
+    tune_task(config, &s, model, &loss, class, on_iter)
+}
+
+/// Tunes the trainable parameters of `model` under `loss`, evaluating it on held-out noise.
+fn tune_task(
+    config: &RunConfig,
+    s: &Setup,
+    model: toy::Conditioned<Ad>,
+    loss: &dyn Fn(Tensor<Ad, 4>) -> Tensor<Ad, 1>,
+    class: usize,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<TuneReport, RunError> {
+    let held_out = noise(config, 999);
+    let classifier = s.classifier.valid();
+    let evaluate = |m: &toy::Conditioned<Ad>| -> Result<(f64, f64, Tensor<Inner, 4>), RunError> {
+        let images = s.sampler.sample_inference(&m.valid(), &s.schedule, held_out.clone())?;
+        let l = scalar(loss(Tensor::from_inner(images.clone())).inner());
+        Ok((l, class_rate(&classifier, images.clone(), class), images))
+    };
+    let (loss_before, rate_before, before) = evaluate(&model)?;
+    let tuning = Tuning {
+        iters: config.iters,
+        lr: config.lr,
+        sampler: s.sampler,
+    };
+    let mut draws = 0u64;
+    let (tuned, losses) = tune_through_sampling(
+        model,
+        &PixelSpace,
+        &s.schedule,
+        &tuning,
+        &mut |_| {
+            draws += 1;
+            noise(config, 100 + draws)
+        },
+        loss,
+        on_iter,
+    )?;
+    let (loss_after, rate_after, after) = evaluate(&tuned)?;
+    let report = TuneReport {
+        loss_before,
+        loss_after,
+        class_rate_before: rate_before,
+        class_rate_after: rate_after,
+        losses,
+    };
+    write_outputs(config, before, after, &report.losses, &report)?;
+    Ok(report)
+}
+
+/// Class-conditional samples with classifier-free guidance, one row per class, as PNG.
+pub fn sample_grid(config: &RunConfig) -> Result<Vec<usize>, RunError> {
+    let s = setup(config)?;
+    let labels: Vec<usize> = (0..CLASSES.len())
+        .flat_map(|c| std::iter::repeat_n(c, config.batch))
+        .collect();
+    let model = Cfg::new(s.denoiser.valid().conditioned_for_guidance(&labels)?, config.cfg)?;
+    let device = Default::default();
+    <Inner as burn::tensor::backend::Backend>::seed(&device, config.seed);
+    let x_t = Tensor::<Inner, 4>::random(
+        [labels.len(), 3, IMAGE_SIZE, IMAGE_SIZE],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let images = s.sampler.sample_inference(&model, &s.schedule, x_t)?;
+    let predicted = s.classifier.valid().predict(images.clone());
+    toy::write_png_grid(
+        &config.out.join("samples.png"),
+        &values(images),
+        labels.len(),
+        [IMAGE_SIZE, IMAGE_SIZE],
+        config.batch,
+        3,
+    )?;
+    Ok(predicted)
+}
