@@ -210,8 +210,9 @@ impl KeyMap {
 /// Converts every floating-point tensor to one dtype (the device's float dtype), so that f16,
 /// bf16 and f64 checkpoints load into f32 modules (burn-store would otherwise keep the file's).
 #[derive(Debug, Clone)]
-struct CastFloat {
-    to: DType,
+pub struct CastFloat {
+    /// The dtype every float tensor is converted to.
+    pub to: DType,
 }
 
 impl ModuleAdapter for CastFloat {

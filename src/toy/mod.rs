@@ -41,11 +41,11 @@ pub mod train;
 
 use std::path::{Path, PathBuf};
 
-use adjoint_dpm_models::load::{load_safetensors, KeyMap};
+use adjoint_dpm_models::load::{load_safetensors, CastFloat, KeyMap};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, TensorData};
-use burn_store::{ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, SafetensorsStore, TensorSnapshot};
+use burn::tensor::DType;
+use burn_store::{ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, SafetensorsStore};
 use serde::{Deserialize, Serialize};
 
 pub use classifier::{ClassifierConfig, ToyClassifier};
@@ -237,33 +237,6 @@ pub fn load_from_dir<B: Backend>(
     Ok((denoiser, classifier, record.train.denoiser.schedule.schedule()))
 }
 
-/// Casts float tensors to the device's float dtype (the files hold f32).
-#[derive(Debug, Clone)]
-struct CastFloat(DType);
-
-impl ModuleAdapter for CastFloat {
-    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
-        let is_float = matches!(snapshot.dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64);
-        if !is_float || snapshot.dtype == self.0 {
-            return snapshot.clone();
-        }
-        let data_fn = snapshot.clone_data_fn();
-        let to = self.0;
-        TensorSnapshot::from_closure(
-            std::rc::Rc::new(move || data_fn().map(|d: TensorData| d.convert_dtype(to))),
-            to,
-            snapshot.shape.clone(),
-            snapshot.path_stack.clone().unwrap_or_default(),
-            snapshot.container_stack.clone().unwrap_or_default(),
-            snapshot.tensor_id.unwrap_or_default(),
-        )
-    }
-
-    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
-        Box::new(self.clone())
-    }
-}
-
 /// Loads safetensors bytes written by [`adjoint_dpm_models::load::save_safetensors`].
 fn load_bytes<B: Backend, M: Module<B>>(mut module: M, bytes: &[u8], what: &str) -> Result<M, ToyError> {
     let dtype: DType = match module.devices().first() {
@@ -277,7 +250,7 @@ fn load_bytes<B: Backend, M: Module<B>>(mut module: M, bytes: &[u8], what: &str)
         .values()
         .cloned()
         .collect();
-    let adapter = PyTorchToBurnAdapter.chain(CastFloat(dtype));
+    let adapter = PyTorchToBurnAdapter.chain(CastFloat { to: dtype });
     let result = module.apply(snapshots, None, Some(Box::new(adapter)), true);
     if !result.missing.is_empty() || !result.errors.is_empty() {
         return Err(ToyError::Model(format!(
