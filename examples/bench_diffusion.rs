@@ -14,9 +14,10 @@
 
 use std::time::Instant;
 
-use adjoint_dpm::diffusion::{EpsModel, NoiseSchedule, Sampler};
+use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
 use adjoint_dpm::prelude::*;
-use adjoint_dpm_models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use adjoint_dpm::tasks::UnetEps;
+use adjoint_dpm_models::unet::UNet2DConditionConfig;
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Param};
 use burn::prelude::*;
@@ -26,18 +27,6 @@ type Inner = Flex;
 type B = Autodiff<Inner>;
 
 /// The UNet with a fixed (trainable) cross-attention context.
-#[derive(Module, Debug)]
-struct UnetEps<B: Backend> {
-    unet: UNet2DConditionModel<B>,
-    context: Param<Tensor<B, 3>>,
-}
-
-impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
-    fn eps(&self, x: Tensor<B, 4>, t: Tensor<B, 1>) -> Tensor<B, 4> {
-        let batch = x.dims()[0];
-        self.unet.forward(x, t.repeat_dim(0, batch), self.context.val(), None)
-    }
-}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {

@@ -7,6 +7,7 @@ pub mod common;
 pub mod noise_opt;
 pub mod run;
 pub mod tune;
+pub mod unet_eps;
 
 pub use audit::{audit, Audit, AuditReport, AuditRun};
 pub use common::{
@@ -15,3 +16,4 @@ pub use common::{
 };
 pub use noise_opt::{guided_sampling, GuidedReport, GuidedRun, GuidedSampling};
 pub use tune::{gram, tune_through_sampling, Tuning};
+pub use unet_eps::UnetEps;

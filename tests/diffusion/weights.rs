@@ -1,27 +1,15 @@
 //! Gradients through sampling w.r.t. a chosen subset of a real UNet's weights: low-rank adapters
 //! on a frozen network, or a named subset.
 
-use adjoint_dpm::diffusion::{EpsModel, NoiseSchedule, Sampler};
+use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
 use adjoint_dpm::prelude::*;
+use adjoint_dpm::tasks::UnetEps;
 use adjoint_dpm_models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
 use crate::{noise, rel_err, values, Ad};
-
-#[derive(Module, Debug)]
-struct UnetEps<B: Backend> {
-    unet: UNet2DConditionModel<B>,
-    context: Param<Tensor<B, 3>>,
-}
-
-impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
-    fn eps(&self, x: Tensor<B, 4>, t: Tensor<B, 1>) -> Tensor<B, 4> {
-        let batch = x.dims()[0];
-        self.unet.forward(x, t.repeat_dim(0, batch), self.context.val(), None)
-    }
-}
 
 const CONFIG: &str = r#"{
   "block_out_channels": [8, 16], "layers_per_block": 1, "in_channels": 2, "out_channels": 2,
