@@ -96,16 +96,7 @@ fn run() -> Result<(), String> {
     let t_obs: Vec<f64> = (0..n_obs).map(|i| 25.0 * i as f64 / (n_obs - 1) as f64).collect();
     let z_start = Tensor::<Inner, 2>::from_data(TensorData::from([[2.0f32, 0.0]]), &device);
     let truth = NeuralOde::new(TrueSpiral {}).solver(Solver::dopri5(1e-7, 1e-9));
-    let observed: Vec<[f32; 2]> = truth
-        .integrate(z_start.clone(), &t_obs)
-        .map_err(|e| e.to_string())?
-        .stacked()
-        .into_data()
-        .to_vec::<f32>()
-        .map_err(|e| format!("{e:?}"))?
-        .chunks(2)
-        .map(|c| [c[0], c[1]])
-        .collect();
+    let observed = trajectory(&truth, z_start.clone(), &t_obs)?;
 
     // The model, trained through the exact discrete adjoint.
     let mut model = Field::<B> {
@@ -151,16 +142,7 @@ fn run() -> Result<(), String> {
 
     // The learned trajectory from z(0) over the whole span, solved without a graph.
     let learned = NeuralOde::new(model.valid()).solver(Solver::dopri5(1e-6, 1e-8));
-    let predicted: Vec<[f32; 2]> = learned
-        .integrate(z_start, &t_obs)
-        .map_err(|e| e.to_string())?
-        .stacked()
-        .into_data()
-        .to_vec::<f32>()
-        .map_err(|e| format!("{e:?}"))?
-        .chunks(2)
-        .map(|c| [c[0], c[1]])
-        .collect();
+    let predicted = trajectory(&learned, z_start, &t_obs)?;
     let err: f32 = observed
         .iter()
         .zip(&predicted)
@@ -175,6 +157,22 @@ fn run() -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The states of a graph-free solve from one initial point, as points of the plane.
+fn trajectory<M: Dynamics<Inner, 2>>(
+    ode: &NeuralOde<M>,
+    z0: Tensor<Inner, 2>,
+    times: &[f64],
+) -> Result<Vec<[f32; 2]>, String> {
+    let values = ode
+        .integrate(z0, times)
+        .map_err(|e| e.to_string())?
+        .stacked()
+        .into_data()
+        .to_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(values.chunks(2).map(|c| [c[0], c[1]]).collect())
 }
 
 /// Draws both trajectories in the phase plane; writes the PNG atomically.
