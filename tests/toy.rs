@@ -13,6 +13,10 @@ fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().unwrap()
 }
 
+fn t100() -> Tensor<B, 1> {
+    Tensor::from_data(TensorData::from([100.0f32]), &Default::default())
+}
+
 fn scratch_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("adjoint-dpm-toy-test-{}-{name}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
@@ -181,7 +185,7 @@ fn tiny_training_lowers_the_loss() {
     config.denoiser.prediction = toy::Prediction::Epsilon;
     config.lr = 1e-2;
     let mut reports = 0;
-    let (_, losses) = train::train_denoiser::<Ad>(&config, &device, &mut |_| reports += 1).unwrap();
+    let (_, losses) = train::train_denoiser::<Ad>(&config, &device, None, &mut |_| reports += 1).unwrap();
     assert_eq!(reports, steps);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (head, tail) = (mean(&losses[..5]), mean(&losses[steps - 20..]));
@@ -202,6 +206,7 @@ fn trained_models_save_and_load_from_a_directory() {
         threads: 1,
         train: config,
         report: trained.report.clone(),
+        previous: None,
     };
     let dir = scratch_dir("save");
     train::save(&dir, &trained, &record).unwrap();
@@ -232,8 +237,35 @@ fn trained_models_save_and_load_from_a_directory() {
     assert_eq!(values(a), values(b));
     assert_eq!(
         values(trained.classifier.logits(x.clone())),
-        values(classifier.logits(x))
+        values(classifier.logits(x.clone()))
     );
+
+    // Continuing from the loaded weights: the classifier is kept (no classifier steps), the
+    // denoiser moves on from where it was.
+    let before = values(denoiser.conditioned(&[Some(1)]).unwrap().eps(x.clone(), t100()));
+    let more = TrainConfig {
+        seed: 4,
+        classifier_steps: 0,
+        ..tiny_config(2)
+    };
+    let continued = train::train_from::<Ad>(&more, &device, Some((denoiser, classifier.clone())), &mut |_| {}).unwrap();
+    assert_eq!(
+        values(continued.classifier.logits(x.clone())),
+        values(classifier.logits(x.clone()))
+    );
+    let after = values(
+        continued
+            .denoiser
+            .conditioned(&[Some(1)])
+            .unwrap()
+            .eps(x.clone(), t100()),
+    );
+    let moved = before
+        .iter()
+        .zip(&after)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(moved > 1e-6 && moved < 1.0, "continued training moved ε by {moved}");
 
     // A corrupt record and a missing weights file are typed errors.
     std::fs::write(dir.join(toy::files::RECORD), "{ not json").unwrap();

@@ -114,6 +114,14 @@ struct TrainToyArgs {
     /// Classifier-free guidance scale of those samples.
     #[arg(long, default_value_t = TrainConfig::default().eval_cfg)]
     cfg: f64,
+    /// Decay of the denoiser's weight average (what is evaluated and saved; 0 = last iterate).
+    #[arg(long, default_value_t = TrainConfig::default().ema_decay)]
+    ema_decay: f64,
+    /// Continue from the weights in this directory (a previous `--out`) instead of random ones;
+    /// its architecture is kept and its record is kept inside the new one. Give a new --seed so
+    /// the continuation sees new images, and --classifier-steps 0 to keep its classifier.
+    #[arg(long)]
+    init: Option<PathBuf>,
 }
 
 /// `--gradient`.
@@ -132,7 +140,7 @@ enum GradientArg {
 enum SolverArg {
     /// DDIM (Euler in ρ).
     Ddim,
-    /// DPM-Solver++(2M) (with --gradient backprop).
+    /// DPM-Solver++(2M) (with --gradient exact or backprop).
     Dpmpp2m,
     /// Heun in ρ.
     Heun,
@@ -309,7 +317,7 @@ fn bar(phase: Phase, steps: usize) -> ProgressBar {
 }
 
 fn train_toy(args: TrainToyArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let config = TrainConfig {
+    let mut config = TrainConfig {
         seed: args.seed,
         steps: args.steps,
         batch: args.batch,
@@ -318,7 +326,19 @@ fn train_toy(args: TrainToyArgs) -> Result<(), Box<dyn std::error::Error>> {
         eval_samples: args.eval_samples,
         eval_steps: args.eval_steps,
         eval_cfg: args.cfg,
+        ema_decay: args.ema_decay,
         ..TrainConfig::default()
+    };
+    // Continuing: the previous run's architecture, weights and record.
+    let (init, previous) = match &args.init {
+        Some(dir) => {
+            let previous = toy::read_record(dir)?;
+            config.denoiser = previous.train.denoiser.clone();
+            config.classifier = previous.train.classifier.clone();
+            let (denoiser, classifier, _) = toy::load_from_dir::<Flex>(dir, &Default::default())?;
+            (Some((denoiser, classifier)), Some(Box::new(previous)))
+        }
+        None => (None, None),
     };
     config.check()?;
     // Fail on an unwritable output directory before training, not after.
@@ -360,7 +380,7 @@ fn train_toy(args: TrainToyArgs) -> Result<(), Box<dyn std::error::Error>> {
             b.finish();
         }
     };
-    let trained = toy::train::train::<Train>(&config, &device, &mut on_progress)?;
+    let trained = toy::train::train_from::<Train>(&config, &device, init, &mut on_progress)?;
     let record = toy::ToyRecord {
         format: toy::train::RECORD_FORMAT.into(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -368,6 +388,7 @@ fn train_toy(args: TrainToyArgs) -> Result<(), Box<dyn std::error::Error>> {
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         train: config,
         report: trained.report.clone(),
+        previous,
     };
     toy::train::save(&args.out, &trained, &record)?;
     let r = &record.report;

@@ -44,12 +44,14 @@ pub enum DiffusionError {
         t: f64,
     },
     /// The sampler cannot be differentiated in that mode.
-    #[error("{sampler} cannot be differentiated with {mode:?} yet; use GradientMode::Backprop, or DDIM/Heun for the adjoint modes")]
+    #[error("{sampler} cannot be differentiated with {mode:?}: {why}")]
     UnsupportedGradient {
         /// The sampler.
         sampler: &'static str,
         /// The mode asked for.
         mode: crate::ode::GradientMode,
+        /// Why, and what to use instead.
+        why: &'static str,
     },
     /// The ODE engine failed.
     #[error(transparent)]

@@ -2,6 +2,7 @@
 //! and their gradients, by plugging into the engine. Knows nothing of Stable Diffusion.
 
 pub mod diagnostic;
+pub mod dpm_solver;
 pub mod eps_model;
 pub mod error;
 pub mod pf_ode;
@@ -9,6 +10,7 @@ pub mod sampler;
 pub mod schedule;
 
 pub use diagnostic::AdjointReport;
+pub use dpm_solver::DpmSolverPP2M;
 pub use eps_model::{Cfg, EpsModel, GuidanceEmbeddings, Predictor, SamplePrediction, VPrediction};
 pub use error::DiffusionError;
 pub use pf_ode::PfOde;

@@ -8,8 +8,9 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::Tensor;
 
+use crate::diffusion::dpm_solver::DpmSolverPP2M;
 use crate::diffusion::eps_model::EpsModel;
 use crate::diffusion::error::DiffusionError;
 use crate::diffusion::pf_ode::PfOde;
@@ -28,8 +29,9 @@ pub enum SamplerKind {
     Rk4,
     /// DPM-Solver++(2M) (Lu et al. 2022): the multistep exponential integrator in data-prediction
     /// form, `y_{i+1} = (ρ_{i+1}/ρ_i) y_i + (1 − ρ_{i+1}/ρ_i) D_i` with `D_i` a second-order
-    /// combination of the last two x̂_0. Its history is state the engine's adjoint modes do not
-    /// carry yet: it is differentiated by `Backprop` only.
+    /// combination of the last two x̂_0. Run as a one-step method on `[y; x̂0_prev]` (see
+    /// [`DpmSolverPP2M`]), so `Checkpointed` gives its exact gradient; it has no continuous
+    /// adjoint (`Backsolve` is refused).
     DpmSolverPP2M,
 }
 
@@ -78,12 +80,11 @@ impl Sampler {
     }
 
     /// DPM-Solver++(2M) with `steps` steps, as diffusers' `DPMSolverMultistepScheduler` defaults:
-    /// "linspace" spacing, last step to ρ = 0 in first order. Differentiated by `Backprop`.
+    /// "linspace" spacing, last step to ρ = 0 in first order, exact gradients.
     pub fn dpm_solver_pp_2m(steps: usize) -> Self {
         Self {
             kind: SamplerKind::DpmSolverPP2M,
             spacing: TimestepSpacing::Linspace,
-            gradient: GradientMode::Backprop,
             ..Self::ddim(steps)
         }
     }
@@ -148,13 +149,23 @@ impl Sampler {
     {
         let grid = self.rho_grid(schedule)?;
         if self.kind == SamplerKind::DpmSolverPP2M {
-            if self.gradient != GradientMode::Backprop {
+            if let GradientMode::Backsolve(_) = self.gradient {
                 return Err(DiffusionError::UnsupportedGradient {
                     sampler: "DPM-Solver++(2M)",
                     mode: self.gradient,
+                    why: "a multistep method has no continuous adjoint; use Checkpointed (exact) or \
+                          Backprop, or DDIM/Heun for AdjointDPM",
                 });
             }
-            return dpm_solver_pp_2m(model, schedule, &grid, x_t, &mut |_| {});
+            let map = DpmSolverPP2M::new(model.clone(), schedule.clone(), grid.clone());
+            let ode = NeuralOde::new(map).solver(self.solver()).gradient(self.gradient);
+            let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
+            let z_0 = ode
+                .solve(DpmSolverPP2M::<_, M>::initial_state(y_t), &grid)
+                .map_err(|e| name_step(e, schedule, &grid))?
+                .last();
+            let y_0 = DpmSolverPP2M::<_, M>::y_of(z_0);
+            return Ok(y_0.mul_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1])));
         }
         let ode = NeuralOde::new(PfOde::new(model.clone(), schedule.clone()))
             .solver(self.solver())
@@ -175,6 +186,7 @@ impl Sampler {
         B: Backend,
         M: EpsModel<B, D>,
         PfOde<B, M>: Dynamics<B, D>,
+        DpmSolverPP2M<B, M>: Dynamics<B, D>,
     {
         let mut trajectory = self.trajectory_inference(model, schedule, x_t)?;
         Ok(trajectory.pop().expect("a trajectory holds x_T and x_0"))
@@ -192,18 +204,26 @@ impl Sampler {
         B: Backend,
         M: EpsModel<B, D>,
         PfOde<B, M>: Dynamics<B, D>,
+        DpmSolverPP2M<B, M>: Dynamics<B, D>,
     {
         let grid = self.rho_grid(schedule)?;
-        if self.kind == SamplerKind::DpmSolverPP2M {
-            let mut trajectory = Vec::with_capacity(grid.len());
-            dpm_solver_pp_2m(model, schedule, &grid, x_t, &mut |x| trajectory.push(x.clone()))?;
-            return Ok(trajectory);
-        }
-        let ode = NeuralOde::new(PfOde::new(model.clone(), schedule.clone())).solver(self.solver());
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
-        let solution = ode.integrate(y_t, &grid).map_err(|e| name_step(e, schedule, &grid))?;
-        Ok(solution
-            .states()
+        let ys = if self.kind == SamplerKind::DpmSolverPP2M {
+            let map = DpmSolverPP2M::new(model.clone(), schedule.clone(), grid.clone());
+            let ode = NeuralOde::new(map).solver(self.solver());
+            let z_t = DpmSolverPP2M::<B, M>::initial_state(y_t);
+            let solution = ode.integrate(z_t, &grid).map_err(|e| name_step(e, schedule, &grid))?;
+            solution
+                .states()
+                .into_iter()
+                .map(DpmSolverPP2M::<B, M>::y_of)
+                .collect::<Vec<_>>()
+        } else {
+            let ode = NeuralOde::new(PfOde::new(model.clone(), schedule.clone())).solver(self.solver());
+            let solution = ode.integrate(y_t, &grid).map_err(|e| name_step(e, schedule, &grid))?;
+            solution.states()
+        };
+        Ok(ys
             .into_iter()
             .zip(&grid)
             .map(|(y, &rho)| y.mul_scalar(NoiseSchedule::alpha_of_rho(rho)))
@@ -222,53 +242,4 @@ fn name_step(e: crate::Error, schedule: &NoiseSchedule, grid: &[f64]) -> Diffusi
         },
         e => DiffusionError::Solver(e),
     }
-}
-
-/// DPM-Solver++(2M) on the ρ grid, in y = x/α (diffusers' `DPMSolverMultistepScheduler` with
-/// `algorithm_type = "dpmsolver++"`, `solver_type = "midpoint"`, `lower_order_final = True`).
-fn dpm_solver_pp_2m<B: Backend, M: EpsModel<B, D>, const D: usize>(
-    model: &M,
-    schedule: &NoiseSchedule,
-    grid: &[f64],
-    x_t: Tensor<B, D>,
-    on_sample: &mut dyn FnMut(&Tensor<B, D>),
-) -> Result<Tensor<B, D>, DiffusionError> {
-    let steps = grid.len() - 1;
-    on_sample(&x_t);
-    let mut y = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
-    let mut previous: Option<Tensor<B, D>> = None;
-    for i in 0..steps {
-        let (rho_s, rho_t) = (grid[i], grid[i + 1]);
-        let t = schedule.t_of_rho(rho_s);
-        let eps = model.eps(
-            y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(rho_s)),
-            Tensor::from_data(TensorData::from([t]), (&y.device(), y.dtype())),
-        );
-        let probe: f64 = eps.clone().sum().into_scalar().elem();
-        if !probe.is_finite() {
-            return Err(DiffusionError::NonFiniteEps { step: i, t });
-        }
-        // x̂_0 in y units: (x − σ ε)/α = y − ρ ε.
-        let x0 = y.clone() - eps.mul_scalar(rho_s);
-        // The last step is first order when it lands on ρ = 0 or the run is short (< 15 steps).
-        let first_order = i + 1 == steps && (rho_t == 0.0 || steps < 15);
-        let d = match (&previous, first_order) {
-            (Some(x0_prev), false) => {
-                let h = (rho_s / rho_t).ln();
-                let h_prev = (grid[i - 1] / rho_s).ln();
-                let r = h_prev / h;
-                x0.clone() + (x0.clone() - x0_prev.clone()).mul_scalar(0.5 / r)
-            }
-            _ => x0.clone(),
-        };
-        let ratio = rho_t / rho_s;
-        y = y.mul_scalar(ratio) + d.mul_scalar(1.0 - ratio);
-        previous = Some(x0);
-        if i + 1 < steps {
-            on_sample(&y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(rho_t)));
-        }
-    }
-    let x0 = y.mul_scalar(NoiseSchedule::alpha_of_rho(grid[steps]));
-    on_sample(&x0);
-    Ok(x0)
 }

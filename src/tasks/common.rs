@@ -168,7 +168,7 @@ impl GradientChoice {
 pub enum SolverChoice {
     /// DDIM (Euler in ρ).
     Ddim,
-    /// DPM-Solver++(2M): Backprop gradients only.
+    /// DPM-Solver++(2M): exact or Backprop gradients (no AdjointDPM).
     Dpmpp2m,
     /// Heun in ρ.
     Heun,

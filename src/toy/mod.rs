@@ -36,6 +36,7 @@
 pub mod classifier;
 pub mod data;
 pub mod denoiser;
+pub mod ema;
 pub mod png;
 pub mod train;
 

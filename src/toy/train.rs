@@ -16,6 +16,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::data::{dataset_range, held_out_seed, train_seed, Rng};
+use super::ema::Ema;
 use super::png::{tmp_path, write_atomic, write_png_grid};
 use super::{
     files, ClassifierConfig, DenoiserConfig, Prediction, ToyClassifier, ToyDenoiser, ToyError, CLASSES, IMAGE_SIZE,
@@ -42,6 +43,10 @@ pub struct TrainConfig {
     pub warmup: usize,
     /// Probability of replacing a label by the null class.
     pub label_dropout: f64,
+    /// Decay of the exponential moving average of the denoiser's weights, which is what is
+    /// evaluated and saved (0 = the last iterate, as runs before the average did).
+    #[serde(default)]
+    pub ema_decay: f64,
     /// Classifier optimisation steps.
     pub classifier_steps: usize,
     /// Classifier batch size.
@@ -70,6 +75,7 @@ impl Default for TrainConfig {
             lr: 2e-3,
             warmup: 100,
             label_dropout: 0.1,
+            ema_decay: 0.999,
             classifier_steps: 600,
             classifier_batch: 64,
             classifier_lr: 2e-3,
@@ -108,6 +114,9 @@ impl TrainConfig {
                 self.classifier_lr.to_string(),
                 "must be finite and > 0",
             );
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return bad("ema_decay", self.ema_decay.to_string(), "must be in [0, 1)");
         }
         if !(0.0..1.0).contains(&self.label_dropout) {
             return bad("label_dropout", self.label_dropout.to_string(), "must be in [0, 1)");
@@ -190,6 +199,9 @@ pub struct ToyRecord {
     pub train: TrainConfig,
     /// Its metrics.
     pub report: TrainReport,
+    /// The record of the weights this run started from (`train-toy --init`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Box<ToyRecord>>,
 }
 
 /// The current record format tag.
@@ -238,14 +250,21 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
 }
 
 /// Trains the classifier alone; returns it with its loss per step.
+///
+/// `init` continues from given weights instead of a seeded random initialisation.
 pub fn train_classifier<B: AutodiffBackend>(
     config: &TrainConfig,
     device: &B::Device,
+    init: Option<ToyClassifier<B::InnerBackend>>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(ToyClassifier<B>, Vec<f64>), ToyError> {
     config.check()?;
     B::seed(device, config.seed);
-    let mut model = crate::ode::materialized(config.classifier.init::<B>(device));
+    let mut model = match init {
+        // Inner-backend parameters come back frozen from `from_inner`: unfreeze them all.
+        Some(inner) => crate::ode::train_only(ToyClassifier::from_inner(inner), |_| true),
+        None => crate::ode::materialized(config.classifier.init::<B>(device)),
+    };
     let mut optim = AdamConfig::new().init::<B, ToyClassifier<B>>();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let seed = train_seed(config.seed) ^ 0x636c_6173;
@@ -289,15 +308,23 @@ fn labels_tensor<B: Backend>(labels: &[usize], device: &B::Device) -> Tensor<B, 
 }
 
 /// Trains the denoiser alone with the ε- or v-prediction loss (see [`Prediction`]); returns it
-/// with its loss per step.
+/// (its weight average when `config.ema_decay > 0`) with its loss per step.
+///
+/// `init` continues from given weights instead of a seeded random initialisation.
 pub fn train_denoiser<B: AutodiffBackend>(
     config: &TrainConfig,
     device: &B::Device,
+    init: Option<ToyDenoiser<B::InnerBackend>>,
     progress: &mut dyn FnMut(&Progress),
-) -> Result<(ToyDenoiser<B>, Vec<f64>), ToyError> {
+) -> Result<(ToyDenoiser<B::InnerBackend>, Vec<f64>), ToyError> {
     config.check()?;
     B::seed(device, config.seed.wrapping_add(1));
-    let mut model = config.denoiser.init::<B>(device)?;
+    let mut model = match init {
+        // Inner-backend parameters come back frozen from `from_inner`: unfreeze them all.
+        Some(inner) => crate::ode::train_only(ToyDenoiser::from_inner(inner), |_| true),
+        None => config.denoiser.init::<B>(device)?,
+    };
+    let mut ema = (config.ema_decay > 0.0).then(|| Ema::new(&model.valid(), config.ema_decay));
     let mut optim = AdamConfig::new().init::<B, ToyDenoiser<B>>();
     let schedule = config.denoiser.schedule.schedule();
     let train_steps = schedule.train_steps();
@@ -354,6 +381,9 @@ pub fn train_denoiser<B: AutodiffBackend>(
         losses.push(value);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(lr_at(step, steps, config.warmup, config.lr), model, grads);
+        if let Some(ema) = ema.as_mut() {
+            ema.update(&model.valid());
+        }
         progress(&Progress {
             phase: Phase::Denoiser,
             step: step + 1,
@@ -361,6 +391,10 @@ pub fn train_denoiser<B: AutodiffBackend>(
             loss: Some(value),
         });
     }
+    let model = match ema {
+        Some(ema) => ema.apply(model.valid()),
+        None => model.valid(),
+    };
     Ok((model, losses))
 }
 
@@ -425,6 +459,9 @@ pub fn accuracy_on<B: Backend>(
     device: &B::Device,
 ) -> (f64, Vec<f64>) {
     let n = labels.len();
+    if n == 0 {
+        return (f64::NAN, vec![f64::NAN; NUM_CLASSES]);
+    }
     let x = Tensor::<B, 4>::from_data(TensorData::new(images.to_vec(), [n, 3, IMAGE_SIZE, IMAGE_SIZE]), device);
     let predicted = classifier.predict(x.clamp(-1.0, 1.0));
     let mut hits = [0usize; NUM_CLASSES];
@@ -448,15 +485,33 @@ pub fn train<B: AutodiffBackend>(
     device: &B::Device,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Trained<B::InnerBackend>, ToyError> {
+    train_from::<B>(config, device, None, progress)
+}
+
+/// Weights a run continues from (see [`train_from`]).
+pub type Start<B> = (ToyDenoiser<B>, ToyClassifier<B>);
+
+/// [`train`], continuing from given weights when `init` is `Some` (their architecture wins over
+/// the config's; with `classifier_steps = 0` the classifier is kept as it is). Use another seed
+/// than the first run's so the continuation sees new images and noise.
+pub fn train_from<B: AutodiffBackend>(
+    config: &TrainConfig,
+    device: &B::Device,
+    init: Option<Start<B::InnerBackend>>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Trained<B::InnerBackend>, ToyError> {
     config.check()?;
+    let (init_denoiser, init_classifier) = match init {
+        Some((d, c)) => (Some(d), Some(c)),
+        None => (None, None),
+    };
     let clock = Instant::now();
-    let (classifier, classifier_losses) = train_classifier::<B>(config, device, progress)?;
+    let (classifier, classifier_losses) = train_classifier::<B>(config, device, init_classifier, progress)?;
     let classifier = classifier.valid();
     let classifier_seconds = clock.elapsed().as_secs_f64();
 
     let clock = Instant::now();
-    let (denoiser, denoiser_losses) = train_denoiser::<B>(config, device, progress)?;
-    let denoiser = denoiser.valid();
+    let (denoiser, denoiser_losses) = train_denoiser::<B>(config, device, init_denoiser, progress)?;
     let denoiser_seconds = clock.elapsed().as_secs_f64();
 
     let clock = Instant::now();
