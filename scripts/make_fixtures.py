@@ -277,54 +277,15 @@ def clip_fixtures() -> None:
     out_dir = os.path.join(ROOT, "clip_tiny")
     os.makedirs(out_dir, exist_ok=True)
 
-    # A tiny CLIP BPE: every byte (alone and word-final) plus a few merges, so that multi-character
-    # tokens, word ends and unknown words all occur.
-    chars = list(_bytes_to_unicode().values())
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = [
-        ("a", "t</w>"), ("t", "h"), ("i", "n"), ("e", "r"), ("o", "n</w>"), ("th", "e</w>"),
-        ("c", "at</w>"), ("a", "n"), ("an", "d</w>"), ("p", "h"), ("ph", "o"), ("pho", "t"),
-        ("phot", "o</w>"), ("o", "f</w>"), ("s", "t"), ("st", "y"), ("in", "g</w>"),
-    ]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    vocab, merges = _tiny_bpe()
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     tok.save_pretrained(out_dir)
 
-    prompts = [
-        "a photo of the cat",
-        "A PHOTO   of\tthe\nCat!!",
-        "",
-        "don't, it's they're we'll I'd you've",
-        "café naïve résumé, 東京 and 🐱🚀",
-        "1234 apples + 56.7% = $8",
-        "an astronaut riding a horse, " * 12,
-        "<|endoftext|> in the middle",
-        "  leading and trailing spaces  ",
-    ]
-    ids = [tok(p, padding="max_length", max_length=77, truncation=True).input_ids for p in prompts]
+    ids = [tok(p, padding="max_length", max_length=77, truncation=True).input_ids for p in PROMPTS]
     with open(os.path.join(out_dir, "tokens.json"), "w") as f:
-        json.dump({"prompts": prompts, "input_ids": ids}, f, ensure_ascii=False, indent=1)
+        json.dump({"prompts": PROMPTS, "input_ids": ids}, f, ensure_ascii=False, indent=1)
 
-    cfg = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        projection_dim=16,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    )
+    cfg = _tiny_clip_config(vocab)
     torch.manual_seed(SEED + 30)
     model = CLIPTextModel(cfg).eval()
     randomize_(model, SEED + 30)
@@ -340,6 +301,177 @@ def clip_fixtures() -> None:
     )
 
 
+# Prompts that exercise the CLIP tokenizer's normalisation, splitting, merges and truncation.
+PROMPTS = [
+    "a photo of the cat",
+    "A PHOTO   of\tthe\nCat!!",
+    "",
+    "don't, it's they're we'll I'd you've",
+    "café naïve résumé, 東京 and 🐱🚀",
+    "1234 apples + 56.7% = $8",
+    "an astronaut riding a horse, " * 12,
+    "<|endoftext|> in the middle",
+    "  leading and trailing spaces  ",
+]
+
+
+def _tiny_bpe():
+    """A tiny CLIP BPE: every byte (alone and word-final) plus a few merges, so that
+    multi-character tokens, word ends and unknown words all occur."""
+    chars = list(_bytes_to_unicode().values())
+    vocab = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = [
+        ("a", "t</w>"), ("t", "h"), ("i", "n"), ("e", "r"), ("o", "n</w>"), ("th", "e</w>"),
+        ("c", "at</w>"), ("a", "n"), ("an", "d</w>"), ("p", "h"), ("ph", "o"), ("pho", "t"),
+        ("phot", "o</w>"), ("o", "f</w>"), ("s", "t"), ("st", "y"), ("in", "g</w>"),
+    ]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def _tiny_clip_config(vocab):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=16,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+
+
+def sd_fixtures() -> None:
+    """A whole tiny Stable Diffusion pipeline in the diffusers layout (what `--weights DIR`
+    reads), a tiny ResNet classifier with its architecture beside it, and a reference run of
+    diffusers' StableDiffusionPipeline (prompt -> CLIP -> CFG -> DDIM -> VAE) from fixed noise.
+
+    The tokenizer is stored as vocab.json + merges.txt only, as SD 1.x repositories ship it."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from torchvision.models import resnet as tv
+
+    out_dir = os.path.join(ROOT, "sd_tiny")
+    vocab, merges = _tiny_bpe()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    torch.manual_seed(SEED + 40)
+    text_encoder = CLIPTextModel(_tiny_clip_config(vocab)).eval()
+    randomize_(text_encoder, SEED + 40)
+    torch.manual_seed(SEED + 41)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()
+    randomize_(unet, SEED + 41)
+    # Keep the random UNet's output at the scale of a trained one (unit-variance noise
+    # predictions), so that sampling stays in a sane range.
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.zero_()
+    torch.manual_seed(SEED + 42)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=0.18215,
+    ).eval()
+    randomize_(vae, SEED + 42)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    # The tokenizer folder as SD 1.x ships it: vocab.json + merges.txt, no tokenizer.json.
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    for f in os.listdir(tok_dir):
+        os.remove(os.path.join(tok_dir, f))
+    with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>"}
+    with open(os.path.join(tok_dir, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=1)
+    with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(special, model_max_length=77, tokenizer_class="CLIPTokenizer"), f, indent=1)
+    reloaded = CLIPTokenizer.from_pretrained(tok_dir)
+    ids = [reloaded(p, padding="max_length", max_length=77, truncation=True).input_ids for p in PROMPTS]
+    with open(os.path.join(out_dir, "tokens.json"), "w") as f:
+        json.dump({"prompts": PROMPTS, "input_ids": ids}, f, ensure_ascii=False, indent=1)
+
+    # The classifier: a tiny torchvision ResNet (Bottleneck) with its architecture as our
+    # ResNetConfig JSON next to the weights (without it the CLI assumes ResNet-50).
+    cls_dir = os.path.join(ROOT, "sd_tiny_classifier")
+    os.makedirs(cls_dir, exist_ok=True)
+    torch.manual_seed(SEED + 43)
+    resnet = _TinyResNet(tv.Bottleneck, [1, 1, 1, 1], stem_width=8, num_classes=10).eval()
+    randomize_(resnet, SEED + 43)
+    save_file({k: v.contiguous() for k, v in resnet.state_dict().items()}, os.path.join(cls_dir, "model.safetensors"))
+    with open(os.path.join(cls_dir, "model.json"), "w") as f:
+        json.dump(dict(block="bottleneck", layers=[1, 1, 1, 1], stem_width=8, groups=1, width_per_group=64,
+                       num_classes=10), f, indent=1)
+
+    # A reference run: 4 DDIM steps with guidance 3 from fixed latents.
+    prompt, steps, guidance = "a photo of the cat", 4, 3.0
+    g = torch.Generator().manual_seed(SEED + 140)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        final = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(),
+                     output_type="latent").images
+        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(),
+                     output_type="pt").images
+        cond = text_encoder(torch.tensor([ids[0]]))[0]
+        uncond = text_encoder(torch.tensor([ids[2]]))[0]
+    save_io(os.path.join(out_dir, "io.safetensors"),
+            dict(latents=latents, final_latents=final, image=image, prompt_embeds=cond, negative_embeds=uncond))
+    with open(os.path.join(out_dir, "io.json"), "w") as f:
+        json.dump(dict(prompt=prompt, steps=steps, guidance=guidance, timesteps=pipe.scheduler.timesteps.tolist()),
+                  f, indent=1)
+
+
 def main() -> None:
     import diffusers
     import torchvision
@@ -348,7 +480,7 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     os.makedirs(ROOT, exist_ok=True)
-    which = sys.argv[1:] or ["unet", "resnet", "vae", "clip"]
+    which = sys.argv[1:] or ["unet", "resnet", "vae", "clip", "sd"]
     for w in which:
         globals()[f"{w}_fixtures"]()
     with open(os.path.join(ROOT, "VERSIONS.txt"), "w") as f:

@@ -295,6 +295,7 @@ struct TokenizerConfig {
     bos_token: Option<SpecialToken>,
     eos_token: Option<SpecialToken>,
     pad_token: Option<SpecialToken>,
+    unk_token: Option<SpecialToken>,
     model_max_length: Option<f64>,
 }
 
@@ -314,28 +315,109 @@ impl SpecialToken {
     }
 }
 
+/// The CLIP tokenizer of `vocab.json` + `merges.txt`, assembled as the `tokenizer.json` that
+/// transformers' `CLIPConverter` writes (NFC, whitespace collapse and lowercase; CLIP's split
+/// pattern then byte-level; BPE with the `</w>` word suffix; `bos … eos` around the tokens), so
+/// both layouts tokenize identically.
+fn clip_bpe_from_files(dir: &Path, bos: &str, eos: &str, unk: &str) -> Result<tokenizers::Tokenizer, LoadError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).map_err(|source| LoadError::Io { path, source })
+    };
+    let vocab_path = dir.join("vocab.json");
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&read("vocab.json")?).map_err(|source| LoadError::Config {
+            path: vocab_path.clone(),
+            source,
+        })?;
+    let merges_text = read("merges.txt")?;
+    let merges: Vec<&str> = merges_text
+        .lines()
+        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+        .collect();
+    let id = |token: &str| {
+        vocab
+            .get(token)
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| LoadError::Corrupt {
+                path: vocab_path.clone(),
+                format: "vocab.json",
+                message: format!("special token {token:?} is not in the vocabulary"),
+            })
+    };
+    let added = |token: &str| -> Result<serde_json::Value, LoadError> {
+        Ok(serde_json::json!({
+            "id": id(token)?, "content": token, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }))
+    };
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [added(bos)?, added(eos)?],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}
+        ]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex":
+                "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"},
+             "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]},
+        "post_processor": {"type": "RobertaProcessing", "sep": [eos, id(eos)?], "cls": [bos, id(bos)?],
+            "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges}
+    });
+    json.to_string()
+        .parse::<tokenizers::Tokenizer>()
+        .map_err(|e| LoadError::Corrupt {
+            path: dir.join("merges.txt"),
+            format: "vocab.json + merges.txt",
+            message: e.to_string(),
+        })
+}
+
 impl ClipTokenizer {
-    /// Loads `tokenizer.json` and, if present, `tokenizer_config.json` (special tokens and
-    /// `model_max_length`) from a pipeline's `tokenizer/` folder.
+    /// Loads a pipeline's `tokenizer/` folder: `tokenizer.json`, or else `vocab.json` +
+    /// `merges.txt` (how SD 1.x repositories ship it), and, if present, `tokenizer_config.json`
+    /// or `special_tokens_map.json` (special tokens, `model_max_length`).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self, LoadError> {
         let dir = dir.as_ref();
-        let path = dir.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| LoadError::Corrupt {
-            path: path.clone(),
-            format: "tokenizer.json",
-            message: e.to_string(),
-        })?;
-        let config_path = dir.join("tokenizer_config.json");
-        let config: Option<TokenizerConfig> = if config_path.is_file() {
-            Some(read_config(&config_path)?)
+        let config: Option<TokenizerConfig> = ["tokenizer_config.json", "special_tokens_map.json"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.is_file())
+            .map(read_config)
+            .transpose()?;
+        let json = dir.join("tokenizer.json");
+        let (path, tokenizer) = if json.is_file() || !dir.join("vocab.json").is_file() {
+            let tokenizer = tokenizers::Tokenizer::from_file(&json).map_err(|e| LoadError::Corrupt {
+                path: json.clone(),
+                format: "tokenizer.json",
+                message: e.to_string(),
+            })?;
+            (json, tokenizer)
         } else {
-            None
+            let special = |t: Option<&SpecialToken>, default: &'static str| {
+                t.map_or(default.to_string(), |t| t.content().to_string())
+            };
+            let c = config.as_ref();
+            let bos = special(c.and_then(|c| c.bos_token.as_ref()), "<|startoftext|>");
+            let eos = special(c.and_then(|c| c.eos_token.as_ref()), "<|endoftext|>");
+            let unk = special(c.and_then(|c| c.unk_token.as_ref()), "<|endoftext|>");
+            (dir.join("vocab.json"), clip_bpe_from_files(dir, &bos, &eos, &unk)?)
         };
         let id = |token: Option<&SpecialToken>, default: &str| -> Result<u32, LoadError> {
             let name = token.map(SpecialToken::content).unwrap_or(default);
             tokenizer.token_to_id(name).ok_or_else(|| LoadError::Corrupt {
                 path: path.clone(),
-                format: "tokenizer.json",
+                format: "tokenizer",
                 message: format!("special token {name:?} is not in the vocabulary"),
             })
         };
@@ -409,6 +491,28 @@ mod tests {
         eprintln!("clip_tiny: last_hidden_state rel err {last:.2e}, pooler_output rel err {pooled:.2e}");
         assert!(last <= 1e-4, "last_hidden_state rel err {last}");
         assert!(pooled <= 1e-4, "pooler_output rel err {pooled}");
+    }
+
+    #[test]
+    fn vocab_and_merges_tokenize_like_transformers() {
+        // The SD 1.x layout: vocab.json + merges.txt + special_tokens_map.json, no tokenizer.json.
+        #[derive(Deserialize)]
+        struct Expected {
+            prompts: Vec<String>,
+            input_ids: Vec<Vec<u32>>,
+        }
+        let expected: Expected = read_config(fixture("sd_tiny/tokens.json")).unwrap();
+        let dir = fixture("sd_tiny/tokenizer");
+        assert!(!dir.join("tokenizer.json").exists());
+        let tokenizer = ClipTokenizer::from_dir(&dir).expect("vocab.json + merges.txt load");
+        for (prompt, ids) in expected.prompts.iter().zip(&expected.input_ids) {
+            assert_eq!(&tokenizer.encode(prompt).unwrap(), ids, "prompt {prompt:?}");
+        }
+        // A folder with neither layout is a typed error naming tokenizer.json.
+        let err = ClipTokenizer::from_dir(fixture("vae_tiny"))
+            .err()
+            .expect("no tokenizer there");
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
     }
 
     #[test]
