@@ -19,7 +19,7 @@ use adjoint_dpm::prelude::*;
 use adjoint_dpm::tasks::UnetEps;
 use adjoint_dpm_models::unet::UNet2DConditionConfig;
 use burn::backend::{Autodiff, Flex};
-use burn::module::{AutodiffModule, Param};
+use burn::module::AutodiffModule;
 use burn::prelude::*;
 use clap::{Parser, ValueEnum};
 
@@ -79,10 +79,7 @@ fn run() -> Result<(), String> {
         burn::tensor::Distribution::Normal(0.0, 1.0),
         &device,
     );
-    let model = adjoint_dpm::ode::materialized(UnetEps {
-        unet,
-        context: Param::from_tensor(context),
-    });
+    let model = adjoint_dpm::ode::materialized(UnetEps::new(unet, context));
     let schedule = NoiseSchedule::sd_scaled_linear();
     let mode = match args.gradient {
         Mode::Backprop => GradientMode::Backprop,

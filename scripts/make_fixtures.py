@@ -451,7 +451,7 @@ def sd_fixtures() -> None:
     randomize_(resnet, SEED + 43)
     save_file({k: v.contiguous() for k, v in resnet.state_dict().items()}, os.path.join(cls_dir, "model.safetensors"))
     with open(os.path.join(cls_dir, "model.json"), "w") as f:
-        json.dump(dict(block="bottleneck", layers=[1, 1, 1, 1], stem_width=8, groups=1, width_per_group=64,
+        json.dump(dict(block="Bottleneck", layers=[1, 1, 1, 1], stem_width=8, groups=1, width_per_group=64,
                        num_classes=10), f, indent=1)
 
     # A reference run: 4 DDIM steps with guidance 3 from fixed latents.

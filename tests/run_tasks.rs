@@ -16,6 +16,7 @@ fn config(out: &std::path::Path) -> RunConfig {
         seed: 1,
         cfg: 3.0,
         batch: 2,
+        ..RunConfig::default()
     }
 }
 

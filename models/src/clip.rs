@@ -278,6 +278,7 @@ pub fn load_clip_text<B: Backend>(
 
 /// The CLIP BPE tokenizer as SD pipelines call it: `tokenizer(prompt, padding="max_length",
 /// max_length=77, truncation=True)`.
+#[derive(Debug, Clone)]
 pub struct ClipTokenizer {
     tokenizer: tokenizers::Tokenizer,
     /// Start-of-text id.
@@ -509,9 +510,7 @@ mod tests {
             assert_eq!(&tokenizer.encode(prompt).unwrap(), ids, "prompt {prompt:?}");
         }
         // A folder with neither layout is a typed error naming tokenizer.json.
-        let err = ClipTokenizer::from_dir(fixture("vae_tiny"))
-            .err()
-            .expect("no tokenizer there");
+        let err = ClipTokenizer::from_dir(fixture("vae_tiny")).expect_err("no tokenizer there");
         assert!(err.to_string().contains("tokenizer.json"), "{err}");
     }
 

@@ -285,6 +285,26 @@ impl<B: Backend> ResNet<B> {
     }
 }
 
+impl<B: Backend> ResNet<B> {
+    /// The outputs of the four stages (`layer1` … `layer4`) of a normalised image batch: the
+    /// feature maps style (Gram-matrix) losses compare.
+    ///
+    /// # Shapes
+    /// - x: `[batch, 3, h, w]` → stage i: `[batch, stem_width · 2^i · expansion, h/2^(i+2), w/2^(i+2)]`
+    pub fn features(&self, x: Tensor<B, 4>) -> Vec<Tensor<B, 4>> {
+        let h = relu(self.bn1.forward(self.conv1.forward(x)));
+        let mut h = max_pool2d(h, [3, 3], [2, 2], [1, 1], [1, 1], false);
+        let mut out = Vec::with_capacity(4);
+        for stage in [&self.layer1, &self.layer2, &self.layer3, &self.layer4] {
+            for block in stage {
+                h = block.forward(h);
+            }
+            out.push(h.clone());
+        }
+        out
+    }
+}
+
 /// ImageNet channel means (torchvision's `Normalize`).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet channel standard deviations.

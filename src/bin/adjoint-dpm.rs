@@ -8,12 +8,17 @@
 //! adjoint-dpm finetune --style cross --out out/finetune  # task 4: LoRA stylisation
 //! adjoint-dpm sample --out out/sample                    # class-conditional samples, one row per class
 //! adjoint-dpm train-toy --out models/weights --seed 0     # retrain the embedded default
+//!
+//! # Stable Diffusion: a diffusers folder and torchvision ResNet-50 weights
+//! adjoint-dpm guide --weights sd15/ --classifier resnet50.pth --target 207 --device cuda
 //! ```
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use adjoint_dpm::tasks::run::{self as tasks, RunConfig};
+use adjoint_dpm::tasks::run_sd;
+use adjoint_dpm::tasks::stable_diffusion::is_pipeline_dir;
 use adjoint_dpm::tasks::{GradientChoice, SolverChoice};
 use adjoint_dpm::toy::{self, Phase, Progress, TrainConfig};
 use burn::backend::{Autodiff, Flex};
@@ -35,7 +40,8 @@ enum Command {
     /// Task 1, guided sampling: optimise the initial noise so that samples of the unconditional
     /// model become the target class.
     Guide {
-        /// Target class (circle, square, triangle, cross, ring, diamond).
+        /// Target class: circle, square, triangle, cross, ring or diamond; with Stable Diffusion
+        /// the classifier's class index (ImageNet's for ResNet-50, e.g. 207).
         #[arg(long, default_value = "ring")]
         target: String,
         /// Weight of the prior that keeps x_T a plausible Gaussian sample.
@@ -56,16 +62,21 @@ enum Command {
     /// Task 3, embedding inversion: learn a conditioning embedding whose samples reproduce a
     /// reference image of a class.
     Invert {
-        /// Class of the reference image.
+        /// Class of the reference image (toy model).
         #[arg(long, default_value = "square")]
         class: String,
+        /// The reference image (PNG or JPEG; required with Stable Diffusion, which learns the
+        /// embeddings of the prompt's tokens).
+        #[arg(long)]
+        reference: Option<PathBuf>,
         #[command(flatten)]
         task: TaskArgs,
     },
     /// Task 4, stylisation: fine-tune LoRA adapters of the UNet towards the style (feature Gram
     /// matrices) of one reference image.
     Finetune {
-        /// Class of the style image.
+        /// Class of the style image (toy model), or with Stable Diffusion the style image file
+        /// (PNG or JPEG).
         #[arg(long, default_value = "cross")]
         style: String,
         /// Rank of the adapters.
@@ -146,15 +157,35 @@ enum SolverArg {
     Heun,
 }
 
+/// `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    /// The CPU (burn's flex backend).
+    Cpu,
+    /// The first CUDA GPU.
+    Cuda,
+}
+
 /// Options every task takes.
 #[derive(Debug, Args)]
 struct TaskArgs {
     /// Output directory (created if missing; files are written atomically).
     #[arg(long, default_value = "out")]
     out: PathBuf,
-    /// Toy weights written by `train-toy` (default: the embedded ones).
+    /// Toy weights written by `train-toy` (default: the embedded ones), or a diffusers Stable
+    /// Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Stable Diffusion: torchvision ResNet-50 weights judging the images (.pth or
+    /// .safetensors; another ResNet when a JSON ResNetConfig with the same stem sits beside).
+    #[arg(long)]
+    classifier: Option<PathBuf>,
+    /// Stable Diffusion: the prompt (empty: the unconditional model).
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Where Stable Diffusion runs (cuda needs a build with `--features cuda`).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
     /// How gradients pass through sampling.
     #[arg(long, value_enum, default_value = "exact")]
     gradient: GradientArg,
@@ -202,8 +233,93 @@ impl TaskArgs {
             seed: self.seed,
             cfg: self.cfg,
             batch: self.batch,
+            prompt: self.prompt.clone(),
+            classifier: self.classifier.clone(),
         }
     }
+}
+
+fn print_guide(target: &str, r: &adjoint_dpm::tasks::GuidedReport, batch: usize) {
+    println!(
+        "guided sampling to {target:?}: classified as {target} {:.0}% -> {:.0}% of {batch} samples (mean p {:.2} -> {:.2}), {:.0} s",
+        100.0 * r.target_rate_before,
+        100.0 * r.target_rate_after,
+        r.target_prob_before,
+        r.target_prob_after,
+        r.seconds
+    );
+}
+
+fn print_audit(epsilon: f64, r: &adjoint_dpm::tasks::AuditReport) {
+    println!(
+        "audit at ε = {epsilon}: label changed for {:.0}% of samples, mean RMS image change {:.3}, margin {:.2} -> {:.2}",
+        100.0 * r.success_rate,
+        r.mean_image_rms,
+        r.mean_margin_before,
+        r.mean_margin_after
+    );
+}
+
+fn print_invert(what: &str, r: &tasks::TuneReport) {
+    println!(
+        "embedding inversion of {what}: loss {:.4} -> {:.4}, classified as its class {:.0}% -> {:.0}%",
+        r.loss_before,
+        r.loss_after,
+        100.0 * r.class_rate_before,
+        100.0 * r.class_rate_after
+    );
+}
+
+fn print_finetune(what: &str, rank: usize, r: &tasks::TuneReport) {
+    println!(
+        "stylisation towards {what} (LoRA rank {rank}): style loss {:.4} -> {:.4} on fresh noise",
+        r.loss_before, r.loss_after
+    );
+}
+
+/// A task on a Stable Diffusion folder, on backend `B`.
+fn run_sd_task<B: burn::tensor::backend::Backend>(
+    command: Command,
+    config: &RunConfig,
+    device: &B::Device,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let bar = task_bar("stable diffusion", config.iters);
+    let mut on_iter = |i: usize, loss: f64| {
+        bar.set_position(i as u64 + 1);
+        bar.set_message(format!("loss {loss:.4}"));
+    };
+    match command {
+        Command::Guide { target, prior, .. } => {
+            let class: usize = target
+                .parse()
+                .map_err(|_| format!("--target {target:?}: with Stable Diffusion give the classifier's class index"))?;
+            let r = run_sd::run_guide::<B>(config, class, prior, device, &mut on_iter)?;
+            bar.finish();
+            print_guide(&target, &r, config.batch);
+        }
+        Command::Audit { epsilon, .. } => {
+            let r = run_sd::run_audit::<B>(config, epsilon, device, &mut on_iter)?;
+            bar.finish();
+            print_audit(epsilon, &r);
+        }
+        Command::Invert { reference, .. } => {
+            let reference = reference.ok_or("invert on Stable Diffusion needs --reference IMAGE")?;
+            let r = run_sd::run_invert::<B>(config, &reference, device, &mut on_iter)?;
+            bar.finish();
+            print_invert(&reference.display().to_string(), &r);
+        }
+        Command::Finetune { style, rank, .. } => {
+            let r = run_sd::run_finetune::<B>(config, std::path::Path::new(&style), rank, device, &mut on_iter)?;
+            bar.finish();
+            print_finetune(&style, rank, &r);
+        }
+        Command::Sample { .. } => {
+            return Err("sample draws the toy model's class grid; use guide with --iters 0 for Stable Diffusion".into())
+        }
+        Command::TrainToy(_) => unreachable!("train-toy is dispatched in main"),
+    }
+    println!("wrote {}", config.out.display());
+    Ok(())
 }
 
 /// A progress bar over the iterations showing the current loss.
@@ -228,6 +344,18 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::TrainToy(_) => unreachable!("train-toy is dispatched in main"),
     };
     let config = task.config();
+    if config.weights.as_deref().is_some_and(is_pipeline_dir) {
+        return match task.device {
+            DeviceArg::Cpu => run_sd_task::<Flex>(command, &config, &Default::default()),
+            #[cfg(feature = "cuda")]
+            DeviceArg::Cuda => run_sd_task::<burn::backend::Cuda>(command, &config, &Default::default()),
+            #[cfg(not(feature = "cuda"))]
+            DeviceArg::Cuda => Err("this binary was built without CUDA: rebuild with `--features cuda`".into()),
+        };
+    }
+    if task.device != DeviceArg::Cpu {
+        return Err("the embedded toy model runs on the CPU; --device cuda is for Stable Diffusion folders".into());
+    }
     let bar = task_bar(name, config.iters);
     let mut on_iter = |i: usize, loss: f64| {
         bar.set_position(i as u64 + 1);
@@ -238,45 +366,22 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::Guide { target, prior, .. } => {
             let r = tasks::run_guide(&config, &target, prior, &mut on_iter)?;
             bar.finish();
-            println!(
-                "guided sampling to {target:?}: classified as {target} {:.0}% -> {:.0}% of {} samples (mean p {:.2} -> {:.2}), {:.0} s",
-                100.0 * r.target_rate_before,
-                100.0 * r.target_rate_after,
-                config.batch,
-                r.target_prob_before,
-                r.target_prob_after,
-                r.seconds
-            );
+            print_guide(&target, &r, config.batch);
         }
         Command::Audit { epsilon, .. } => {
             let r = tasks::run_audit(&config, epsilon, &mut on_iter)?;
             bar.finish();
-            println!(
-                "audit at ε = {epsilon}: label changed for {:.0}% of samples, mean RMS image change {:.3}, margin {:.2} -> {:.2}",
-                100.0 * r.success_rate,
-                r.mean_image_rms,
-                r.mean_margin_before,
-                r.mean_margin_after
-            );
+            print_audit(epsilon, &r);
         }
         Command::Invert { class, .. } => {
             let r = tasks::run_invert(&config, &class, &mut on_iter)?;
             bar.finish();
-            println!(
-                "embedding inversion of a {class}: loss {:.4} -> {:.4}, classified as {class} {:.0}% -> {:.0}%",
-                r.loss_before,
-                r.loss_after,
-                100.0 * r.class_rate_before,
-                100.0 * r.class_rate_after
-            );
+            print_invert(&format!("a {class}"), &r);
         }
         Command::Finetune { style, rank, .. } => {
             let r = tasks::run_finetune(&config, &style, rank, &mut on_iter)?;
             bar.finish();
-            println!(
-                "stylisation towards a {style} (LoRA rank {rank}): style loss {:.4} -> {:.4} on fresh noise",
-                r.loss_before, r.loss_after
-            );
+            print_finetune(&format!("a {style}"), rank, &r);
         }
         Command::Sample { .. } => {
             bar.finish_and_clear();

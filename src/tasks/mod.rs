@@ -4,8 +4,12 @@
 
 pub mod audit;
 pub mod common;
+pub mod imagenet;
 pub mod noise_opt;
+pub(crate) mod output;
 pub mod run;
+pub mod run_sd;
+pub mod stable_diffusion;
 pub mod tune;
 pub mod unet_eps;
 
@@ -14,6 +18,8 @@ pub use common::{
     Classifier, Decoder, GradientChoice, Noise, PixelSpace, SolverChoice, TaskClassifier, TaskDecoder, TaskError,
     TaskModel,
 };
+pub use imagenet::ImageNetClassifier;
 pub use noise_opt::{guided_sampling, GuidedReport, GuidedRun, GuidedSampling};
+pub use stable_diffusion::{SdError, StableDiffusion};
 pub use tune::{gram, tune_through_sampling, Tuning};
-pub use unet_eps::UnetEps;
+pub use unet_eps::{UnetEps, UnetPrediction};

@@ -2,7 +2,7 @@
 //! into an output directory a before/after PNG grid, a loss-curve PNG and `metrics.json` (every
 //! file written atomically). This is what the CLI subcommands call.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module, Param};
@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::diffusion::{Cfg, Sampler};
 use crate::tasks::common::{scalar, GradientChoice, PixelSpace, SolverChoice, TaskError};
+use crate::tasks::output;
 use crate::tasks::{audit, gram, guided_sampling, tune_through_sampling, Audit, GuidedSampling, Tuning};
 use crate::toy::{self, ToyClassifier, ToyDenoiser, ToyError, CLASSES, IMAGE_SIZE};
 
@@ -19,7 +20,7 @@ pub type Inner = Flex;
 type Ad = Autodiff<Inner>;
 
 /// Options every task takes (`--gradient`, `--steps`, `--solver`, `--lr`, `--iters`, `--seed`,
-/// `--cfg`, `--batch`, `--out`, `--weights`).
+/// `--cfg`, `--batch`, `--out`, `--weights`, and for Stable Diffusion `--prompt`, `--classifier`).
 #[derive(Debug, Clone, Serialize)]
 pub struct RunConfig {
     /// Output directory (created if missing).
@@ -42,6 +43,31 @@ pub struct RunConfig {
     pub cfg: f64,
     /// Samples per batch.
     pub batch: usize,
+    /// Stable Diffusion (`weights` is a diffusers folder): the prompt; empty = unconditional.
+    pub prompt: String,
+    /// Stable Diffusion: the torchvision ResNet judging the images (`.pth` or `.safetensors`;
+    /// ResNet-50 unless a JSON `ResNetConfig` with the same stem sits beside it).
+    pub classifier: Option<PathBuf>,
+}
+
+impl Default for RunConfig {
+    /// The CLI's defaults.
+    fn default() -> Self {
+        Self {
+            out: PathBuf::from("out"),
+            weights: None,
+            gradient: GradientChoice::Exact,
+            solver: SolverChoice::Ddim,
+            steps: 20,
+            lr: 0.05,
+            iters: 30,
+            seed: 0,
+            cfg: 3.0,
+            batch: 8,
+            prompt: String::new(),
+            classifier: None,
+        }
+    }
 }
 
 /// Why a run failed.
@@ -53,6 +79,28 @@ pub enum RunError {
     /// Loading the toy model, its data or writing an image.
     #[error(transparent)]
     Toy(#[from] ToyError),
+    /// Loading a Stable Diffusion folder.
+    #[error(transparent)]
+    StableDiffusion(#[from] crate::tasks::stable_diffusion::SdError),
+    /// Loading the classifier.
+    #[error("classifier {path}: {source}")]
+    Classifier {
+        /// The weights file.
+        path: PathBuf,
+        /// Why it failed.
+        source: adjoint_dpm_models::load::LoadError,
+    },
+    /// A required option is missing or does not fit the model.
+    #[error("{0}")]
+    Usage(String),
+    /// A reference image cannot be read.
+    #[error("cannot read image {path}: {message}")]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
     /// The output directory or a result file.
     #[error("cannot write {path}: {message}")]
     Output {
@@ -88,25 +136,7 @@ struct Setup {
 }
 
 fn setup(config: &RunConfig) -> Result<Setup, RunError> {
-    if config.batch == 0 || config.steps == 0 {
-        return Err(TaskError::InvalidOption {
-            name: "batch/steps",
-            value: "0".into(),
-            rule: "must be ≥ 1",
-        }
-        .into());
-    }
-    std::fs::create_dir_all(&config.out).map_err(|e| RunError::Output {
-        path: config.out.clone(),
-        message: e.to_string(),
-    })?;
-    let probe = config.out.join(".write-test");
-    std::fs::write(&probe, b"")
-        .and_then(|_| std::fs::remove_file(&probe))
-        .map_err(|e| RunError::Output {
-            path: config.out.clone(),
-            message: e.to_string(),
-        })?;
+    output::prepare(&config.out, config.batch, config.steps)?;
     let device = Default::default();
     let (denoiser, classifier, schedule) = match &config.weights {
         Some(dir) => toy::load_from_dir::<Ad>(dir, &device)?,
@@ -134,7 +164,7 @@ fn values(t: Tensor<Inner, 4>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().unwrap_or_default()
 }
 
-/// Writes the before/after grid (first row before, second after), the loss curve and metrics.
+/// Writes the before/after grid, the loss curve and metrics.
 fn write_outputs<M: Serialize>(
     config: &RunConfig,
     before: Tensor<Inner, 4>,
@@ -142,66 +172,7 @@ fn write_outputs<M: Serialize>(
     losses: &[f64],
     metrics: &M,
 ) -> Result<(), RunError> {
-    let n = config.batch;
-    let mut grid = values(before);
-    grid.extend(values(after));
-    toy::write_png_grid(
-        &config.out.join("before_after.png"),
-        &grid,
-        2 * n,
-        [IMAGE_SIZE, IMAGE_SIZE],
-        n,
-        3,
-    )?;
-    write_curve(&config.out.join("loss.png"), losses)?;
-    let json =
-        serde_json::to_vec_pretty(&serde_json::json!({ "config": config, "metrics": metrics })).map_err(|e| {
-            RunError::Output {
-                path: config.out.join("metrics.json"),
-                message: e.to_string(),
-            }
-        })?;
-    toy::png::write_atomic(&config.out.join("metrics.json"), &json)?;
-    Ok(())
-}
-
-/// A loss curve as a 480×240 PNG (no axes: the values are in metrics.json).
-fn write_curve(path: &Path, losses: &[f64]) -> Result<(), RunError> {
-    let (w, h) = (480u32, 240u32);
-    let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
-    let finite: Vec<f64> = losses.iter().copied().filter(|v| v.is_finite()).collect();
-    if finite.len() >= 2 {
-        let (lo, hi) = finite
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-        let span = (hi - lo).max(1e-12);
-        let point = |i: usize, v: f64| {
-            let x = 10.0 + (w as f64 - 20.0) * i as f64 / (finite.len() - 1) as f64;
-            let y = 10.0 + (h as f64 - 20.0) * (hi - v) / span;
-            (x, y)
-        };
-        for i in 1..finite.len() {
-            let ((x0, y0), (x1, y1)) = (point(i - 1, finite[i - 1]), point(i, finite[i]));
-            let steps = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
-            for s in 0..=steps {
-                let f = s as f64 / steps as f64;
-                let (x, y) = ((x0 + f * (x1 - x0)) as u32, (y0 + f * (y1 - y0)) as u32);
-                for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
-                    if x + dx < w && y + dy < h {
-                        img.put_pixel(x + dx, y + dy, image::Rgb([31, 119, 180]));
-                    }
-                }
-            }
-        }
-    }
-    let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| RunError::Output {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
-    toy::png::write_atomic(path, &bytes)?;
-    Ok(())
+    output::write_outputs(&config.out, config, before, after, losses, metrics)
 }
 
 /// Task 1: samples of the unconditional model steered to `target` by optimising x_T.

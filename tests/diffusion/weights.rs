@@ -5,7 +5,6 @@ use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
 use adjoint_dpm::prelude::*;
 use adjoint_dpm::tasks::UnetEps;
 use adjoint_dpm_models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
@@ -26,10 +25,9 @@ fn unet() -> UNet2DConditionModel<Ad> {
 fn model(unet: UNet2DConditionModel<Ad>) -> UnetEps<Ad> {
     let device = Default::default();
     let context = Tensor::<Ad, 3>::from_data(TensorData::new(noise([1, 1, 3, 8], 11), [1, 3, 8]), &device);
-    adjoint_dpm::ode::materialized(UnetEps {
-        unet,
-        context: Param::from_tensor(context).set_require_grad(false),
-    })
+    let mut model = UnetEps::new(unet, context);
+    model.context = model.context.set_require_grad(false);
+    adjoint_dpm::ode::materialized(model)
 }
 
 /// dL/d(each listed weight) through 3 DDIM steps, for `mode`.

@@ -96,7 +96,17 @@ proptest! {
 
 #[test]
 fn backsolve_converges_as_tolerance_tightens() {
+    // Seeded weights: whether four tolerances give strictly decreasing errors depends on the
+    // field, and an unseeded one made this test fail now and then.
+    for seed in [1, 2, 3] {
+        backsolve_converges_for(seed);
+    }
+}
+
+fn backsolve_converges_for(seed: u64) {
+    use burn::tensor::backend::Backend;
     let device = Default::default();
+    Ad::seed(&device, seed);
     let model = Mlp::<Ad>::new(&[2, 8, 2], Act::Tanh, true, &device);
     let z0 = [0.3, -0.5, 0.9, 0.1];
     let times = [0.0, 0.7, 1.5];
@@ -132,10 +142,10 @@ fn backsolve_converges_as_tolerance_tightens() {
     for w in errors.windows(2) {
         assert!(
             w[1] < w[0],
-            "backsolve error did not shrink with the tolerance: {errors:?}"
+            "seed {seed}: backsolve error did not shrink with the tolerance: {errors:?}"
         );
     }
-    assert!(errors[0] < 1e-1 && errors[3] < 1e-6, "backsolve errors {errors:?}");
+    assert!(errors[0] < 1e-1 && errors[3] < 1e-6, "seed {seed}: backsolve errors {errors:?}");
 }
 
 #[test]

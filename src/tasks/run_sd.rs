@@ -1,0 +1,335 @@
+//! The four tasks on a Stable Diffusion folder (diffusers layout) with a torchvision ResNet as the
+//! judge, on any backend (CPU, or CUDA with the `cuda` feature): what the CLI runs when
+//! `--weights` names a pipeline folder. Outputs as for the toy model (see [`crate::tasks::run`]).
+//!
+//! - guide / audit: the prompt's model (unconditional for an empty prompt; with guidance
+//!   `--cfg` otherwise); classes are the classifier's indices (ImageNet's for ResNet-50).
+//! - invert: learns the embeddings of the prompt's tokens (the end token's for an empty prompt)
+//!   so that samples reproduce a reference image; the networks stay frozen.
+//! - finetune: LoRA adapters on the UNet's attention, towards the Gram statistics of the
+//!   classifier's features of a style image.
+
+use std::path::Path;
+
+use burn::backend::Autodiff;
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor, TensorData};
+
+use crate::diffusion::{Cfg, Sampler};
+use crate::tasks::common::{scalar, Classifier, TaskError, TaskModel};
+use crate::tasks::imagenet::ImageNetClassifier;
+use crate::tasks::output;
+use crate::tasks::run::{RunConfig, RunError, TuneReport};
+use crate::tasks::stable_diffusion::StableDiffusion;
+use crate::tasks::unet_eps::UnetEps;
+use crate::tasks::{audit, gram, guided_sampling, tune_through_sampling, Audit, GuidedSampling, Tuning};
+
+/// The pipeline, the judge and the sampler of a run.
+struct Setup<B: Backend> {
+    sd: StableDiffusion<Autodiff<B>>,
+    classifier: ImageNetClassifier<Autodiff<B>>,
+    sampler: Sampler,
+    device: B::Device,
+}
+
+fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>, RunError> {
+    output::prepare(&config.out, config.batch, config.steps)?;
+    let dir = config
+        .weights
+        .as_ref()
+        .ok_or_else(|| RunError::Usage("a Stable Diffusion run needs --weights DIR (a diffusers folder)".into()))?;
+    let path = config.classifier.as_ref().ok_or_else(|| {
+        RunError::Usage("a Stable Diffusion run needs --classifier FILE (torchvision ResNet-50 weights)".into())
+    })?;
+    let sd = StableDiffusion::<Autodiff<B>>::load(dir, device)?.frozen();
+    let classifier = ImageNetClassifier::load(path, 224, device)
+        .map_err(|source| RunError::Classifier {
+            path: path.clone(),
+            source,
+        })?
+        .no_grad();
+    let sampler = sd.sampler(config.solver, config.steps, config.gradient);
+    Ok(Setup {
+        sd,
+        classifier,
+        sampler,
+        device: device.clone(),
+    })
+}
+
+/// Seeded latent noise, `[batch, c, h, w]`.
+fn noise<B: Backend>(s: &Setup<B>, config: &RunConfig, salt: u64) -> Tensor<B, 4> {
+    B::seed(&s.device, config.seed.wrapping_mul(1_000_003).wrapping_add(salt));
+    let [c, h, w] = s.sd.latent_shape();
+    Tensor::random([config.batch, c, h, w], Distribution::Normal(0.0, 1.0), &s.device)
+}
+
+/// `Err(Usage)` unless `class` is one of the classifier's.
+fn check_class<B: Backend>(s: &Setup<B>, class: usize) -> Result<(), RunError> {
+    let n = s.classifier.num_classes();
+    if class < n {
+        Ok(())
+    } else {
+        Err(RunError::Usage(format!(
+            "class {class} does not exist: the classifier has classes 0..{n}"
+        )))
+    }
+}
+
+/// The model of the run's prompt: plain for an empty prompt (or `--cfg 1`), with
+/// classifier-free guidance at `--cfg` otherwise (one batched UNet call on `[uncond; cond]`).
+enum PromptModel<B: Backend> {
+    Plain(UnetEps<Autodiff<B>>),
+    Guided(Cfg<Autodiff<B>, UnetEps<Autodiff<B>>>),
+}
+
+fn prompt_model<B: Backend>(s: &Setup<B>, config: &RunConfig) -> Result<PromptModel<B>, RunError> {
+    let (cond, _) = s.sd.encode_prompt(&config.prompt, &s.device)?;
+    if config.prompt.is_empty() || config.cfg == 1.0 {
+        return Ok(PromptModel::Plain(freeze_context(s.sd.eps_model(cond.detach()))));
+    }
+    let (uncond, _) = s.sd.encode_prompt("", &s.device)?;
+    let context = Tensor::cat(vec![uncond, cond], 0).detach();
+    Ok(PromptModel::Guided(Cfg::new(
+        freeze_context(s.sd.eps_model(context)),
+        config.cfg,
+    )?))
+}
+
+fn freeze_context<B: Backend>(mut model: UnetEps<B>) -> UnetEps<B> {
+    model.context = model.context.set_require_grad(false);
+    model
+}
+
+/// Task 1 on Stable Diffusion: steer samples of the prompt's model to classifier class `target`.
+pub fn run_guide<B: Backend>(
+    config: &RunConfig,
+    target: usize,
+    prior_weight: f64,
+    device: &B::Device,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<crate::tasks::GuidedReport, RunError> {
+    let s = setup::<B>(config, device)?;
+    check_class(&s, target)?;
+    let task = GuidedSampling {
+        target,
+        iters: config.iters,
+        lr: config.lr,
+        prior_weight,
+        sampler: s.sampler,
+    };
+    let x_t = noise(&s, config, 1);
+    match prompt_model(&s, config)? {
+        PromptModel::Plain(m) => guide_with(&s, config, m, x_t, &task, on_iter),
+        PromptModel::Guided(m) => guide_with(&s, config, m, x_t, &task, on_iter),
+    }
+}
+
+fn guide_with<B: Backend, M: TaskModel<B>>(
+    s: &Setup<B>,
+    config: &RunConfig,
+    model: M,
+    x_t: Tensor<B, 4>,
+    task: &GuidedSampling,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<crate::tasks::GuidedReport, RunError> {
+    let run = guided_sampling(&model, &s.classifier, &s.sd.vae, &s.sd.schedule, x_t, task, on_iter)?;
+    output::write_outputs(
+        &config.out,
+        config,
+        run.before,
+        run.after,
+        &run.report.losses,
+        &run.report,
+    )?;
+    Ok(run.report)
+}
+
+/// Task 2 on Stable Diffusion: noise within an ℓ∞ ball of radius `epsilon` that changes the
+/// classifier's label of each sample.
+pub fn run_audit<B: Backend>(
+    config: &RunConfig,
+    epsilon: f64,
+    device: &B::Device,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<crate::tasks::AuditReport, RunError> {
+    let s = setup::<B>(config, device)?;
+    let task = Audit {
+        epsilon,
+        iters: config.iters,
+        lr: config.lr,
+        closeness_weight: 1.0,
+        sampler: s.sampler,
+    };
+    let x_t = noise(&s, config, 2);
+    match prompt_model(&s, config)? {
+        PromptModel::Plain(m) => audit_with(&s, config, m, x_t, &task, on_iter),
+        PromptModel::Guided(m) => audit_with(&s, config, m, x_t, &task, on_iter),
+    }
+}
+
+fn audit_with<B: Backend, M: TaskModel<B>>(
+    s: &Setup<B>,
+    config: &RunConfig,
+    model: M,
+    x_t: Tensor<B, 4>,
+    task: &Audit,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<crate::tasks::AuditReport, RunError> {
+    let run = audit(&model, &s.classifier, &s.sd.vae, &s.sd.schedule, x_t, task, on_iter)?;
+    output::write_outputs(
+        &config.out,
+        config,
+        run.before,
+        run.after,
+        &run.report.losses,
+        &run.report,
+    )?;
+    Ok(run.report)
+}
+
+/// An image file as `[1, 3, size, size]` in `[-1, 1]` (resized with a triangle filter).
+pub fn load_image<B: Backend>(path: &Path, size: usize, device: &B::Device) -> Result<Tensor<B, 4>, RunError> {
+    let image = image::open(path).map_err(|e| RunError::Image {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    let rgb = image
+        .resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle)
+        .to_rgb8();
+    let mut planar = vec![0f32; 3 * size * size];
+    for (x, y, p) in rgb.enumerate_pixels() {
+        for c in 0..3 {
+            planar[c * size * size + y as usize * size + x as usize] = p[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Ok(Tensor::from_data(TensorData::new(planar, [1, 3, size, size]), device))
+}
+
+/// Task 3 on Stable Diffusion: learn the prompt's token embeddings so that samples reproduce
+/// the image at `reference`.
+pub fn run_invert<B: Backend>(
+    config: &RunConfig,
+    reference: &Path,
+    device: &B::Device,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<TuneReport, RunError> {
+    let s = setup::<B>(config, device)?;
+    let target = load_image::<Autodiff<B>>(reference, s.sd.image_size(), device)?;
+    let label = s.classifier.valid().logits(target.clone().inner()).argmax(1);
+    let label = scalar(label.float().reshape([1])) as usize;
+    let (context, tokens) = s.sd.encode_prompt(&config.prompt, device)?;
+    // Learn the prompt's own tokens (positions 1..=n), or the end token of an empty prompt.
+    let model =
+        s.sd.eps_model(context.detach().require_grad())
+            .with_trainable_tokens(1, 1 + tokens.max(1));
+    let loss = |images: Tensor<Autodiff<B>, 4>| (images - target.clone()).powi_scalar(2).mean();
+    tune(config, &s, model, &loss, label, on_iter)
+}
+
+/// Task 4 on Stable Diffusion: LoRA adapters of rank `rank` on the UNet's attention, towards the
+/// style (feature Gram matrices) of the image at `style`.
+pub fn run_finetune<B: Backend>(
+    config: &RunConfig,
+    style: &Path,
+    rank: usize,
+    device: &B::Device,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<TuneReport, RunError> {
+    if rank == 0 {
+        return Err(TaskError::InvalidOption {
+            name: "rank",
+            value: "0".into(),
+            rule: "must be ≥ 1",
+        }
+        .into());
+    }
+    let s = setup::<B>(config, device)?;
+    let style = load_image::<Autodiff<B>>(style, s.sd.image_size(), device)?;
+    let label = scalar(
+        s.classifier
+            .valid()
+            .logits(style.clone().inner())
+            .argmax(1)
+            .float()
+            .reshape([1]),
+    ) as usize;
+    let targets: Vec<Tensor<Autodiff<B>, 3>> = s
+        .classifier
+        .features(style)
+        .into_iter()
+        .map(|f| gram(f).detach())
+        .collect();
+    let (context, _) = s.sd.encode_prompt(&config.prompt, device)?;
+    let mut model = freeze_context(s.sd.eps_model(context.detach()));
+    model.unet = model.unet.no_grad().with_lora(rank, rank as f64);
+    let model = crate::ode::materialized(model);
+    let classifier = &s.classifier;
+    let loss = |images: Tensor<Autodiff<B>, 4>| {
+        let b = images.dims()[0];
+        classifier
+            .features(images)
+            .into_iter()
+            .map(gram)
+            .zip(&targets)
+            .map(|(g, t)| (g - t.clone().repeat_dim(0, b)).powi_scalar(2).mean())
+            .reduce(|a, b| a + b)
+            .expect("a ResNet has feature maps")
+    };
+    tune(config, &s, model, &loss, label, on_iter)
+}
+
+/// Tunes the trainable parameters of `model` under `loss`, evaluated on held-out noise;
+/// `class` is the label whose rate the report gives (the reference image's).
+fn tune<B: Backend>(
+    config: &RunConfig,
+    s: &Setup<B>,
+    model: UnetEps<Autodiff<B>>,
+    loss: &dyn Fn(Tensor<Autodiff<B>, 4>) -> Tensor<Autodiff<B>, 1>,
+    class: usize,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<TuneReport, RunError> {
+    let held_out = noise(s, config, 999);
+    let classifier = s.classifier.valid();
+    let vae = s.sd.vae.valid();
+    let evaluate = |m: &UnetEps<Autodiff<B>>| -> Result<(f64, f64, Tensor<B, 4>), RunError> {
+        let latents = s
+            .sampler
+            .sample_inference(&m.valid(), &s.sd.schedule, held_out.clone())?;
+        let images = vae.decode(latents);
+        let l = scalar(loss(Tensor::from_inner(images.clone())).inner());
+        let labels = crate::tasks::common::to_f64(classifier.logits(images.clone()).argmax(1).float());
+        let rate = labels.iter().filter(|&&c| c as usize == class).count() as f64 / labels.len().max(1) as f64;
+        Ok((l, rate, images))
+    };
+    let (loss_before, rate_before, before) = evaluate(&model)?;
+    let tuning = Tuning {
+        iters: config.iters,
+        lr: config.lr,
+        sampler: s.sampler,
+    };
+    let mut draws = 0u64;
+    let (tuned, losses) = tune_through_sampling(
+        model,
+        &s.sd.vae,
+        &s.sd.schedule,
+        &tuning,
+        &mut |_| {
+            draws += 1;
+            noise(s, config, 100 + draws)
+        },
+        loss,
+        on_iter,
+    )?;
+    let (loss_after, rate_after, after) = evaluate(&tuned)?;
+    let report = TuneReport {
+        loss_before,
+        loss_after,
+        class_rate_before: rate_before,
+        class_rate_after: rate_after,
+        losses,
+    };
+    output::write_outputs(&config.out, config, before, after, &report.losses, &report)?;
+    Ok(report)
+}

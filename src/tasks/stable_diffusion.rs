@@ -1,0 +1,300 @@
+//! Stable Diffusion as the tasks see it: a diffusers pipeline folder (`unet/`, `vae/`,
+//! `text_encoder/`, `tokenizer/`, `scheduler/`) loaded into the models crate's networks, its
+//! scheduler config turned into a [`NoiseSchedule`] and sampler settings, prompts encoded by CLIP.
+
+use std::path::{Path, PathBuf};
+
+use adjoint_dpm_models::clip::{load_clip_text, ClipTextModel, ClipTokenizer};
+use adjoint_dpm_models::load::{read_config, LoadError};
+use adjoint_dpm_models::unet::{load_unet, UNet2DConditionConfig, UNet2DConditionModel};
+use adjoint_dpm_models::vae::{load_vae, AutoencoderKL, AutoencoderKLConfig};
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use serde::Deserialize;
+
+use crate::diffusion::{BetaSchedule, DiffusionError, NoiseSchedule, Sampler, SamplerKind, TimestepSpacing};
+use crate::tasks::common::{Decoder, GradientChoice, SolverChoice};
+use crate::tasks::unet_eps::{UnetEps, UnetPrediction};
+
+/// Why a pipeline folder cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SdError {
+    /// A component folder is missing.
+    #[error("{dir} is not a diffusers Stable Diffusion folder: it has no {component}/ (expected unet/, vae/, text_encoder/, tokenizer/, scheduler/)")]
+    MissingComponent {
+        /// The pipeline folder.
+        dir: PathBuf,
+        /// The missing sub-folder.
+        component: &'static str,
+    },
+    /// A network or the tokenizer failed to load.
+    #[error("{component}: {source}")]
+    Load {
+        /// Which component.
+        component: &'static str,
+        /// Why.
+        source: LoadError,
+    },
+    /// The scheduler config asks for something unsupported.
+    #[error("scheduler config {path}: {message}")]
+    Scheduler {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The components do not fit together.
+    #[error("the pipeline's components do not fit together: {0}")]
+    Mismatch(String),
+}
+
+/// The fields of diffusers' `scheduler_config.json` that define the noise schedule and the
+/// timesteps (DDIM/PNDM/DPM-Solver configs all carry them; defaults are diffusers').
+#[derive(Debug, Clone, Deserialize)]
+pub struct SchedulerConfig {
+    /// The scheduler class the pipeline was saved with.
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    /// N, the training steps.
+    #[serde(default = "defaults::train_steps")]
+    pub num_train_timesteps: usize,
+    /// First β.
+    #[serde(default = "defaults::beta_start")]
+    pub beta_start: f64,
+    /// Last β.
+    #[serde(default = "defaults::beta_end")]
+    pub beta_end: f64,
+    /// Layout of the βs.
+    #[serde(default = "defaults::beta_schedule")]
+    pub beta_schedule: BetaSchedule,
+    /// Explicit βs, overriding the above.
+    #[serde(default)]
+    pub trained_betas: Option<Vec<f64>>,
+    /// `epsilon`, `v_prediction` or `sample`.
+    #[serde(default = "defaults::prediction")]
+    pub prediction_type: String,
+    /// Added to "leading" timesteps.
+    #[serde(default)]
+    pub steps_offset: usize,
+    /// The last DDIM step lands on ᾱ = 1 (DDIM's default; SD ships `false`).
+    #[serde(default)]
+    pub set_alpha_to_one: Option<bool>,
+    /// How the inference timesteps are spread.
+    #[serde(default = "defaults::spacing")]
+    pub timestep_spacing: TimestepSpacing,
+}
+
+mod defaults {
+    use super::*;
+    pub fn train_steps() -> usize {
+        1000
+    }
+    pub fn beta_start() -> f64 {
+        1e-4
+    }
+    pub fn beta_end() -> f64 {
+        0.02
+    }
+    pub fn beta_schedule() -> BetaSchedule {
+        BetaSchedule::Linear
+    }
+    pub fn prediction() -> String {
+        "epsilon".into()
+    }
+    pub fn spacing() -> TimestepSpacing {
+        TimestepSpacing::Leading
+    }
+}
+
+impl SchedulerConfig {
+    /// The noise schedule.
+    pub fn schedule(&self) -> Result<NoiseSchedule, DiffusionError> {
+        match &self.trained_betas {
+            Some(betas) => NoiseSchedule::from_betas(betas),
+            None => NoiseSchedule::new(
+                self.beta_schedule,
+                self.num_train_timesteps,
+                self.beta_start,
+                self.beta_end,
+            ),
+        }
+    }
+}
+
+/// The VAE decoder maps latents to images in `[-1, 1]` (diffusers' `vae.decode(z / scale)`).
+impl<B: Backend> Decoder<B> for AutoencoderKL<B> {
+    fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
+        AutoencoderKL::decode(self, latents)
+    }
+}
+
+/// A loaded Stable Diffusion pipeline.
+#[derive(Debug)]
+pub struct StableDiffusion<B: Backend> {
+    /// The denoiser.
+    pub unet: UNet2DConditionModel<B>,
+    /// Its config (latent channels and size).
+    pub unet_config: UNet2DConditionConfig,
+    /// The autoencoder (its decoder turns samples into images).
+    pub vae: AutoencoderKL<B>,
+    /// Its config (the image size per latent pixel).
+    pub vae_config: AutoencoderKLConfig,
+    /// The CLIP text encoder.
+    pub text_encoder: ClipTextModel<B>,
+    /// The CLIP tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// The scheduler config.
+    pub scheduler: SchedulerConfig,
+    /// The noise schedule it defines.
+    pub schedule: NoiseSchedule,
+}
+
+fn component(dir: &Path, name: &'static str) -> Result<PathBuf, SdError> {
+    let path = dir.join(name);
+    if path.is_dir() {
+        Ok(path)
+    } else {
+        Err(SdError::MissingComponent {
+            dir: dir.into(),
+            component: name,
+        })
+    }
+}
+
+/// Whether `dir` looks like a diffusers pipeline folder (rather than toy weights).
+pub fn is_pipeline_dir(dir: &Path) -> bool {
+    dir.join("model_index.json").is_file() || dir.join("unet").is_dir()
+}
+
+impl<B: Backend> StableDiffusion<B> {
+    /// Loads a diffusers pipeline folder; every missing folder, file or key is a typed error.
+    pub fn load(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, SdError> {
+        let dir = dir.as_ref();
+        let paths = [
+            component(dir, "unet")?,
+            component(dir, "vae")?,
+            component(dir, "text_encoder")?,
+            component(dir, "tokenizer")?,
+            component(dir, "scheduler")?,
+        ];
+        let load = |component: &'static str| move |source: LoadError| SdError::Load { component, source };
+        let scheduler_path = paths[4].join("scheduler_config.json");
+        let scheduler: SchedulerConfig = read_config(&scheduler_path).map_err(load("scheduler"))?;
+        let schedule = scheduler.schedule().map_err(|e| SdError::Scheduler {
+            path: scheduler_path.clone(),
+            message: e.to_string(),
+        })?;
+        if !["epsilon", "v_prediction", "sample"].contains(&scheduler.prediction_type.as_str()) {
+            return Err(SdError::Scheduler {
+                path: scheduler_path,
+                message: format!(
+                    "prediction_type {:?} is not epsilon, v_prediction or sample",
+                    scheduler.prediction_type
+                ),
+            });
+        }
+        let (unet_config, unet) = load_unet::<B>(&paths[0], device).map_err(load("unet"))?;
+        let (vae_config, vae) = load_vae::<B>(&paths[1], device).map_err(load("vae"))?;
+        let (text_config, text_encoder) = load_clip_text::<B>(&paths[2], device).map_err(load("text_encoder"))?;
+        let tokenizer = ClipTokenizer::from_dir(&paths[3]).map_err(load("tokenizer"))?;
+        let cross = unet_config
+            .cross_attention_dim
+            .get(0, unet_config.block_out_channels.len(), "cross_attention_dim")
+            .map_err(load("unet"))?;
+        if cross != text_config.hidden_size {
+            return Err(SdError::Mismatch(format!(
+                "the UNet attends to {cross}-wide context but the text encoder produces {}",
+                text_config.hidden_size
+            )));
+        }
+        if unet_config.in_channels != vae_config.latent_channels {
+            return Err(SdError::Mismatch(format!(
+                "the UNet takes {} channels but the VAE's latents have {}",
+                unet_config.in_channels, vae_config.latent_channels
+            )));
+        }
+        Ok(Self {
+            unet,
+            unet_config,
+            vae,
+            vae_config,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            schedule,
+        })
+    }
+
+    /// The latent shape of one sample, `[channels, h, w]` (the UNet's `sample_size`).
+    pub fn latent_shape(&self) -> [usize; 3] {
+        let size = self
+            .unet_config
+            .sample_size
+            .as_ref()
+            .and_then(|s| s.get(0, 1, "sample_size").ok())
+            .unwrap_or(64);
+        [self.unet_config.in_channels, size, size]
+    }
+
+    /// The decoded image size (`latent size · 2^(VAE blocks − 1)`).
+    pub fn image_size(&self) -> usize {
+        let blocks = self.vae_config.block_out_channels.len().max(1);
+        self.latent_shape()[1] << (blocks - 1)
+    }
+
+    /// CLIP's last hidden state for a prompt, `[1, max_length, hidden]`, and the number of the
+    /// prompt's own tokens (between the start and end tokens).
+    pub fn encode_prompt(&self, prompt: &str, device: &B::Device) -> Result<(Tensor<B, 3>, usize), SdError> {
+        let ids = self.tokenizer.encode(prompt).map_err(|source| SdError::Load {
+            component: "tokenizer",
+            source,
+        })?;
+        let tokens = ids
+            .iter()
+            .skip(1)
+            .take_while(|&&id| id != self.tokenizer.eos_id)
+            .count();
+        let ids = self
+            .tokenizer
+            .encode_batch::<B>(&[prompt], device)
+            .map_err(|source| SdError::Load {
+                component: "tokenizer",
+                source,
+            })?;
+        Ok((self.text_encoder.forward(ids).last_hidden_state, tokens))
+    }
+
+    /// The ε-model of the UNet conditioned on `context` (`[rows, tokens, dim]`; see
+    /// [`UnetEps`]), converting v- or x₀-predictions as the scheduler config says.
+    pub fn eps_model(&self, context: Tensor<B, 3>) -> UnetEps<B> {
+        let prediction = match self.scheduler.prediction_type.as_str() {
+            "v_prediction" => UnetPrediction::V(self.schedule.clone()),
+            "sample" => UnetPrediction::Sample(self.schedule.clone()),
+            _ => UnetPrediction::Epsilon,
+        };
+        crate::ode::materialized(UnetEps::new(self.unet.clone(), context).with_prediction(prediction))
+    }
+
+    /// The sampler with the pipeline's timestep settings (spacing, `steps_offset`, and for
+    /// DDIM/Heun `set_alpha_to_one`), as diffusers' `Scheduler.from_config(pipe.scheduler.config)`.
+    pub fn sampler(&self, solver: SolverChoice, steps: usize, gradient: GradientChoice) -> Sampler {
+        let mut sampler = solver.sampler(steps, gradient);
+        sampler.spacing = self.scheduler.timestep_spacing;
+        sampler.steps_offset = self.scheduler.steps_offset;
+        if sampler.kind != SamplerKind::DpmSolverPP2M {
+            sampler.final_alpha_one = self.scheduler.set_alpha_to_one.unwrap_or(true);
+        }
+        sampler
+    }
+
+    /// The pipeline with every network frozen (the tasks unfreeze what they train).
+    pub fn frozen(self) -> Self {
+        Self {
+            unet: self.unet.no_grad(),
+            vae: self.vae.no_grad(),
+            text_encoder: self.text_encoder.no_grad(),
+            ..self
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The Stable Diffusion path on a tiny random pipeline in the diffusers layout
+//! (`models/fixtures/sd_tiny`, from scripts/make_fixtures.py): the whole pipeline (prompt → CLIP
+//! → guided DDIM → VAE) against diffusers' StableDiffusionPipeline, then the four tasks end to
+//! end, then bad input.
+
+use std::path::{Path, PathBuf};
+
+use adjoint_dpm::diffusion::Cfg;
+use adjoint_dpm::tasks::run::{RunConfig, RunError};
+use adjoint_dpm::tasks::run_sd::{run_audit, run_finetune, run_guide, run_invert};
+use adjoint_dpm::tasks::{GradientChoice, SdError, SolverChoice, StableDiffusion};
+use burn::backend::Flex;
+use burn::tensor::{Tensor, TensorData};
+
+type B = Flex;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/fixtures"))
+}
+
+fn read(st: &safetensors::SafeTensors, name: &str) -> (Vec<f32>, Vec<usize>) {
+    let t = st.tensor(name).unwrap();
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    (v, t.shape().to_vec())
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt().max(1e-30)
+}
+
+fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap()
+}
+
+#[test]
+fn tiny_pipeline_matches_diffusers_end_to_end() {
+    let device = Default::default();
+    let dir = fixtures().join("sd_tiny");
+    let sd = StableDiffusion::<B>::load(&dir, &device).unwrap();
+    let bytes = std::fs::read(dir.join("io.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("io.json")).unwrap()).unwrap();
+    let prompt = meta["prompt"].as_str().unwrap();
+    let steps = meta["steps"].as_u64().unwrap() as usize;
+    let guidance = meta["guidance"].as_f64().unwrap();
+
+    // Prompt encoding (the tokenizer is vocab.json + merges.txt here).
+    let (cond, tokens) = sd.encode_prompt(prompt, &device).unwrap();
+    let (uncond, none) = sd.encode_prompt("", &device).unwrap();
+    assert_eq!(none, 0);
+    assert!(tokens > 0);
+    let e = rel_err(&values(cond.clone()), &read(&st, "prompt_embeds").0);
+    assert!(e < 1e-5, "prompt embedding off by {e:e}");
+    let e = rel_err(&values(uncond.clone()), &read(&st, "negative_embeds").0);
+    assert!(e < 1e-5, "empty-prompt embedding off by {e:e}");
+
+    // Guided DDIM with the pipeline's scheduler settings, then the VAE.
+    let sampler = sd.sampler(SolverChoice::Ddim, steps, GradientChoice::Exact);
+    let expected_t: Vec<usize> = meta["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), expected_t);
+    let model = Cfg::new(sd.eps_model(Tensor::cat(vec![uncond, cond], 0)), guidance).unwrap();
+    let (latents, shape) = read(&st, "latents");
+    let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape.clone()), &device);
+    let x_0 = sampler.sample_inference(&model, &sd.schedule, x_t).unwrap();
+    let e = rel_err(&values(x_0.clone()), &read(&st, "final_latents").0);
+    assert!(e < 1e-4, "final latents off by {e:e}");
+    let image = sd.vae.decode(x_0).add_scalar(1.0).mul_scalar(0.5).clamp(0.0, 1.0);
+    assert_eq!(image.dims()[2], sd.image_size());
+    let e = rel_err(&values(image), &read(&st, "image").0);
+    assert!(e < 1e-4, "image off by {e:e}");
+}
+
+fn config(out: &Path) -> RunConfig {
+    RunConfig {
+        out: out.to_path_buf(),
+        weights: Some(fixtures().join("sd_tiny")),
+        classifier: Some(fixtures().join("sd_tiny_classifier/model.safetensors")),
+        steps: 3,
+        iters: 2,
+        seed: 3,
+        batch: 2,
+        ..RunConfig::default()
+    }
+}
+
+fn outputs_exist(dir: &Path) {
+    for f in ["before_after.png", "loss.png", "metrics.json"] {
+        assert!(dir.join(f).is_file(), "{f} missing in {}", dir.display());
+    }
+}
+
+/// A 24×24 PNG reference image (resized to the pipeline's 16×16 on load).
+fn reference_png(path: &Path) {
+    let img = image::RgbImage::from_fn(24, 24, |x, y| image::Rgb([(x * 10) as u8, (y * 10) as u8, 128]));
+    img.save(path).unwrap();
+}
+
+#[test]
+fn every_task_runs_on_a_stable_diffusion_folder() {
+    let device = Default::default();
+    let root = std::env::temp_dir().join(format!("adjoint-dpm-sd-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let dir = |name: &str| root.join(name);
+    let reference = root.join("reference.png");
+    reference_png(&reference);
+
+    // Guided sampling with a prompt (classifier-free guidance) and exact gradients.
+    let mut c = config(&dir("guide"));
+    c.prompt = "a photo of the cat".into();
+    let r = run_guide::<B>(&c, 3, 0.1, &device, &mut |_, _| {}).unwrap();
+    assert_eq!(r.losses.len(), 2);
+    assert!(r.losses.iter().all(|l| l.is_finite()), "{:?}", r.losses);
+    outputs_exist(&dir("guide"));
+
+    // Auditing the unconditional model with AdjointDPM gradients.
+    let mut c = config(&dir("audit"));
+    c.gradient = GradientChoice::AdjointDpm;
+    let r = run_audit::<B>(&c, 0.1, &device, &mut |_, _| {}).unwrap();
+    assert!(r.mean_image_rms.is_finite());
+    outputs_exist(&dir("audit"));
+
+    // Embedding inversion of the prompt's tokens with DPM-Solver++(2M), exact gradients: the
+    // loss on the held-out noise must not get worse by much and must move.
+    let mut c = config(&dir("invert"));
+    c.prompt = "a photo".into();
+    c.solver = SolverChoice::Dpmpp2m;
+    c.iters = 3;
+    let r = run_invert::<B>(&c, &reference, &device, &mut |_, _| {}).unwrap();
+    assert!(r.loss_before.is_finite() && r.loss_after.is_finite());
+    assert!(r.loss_after != r.loss_before, "the learned tokens changed nothing");
+    outputs_exist(&dir("invert"));
+
+    // LoRA stylisation.
+    let r = run_finetune::<B>(&config(&dir("finetune")), &reference, 2, &device, &mut |_, _| {}).unwrap();
+    assert!(r.loss_before.is_finite() && r.loss_after.is_finite());
+    outputs_exist(&dir("finetune"));
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn bad_stable_diffusion_inputs_are_typed_errors() {
+    let device = Default::default();
+    let root = std::env::temp_dir().join(format!("adjoint-dpm-sd-bad-{}", std::process::id()));
+    // A folder without the pipeline layout names the missing component.
+    let err = StableDiffusion::<B>::load(fixtures().join("vae_tiny"), &device).unwrap_err();
+    assert!(
+        matches!(err, SdError::MissingComponent { component: "unet", .. }),
+        "{err}"
+    );
+    // No classifier.
+    let mut c = config(&root.join("a"));
+    c.classifier = None;
+    let err = run_guide::<B>(&c, 0, 0.1, &device, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, RunError::Usage(_)), "{err}");
+    // A class the classifier does not have.
+    let err = run_guide::<B>(&config(&root.join("b")), 10, 0.1, &device, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("classes 0..10"), "{err}");
+    // A missing reference image.
+    let err = run_invert::<B>(
+        &config(&root.join("c")),
+        &root.join("nope.png"),
+        &device,
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, RunError::Image { .. }), "{err}");
+    // A classifier file that is not a checkpoint.
+    let bogus = root.join("bogus.safetensors");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(&bogus, b"not a checkpoint").unwrap();
+    let mut c = config(&root.join("d"));
+    c.classifier = Some(bogus);
+    let err = run_guide::<B>(&c, 0, 0.1, &device, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, RunError::Classifier { .. }), "{err}");
+    std::fs::remove_dir_all(&root).ok();
+}
