@@ -82,3 +82,44 @@ fn bad_inputs_are_typed_errors() {
     assert!(run_guide(&missing, "ring", 0.1, &mut |_, _| {}).is_err());
     std::fs::remove_dir_all(&root).ok();
 }
+
+#[test]
+fn an_interrupted_run_continues_where_it_stopped() {
+    let root = std::env::temp_dir().join(format!("adjoint-dpm-resume-{}", std::process::id()));
+    let (a, b) = (root.join("a"), root.join("b"));
+    // "Interrupted" after 2 of 4 iterations, then run again with the same settings.
+    let mut first = config(&a);
+    first.iters = 2;
+    let r = run_guide(&first, "ring", 0.1, &mut |_, _| {}).unwrap();
+    assert!(a.join(".resume-2").is_dir());
+    let mut second = config(&a);
+    second.iters = 4;
+    let mut seen = Vec::new();
+    let resumed = run_guide(&second, "ring", 0.1, &mut |i, _| seen.push(i)).unwrap();
+    assert_eq!(seen, vec![2, 3], "only the missing iterations run");
+    assert!(a.join(".resume-4").is_dir() && !a.join(".resume-2").exists());
+    assert_eq!(&resumed.losses[..2], &r.losses[..]);
+    // The same as an uninterrupted run: Adam's moments were restored too.
+    let mut whole = config(&b);
+    whole.iters = 4;
+    let straight = run_guide(&whole, "ring", 0.1, &mut |_, _| {}).unwrap();
+    for (x, y) in resumed.losses.iter().zip(&straight.losses) {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+            "{:?} vs {:?}",
+            resumed.losses,
+            straight.losses
+        );
+    }
+    // Other settings, or --fresh, start over.
+    let mut other = config(&a);
+    other.iters = 4;
+    other.fresh = true;
+    let mut seen = Vec::new();
+    run_guide(&other, "ring", 0.1, &mut |i, _| seen.push(i)).unwrap();
+    assert_eq!(seen, vec![0, 1, 2, 3]);
+    let mut seen = Vec::new();
+    run_guide(&second, "circle", 0.1, &mut |i, _| seen.push(i)).unwrap();
+    assert_eq!(seen, vec![0, 1, 2, 3]);
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -77,6 +77,7 @@ fn guided_sampling_raises_the_target_probability() {
             lr: 0.1,
             prior_weight: 0.1,
             sampler: SolverChoice::Ddim.sampler(5, gradient),
+            resume: None,
         };
         let mut seen = 0;
         let run = guided_sampling(
@@ -105,6 +106,7 @@ fn guided_sampling_raises_the_target_probability() {
         lr: -1.0,
         prior_weight: 0.0,
         sampler: Sampler::ddim(2),
+        resume: None,
     };
     assert!(guided_sampling(
         &eps,
@@ -130,6 +132,7 @@ fn audit_stays_in_the_ball_and_pushes_the_label_away() {
         lr: 0.1,
         closeness_weight: 0.1,
         sampler: SolverChoice::Ddim.sampler(5, GradientChoice::Exact),
+        resume: None,
     };
     let run = audit(
         &eps,
@@ -193,6 +196,7 @@ fn tuning_an_embedding_or_the_weights_lowers_their_loss() {
         iters: 10,
         lr: 0.05,
         sampler: SolverChoice::Ddim.sampler(4, GradientChoice::Exact),
+        resume: None,
     };
     // Inversion: only the embedding moves, towards a reference image.
     let model = CondEps {

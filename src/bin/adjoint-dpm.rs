@@ -210,6 +210,10 @@ struct TaskArgs {
     /// Samples per batch.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Start over instead of continuing where an interrupted run with the same settings in
+    /// --out stopped (its state is saved after every iteration).
+    #[arg(long)]
+    fresh: bool,
 }
 
 impl TaskArgs {
@@ -235,6 +239,7 @@ impl TaskArgs {
             batch: self.batch,
             prompt: self.prompt.clone(),
             classifier: self.classifier.clone(),
+            fresh: self.fresh,
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::diffusion::{NoiseSchedule, Sampler};
 use crate::tasks::common::{
     positive, scalar, to_f64, FrozenPipeline, Noise, TaskClassifier, TaskDecoder, TaskError, TaskModel,
 };
+use crate::tasks::resume::{restore, save, Restored, Resume};
 
 /// Settings of an audit.
 #[derive(Debug, Clone)]
@@ -32,6 +33,8 @@ pub struct Audit {
     pub closeness_weight: f64,
     /// The sampler and its gradient mode.
     pub sampler: Sampler,
+    /// Save the state after every iteration and continue from a saved one (see [`Resume`]).
+    pub resume: Option<Resume>,
 }
 
 /// What the audit found.
@@ -131,13 +134,18 @@ where
     let reference = Tensor::<Autodiff<B>, 4>::from_inner(before.clone());
     let base = Tensor::<Autodiff<B>, 4>::from_inner(x_t.clone());
     let ce = CrossEntropyLossConfig::new().init(&device);
-    let mut delta = Noise {
+    let delta = Noise {
         x_t: Param::from_tensor(Tensor::<Autodiff<B>, 4>::zeros(x_t.dims(), &device).require_grad()),
     };
-    let mut optim = AdamConfig::new().init();
-    let mut losses = Vec::with_capacity(config.iters);
+    let optim = AdamConfig::new().init();
+    let Restored {
+        module: mut delta,
+        mut optim,
+        iter: start,
+        mut losses,
+    } = restore(&config.resume, delta, optim, &device)?;
     let eps = config.epsilon;
-    for iter in 0..config.iters {
+    for iter in start..config.iters {
         let image = nets.tracked_images(base.clone() + delta.x_t.val())?;
         let closeness = (image.clone() - reference.clone()).powi_scalar(2).mean();
         let loss =
@@ -153,6 +161,7 @@ where
         delta.x_t = delta
             .x_t
             .map(|d| Tensor::from_inner(d.inner().clamp(-eps, eps)).require_grad());
+        save(&config.resume, &delta, &optim, iter + 1, &losses)?;
         on_iter(iter, value);
     }
     let x_final = x_t.clone() + delta.x_t.val().inner();

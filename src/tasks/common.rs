@@ -202,6 +202,14 @@ pub enum TaskError {
         /// What it must satisfy.
         rule: &'static str,
     },
+    /// A saved state of an interrupted run cannot be written or read.
+    #[error("resume state {path}: {message}")]
+    Resume {
+        /// The folder or file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// The loss became NaN or infinite.
     #[error("the loss became non-finite at iteration {iter}; lower --lr")]
     NonFiniteLoss {

@@ -7,6 +7,7 @@ pub mod common;
 pub mod imagenet;
 pub mod noise_opt;
 pub(crate) mod output;
+pub mod resume;
 pub mod run;
 pub mod run_sd;
 pub mod stable_diffusion;
@@ -20,6 +21,7 @@ pub use common::{
 };
 pub use imagenet::ImageNetClassifier;
 pub use noise_opt::{guided_sampling, GuidedReport, GuidedRun, GuidedSampling};
+pub use resume::Resume;
 pub use stable_diffusion::{SdError, StableDiffusion};
 pub use tune::{gram, tune_through_sampling, Tuning};
 pub use unet_eps::{UnetEps, UnetPrediction};

@@ -19,6 +19,7 @@ use crate::diffusion::{NoiseSchedule, Sampler};
 use crate::tasks::common::{
     positive, scalar, to_f64, FrozenPipeline, Noise, TaskClassifier, TaskDecoder, TaskError, TaskModel,
 };
+use crate::tasks::resume::{restore, save, Restored, Resume};
 
 /// Settings of guided sampling.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct GuidedSampling {
     pub prior_weight: f64,
     /// The sampler and its gradient mode.
     pub sampler: Sampler,
+    /// Save the state after every iteration and continue from a saved one (see [`Resume`]).
+    pub resume: Option<Resume>,
 }
 
 /// What guided sampling achieved.
@@ -108,12 +111,17 @@ where
     let targets =
         Tensor::<Autodiff<B>, 1, Int>::from_data(TensorData::new(vec![config.target as i64; batch], [batch]), &device);
     let ce = CrossEntropyLossConfig::new().init(&device);
-    let mut noise = Noise {
+    let noise = Noise {
         x_t: Param::from_tensor(Tensor::<Autodiff<B>, 4>::from_inner(x_t).require_grad()),
     };
-    let mut optim = AdamConfig::new().init();
-    let mut losses = Vec::with_capacity(config.iters);
-    for iter in 0..config.iters {
+    let optim = AdamConfig::new().init();
+    let Restored {
+        module: mut noise,
+        mut optim,
+        iter: start,
+        mut losses,
+    } = restore(&config.resume, noise, optim, &device)?;
+    for iter in start..config.iters {
         let x = noise.x_t.val();
         let logits = nets.classifier.logits(nets.tracked_images(x.clone())?);
         let shell = x
@@ -132,6 +140,7 @@ where
         losses.push(value);
         let grads = GradientsParams::from_grads(loss.backward(), &noise);
         noise = optim.step(config.lr, noise, grads);
+        save(&config.resume, &noise, &optim, iter + 1, &losses)?;
         on_iter(iter, value);
     }
     let x_final = noise.x_t.val().inner();

@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::diffusion::{Cfg, Sampler};
 use crate::tasks::common::{scalar, GradientChoice, PixelSpace, SolverChoice, TaskError};
 use crate::tasks::output;
+use crate::tasks::resume::Resume;
 use crate::tasks::{audit, gram, guided_sampling, tune_through_sampling, Audit, GuidedSampling, Tuning};
 use crate::toy::{self, ToyClassifier, ToyDenoiser, ToyError, CLASSES, IMAGE_SIZE};
 
@@ -48,6 +49,23 @@ pub struct RunConfig {
     /// Stable Diffusion: the torchvision ResNet judging the images (`.pth` or `.safetensors`;
     /// ResNet-50 unless a JSON `ResNetConfig` with the same stem sits beside it).
     pub classifier: Option<PathBuf>,
+    /// Start over instead of continuing the state an interrupted run left in `out`.
+    pub fresh: bool,
+}
+
+/// The resume state of a task run: a saved state is continued only under the same task
+/// arguments and options (the iteration count and `fresh` aside); `fresh` discards saved ones.
+pub(crate) fn resume_for(config: &RunConfig, task: &impl Serialize) -> Result<Option<Resume>, RunError> {
+    let key = RunConfig {
+        iters: 0,
+        fresh: false,
+        ..config.clone()
+    };
+    let resume = Resume::new(&config.out, &(task, key));
+    if config.fresh {
+        resume.clear()?;
+    }
+    Ok(Some(resume))
 }
 
 impl Default for RunConfig {
@@ -66,6 +84,7 @@ impl Default for RunConfig {
             batch: 8,
             prompt: String::new(),
             classifier: None,
+            fresh: false,
         }
     }
 }
@@ -190,6 +209,7 @@ pub fn run_guide(
         lr: config.lr,
         prior_weight,
         sampler: s.sampler,
+        resume: resume_for(config, &("guide", target, prior_weight))?,
     };
     let model = s.denoiser.unconditional();
     let run = guided_sampling(
@@ -218,6 +238,7 @@ pub fn run_audit(
         lr: config.lr,
         closeness_weight: 1.0,
         sampler: s.sampler,
+        resume: resume_for(config, &("audit", epsilon))?,
     };
     let model = s.denoiser.unconditional();
     let run = audit(
@@ -273,7 +294,8 @@ pub fn run_invert(
     model.unet = model.unet.no_grad();
     model.context = Param::from_tensor(model.context.val().detach().require_grad());
     let loss = |images: Tensor<Ad, 4>| (images - reference.clone()).powi_scalar(2).mean();
-    tune_task(config, &s, model, &loss, class, on_iter)
+    let resume = resume_for(config, &("invert", class))?;
+    tune_task(config, &s, model, &loss, class, resume, on_iter)
 }
 
 /// Task 4: fine-tune LoRA adapters of the UNet so that samples take the style (Gram statistics
@@ -304,7 +326,8 @@ pub fn run_finetune(
             .reduce(|a, b| a + b)
             .expect("the classifier has feature maps")
     };
-    tune_task(config, &s, model, &loss, class, on_iter)
+    let resume = resume_for(config, &("finetune", class, rank))?;
+    tune_task(config, &s, model, &loss, class, resume, on_iter)
 }
 
 /// Tunes the trainable parameters of `model` under `loss`, evaluating it on held-out noise.
@@ -314,6 +337,7 @@ fn tune_task(
     model: toy::Conditioned<Ad>,
     loss: &dyn Fn(Tensor<Ad, 4>) -> Tensor<Ad, 1>,
     class: usize,
+    resume: Option<Resume>,
     on_iter: &mut dyn FnMut(usize, f64),
 ) -> Result<TuneReport, RunError> {
     let held_out = noise(config, 999);
@@ -328,17 +352,14 @@ fn tune_task(
         iters: config.iters,
         lr: config.lr,
         sampler: s.sampler,
+        resume,
     };
-    let mut draws = 0u64;
     let (tuned, losses) = tune_through_sampling(
         model,
         &PixelSpace,
         &s.schedule,
         &tuning,
-        &mut |_| {
-            draws += 1;
-            noise(config, 100 + draws)
-        },
+        &mut |iter| noise(config, 101 + iter as u64),
         loss,
         on_iter,
     )?;

@@ -20,7 +20,8 @@ use crate::diffusion::{Cfg, Sampler};
 use crate::tasks::common::{scalar, Classifier, TaskError, TaskModel};
 use crate::tasks::imagenet::ImageNetClassifier;
 use crate::tasks::output;
-use crate::tasks::run::{RunConfig, RunError, TuneReport};
+use crate::tasks::resume::Resume;
+use crate::tasks::run::{resume_for, RunConfig, RunError, TuneReport};
 use crate::tasks::stable_diffusion::StableDiffusion;
 use crate::tasks::unet_eps::UnetEps;
 use crate::tasks::{audit, gram, guided_sampling, tune_through_sampling, Audit, GuidedSampling, Tuning};
@@ -118,6 +119,7 @@ pub fn run_guide<B: Backend>(
         lr: config.lr,
         prior_weight,
         sampler: s.sampler,
+        resume: resume_for(config, &("guide", target, prior_weight))?,
     };
     let x_t = noise(&s, config, 1);
     match prompt_model(&s, config)? {
@@ -161,6 +163,7 @@ pub fn run_audit<B: Backend>(
         lr: config.lr,
         closeness_weight: 1.0,
         sampler: s.sampler,
+        resume: resume_for(config, &("audit", epsilon))?,
     };
     let x_t = noise(&s, config, 2);
     match prompt_model(&s, config)? {
@@ -225,14 +228,15 @@ pub fn run_invert<B: Backend>(
         s.sd.eps_model(context.detach().require_grad())
             .with_trainable_tokens(1, 1 + tokens.max(1));
     let loss = |images: Tensor<Autodiff<B>, 4>| (images - target.clone()).powi_scalar(2).mean();
-    tune(config, &s, model, &loss, label, on_iter)
+    let resume = resume_for(config, &("invert", reference))?;
+    tune(config, &s, model, &loss, label, resume, on_iter)
 }
 
 /// Task 4 on Stable Diffusion: LoRA adapters of rank `rank` on the UNet's attention, towards the
 /// style (feature Gram matrices) of the image at `style`.
 pub fn run_finetune<B: Backend>(
     config: &RunConfig,
-    style: &Path,
+    style_path: &Path,
     rank: usize,
     device: &B::Device,
     on_iter: &mut dyn FnMut(usize, f64),
@@ -246,7 +250,7 @@ pub fn run_finetune<B: Backend>(
         .into());
     }
     let s = setup::<B>(config, device)?;
-    let style = load_image::<Autodiff<B>>(style, s.sd.image_size(), device)?;
+    let style = load_image::<Autodiff<B>>(style_path, s.sd.image_size(), device)?;
     let label = scalar(
         s.classifier
             .valid()
@@ -277,7 +281,8 @@ pub fn run_finetune<B: Backend>(
             .reduce(|a, b| a + b)
             .expect("a ResNet has feature maps")
     };
-    tune(config, &s, model, &loss, label, on_iter)
+    let resume = resume_for(config, &("finetune", style_path, rank))?;
+    tune(config, &s, model, &loss, label, resume, on_iter)
 }
 
 /// Tunes the trainable parameters of `model` under `loss`, evaluated on held-out noise;
@@ -288,6 +293,7 @@ fn tune<B: Backend>(
     model: UnetEps<Autodiff<B>>,
     loss: &dyn Fn(Tensor<Autodiff<B>, 4>) -> Tensor<Autodiff<B>, 1>,
     class: usize,
+    resume: Option<Resume>,
     on_iter: &mut dyn FnMut(usize, f64),
 ) -> Result<TuneReport, RunError> {
     let held_out = noise(s, config, 999);
@@ -308,17 +314,14 @@ fn tune<B: Backend>(
         iters: config.iters,
         lr: config.lr,
         sampler: s.sampler,
+        resume,
     };
-    let mut draws = 0u64;
     let (tuned, losses) = tune_through_sampling(
         model,
         &s.sd.vae,
         &s.sd.schedule,
         &tuning,
-        &mut |_| {
-            draws += 1;
-            noise(s, config, 100 + draws)
-        },
+        &mut |iter| noise(s, config, 101 + iter as u64),
         loss,
         on_iter,
     )?;

@@ -10,6 +10,7 @@ use burn::tensor::Tensor;
 
 use crate::diffusion::{NoiseSchedule, Sampler};
 use crate::tasks::common::{positive, scalar, Decoder, TaskError, TaskModel};
+use crate::tasks::resume::{restore, save, Restored, Resume};
 
 /// Settings of the tuning loop.
 #[derive(Debug, Clone)]
@@ -20,9 +21,12 @@ pub struct Tuning {
     pub lr: f64,
     /// The sampler and its gradient mode.
     pub sampler: Sampler,
+    /// Save the state after every iteration and continue from a saved one (see [`Resume`]).
+    pub resume: Option<Resume>,
 }
 
-/// Tunes `model`; `noise(i)` gives iteration i's batch of x_T, `loss(images)` the objective of
+/// Tunes `model`; `noise(i)` gives iteration i's batch of x_T (a function of i alone, so a
+/// resumed run draws the same noise), `loss(images)` the objective of
 /// the decoded samples. Returns the tuned model and the loss of each iteration.
 #[allow(clippy::too_many_arguments)]
 pub fn tune_through_sampling<B, M, Dec>(
@@ -40,10 +44,14 @@ where
     Dec: Decoder<Autodiff<B>>,
 {
     positive("lr", config.lr)?;
-    let mut model = model;
-    let mut optim = AdamConfig::new().init();
-    let mut losses = Vec::with_capacity(config.iters);
-    for iter in 0..config.iters {
+    let device = model.devices().into_iter().next().unwrap_or_default();
+    let Restored {
+        module: mut model,
+        mut optim,
+        iter: start,
+        mut losses,
+    } = restore(&config.resume, model, AdamConfig::new().init(), &device)?;
+    for iter in start..config.iters {
         let x_t = Tensor::<Autodiff<B>, 4>::from_inner(noise(iter));
         let x0 = config.sampler.sample(&model, schedule, x_t)?;
         let value_tensor = loss(decoder.decode(x0));
@@ -54,6 +62,7 @@ where
         losses.push(value);
         let grads = GradientsParams::from_grads(value_tensor.backward(), &model);
         model = optim.step(config.lr, model, grads);
+        save(&config.resume, &model, &optim, iter + 1, &losses)?;
         on_iter(iter, value);
     }
     Ok((model, losses))

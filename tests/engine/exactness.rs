@@ -145,7 +145,10 @@ fn backsolve_converges_for(seed: u64) {
             "seed {seed}: backsolve error did not shrink with the tolerance: {errors:?}"
         );
     }
-    assert!(errors[0] < 1e-1 && errors[3] < 1e-6, "seed {seed}: backsolve errors {errors:?}");
+    assert!(
+        errors[0] < 1e-1 && errors[3] < 1e-6,
+        "seed {seed}: backsolve errors {errors:?}"
+    );
 }
 
 #[test]
