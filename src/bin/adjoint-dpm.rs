@@ -358,6 +358,18 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             DeviceArg::Cuda => Err("this binary was built without CUDA: rebuild with `--features cuda`".into()),
         };
     }
+    if let Some(dir) = config
+        .weights
+        .as_deref()
+        .filter(|d| !d.join(toy::files::RECORD).is_file())
+    {
+        return Err(format!(
+            "--weights {}: neither toy weights (no {}) nor a diffusers Stable Diffusion folder (no unet/)",
+            dir.display(),
+            toy::files::RECORD
+        )
+        .into());
+    }
     if task.device != DeviceArg::Cpu {
         return Err("the embedded toy model runs on the CPU; --device cuda is for Stable Diffusion folders".into());
     }
