@@ -208,6 +208,13 @@ impl<B: Backend> StableDiffusion<B> {
                 text_config.hidden_size
             )));
         }
+        if unet_config.class_embed_type.is_some() || unet_config.num_class_embeds.is_some() {
+            return Err(SdError::Mismatch(
+                "the UNet expects class labels (class_embed_type / num_class_embeds), which a text-to-image \
+                 pipeline does not give"
+                    .into(),
+            ));
+        }
         if unet_config.in_channels != vae_config.latent_channels {
             return Err(SdError::Mismatch(format!(
                 "the UNet takes {} channels but the VAE's latents have {}",
