@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use adjoint_dpm::diffusion::Cfg;
 use adjoint_dpm::tasks::run::{RunConfig, RunError};
-use adjoint_dpm::tasks::run_sd::{run_audit, run_finetune, run_guide, run_invert};
+use adjoint_dpm::tasks::run_sd::{run_audit, run_finetune, run_guide, run_invert, sample};
 use adjoint_dpm::tasks::{GradientChoice, SdError, SolverChoice, StableDiffusion};
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
@@ -144,6 +144,13 @@ fn every_task_runs_on_a_stable_diffusion_folder() {
     assert!(r.loss_before.is_finite() && r.loss_after.is_finite());
     assert!(r.loss_after != r.loss_before, "the learned tokens changed nothing");
     outputs_exist(&dir("invert"));
+
+    // Plain samples of a prompt.
+    let mut c = config(&dir("sample"));
+    c.prompt = "a photo of the cat".into();
+    let labels = sample::<B>(&c, &device).unwrap();
+    assert_eq!(labels.len(), 2);
+    assert!(dir("sample").join("samples.png").is_file());
 
     // LoRA stylisation.
     let r = run_finetune::<B>(&config(&dir("finetune")), &reference, 2, &device, &mut |_, _| {}).unwrap();

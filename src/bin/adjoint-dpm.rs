@@ -85,7 +85,8 @@ enum Command {
         #[command(flatten)]
         task: TaskArgs,
     },
-    /// Class-conditional samples with classifier-free guidance, one row per class.
+    /// Class-conditional samples with classifier-free guidance, one row per class (Stable
+    /// Diffusion: samples of the prompt, with the classifier's labels).
     Sample {
         #[command(flatten)]
         task: TaskArgs,
@@ -319,7 +320,9 @@ fn run_sd_task<B: burn::tensor::backend::Backend>(
             print_finetune(&style, rank, &r);
         }
         Command::Sample { .. } => {
-            return Err("sample draws the toy model's class grid; use guide with --iters 0 for Stable Diffusion".into())
+            bar.finish_and_clear();
+            let labels = run_sd::sample::<B>(config, device)?;
+            println!("{} samples; the classifier's labels: {labels:?}", labels.len());
         }
         Command::TrainToy(_) => unreachable!("train-toy is dispatched in main"),
     }

@@ -192,6 +192,27 @@ fn audit_with<B: Backend, M: TaskModel<B>>(
     Ok(run.report)
 }
 
+/// Samples of the prompt's model from seeded noise (no optimisation), written as
+/// `samples.png`; returns the classifier's label of each.
+pub fn sample<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Vec<usize>, RunError> {
+    let s = setup::<B>(config, device)?;
+    let x_t = noise(&s, config, 1);
+    let latents = match prompt_model(&s, config)? {
+        PromptModel::Plain(m) => s.sampler.sample_inference(&m.valid(), &s.sd.schedule, x_t)?,
+        PromptModel::Guided(m) => s.sampler.sample_inference(&m.valid(), &s.sd.schedule, x_t)?,
+    };
+    let images = s.sd.vae.valid().decode(latents);
+    let labels = crate::tasks::common::to_f64(s.classifier.valid().logits(images.clone()).argmax(1).float());
+    let [n, _, h, w] = images.dims();
+    let pixels = images
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap_or_default();
+    crate::toy::write_png_grid(&config.out.join("samples.png"), &pixels, n, [h, w], n, (96 / h).max(1))?;
+    Ok(labels.into_iter().map(|l| l as usize).collect())
+}
+
 /// An image file as `[1, 3, size, size]` in `[-1, 1]` (resized with a triangle filter).
 pub fn load_image<B: Backend>(path: &Path, size: usize, device: &B::Device) -> Result<Tensor<B, 4>, RunError> {
     let image = image::open(path).map_err(|e| RunError::Image {
