@@ -266,6 +266,20 @@ fn trained_models_save_and_load_from_a_directory() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(moved > 1e-6 && moved < 1.0, "continued training moved ε by {moved}");
+    // Its record keeps the first run's inside and round-trips although the classifier's loss
+    // is NaN (null in JSON): nothing trained it.
+    let continued_dir = scratch_dir("continued");
+    let chained = toy::ToyRecord {
+        train: more,
+        report: continued.report.clone(),
+        previous: Some(Box::new(record.clone())),
+        ..record.clone()
+    };
+    train::save(&continued_dir, &continued, &chained).unwrap();
+    let back = toy::read_record(&continued_dir).unwrap();
+    assert!(back.report.classifier_final_loss.is_nan());
+    assert_eq!(back.previous.as_deref(), Some(&record));
+    toy::load_from_dir::<B>(&continued_dir, &device).unwrap();
 
     // A corrupt record and a missing weights file are typed errors.
     std::fs::write(dir.join(toy::files::RECORD), "{ not json").unwrap();

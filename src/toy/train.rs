@@ -162,13 +162,17 @@ pub struct TrainReport {
     pub denoiser_final_loss: f64,
     /// Mean denoiser loss over the first 10% of steps.
     pub denoiser_initial_loss: f64,
-    /// Mean classifier loss over the last 10% of steps.
+    /// Mean classifier loss over the last 10% of steps (NaN, written as null, without steps).
+    #[serde(deserialize_with = "null_as_nan")]
     pub classifier_final_loss: f64,
     /// Classifier accuracy on held-out images.
     pub classifier_held_out_accuracy: f64,
-    /// Classifier accuracy on class-conditional DDIM samples (the sample-quality metric).
+    /// Classifier accuracy on class-conditional DDIM samples (the sample-quality metric; NaN,
+    /// written as null, without samples).
+    #[serde(deserialize_with = "null_as_nan")]
     pub sample_accuracy: f64,
     /// The same, per class.
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub sample_accuracy_per_class: Vec<f64>,
     /// Trainable parameters of the denoiser.
     pub denoiser_params: usize,
@@ -182,6 +186,19 @@ pub struct TrainReport {
     pub eval_seconds: f64,
     /// Denoiser loss every 50 steps (mean over those steps).
     pub denoiser_loss_curve: Vec<f64>,
+}
+
+/// JSON has no NaN: serde_json writes it as null; read null back as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// [`null_as_nan`] for each entry.
+fn nulls_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+    Ok(Vec::<Option<f64>>::deserialize(d)?
+        .into_iter()
+        .map(|v| v.unwrap_or(f64::NAN))
+        .collect())
 }
 
 /// The record `toy.json` written next to the weights.
