@@ -12,7 +12,9 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::activation::sigmoid;
+
+use crate::attention::gelu_exact;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -220,7 +222,7 @@ impl<B: Backend> ClipTextModel<B> {
             let x = if layer.mlp.quick_gelu {
                 x.clone() * sigmoid(x * 1.702)
             } else {
-                gelu(x)
+                gelu_exact(x)
             };
             h = h + layer.mlp.fc2.forward(x);
         }
