@@ -15,6 +15,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 
+use crate::activation::gelu_exact;
 use crate::resnet_block::conv2d;
 
 /// Multi-head scaled dot-product attention on `[batch, tokens, heads·dim_head]` tensors.
@@ -148,20 +149,6 @@ impl<B: Backend> Attention<B> {
         let out = self.forward(tokens, None);
         out.swap_dims(1, 2).reshape([b, c, h, w]) + x
     }
-}
-
-/// The exact (erf) GELU, `x · (1 + erf(x/√2)) / 2`, composed from tensor ops so that its
-/// gradient is exact on every backend: burn 0.21's default `gelu_backward`, which the ndarray and
-/// CUDA backends use, differentiates the tanh approximation instead of the erf GELU that its
-/// forward computes (about 1e-3 relative error per activation); only flex overrides it.
-pub fn gelu_exact<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let cdf = x
-        .clone()
-        .div_scalar(core::f64::consts::SQRT_2)
-        .erf()
-        .add_scalar(1.0)
-        .mul_scalar(0.5);
-    x * cdf
 }
 
 /// diffusers `GEGLU`: `proj` produces `[hidden, gate]`; the output is `hidden · gelu(gate)`

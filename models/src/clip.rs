@@ -10,11 +10,9 @@
 
 use std::path::Path;
 
+use crate::activation::{gelu_exact, sigmoid_exact};
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::sigmoid;
-
-use crate::attention::gelu_exact;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -220,7 +218,7 @@ impl<B: Backend> ClipTextModel<B> {
             h = h + a.out_proj.forward(attn);
             let x = layer.mlp.fc1.forward(layer.layer_norm2.forward(h.clone()));
             let x = if layer.mlp.quick_gelu {
-                x.clone() * sigmoid(x * 1.702)
+                x.clone() * sigmoid_exact(x * 1.702)
             } else {
                 gelu_exact(x)
             };

@@ -4,9 +4,9 @@
 //! `TimestepEmbedding`) at v0.35: a sinusoidal code of the (possibly fractional) timestep, then a
 //! two-layer MLP.
 
+use crate::activation::silu_exact as silu;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 

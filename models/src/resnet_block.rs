@@ -4,10 +4,10 @@
 //! `downsampling.py` (`Downsample2D`) and `upsampling.py` (`Upsample2D`) at v0.35, for the
 //! options Stable Diffusion uses (SiLU, conv down/up-sampling, nearest ×2 upsampling).
 
+use crate::activation::silu_exact as silu;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
