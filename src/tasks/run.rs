@@ -6,11 +6,16 @@ use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module, Param};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use serde::Serialize;
 
+use crate::diffusion::NoiseSchedule;
 use crate::diffusion::{Cfg, Sampler};
-use crate::tasks::common::{scalar, GradientChoice, PixelSpace, SolverChoice, TaskError};
+use crate::tasks::common::{
+    scalar, to_f64, Classifier, Decoder, GradientChoice, PixelSpace, SolverChoice, TaskClassifier, TaskDecoder,
+    TaskError, TaskModel,
+};
 use crate::tasks::output;
 use crate::tasks::resume::Resume;
 use crate::tasks::{audit, gram, guided_sampling, tune_through_sampling, Audit, GuidedSampling, Tuning};
@@ -269,12 +274,6 @@ pub struct TuneReport {
     pub losses: Vec<f64>,
 }
 
-/// The class rate of the classifier on images.
-fn class_rate(classifier: &ToyClassifier<Inner>, images: Tensor<Inner, 4>, class: usize) -> f64 {
-    let p = classifier.predict(images);
-    p.iter().filter(|&&c| c == class).count() as f64 / p.len().max(1) as f64
-}
-
 /// Task 3: learn a new conditioning embedding (starting from the null class) whose samples
 /// reproduce reference images of `class`; the UNet stays frozen.
 pub fn run_invert(
@@ -340,26 +339,64 @@ fn tune_task(
     resume: Option<Resume>,
     on_iter: &mut dyn FnMut(usize, f64),
 ) -> Result<TuneReport, RunError> {
-    let held_out = noise(config, 999);
-    let classifier = s.classifier.valid();
-    let evaluate = |m: &toy::Conditioned<Ad>| -> Result<(f64, f64, Tensor<Inner, 4>), RunError> {
-        let images = s.sampler.sample_inference(&m.valid(), &s.schedule, held_out.clone())?;
-        let l = scalar(loss(Tensor::from_inner(images.clone())).inner());
-        Ok((l, class_rate(&classifier, images.clone(), class), images))
-    };
-    let (loss_before, rate_before, before) = evaluate(&model)?;
     let tuning = Tuning {
         iters: config.iters,
         lr: config.lr,
         sampler: s.sampler,
         resume,
     };
+    let pipeline = (&s.classifier, &PixelSpace, &s.schedule);
+    tune_and_report(
+        config,
+        model,
+        pipeline,
+        &tuning,
+        loss,
+        class,
+        &|salt| noise(config, salt),
+        on_iter,
+    )
+}
+
+/// The tuning run of tasks 3 and 4 for any model, judge and decoder: loss and rate of `class`
+/// on held-out noise (`noise(999)`), [`tune_through_sampling`] on `noise(101 + iteration)`, the
+/// same evaluation after, and the outputs written.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tune_and_report<B, M, K, Dec>(
+    config: &RunConfig,
+    model: M,
+    (classifier, decoder, schedule): (&K, &Dec, &NoiseSchedule),
+    tuning: &Tuning,
+    loss: &dyn Fn(Tensor<Autodiff<B>, 4>) -> Tensor<Autodiff<B>, 1>,
+    class: usize,
+    noise: &dyn Fn(u64) -> Tensor<B, 4>,
+    on_iter: &mut dyn FnMut(usize, f64),
+) -> Result<TuneReport, RunError>
+where
+    B: Backend,
+    M: TaskModel<B>,
+    K: TaskClassifier<B>,
+    Dec: TaskDecoder<B>,
+{
+    let held_out = noise(999);
+    let (classifier, decoder_inner) = (classifier.valid(), decoder.valid());
+    let evaluate = |m: &M| -> Result<(f64, f64, Tensor<B, 4>), RunError> {
+        let samples = tuning
+            .sampler
+            .sample_inference(&m.valid(), schedule, held_out.clone())?;
+        let images = decoder_inner.decode(samples);
+        let l = scalar(loss(Tensor::from_inner(images.clone())).inner());
+        let labels = to_f64(classifier.logits(images.clone()).argmax(1).float());
+        let rate = labels.iter().filter(|&&c| c as usize == class).count() as f64 / labels.len().max(1) as f64;
+        Ok((l, rate, images))
+    };
+    let (loss_before, rate_before, before) = evaluate(&model)?;
     let (tuned, losses) = tune_through_sampling(
         model,
-        &PixelSpace,
-        &s.schedule,
-        &tuning,
-        &mut |iter| noise(config, 101 + iter as u64),
+        decoder,
+        schedule,
+        tuning,
+        &mut |iter| noise(101 + iter as u64),
         loss,
         on_iter,
     )?;
@@ -371,7 +408,7 @@ fn tune_task(
         class_rate_after: rate_after,
         losses,
     };
-    write_outputs(config, before, after, &report.losses, &report)?;
+    output::write_outputs(&config.out, config, before, after, &report.losses, &report)?;
     Ok(report)
 }
 

@@ -21,10 +21,10 @@ use crate::tasks::common::{scalar, Classifier, TaskError, TaskModel};
 use crate::tasks::imagenet::ImageNetClassifier;
 use crate::tasks::output;
 use crate::tasks::resume::Resume;
-use crate::tasks::run::{resume_for, RunConfig, RunError, TuneReport};
+use crate::tasks::run::{resume_for, tune_and_report, RunConfig, RunError, TuneReport};
 use crate::tasks::stable_diffusion::StableDiffusion;
 use crate::tasks::unet_eps::UnetEps;
-use crate::tasks::{audit, gram, guided_sampling, tune_through_sampling, Audit, GuidedSampling, Tuning};
+use crate::tasks::{audit, gram, guided_sampling, Audit, GuidedSampling, Tuning};
 
 /// The pipeline, the judge and the sampler of a run.
 struct Setup<B: Backend> {
@@ -317,43 +317,21 @@ fn tune<B: Backend>(
     resume: Option<Resume>,
     on_iter: &mut dyn FnMut(usize, f64),
 ) -> Result<TuneReport, RunError> {
-    let held_out = noise(s, config, 999);
-    let classifier = s.classifier.valid();
-    let vae = s.sd.vae.valid();
-    let evaluate = |m: &UnetEps<Autodiff<B>>| -> Result<(f64, f64, Tensor<B, 4>), RunError> {
-        let latents = s
-            .sampler
-            .sample_inference(&m.valid(), &s.sd.schedule, held_out.clone())?;
-        let images = vae.decode(latents);
-        let l = scalar(loss(Tensor::from_inner(images.clone())).inner());
-        let labels = crate::tasks::common::to_f64(classifier.logits(images.clone()).argmax(1).float());
-        let rate = labels.iter().filter(|&&c| c as usize == class).count() as f64 / labels.len().max(1) as f64;
-        Ok((l, rate, images))
-    };
-    let (loss_before, rate_before, before) = evaluate(&model)?;
     let tuning = Tuning {
         iters: config.iters,
         lr: config.lr,
         sampler: s.sampler,
         resume,
     };
-    let (tuned, losses) = tune_through_sampling(
+    let pipeline = (&s.classifier, &s.sd.vae, &s.sd.schedule);
+    tune_and_report(
+        config,
         model,
-        &s.sd.vae,
-        &s.sd.schedule,
+        pipeline,
         &tuning,
-        &mut |iter| noise(s, config, 101 + iter as u64),
         loss,
+        class,
+        &|salt| noise(s, config, salt),
         on_iter,
-    )?;
-    let (loss_after, rate_after, after) = evaluate(&tuned)?;
-    let report = TuneReport {
-        loss_before,
-        loss_after,
-        class_rate_before: rate_before,
-        class_rate_after: rate_after,
-        losses,
-    };
-    output::write_outputs(&config.out, config, before, after, &report.losses, &report)?;
-    Ok(report)
+    )
 }
