@@ -5,7 +5,7 @@
 //! `cargo run --release --example finetune`
 
 use adjoint_dpm::diffusion::Sampler;
-use adjoint_dpm::tasks::{gram, tune_through_sampling, PixelSpace, Tuning};
+use adjoint_dpm::tasks::{tune_through_sampling, PixelSpace, StyleLoss, Tuning};
 use adjoint_dpm::toy;
 use burn::backend::{Autodiff, Flex};
 use burn::module::Module;
@@ -18,26 +18,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (denoiser, classifier, schedule) = toy::load_default::<Ad>(&device)?;
     let classifier = classifier.no_grad();
     let style = toy::dataset_of_class(toy::class_index("cross")?, 1, 7)?.images_tensor::<Ad>(&device);
-    let targets: Vec<Tensor<Ad, 3>> = classifier
-        .features(style)
-        .into_iter()
-        .map(|f| gram(f).detach())
-        .collect();
+    let style = StyleLoss::new(&classifier, style);
     let mut model = denoiser.unconditional();
     model.unet = model.unet.no_grad().with_lora(4, 4.0);
     model.context = model.context.set_require_grad(false);
     let model = adjoint_dpm::ode::materialized(model);
-    let loss = |images: Tensor<Ad, 4>| {
-        let b = images.dims()[0];
-        classifier
-            .features(images)
-            .into_iter()
-            .map(gram)
-            .zip(&targets)
-            .map(|(g, t)| (g - t.clone().repeat_dim(0, b)).powi_scalar(2).mean())
-            .reduce(|a, b| a + b)
-            .expect("feature maps")
-    };
+    let loss = |images: Tensor<Ad, 4>| style.loss(images);
     let tuning = Tuning {
         iters: 20,
         lr: 0.01,

@@ -18,7 +18,7 @@ use crate::tasks::common::{
 };
 use crate::tasks::output;
 use crate::tasks::resume::Resume;
-use crate::tasks::{audit, gram, guided_sampling, tune_through_sampling, Audit, GuidedSampling, Tuning};
+use crate::tasks::{audit, guided_sampling, tune_through_sampling, Audit, GuidedSampling, StyleLoss, Tuning};
 use crate::toy::{self, ToyClassifier, ToyDenoiser, ToyError, CLASSES, IMAGE_SIZE};
 
 /// The CPU backend the tasks run on.
@@ -311,20 +311,12 @@ pub fn run_finetune(
     let style = toy::dataset_of_class(class, 1, config.seed.wrapping_add(7))?;
     let style = Tensor::<Ad, 4>::from_data(TensorData::new(style.images, [1, 3, IMAGE_SIZE, IMAGE_SIZE]), &device);
     let features = s.classifier.clone().no_grad();
-    let targets: Vec<Tensor<Ad, 3>> = features.features(style).into_iter().map(|f| gram(f).detach()).collect();
+    let style = StyleLoss::new(&features, style);
     let mut model = s.denoiser.unconditional();
     model.unet = model.unet.no_grad().with_lora(rank, rank as f64);
     model.context = model.context.set_require_grad(false);
     let model = crate::ode::materialized(model);
-    let loss = |images: Tensor<Ad, 4>| {
-        let b = images.dims()[0];
-        let grams = features.features(images).into_iter().map(gram);
-        grams
-            .zip(&targets)
-            .map(|(g, t)| (g - t.clone().repeat_dim(0, b)).powi_scalar(2).mean())
-            .reduce(|a, b| a + b)
-            .expect("the classifier has feature maps")
-    };
+    let loss = |images: Tensor<Ad, 4>| style.loss(images);
     let resume = resume_for(config, &("finetune", class, rank))?;
     tune_task(config, &s, model, &loss, class, resume, on_iter)
 }

@@ -24,7 +24,7 @@ use crate::tasks::resume::Resume;
 use crate::tasks::run::{resume_for, tune_and_report, RunConfig, RunError, TuneReport};
 use crate::tasks::stable_diffusion::StableDiffusion;
 use crate::tasks::unet_eps::UnetEps;
-use crate::tasks::{audit, gram, guided_sampling, Audit, GuidedSampling, Tuning};
+use crate::tasks::{audit, guided_sampling, Audit, GuidedSampling, StyleLoss, Tuning};
 
 /// The pipeline, the judge and the sampler of a run.
 struct Setup<B: Backend> {
@@ -76,6 +76,11 @@ fn check_class<B: Backend>(s: &Setup<B>, class: usize) -> Result<(), RunError> {
             "class {class} does not exist: the classifier has classes 0..{n}"
         )))
     }
+}
+
+/// The classifier's label of one image (`[1, 3, h, w]`).
+fn label_of<B: Backend>(s: &Setup<B>, image: Tensor<B, 4>) -> usize {
+    scalar(s.classifier.valid().logits(image).argmax(1).float().reshape([1])) as usize
 }
 
 /// The model of the run's prompt: plain for an empty prompt (or `--cfg 1`), with
@@ -241,8 +246,7 @@ pub fn run_invert<B: Backend>(
 ) -> Result<TuneReport, RunError> {
     let s = setup::<B>(config, device)?;
     let target = load_image::<Autodiff<B>>(reference, s.sd.image_size(), device)?;
-    let label = s.classifier.valid().logits(target.clone().inner()).argmax(1);
-    let label = scalar(label.float().reshape([1])) as usize;
+    let label = label_of(&s, target.clone().inner());
     let (context, tokens) = s.sd.encode_prompt(&config.prompt, device)?;
     // Learn the prompt's own tokens (positions 1..=n), or the end token of an empty prompt.
     let model =
@@ -272,36 +276,13 @@ pub fn run_finetune<B: Backend>(
     }
     let s = setup::<B>(config, device)?;
     let style = load_image::<Autodiff<B>>(style_path, s.sd.image_size(), device)?;
-    let label = scalar(
-        s.classifier
-            .valid()
-            .logits(style.clone().inner())
-            .argmax(1)
-            .float()
-            .reshape([1]),
-    ) as usize;
-    let targets: Vec<Tensor<Autodiff<B>, 3>> = s
-        .classifier
-        .features(style)
-        .into_iter()
-        .map(|f| gram(f).detach())
-        .collect();
+    let label = label_of(&s, style.clone().inner());
+    let style = StyleLoss::new(&s.classifier, style);
     let (context, _) = s.sd.encode_prompt(&config.prompt, device)?;
     let mut model = freeze_context(s.sd.eps_model(context.detach()));
     model.unet = model.unet.no_grad().with_lora(rank, rank as f64);
     let model = crate::ode::materialized(model);
-    let classifier = &s.classifier;
-    let loss = |images: Tensor<Autodiff<B>, 4>| {
-        let b = images.dims()[0];
-        classifier
-            .features(images)
-            .into_iter()
-            .map(gram)
-            .zip(&targets)
-            .map(|(g, t)| (g - t.clone().repeat_dim(0, b)).powi_scalar(2).mean())
-            .reduce(|a, b| a + b)
-            .expect("a ResNet has feature maps")
-    };
+    let loss = |images: Tensor<Autodiff<B>, 4>| style.loss(images);
     let resume = resume_for(config, &("finetune", style_path, rank))?;
     tune(config, &s, model, &loss, label, resume, on_iter)
 }

@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use crate::diffusion::{NoiseSchedule, Sampler};
-use crate::tasks::common::{positive, scalar, Decoder, TaskError, TaskModel};
+use crate::tasks::common::{positive, scalar, Classifier, Decoder, TaskError, TaskModel};
 use crate::tasks::resume::{restore, save, Restored, Resume};
 
 /// Settings of the tuning loop.
@@ -73,4 +73,36 @@ pub fn gram<B: Backend>(features: Tensor<B, 4>) -> Tensor<B, 3> {
     let [b, c, h, w] = features.dims();
     let f = features.reshape([b, c, h * w]);
     f.clone().matmul(f.swap_dims(1, 2)).div_scalar((c * h * w) as f64)
+}
+
+/// The style loss of task 4 (Gatys et al.): the squared difference between the Gram matrices of
+/// a classifier's feature maps of the images and those of one style image, summed over maps.
+pub struct StyleLoss<'a, B: Backend, K: Classifier<B>> {
+    classifier: &'a K,
+    targets: Vec<Tensor<B, 3>>,
+}
+
+impl<'a, B: Backend, K: Classifier<B>> StyleLoss<'a, B, K> {
+    /// The loss towards `style` (`[1, 3, h, w]`), judged by `classifier`'s features.
+    pub fn new(classifier: &'a K, style: Tensor<B, 4>) -> Self {
+        let targets = classifier
+            .features(style)
+            .into_iter()
+            .map(|f| gram(f).detach())
+            .collect();
+        Self { classifier, targets }
+    }
+
+    /// The loss of a batch of images (0 for a classifier without feature maps).
+    pub fn loss(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
+        let b = images.dims()[0];
+        let zero = Tensor::zeros([1], (&images.device(), images.dtype()));
+        self.classifier
+            .features(images)
+            .into_iter()
+            .map(gram)
+            .zip(&self.targets)
+            .map(|(g, t)| (g - t.clone().repeat_dim(0, b)).powi_scalar(2).mean())
+            .fold(zero, |a, b| a + b)
+    }
 }
