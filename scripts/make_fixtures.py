@@ -213,21 +213,25 @@ def resnet_fixtures() -> None:
         save_io(os.path.join(out_dir, "io.safetensors"), dict(image=image, out=out, w=w, grad_image=grad))
 
 
+# The tiny AutoencoderKL of the VAE fixture and of the tiny SD pipeline.
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=16,
+    scaling_factor=0.18215,
+)
+
+
 def vae_fixtures() -> None:
     from diffusers import AutoencoderKL
 
-    cfg = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-        scaling_factor=0.18215,
-    )
+    cfg = TINY_VAE
     torch.manual_seed(SEED + 20)
     model = AutoencoderKL(**cfg).eval()
     randomize_(model, SEED + 20)
@@ -390,18 +394,7 @@ def sd_fixtures() -> None:
         unet.conv_out.weight.mul_(0.05)
         unet.conv_out.bias.zero_()
     torch.manual_seed(SEED + 42)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-        scaling_factor=0.18215,
-    ).eval()
+    vae = AutoencoderKL(**TINY_VAE).eval()
     randomize_(vae, SEED + 42)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
