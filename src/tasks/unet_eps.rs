@@ -27,6 +27,11 @@ pub enum UnetPrediction {
 /// The context holds `r` rows that split the batch into `r` equal consecutive groups: one row
 /// for any batch, one per sample, or `[uncond; cond]` under [`crate::diffusion::Cfg`] (which
 /// calls the model on `[x; x]`).
+///
+/// # Panics
+/// `eps` panics when the batch is not a multiple of the context's rows: the model fixes its
+/// conditioning per group of samples, so this is a misuse, not bad data (the task runners build
+/// the context from the batch).
 #[derive(Module, Debug)]
 pub struct UnetEps<B: Backend> {
     /// The noise-prediction UNet.

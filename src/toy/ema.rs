@@ -63,6 +63,10 @@ impl<B: Backend> Ema<B> {
     }
 
     /// Folds `module`'s current weights (same architecture) into the average.
+    ///
+    /// # Panics
+    /// If `module` has another number of float parameters than the one the average started
+    /// from (a programming error: the training loop averages its own model).
     pub fn update<M: Module<B>>(&mut self, module: &M) {
         let d = self.current_decay();
         let current = collect(module);
@@ -79,6 +83,9 @@ impl<B: Backend> Ema<B> {
     }
 
     /// `module` with its float parameters replaced by the averages (ids and the rest kept).
+    ///
+    /// # Panics
+    /// If `module` has more float parameters than the averaged one.
     pub fn apply<M: Module<B>>(&self, module: M) -> M {
         module.map(&mut Write {
             values: self.values.clone().into_iter(),
