@@ -121,5 +121,29 @@ fn an_interrupted_run_continues_where_it_stopped() {
     let mut seen = Vec::new();
     run_guide(&second, "circle", 0.1, &mut |i, _| seen.push(i)).unwrap();
     assert_eq!(seen, vec![0, 1, 2, 3]);
+    // So do other weights under the same path (retrained, replaced).
+    let weights = root.join("weights");
+    std::fs::create_dir_all(&weights).unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/weights");
+    for f in ["toy.json", "denoiser.safetensors", "classifier.safetensors"] {
+        std::fs::copy(shipped.join(f), weights.join(f)).unwrap();
+    }
+    let mut with_dir = config(&root.join("c"));
+    with_dir.weights = Some(weights.clone());
+    run_guide(&with_dir, "ring", 0.1, &mut |_, _| {}).unwrap();
+    let mut seen = Vec::new();
+    with_dir.iters = 3;
+    run_guide(&with_dir, "ring", 0.1, &mut |i, _| seen.push(i)).unwrap();
+    assert_eq!(seen, vec![2], "same weights: continued");
+    let replaced = std::fs::File::options()
+        .write(true)
+        .open(weights.join("denoiser.safetensors"))
+        .unwrap();
+    replaced.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+    drop(replaced);
+    let mut seen = Vec::new();
+    with_dir.iters = 4;
+    run_guide(&with_dir, "ring", 0.1, &mut |i, _| seen.push(i)).unwrap();
+    assert_eq!(seen, vec![0, 1, 2, 3], "replaced weights: started over");
     std::fs::remove_dir_all(&root).ok();
 }

@@ -320,6 +320,10 @@ fn bad_training_options_are_typed_errors() {
             label_dropout: 1.5,
             ..tiny_config(1)
         },
+        TrainConfig {
+            min_snr_gamma: -1.0,
+            ..tiny_config(1)
+        },
     ] {
         let err = train::train::<Ad>(&config, &device, &mut |_| {}).unwrap_err();
         assert!(matches!(err, ToyError::InvalidOption { .. }), "{err}");

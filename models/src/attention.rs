@@ -7,6 +7,7 @@
 //! Python list indices; [`unet_key_map`](crate::unet::unet_key_map) renames them to the fields
 //! below.
 
+use crate::norm::group_norm;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -142,7 +143,7 @@ impl<B: Backend> Attention<B> {
     pub fn forward_spatial(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let normed = match &self.group_norm {
-            Some(norm) => norm.forward(x.clone()),
+            Some(norm) => group_norm(norm, x.clone()),
             None => x.clone(),
         };
         let tokens = normed.reshape([b, c, h * w]).swap_dims(1, 2);
@@ -346,7 +347,7 @@ impl<B: Backend> Transformer2DModel<B> {
     /// - output: `[batch, c, h, w]`
     pub fn forward(&self, x: Tensor<B, 4>, context: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let normed = self.norm.forward(x.clone());
+        let normed = group_norm(&self.norm, x.clone());
         let to_tokens = |t: Tensor<B, 4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
         let to_map = |t: Tensor<B, 3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
         // 1. proj_in (before flattening for the conv variant, after it for the linear one).

@@ -18,6 +18,7 @@ pub mod clip;
 pub mod embeddings;
 pub mod load;
 pub mod lora;
+pub mod norm;
 pub mod resnet;
 pub mod resnet_block;
 pub mod unet;

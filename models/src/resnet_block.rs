@@ -5,6 +5,7 @@
 //! options Stable Diffusion uses (SiLU, conv down/up-sampling, nearest ×2 upsampling).
 
 use crate::activation::silu_exact as silu;
+use crate::norm::group_norm;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
@@ -101,18 +102,18 @@ impl<B: Backend> ResnetBlock2D<B> {
     /// - temb: `[batch, temb_channels]` (ignored when the block has no `time_emb_proj`)
     /// - output: `[batch, out_channels, h, w]`
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = self.conv1.forward(silu(group_norm(&self.norm1, x.clone())));
         let temb = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => Some(proj.forward(silu(t)).unsqueeze_dim::<3>(2).unsqueeze_dim::<4>(3)),
             _ => None,
         };
         let h = match (temb, self.scale_shift) {
-            (Some(t), false) => self.norm2.forward(h + t),
+            (Some(t), false) => group_norm(&self.norm2, h + t),
             (Some(t), true) => {
                 let [scale, shift] = t.chunk(2, 1).try_into().expect("two chunks");
-                self.norm2.forward(h) * (scale + 1.0) + shift
+                group_norm(&self.norm2, h) * (scale + 1.0) + shift
             }
-            (None, _) => self.norm2.forward(h),
+            (None, _) => group_norm(&self.norm2, h),
         };
         let h = self.conv2.forward(silu(h));
         let skip = match &self.conv_shortcut {

@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use crate::activation::silu_exact as silu;
+use crate::norm::group_norm;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig};
@@ -509,7 +510,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             h = block.forward(h, &mut skips, &emb, &context);
         }
         // 6. post-process.
-        self.conv_out.forward(silu(self.conv_norm_out.forward(h)))
+        self.conv_out.forward(silu(group_norm(&self.conv_norm_out, h)))
     }
 }
 

@@ -11,6 +11,7 @@
 use std::path::Path;
 
 use crate::activation::silu_exact as silu;
+use crate::norm::group_norm;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, GroupNormConfig};
@@ -327,7 +328,7 @@ impl<B: Backend> AutoencoderKL<B> {
         for block in &d.up_blocks {
             h = block.forward(h);
         }
-        d.conv_out.forward(silu(d.conv_norm_out.forward(h)))
+        d.conv_out.forward(silu(group_norm(&d.conv_norm_out, h)))
     }
 
     /// The scaled posterior mean of an image, i.e. the deterministic latent diffusion works in.
@@ -343,7 +344,7 @@ impl<B: Backend> AutoencoderKL<B> {
         }
         let h = e
             .conv_out
-            .forward(silu(e.conv_norm_out.forward(e.mid_block.forward(h))));
+            .forward(silu(group_norm(&e.conv_norm_out, e.mid_block.forward(h))));
         let moments = match &self.quant_conv {
             Some(conv) => conv.forward(h),
             None => h,

@@ -126,6 +126,9 @@ struct TrainToyArgs {
     /// Classifier-free guidance scale of those samples.
     #[arg(long, default_value_t = TrainConfig::default().eval_cfg)]
     cfg: f64,
+    /// Min-SNR-γ loss weighting of the denoiser (0 = plain loss).
+    #[arg(long, default_value_t = TrainConfig::default().min_snr_gamma)]
+    min_snr_gamma: f64,
     /// Decay of the denoiser's weight average (what is evaluated and saved; 0 = last iterate).
     #[arg(long, default_value_t = TrainConfig::default().ema_decay)]
     ema_decay: f64,
@@ -441,6 +444,16 @@ fn bar(phase: Phase, steps: usize) -> ProgressBar {
     bar
 }
 
+/// Threads the CPU backend computes with: `RAYON_NUM_THREADS` when set (as rayon reads it),
+/// else every core.
+fn compute_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 fn train_toy(args: TrainToyArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut config = TrainConfig {
         seed: args.seed,
@@ -452,6 +465,7 @@ fn train_toy(args: TrainToyArgs) -> Result<(), Box<dyn std::error::Error>> {
         eval_steps: args.eval_steps,
         eval_cfg: args.cfg,
         ema_decay: args.ema_decay,
+        min_snr_gamma: args.min_snr_gamma,
         ..TrainConfig::default()
     };
     // Continuing: the previous run's architecture, weights and record.
@@ -510,7 +524,7 @@ fn train_toy(args: TrainToyArgs) -> Result<(), Box<dyn std::error::Error>> {
         format: toy::train::RECORD_FORMAT.into(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         crate_version: env!("CARGO_PKG_VERSION").into(),
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        threads: compute_threads(),
         train: config,
         report: trained.report.clone(),
         previous,

@@ -78,7 +78,7 @@ pub(crate) fn tensor_error_sq_sum<B: Backend, const D: usize>(
         .mul_scalar(rtol)
         .add_scalar(atol);
     let ratio = err.clone() / scale;
-    (ratio.powi_scalar(2).sum(), err.shape().num_elements())
+    (ratio.square().sum(), err.shape().num_elements())
 }
 
 impl<B: Backend, const D: usize> OdeState<B> for Tensor<B, D> {

@@ -2,7 +2,8 @@
 //! into an output directory a before/after PNG grid, a loss-curve PNG and `metrics.json` (every
 //! file written atomically). This is what the CLI subcommands call.
 
-use std::path::PathBuf;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module, Param};
@@ -66,11 +67,48 @@ pub(crate) fn resume_for(config: &RunConfig, task: &impl Serialize) -> Result<Op
         fresh: false,
         ..config.clone()
     };
-    let resume = Resume::new(&config.out, &(task, key));
+    let files = match &config.weights {
+        Some(dir) => files_fingerprint(dir),
+        None => {
+            let mut h = DefaultHasher::new();
+            (toy::embedded::DENOISER, toy::embedded::CLASSIFIER).hash(&mut h);
+            h.finish()
+        }
+    };
+    let files = (files, config.classifier.as_deref().map(files_fingerprint));
+    let resume = Resume::new(&config.out, &(task, key, files));
     if config.fresh {
         resume.clear()?;
     }
     Ok(Some(resume))
+}
+
+/// Identifies the files at `path` (a file, or a folder walked recursively) by name, size and
+/// modification time, so a state saved while other weights or images were there (retrained,
+/// replaced) is never resumed. Unreadable entries count as absent: loading reports them.
+pub(crate) fn files_fingerprint(path: &Path) -> u64 {
+    fn walk(path: &Path, h: &mut DefaultHasher) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        path.hash(h);
+        if meta.is_dir() {
+            let Ok(entries) = std::fs::read_dir(path) else {
+                return;
+            };
+            let mut children: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            children.sort();
+            for child in children {
+                walk(&child, h);
+            }
+        } else {
+            meta.len().hash(h);
+            meta.modified().ok().hash(h);
+        }
+    }
+    let mut h = DefaultHasher::new();
+    walk(path, &mut h);
+    h.finish()
 }
 
 impl Default for RunConfig {

@@ -21,7 +21,7 @@ use crate::tasks::common::{scalar, Classifier, TaskError, TaskModel};
 use crate::tasks::imagenet::ImageNetClassifier;
 use crate::tasks::output;
 use crate::tasks::resume::Resume;
-use crate::tasks::run::{resume_for, tune_and_report, RunConfig, RunError, TuneReport};
+use crate::tasks::run::{files_fingerprint, resume_for, tune_and_report, RunConfig, RunError, TuneReport};
 use crate::tasks::stable_diffusion::StableDiffusion;
 use crate::tasks::unet_eps::UnetEps;
 use crate::tasks::{audit, guided_sampling, Audit, GuidedSampling, StyleLoss, Tuning};
@@ -253,7 +253,7 @@ pub fn run_invert<B: Backend>(
         s.sd.eps_model(context.detach().require_grad())
             .with_trainable_tokens(1, 1 + tokens.max(1));
     let loss = |images: Tensor<Autodiff<B>, 4>| (images - target.clone()).powi_scalar(2).mean();
-    let resume = resume_for(config, &("invert", reference))?;
+    let resume = resume_for(config, &("invert", reference, files_fingerprint(reference)))?;
     tune(config, &s, model, &loss, label, resume, on_iter)
 }
 
@@ -283,7 +283,7 @@ pub fn run_finetune<B: Backend>(
     model.unet = model.unet.no_grad().with_lora(rank, rank as f64);
     let model = crate::ode::materialized(model);
     let loss = |images: Tensor<Autodiff<B>, 4>| style.loss(images);
-    let resume = resume_for(config, &("finetune", style_path, rank))?;
+    let resume = resume_for(config, &("finetune", style_path, files_fingerprint(style_path), rank))?;
     tune(config, &s, model, &loss, label, resume, on_iter)
 }
 

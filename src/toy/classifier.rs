@@ -1,6 +1,7 @@
 //! The toy classifier: a small ResNet with GroupNorm (no batch statistics, so training, eval and
 //! autodiff compute the same function).
 
+use adjoint_dpm_models::norm::group_norm;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
@@ -85,8 +86,8 @@ impl<B: Backend> ResBlock<B> {
     /// # Shapes
     /// `[b, c_in, h, w]` → `[b, c_out, h / stride, w / stride]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv1.forward(silu(group_norm(&self.norm1, x.clone())));
+        let h = self.conv2.forward(silu(group_norm(&self.norm2, h)));
         let skip = match &self.shortcut {
             Some(conv) => conv.forward(x),
             None => x,
@@ -121,7 +122,7 @@ impl<B: Backend> ToyClassifier<B> {
     /// # Shapes
     /// - images: `[b, 3, 32, 32]`, values in `[-1, 1]`
     pub fn features(&self, images: Tensor<B, 4>) -> Vec<Tensor<B, 4>> {
-        let stem = silu(self.stem_norm.forward(self.stem.forward(images)));
+        let stem = silu(group_norm(&self.stem_norm, self.stem.forward(images)));
         let s1 = self.stage1.forward(stem.clone());
         let s2 = self.stage2.forward(s1.clone());
         let s3 = self.stage3.forward(s2.clone());

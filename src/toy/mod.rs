@@ -163,7 +163,7 @@ impl ScheduleName {
 }
 
 /// The shipped weights' record and files, embedded at build time.
-mod embedded {
+pub(crate) mod embedded {
     pub const RECORD: &str = include_str!("../../models/weights/toy.json");
     pub const DENOISER: &[u8] = include_bytes!("../../models/weights/denoiser.safetensors");
     pub const CLASSIFIER: &[u8] = include_bytes!("../../models/weights/classifier.safetensors");
