@@ -7,7 +7,7 @@
 //! adjoint-dpm invert --class square --out out/invert     # task 3: learn a new class embedding
 //! adjoint-dpm finetune --style cross --out out/finetune  # task 4: LoRA stylisation
 //! adjoint-dpm sample --out out/sample                    # class-conditional samples, one row per class
-//! adjoint-dpm train-toy --out models/weights --seed 0     # retrain the embedded default
+//! adjoint-dpm train-toy --out models/weights             # retrain the embedded default
 //!
 //! # Stable Diffusion: a diffusers folder and torchvision ResNet-50 weights
 //! adjoint-dpm guide --weights sd15/ --classifier resnet50.pth --target 207 --device cuda
@@ -444,16 +444,6 @@ fn bar(phase: Phase, steps: usize) -> ProgressBar {
     bar
 }
 
-/// Threads the CPU backend computes with: `RAYON_NUM_THREADS` when set (as rayon reads it),
-/// else every core.
-fn compute_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
 fn train_toy(args: TrainToyArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut config = TrainConfig {
         seed: args.seed,
@@ -524,7 +514,8 @@ fn train_toy(args: TrainToyArgs) -> Result<(), Box<dyn std::error::Error>> {
         format: toy::train::RECORD_FORMAT.into(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         crate_version: env!("CARGO_PKG_VERSION").into(),
-        threads: compute_threads(),
+        // burn-flex is built without its thread pool (see Cargo.toml): one thread computes.
+        threads: 1,
         train: config,
         report: trained.report.clone(),
         previous,

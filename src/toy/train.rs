@@ -223,7 +223,7 @@ pub struct ToyRecord {
     pub command: String,
     /// The crate version that trained them.
     pub crate_version: String,
-    /// Threads the CPU backend could use (timings depend on it).
+    /// Threads the CPU backend computed with (timings depend on it).
     pub threads: usize,
     /// The run's configuration (architectures included: loading reads them).
     pub train: TrainConfig,

@@ -80,3 +80,24 @@ fn adam_fits_the_spiral_through_the_adjoint() {
     }
     assert!(losses[7] < 0.9 * losses[0], "Adam did not reduce the loss: {losses:?}");
 }
+
+/// The ready-made MLP field's tanh (built from vectorisable ops) equals burn's tanh and has its
+/// derivative 1 − tanh², also where `exp(2x)` would overflow and near 0.
+#[test]
+fn mlp_field_tanh_is_tanh() {
+    let device = Default::default();
+    // Large enough for the vectorised formula (small tensors use burn's tanh).
+    let mut xs = vec![-1e3, -30.0, -19.9, -3.0, -0.5, -1e-9, 0.0, 1e-9, 0.7, 4.0, 21.0, 800.0];
+    xs.extend((0..5000).map(|i| -25.0 + 50.0 * i as f64 / 4999.0));
+    let x = Tensor::<Ad, 1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &device).require_grad();
+    let y = adjoint_dpm::ode::mlp::tanh(x.clone());
+    let grads = y.clone().sum().backward();
+    let got = y.into_data().to_vec::<f64>().unwrap();
+    let dgot = x.grad(&grads).unwrap().into_data().to_vec::<f64>().unwrap();
+    for ((&x, y), dy) in xs.iter().zip(got).zip(dgot) {
+        let x: f64 = x;
+        let (want, dwant) = (x.tanh(), 1.0 - x.tanh().powi(2));
+        assert!((y - want).abs() <= 4.5e-16, "tanh({x}) = {y}, want {want}");
+        assert!((dy - dwant).abs() <= 1e-15, "tanh'({x}) = {dy}, want {dwant}");
+    }
+}
