@@ -1,10 +1,11 @@
 //! Task 3 through the library: learn a new conditioning embedding (starting from the null class)
-//! whose samples reproduce one reference image; the UNet stays frozen, only the embedding trains.
+//! whose samples take the appearance of one reference image (the classifier's pooled features:
+//! [`StyleLoss::appearance`]); the UNet stays frozen, only the embedding trains.
 //!
 //! `cargo run --release --example invert`
 
 use adjoint_dpm::diffusion::Sampler;
-use adjoint_dpm::tasks::{tune_through_sampling, PixelSpace, Tuning};
+use adjoint_dpm::tasks::{tune_through_sampling, PixelSpace, StyleLoss, Tuning};
 use adjoint_dpm::toy;
 use burn::backend::{Autodiff, Flex};
 use burn::module::Module;
@@ -14,17 +15,18 @@ type Ad = Autodiff<Flex>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Default::default();
-    let (denoiser, _, schedule) = toy::load_default::<Ad>(&device)?;
+    let (denoiser, classifier, schedule) = toy::load_default::<Ad>(&device)?;
     let reference = toy::dataset_of_class(toy::class_index("square")?, 1, 7)?.images_tensor::<Ad>(&device);
     let mut model = denoiser.unconditional();
     model.unet = model.unet.no_grad();
     let tuning = Tuning {
         iters: 20,
-        lr: 0.05,
+        lr: 0.2,
         sampler: Sampler::ddim(10),
         resume: None,
     };
-    let loss = |images: Tensor<Ad, 4>| (images - reference.clone()).powi_scalar(2).mean();
+    let appearance = StyleLoss::appearance(&classifier, reference);
+    let loss = |images: Tensor<Ad, 4>| appearance.loss(images);
     let (model, losses) = tune_through_sampling(
         model,
         &PixelSpace,

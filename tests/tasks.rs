@@ -251,3 +251,32 @@ fn tuning_an_embedding_or_the_weights_lowers_their_loss() {
     .unwrap();
     assert!(losses[9] < losses[0], "style: {losses:?}");
 }
+
+/// Task 3's appearance loss compares channel means of the classifier's feature maps: zero for
+/// the reference moved elsewhere in the frame (here the features are the pixels, so any
+/// rearrangement), the squared mean shift for a recoloured one.
+#[test]
+fn appearance_loss_ignores_where_the_object_is() {
+    let device = Default::default();
+    let (_, classifier) = networks(&device);
+    let reference = Tensor::<burn::backend::Autodiff<B>, 4>::random(
+        [1, 3, 8, 8],
+        burn::tensor::Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
+    let loss = adjoint_dpm::tasks::StyleLoss::appearance(&classifier, reference.clone());
+    let value = |images| loss.loss(images).into_scalar().elem::<f64>();
+    assert!(value(reference.clone().flip([3]).flip([2])) < 1e-12);
+    let pixel = (reference.clone().flip([3]) - reference.clone())
+        .square()
+        .mean()
+        .into_scalar()
+        .elem::<f64>();
+    assert!(pixel > 0.1, "the moved image differs pixel by pixel ({pixel})");
+    let shift = Tensor::<burn::backend::Autodiff<B>, 4>::from_floats([[[[0.5]], [[0.0]], [[0.0]]]], &device);
+    let recoloured = value(reference.clone() + shift);
+    assert!((recoloured - 0.25 / 3.0).abs() < 1e-5, "{recoloured}");
+    // Two images: the batch is compared image by image.
+    let batch = Tensor::cat(vec![reference.clone(), reference], 0);
+    assert!(value(batch) < 1e-12);
+}

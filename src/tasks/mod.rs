@@ -23,5 +23,5 @@ pub use imagenet::ImageNetClassifier;
 pub use noise_opt::{guided_sampling, GuidedReport, GuidedRun, GuidedSampling};
 pub use resume::Resume;
 pub use stable_diffusion::{SdError, StableDiffusion};
-pub use tune::{gram, tune_through_sampling, StyleLoss, Tuning};
+pub use tune::{channel_means, gram, tune_through_sampling, StyleLoss, Tuning};
 pub use unet_eps::{UnetEps, UnetPrediction};

@@ -60,7 +60,8 @@ pub struct RunConfig {
 }
 
 /// The resume state of a task run: a saved state is continued only under the same task
-/// arguments and options (the iteration count and `fresh` aside); `fresh` discards saved ones.
+/// arguments and options (the iteration count and `fresh` aside) and the same weight files
+/// (see [`files_fingerprint`]); `fresh` discards saved ones.
 pub(crate) fn resume_for(config: &RunConfig, task: &impl Serialize) -> Result<Option<Resume>, RunError> {
     let key = RunConfig {
         iters: 0,
@@ -312,8 +313,9 @@ pub struct TuneReport {
     pub losses: Vec<f64>,
 }
 
-/// Task 3: learn a new conditioning embedding (starting from the null class) whose samples
-/// reproduce reference images of `class`; the UNet stays frozen.
+/// Task 3: learn a new conditioning embedding (starting from the null class) whose samples take
+/// the appearance ([`StyleLoss::appearance`]) of a reference image of `class`; the UNet stays
+/// frozen.
 pub fn run_invert(
     config: &RunConfig,
     class: &str,
@@ -330,7 +332,8 @@ pub fn run_invert(
     let mut model = s.denoiser.unconditional();
     model.unet = model.unet.no_grad();
     model.context = Param::from_tensor(model.context.val().detach().require_grad());
-    let loss = |images: Tensor<Ad, 4>| (images - reference.clone()).powi_scalar(2).mean();
+    let appearance = StyleLoss::appearance(&s.classifier, reference);
+    let loss = |images: Tensor<Ad, 4>| appearance.loss(images);
     let resume = resume_for(config, &("invert", class))?;
     tune_task(config, &s, model, &loss, class, resume, on_iter)
 }

@@ -236,8 +236,8 @@ pub fn load_image<B: Backend>(path: &Path, size: usize, device: &B::Device) -> R
     Ok(Tensor::from_data(TensorData::new(planar, [1, 3, size, size]), device))
 }
 
-/// Task 3 on Stable Diffusion: learn the prompt's token embeddings so that samples reproduce
-/// the image at `reference`.
+/// Task 3 on Stable Diffusion: learn the prompt's token embeddings so that samples take the
+/// appearance ([`StyleLoss::appearance`]: pooled ResNet features) of the image at `reference`.
 pub fn run_invert<B: Backend>(
     config: &RunConfig,
     reference: &Path,
@@ -252,7 +252,8 @@ pub fn run_invert<B: Backend>(
     let model =
         s.sd.eps_model(context.detach().require_grad())
             .with_trainable_tokens(1, 1 + tokens.max(1));
-    let loss = |images: Tensor<Autodiff<B>, 4>| (images - target.clone()).powi_scalar(2).mean();
+    let appearance = StyleLoss::appearance(&s.classifier, target);
+    let loss = |images: Tensor<Autodiff<B>, 4>| appearance.loss(images);
     let resume = resume_for(config, &("invert", reference, files_fingerprint(reference)))?;
     tune(config, &s, model, &loss, label, resume, on_iter)
 }

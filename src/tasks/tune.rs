@@ -75,22 +75,47 @@ pub fn gram<B: Backend>(features: Tensor<B, 4>) -> Tensor<B, 3> {
     f.clone().matmul(f.swap_dims(1, 2)).div_scalar((c * h * w) as f64)
 }
 
-/// The style loss of task 4 (Gatys et al.): the squared difference between the Gram matrices of
-/// a classifier's feature maps of the images and those of one style image, summed over maps.
+/// Channel means of feature maps (global average pooling), `[b, c, 1]`: what a classifier's head
+/// sees of an image, wherever in it the object is.
+pub fn channel_means<B: Backend>(features: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, c, h, w] = features.dims();
+    features.reshape([b, c, h * w]).mean_dim(2)
+}
+
+/// A loss on a classifier's feature maps against those of one target image, summed over maps:
+/// the style loss of task 4 (Gatys et al.: Gram matrices, [`StyleLoss::new`]) or the appearance
+/// loss of task 3 (channel means, [`StyleLoss::appearance`]).
 pub struct StyleLoss<'a, B: Backend, K: Classifier<B>> {
     classifier: &'a K,
+    statistic: fn(Tensor<B, 4>) -> Tensor<B, 3>,
     targets: Vec<Tensor<B, 3>>,
 }
 
 impl<'a, B: Backend, K: Classifier<B>> StyleLoss<'a, B, K> {
-    /// The loss towards `style` (`[1, 3, h, w]`), judged by `classifier`'s features.
+    /// The style loss towards `style` (`[1, 3, h, w]`): Gram matrices of `classifier`'s features.
     pub fn new(classifier: &'a K, style: Tensor<B, 4>) -> Self {
+        Self::with_statistic(classifier, style, gram)
+    }
+
+    /// The appearance loss towards `reference` (`[1, 3, h, w]`): channel means of
+    /// `classifier`'s features. Unlike a pixel loss, it does not ask a sample to put the object
+    /// where the reference has it — which different noises cannot all do, so a pixel loss is
+    /// best served by shrinking the object.
+    pub fn appearance(classifier: &'a K, reference: Tensor<B, 4>) -> Self {
+        Self::with_statistic(classifier, reference, channel_means)
+    }
+
+    fn with_statistic(classifier: &'a K, target: Tensor<B, 4>, statistic: fn(Tensor<B, 4>) -> Tensor<B, 3>) -> Self {
         let targets = classifier
-            .features(style)
+            .features(target)
             .into_iter()
-            .map(|f| gram(f).detach())
+            .map(|f| statistic(f).detach())
             .collect();
-        Self { classifier, targets }
+        Self {
+            classifier,
+            statistic,
+            targets,
+        }
     }
 
     /// The loss of a batch of images (0 for a classifier without feature maps).
@@ -100,9 +125,9 @@ impl<'a, B: Backend, K: Classifier<B>> StyleLoss<'a, B, K> {
         self.classifier
             .features(images)
             .into_iter()
-            .map(gram)
+            .map(self.statistic)
             .zip(&self.targets)
-            .map(|(g, t)| (g - t.clone().repeat_dim(0, b)).powi_scalar(2).mean())
+            .map(|(g, t)| (g - t.clone().repeat_dim(0, b)).square().mean())
             .fold(zero, |a, b| a + b)
     }
 }
