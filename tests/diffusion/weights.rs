@@ -37,14 +37,7 @@ fn weight_grads(
     mode: GradientMode,
     pick: &dyn Fn(&UnetEps<Ad>) -> Vec<Tensor<Ad, 2>>,
 ) -> Vec<Option<Vec<f64>>> {
-    let device = Default::default();
-    let shape = [1, 2, 8, 8];
-    let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(shape, 12), shape), &device);
-    let x0 = Sampler::ddim(3)
-        .gradient(mode)
-        .sample(m, &NoiseSchedule::sd_scaled_linear(), x_t)
-        .unwrap();
-    let grads = x0.powi_scalar(2).sum().backward();
+    let grads = ddim3_loss(m, mode, [1, 2, 8, 8], 12).backward();
     pick(m).into_iter().map(|w| w.grad(&grads).map(values)).collect()
 }
 
@@ -104,16 +97,19 @@ fn a_named_subset_of_weights_trains_alone() {
     );
 }
 
-/// dL/d(context) through 3 DDIM steps of a frozen UNet, and the loss, for `mode`.
-fn context_grad(m: &UnetEps<Ad>, mode: GradientMode) -> (Vec<f64>, f64) {
-    let device = Default::default();
-    let shape = [2, 2, 8, 8];
-    let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(shape, 13), shape), &device);
+/// Σ x₀² after 3 DDIM steps (gradient `mode`) from the seeded noise `seed` of `shape`.
+fn ddim3_loss(m: &UnetEps<Ad>, mode: GradientMode, shape: [usize; 4], seed: u64) -> Tensor<Ad, 1> {
+    let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(shape, seed), shape), &Default::default());
     let x0 = Sampler::ddim(3)
         .gradient(mode)
         .sample(m, &NoiseSchedule::sd_scaled_linear(), x_t)
         .unwrap();
-    let loss = x0.powi_scalar(2).sum();
+    x0.powi_scalar(2).sum()
+}
+
+/// dL/d(context) through 3 DDIM steps of a frozen UNet, and the loss, for `mode`.
+fn context_grad(m: &UnetEps<Ad>, mode: GradientMode) -> (Vec<f64>, f64) {
+    let loss = ddim3_loss(m, mode, [2, 2, 8, 8], 13);
     let value = values(loss.clone())[0];
     let grads = loss.backward();
     (values(m.context.val().grad(&grads).unwrap()), value)
