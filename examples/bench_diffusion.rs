@@ -9,8 +9,12 @@
 //! ```
 //!
 //! Fields: `sample_s` (sampling without a graph), `grad_s` (sampling + backward of a loss on
-//! x_0 to x_T, the conditioning and the weights), their ratio (the floor is about 3: one
-//! forward, one recomputation and one VJP per step), and the process's peak RSS in MiB.
+//! x_0 to x_T, the conditioning and the weights; with `--frozen-weights` to x_T and the
+//! conditioning only), their ratio (the floor is about 3: one forward, one recomputation and one
+//! VJP per step), and the process's peak RSS in MiB.
+//!
+//! `--config sd15 --backend cuda` (with `--features cuda`) runs the Stable Diffusion 1.5 UNet
+//! (random weights, 64×64×4 latent, 77×768 context): DESIGN.md §7 has PyTorch's figures for it.
 
 use std::time::Instant;
 
@@ -23,17 +27,27 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 use clap::{Parser, ValueEnum};
 
-type Inner = Flex;
-type B = Autodiff<Inner>;
-
-/// The UNet with a fixed (trainable) cross-attention context.
-
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
     Backprop,
     Checkpointed,
     Recursive,
     Backsolve,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Config {
+    /// block_out_channels [32, 64], 4×32 context.
+    Tiny,
+    /// Stable Diffusion 1.5, 77×768 context (use `--size 64`).
+    Sd15,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BackendName {
+    Flex,
+    /// Needs `--features cuda`.
+    Cuda,
 }
 
 #[derive(Parser, Debug)]
@@ -52,6 +66,13 @@ struct Args {
     /// Timed repetitions after one warm-up.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    #[arg(long, value_enum, default_value = "tiny")]
+    config: Config,
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: BackendName,
+    /// Gradient to x_T and the conditioning only (no parameter VJPs).
+    #[arg(long)]
+    frozen_weights: bool,
 }
 
 const CONFIG: &str = r#"{
@@ -62,24 +83,47 @@ const CONFIG: &str = r#"{
 }"#;
 
 fn main() {
-    if let Err(e) = run() {
+    let args = Args::parse();
+    let result = match args.backend {
+        BackendName::Flex => run::<Flex>(&args),
+        #[cfg(feature = "cuda")]
+        BackendName::Cuda => run::<burn::backend::Cuda>(&args),
+        #[cfg(not(feature = "cuda"))]
+        BackendName::Cuda => Err("cuda needs --features cuda".into()),
+    };
+    if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
 }
 
-fn run() -> Result<(), String> {
-    let args = Args::parse();
+fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
+    type B<I> = Autodiff<I>;
     let device = Default::default();
     <Inner as Backend>::seed(&device, 0);
-    let config: UNet2DConditionConfig = serde_json::from_str(CONFIG).map_err(|e| e.to_string())?;
-    let unet = config.init::<B>(&device).map_err(|e| e.to_string())?;
-    let context = Tensor::<B, 3>::random(
-        [args.batch, 4, 32],
+    let (config, tokens) = match args.config {
+        Config::Tiny => (
+            serde_json::from_str::<UNet2DConditionConfig>(CONFIG).map_err(|e| e.to_string())?,
+            4,
+        ),
+        Config::Sd15 => (UNet2DConditionConfig::sd15(), 77),
+    };
+    let context_dim = config
+        .cross_attention_dim
+        .get(0, 1, "cross_attention_dim")
+        .map_err(|e| e.to_string())?;
+    let unet = config.init::<B<Inner>>(&device).map_err(|e| e.to_string())?;
+    let context = Tensor::<B<Inner>, 3>::random(
+        [args.batch, tokens, context_dim],
         burn::tensor::Distribution::Normal(0.0, 1.0),
         &device,
     );
     let model = adjoint_dpm::ode::materialized(UnetEps::new(unet, context));
+    let model = if args.frozen_weights {
+        adjoint_dpm::ode::train_only(model, |path| !path.starts_with("unet."))
+    } else {
+        model
+    };
     let schedule = NoiseSchedule::sd_scaled_linear();
     let mode = match args.gradient {
         Mode::Backprop => GradientMode::Backprop,
@@ -89,7 +133,7 @@ fn run() -> Result<(), String> {
     };
     let sampler = Sampler::ddim(args.steps).gradient(mode);
     let shape = [args.batch, 4, args.size, args.size];
-    let x_t = Tensor::<B, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let x_t = Tensor::<B<Inner>, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
 
     let inner = model.valid();
     let sample = || -> Result<f64, String> {
@@ -97,7 +141,7 @@ fn run() -> Result<(), String> {
         let x0 = sampler
             .sample_inference(&inner, &schedule, x_t.clone().inner())
             .map_err(|e| e.to_string())?;
-        let _: f32 = x0.sum().into_scalar();
+        let _ = x0.sum().into_scalar();
         Ok(start.elapsed().as_secs_f64())
     };
     let gradient = || -> Result<f64, String> {
@@ -108,7 +152,7 @@ fn run() -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let grads = x0.powi_scalar(2).mean().backward();
         let g = leaf.grad(&grads).ok_or("no gradient reached x_T")?;
-        let _: f32 = g.sum().into_scalar();
+        let _ = g.sum().into_scalar();
         Ok(start.elapsed().as_secs_f64())
     };
     let median = |f: &dyn Fn() -> Result<f64, String>| -> Result<(f64, f64), String> {
@@ -121,7 +165,8 @@ fn run() -> Result<(), String> {
     let (grad_s, warmup_s) = median(&gradient)?;
     let line = serde_json::json!({
         "steps": args.steps, "gradient": format!("{:?}", args.gradient).to_lowercase(),
-        "batch": args.batch, "size": args.size, "sample_s": sample_s, "grad_s": grad_s,
+        "config": format!("{:?}", args.config).to_lowercase(), "backend": format!("{:?}", args.backend).to_lowercase(),
+        "frozen_weights": args.frozen_weights, "batch": args.batch, "size": args.size, "sample_s": sample_s, "grad_s": grad_s,
         "grad_over_sample": grad_s / sample_s, "warmup_s": warmup_s, "peak_rss_mib": adjoint_dpm::bench::peak_rss_mib(),
     });
     println!("{line}");

@@ -9,12 +9,22 @@
 //! The VJP is one forward with a graph plus one backward of ⟨ε, w⟩ to the latent and every weight,
 //! as the adjoint needs per step. The first call of a new shape on CUDA JIT-compiles and
 //! autotunes: it is reported as `warmup_s`, apart from the medians.
+//!
+//! `--dtype f16` makes f16 the device's float dtype (weights, activations, gradients). To see what
+//! f16 costs in accuracy, run f32 with `--save-dir D` (writes the random weights and ε), then f16
+//! with `--compare-dir D`: it loads the same weights through the checkpoint loader (f32 → f16
+//! cast) and reports `rel_diff_vs_f32` = ‖ε₁₆ − ε₃₂‖ / ‖ε₃₂‖. Inputs are seeded, so both runs see
+//! the same latent, timestep and context.
 
 use std::time::Instant;
 
+use std::path::{Path, PathBuf};
+
+use adjoint_dpm_models::load::{load_safetensors, save_safetensors, KeyMap};
 use adjoint_dpm_models::unet::UNet2DConditionConfig;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
+use burn::tensor::{FloatDType, IntDType, TensorData};
 use clap::{Parser, ValueEnum};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -32,6 +42,12 @@ enum BackendName {
     Cuda,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Precision {
+    F32,
+    F16,
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "UNet forward and VJP timing; prints one JSON line")]
 struct Args {
@@ -43,6 +59,15 @@ struct Args {
     batch: usize,
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Float dtype of weights and activations.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Precision,
+    /// Write the weights (`unet.safetensors`) and ε on the seeded inputs (`eps.json`) here.
+    #[arg(long)]
+    save_dir: Option<PathBuf>,
+    /// Load the weights from a `--save-dir` folder and report the difference from its ε.
+    #[arg(long)]
+    compare_dir: Option<PathBuf>,
 }
 
 const TINY: &str = r#"{
@@ -67,8 +92,19 @@ fn main() {
     }
 }
 
+/// Seeded standard-normal values made on the CPU, so every backend and dtype gets the same inputs.
+fn seeded_normal<const D: usize>(shape: [usize; D], seed: u64) -> TensorData {
+    let device = Default::default();
+    Flex::seed(&device, seed);
+    Tensor::<Flex, D>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device).into_data()
+}
+
 fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let device = B::Device::default();
+    if args.dtype == Precision::F16 {
+        let int: IntDType = <B::IntElem as burn::tensor::Element>::dtype().into();
+        burn::tensor::set_default_dtypes::<B>(&device, FloatDType::F16, int).map_err(|e| format!("f16: {e:?}"))?;
+    }
     let (config, size, tokens) = match args.config {
         Config::Tiny => (
             serde_json::from_str::<UNet2DConditionConfig>(TINY).map_err(|e| e.to_string())?,
@@ -77,19 +113,29 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         ),
         Config::Sd15 => (UNet2DConditionConfig::sd15(), 64, 77),
     };
+    // Progress on stderr, so that a run stopped by a time limit still says where its time went
+    // (on CUDA the first forward and VJP JIT-compile and autotune every kernel shape).
+    let start = Instant::now();
+    let phase = |what: &str| eprintln!("[{:7.1} s] {what}", start.elapsed().as_secs_f64());
+    phase("initialising the UNet");
     let unet = config.init::<Autodiff<B>>(&device).map_err(|e| e.to_string())?;
     let unet = adjoint_dpm::ode::materialized(unet);
+    let unet = match &args.compare_dir {
+        Some(dir) => load_safetensors(unet, dir.join("unet.safetensors"), &KeyMap::new()).map_err(|e| e.to_string())?,
+        None => unet,
+    };
     let params = burn::module::Module::num_params(&unet);
-    let normal = burn::tensor::Distribution::Normal(0.0, 1.0);
-    let sample = Tensor::<Autodiff<B>, 4>::random([args.batch, 4, size, size], normal, &device);
     let context_dim = config
         .cross_attention_dim
         .get(0, 1, "cross_attention_dim")
         .map_err(|e| e.to_string())?;
-    let context = Tensor::<Autodiff<B>, 3>::random([args.batch, tokens, context_dim], normal, &device);
-    let t = Tensor::<Autodiff<B>, 1>::from_data(vec![500.0f32; args.batch].as_slice(), &device);
-    let w = Tensor::<Autodiff<B>, 4>::random([args.batch, 4, size, size], normal, &device);
+    let batch = args.batch;
+    let sample = Tensor::<Autodiff<B>, 4>::from_data(seeded_normal([batch, 4, size, size], 1), &device);
+    let context = Tensor::<Autodiff<B>, 3>::from_data(seeded_normal([batch, tokens, context_dim], 2), &device);
+    let t = Tensor::<Autodiff<B>, 1>::from_data(vec![500.0f32; batch].as_slice(), &device);
+    let w = Tensor::<Autodiff<B>, 4>::from_data(seeded_normal([batch, 4, size, size], 3), &device);
     let inner = burn::module::AutodiffModule::valid(&unet);
+    phase("initialised; first forward (warm-up)");
 
     let forward = || {
         let start = Instant::now();
@@ -112,13 +158,55 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         (v[v.len() / 2], warmup)
     };
     let (forward_s, forward_warmup_s) = timed(&forward);
+    phase("forward timed; first VJP (warm-up)");
     let (vjp_s, vjp_warmup_s) = timed(&vjp);
+    phase("VJP timed");
+
+    let eps: Vec<f32> = inner
+        .forward(sample.clone().inner(), t.clone().inner(), context.clone().inner(), None)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| format!("{e:?}"))?;
+    let finite = eps.iter().all(|v| v.is_finite());
+    if let Some(dir) = &args.save_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        save_safetensors(&inner, dir.join("unet.safetensors")).map_err(|e| e.to_string())?;
+        write_eps(&dir.join("eps.json"), &eps)?;
+    }
+    let rel_diff_vs_f32 = match &args.compare_dir {
+        Some(dir) => Some(rel_diff(&eps, &read_eps(&dir.join("eps.json"))?)?),
+        None => None,
+    };
     let line = serde_json::json!({
         "config": format!("{:?}", args.config).to_lowercase(), "backend": format!("{:?}", args.backend).to_lowercase(),
+        "dtype": format!("{:?}", args.dtype).to_lowercase(), "eps_finite": finite, "rel_diff_vs_f32": rel_diff_vs_f32,
         "params": params, "batch": args.batch, "latent": [4, size, size], "context": [tokens, context_dim],
         "forward_s": forward_s, "vjp_s": vjp_s, "forward_warmup_s": forward_warmup_s, "vjp_warmup_s": vjp_warmup_s,
         "peak_rss_mib": adjoint_dpm::bench::peak_rss_mib(),
     });
     println!("{line}");
     Ok(())
+}
+
+fn write_eps(path: &Path, eps: &[f32]) -> Result<(), String> {
+    let text = serde_json::to_string(eps).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn read_eps(path: &Path) -> Result<Vec<f32>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// ‖a − b‖ / ‖b‖ in f64.
+fn rel_diff(a: &[f32], b: &[f32]) -> Result<f64, String> {
+    if a.len() != b.len() {
+        return Err(format!("ε has {} values, the saved one {}", a.len(), b.len()));
+    }
+    let (num, den) = a.iter().zip(b).fold((0.0, 0.0), |(n, d), (&x, &y)| {
+        let (x, y) = (f64::from(x), f64::from(y));
+        (n + (x - y).powi(2), d + y * y)
+    });
+    Ok((num / den).sqrt())
 }
