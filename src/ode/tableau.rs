@@ -3,7 +3,7 @@
 //! A method is `c`, the strictly lower triangle `a` (row `i` holds the `i` coefficients of stage
 //! `i + 1`), the solution weights `b` and, for adaptive methods, the error weights
 //! `b_err = b − b̂` of its embedded lower-order pair. Every method goes through the one stepper in
-//! [`crate::ode::solver`]; the tests below check each tableau's consistency and its order.
+//! the engine's solver module; the tests below check each tableau's consistency and its order.
 
 /// An explicit Runge–Kutta method.
 #[derive(Debug, Clone, Copy, PartialEq)]
