@@ -11,14 +11,15 @@
 //! autotunes: it is reported as `warmup_s`, apart from the medians.
 //!
 //! `--dtype f16` makes f16 the device's float dtype (weights, activations, gradients). To see what
-//! f16 costs in accuracy, run f32 with `--save-dir D` (writes the random weights and ε), then f16
-//! with `--compare-dir D`: it loads the same weights through the checkpoint loader (f32 → f16
-//! cast) and reports `rel_diff_vs_f32` = ‖ε₁₆ − ε₃₂‖ / ‖ε₃₂‖. Inputs are seeded, so both runs see
-//! the same latent, timestep and context.
+//! f16 costs in accuracy, run f32 with `--save-dir D` (writes the random weights, ε and the VJP to
+//! the latent), then f16 with `--compare-dir D`: it loads the same weights through the checkpoint
+//! loader (f32 → f16 cast) and reports `rel_diff_vs_f32` = ‖ε₁₆ − ε₃₂‖ / ‖ε₃₂‖ and
+//! `grad_rel_diff_vs_f32`, the same for the VJP. Inputs are seeded, so both runs see the same
+//! latent, timestep, context and cotangent.
 
 use std::time::Instant;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use adjoint_dpm_models::load::{load_safetensors, save_safetensors, KeyMap};
 use adjoint_dpm_models::unet::UNet2DConditionConfig;
@@ -162,25 +163,43 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let (vjp_s, vjp_warmup_s) = timed(&vjp);
     phase("VJP timed");
 
-    let eps: Vec<f32> = inner
-        .forward(sample.clone().inner(), t.clone().inner(), context.clone().inner(), None)
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .map_err(|e| format!("{e:?}"))?;
-    let finite = eps.iter().all(|v| v.is_finite());
+    // ε and the latent's VJP ∂⟨ε, w⟩/∂x on the seeded inputs, to compare across dtypes.
+    let to_vec = |d: TensorData| d.convert::<f32>().to_vec::<f32>().map_err(|e| format!("{e:?}"));
+    let eps = to_vec(
+        inner
+            .forward(sample.clone().inner(), t.clone().inner(), context.clone().inner(), None)
+            .into_data(),
+    )?;
+    let x = sample.clone().require_grad();
+    let grads = (unet.forward(x.clone(), t.clone(), context.clone(), None) * w.clone())
+        .sum()
+        .backward();
+    let grad_x = to_vec(x.grad(&grads).ok_or("no gradient reached the latent")?.into_data())?;
+    let outputs = Outputs { eps, grad_x };
+    let finite = outputs.eps.iter().chain(&outputs.grad_x).all(|v| v.is_finite());
     if let Some(dir) = &args.save_dir {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         save_safetensors(&inner, dir.join("unet.safetensors")).map_err(|e| e.to_string())?;
-        write_eps(&dir.join("eps.json"), &eps)?;
+        let path = dir.join("outputs.json");
+        let text = serde_json::to_string(&outputs).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    let rel_diff_vs_f32 = match &args.compare_dir {
-        Some(dir) => Some(rel_diff(&eps, &read_eps(&dir.join("eps.json"))?)?),
-        None => None,
+    let (rel_diff_vs_f32, grad_rel_diff_vs_f32) = match &args.compare_dir {
+        Some(dir) => {
+            let path = dir.join("outputs.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let saved: Outputs = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            (
+                Some(rel_diff(&outputs.eps, &saved.eps)?),
+                Some(rel_diff(&outputs.grad_x, &saved.grad_x)?),
+            )
+        }
+        None => (None, None),
     };
     let line = serde_json::json!({
         "config": format!("{:?}", args.config).to_lowercase(), "backend": format!("{:?}", args.backend).to_lowercase(),
-        "dtype": format!("{:?}", args.dtype).to_lowercase(), "eps_finite": finite, "rel_diff_vs_f32": rel_diff_vs_f32,
+        "dtype": format!("{:?}", args.dtype).to_lowercase(), "finite": finite,
+        "rel_diff_vs_f32": rel_diff_vs_f32, "grad_rel_diff_vs_f32": grad_rel_diff_vs_f32,
         "params": params, "batch": args.batch, "latent": [4, size, size], "context": [tokens, context_dim],
         "forward_s": forward_s, "vjp_s": vjp_s, "forward_warmup_s": forward_warmup_s, "vjp_warmup_s": vjp_warmup_s,
         "peak_rss_mib": adjoint_dpm::bench::peak_rss_mib(),
@@ -189,20 +208,17 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-fn write_eps(path: &Path, eps: &[f32]) -> Result<(), String> {
-    let text = serde_json::to_string(eps).map_err(|e| e.to_string())?;
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn read_eps(path: &Path) -> Result<Vec<f32>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+/// What `--save-dir` keeps besides the weights.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Outputs {
+    eps: Vec<f32>,
+    grad_x: Vec<f32>,
 }
 
 /// ‖a − b‖ / ‖b‖ in f64.
 fn rel_diff(a: &[f32], b: &[f32]) -> Result<f64, String> {
     if a.len() != b.len() {
-        return Err(format!("ε has {} values, the saved one {}", a.len(), b.len()));
+        return Err(format!("{} values here, {} saved", a.len(), b.len()));
     }
     let (num, den) = a.iter().zip(b).fold((0.0, 0.0), |(n, d), (&x, &y)| {
         let (x, y) = (f64::from(x), f64::from(y));
