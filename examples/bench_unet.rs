@@ -41,6 +41,8 @@ enum BackendName {
     Flex,
     /// Needs `--features cuda`.
     Cuda,
+    /// Needs `--features wgpu` (Vulkan; Mesa's lavapipe runs it on the CPU).
+    Wgpu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,6 +88,10 @@ fn main() {
         BackendName::Cuda => run::<burn::backend::Cuda>(&args),
         #[cfg(not(feature = "cuda"))]
         BackendName::Cuda => Err("cuda needs --features cuda".into()),
+        #[cfg(feature = "wgpu")]
+        BackendName::Wgpu => run::<burn::backend::Wgpu>(&args),
+        #[cfg(not(feature = "wgpu"))]
+        BackendName::Wgpu => Err("wgpu needs --features wgpu".into()),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
