@@ -60,6 +60,9 @@ struct Args {
     backend: BackendName,
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Latent height = width (default: 16 for tiny, 64 for sd15).
+    #[arg(long)]
+    size: Option<usize>,
     #[arg(long, default_value_t = 5)]
     reps: usize,
     /// Float dtype of weights and activations.
@@ -120,6 +123,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         ),
         Config::Sd15 => (UNet2DConditionConfig::sd15(), 64, 77),
     };
+    let size = args.size.unwrap_or(size);
     // Progress on stderr, so that a run stopped by a time limit still says where its time went
     // (on CUDA the first forward and VJP JIT-compile and autotune every kernel shape).
     let start = Instant::now();
