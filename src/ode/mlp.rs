@@ -21,16 +21,31 @@ pub enum Activation {
 
 /// tanh, as `1 − 2 / (exp(2x) + 1)` on large tensors: built from elementwise ops every backend
 /// vectorises, where burn-flex computes `tanh` with a scalar libm call per element (on P2 that
-/// was half the run time). `x` is clamped to ±20 first, where tanh is ±1 to f64 precision, so
-/// `exp` never overflows and the gradient stays finite; near 0 the error is an absolute
-/// rounding error, which is all an activation needs. Small tensors, where the cost is per op
-/// rather than per element, keep burn's one-op `tanh`.
+/// was half the run time). The formula is evaluated off the autodiff graph and its derivative
+/// attached as `y + (x − x̄)·(1 − y²)` with `x̄ = x` detached: the value is `y` exactly, the
+/// gradient `1 − y²`, and the graph holds one tensor per call, as burn's own tanh does, instead
+/// of one per step of the formula. `exp` overflowing to ∞ gives ±1 exactly; an infinite input
+/// gives NaN on an autodiff backend (∞ − ∞), which the solver then reports as a non-finite
+/// state. Small tensors, where the cost is per op rather than per element, keep burn's one-op
+/// `tanh`.
 pub fn tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     if x.shape().num_elements() < 4096 {
         return x.tanh();
     }
-    let e = x.clamp(-20.0, 20.0).mul_scalar(2.0).exp();
-    e.add_scalar(1.0).recip().mul_scalar(-2.0).add_scalar(1.0)
+    let x_bar = x.clone().detach();
+    let y = x_bar
+        .clone()
+        .mul_scalar(2.0)
+        .exp()
+        .add_scalar(1.0)
+        .recip()
+        .mul_scalar(-2.0)
+        .add_scalar(1.0);
+    if !B::ad_enabled(&x.device()) {
+        return y;
+    }
+    let slope = y.clone().square().neg().add_scalar(1.0);
+    y + (x - x_bar) * slope
 }
 
 /// Configuration of an [`MlpField`].

@@ -101,3 +101,72 @@ fn mlp_field_tanh_is_tanh() {
         assert!((dy - dwant).abs() <= 1e-15, "tanh'({x}) = {dy}, want {dwant}");
     }
 }
+
+/// `MlpField`'s gradients on tensors large enough for its vectorised tanh (batch 64 × width 64),
+/// inside a solve, in every mode: dL/dz0 and dL/d(bias) against central differences.
+#[test]
+fn mlp_field_large_batches_match_finite_differences() {
+    use adjoint_dpm::ode::mlp::MlpFieldConfig;
+
+    let device = Default::default();
+    <crate::common::F64 as Backend>::seed(&device, 7);
+    let field = adjoint_dpm::ode::materialized(MlpFieldConfig::new(vec![2, 64, 64, 2]).init::<Ad>(&device));
+    let (batch, dim) = (64, 2);
+    assert!(
+        batch * 64 >= 4096,
+        "the hidden activations must take the vectorised path"
+    );
+    let z0: Vec<f64> = (0..batch * dim).map(|i| ((i as f64) * 0.37).sin()).collect();
+    let times = [0.0, 0.5, 1.0];
+    let loss_at = |field: &adjoint_dpm::ode::mlp::MlpField<crate::common::F64>, z0: &[f64]| -> f64 {
+        let ode = NeuralOde::new(field.clone()).solver(Solver::rk4(6));
+        let z = Tensor::<crate::common::F64, 2>::from_data(TensorData::new(z0.to_vec(), [batch, dim]), &device);
+        ode.integrate(z, &times).unwrap().last().square().sum().into_scalar()
+    };
+    let inner = burn::module::AutodiffModule::valid(&field);
+    let h = 1e-5;
+    for mode in [
+        GradientMode::Backprop,
+        GradientMode::Checkpointed(Schedule::All),
+        GradientMode::Backsolve(BacksolveOptions {
+            rtol: 1e-10,
+            atol: 1e-10,
+            ..Default::default()
+        }),
+    ] {
+        let ode = NeuralOde::new(field.clone()).solver(Solver::rk4(6)).gradient(mode);
+        let z = Tensor::<Ad, 2>::from_data(TensorData::new(z0.clone(), [batch, dim]), &device).require_grad();
+        let grads = ode.solve(z.clone(), &times).unwrap().last().square().sum().backward();
+        let gz = to_vec(z.grad(&grads).unwrap());
+        let gb = to_vec(ode.dynamics.layers[1].bias.as_ref().unwrap().grad(&grads).unwrap());
+        for i in [0, 17, 101] {
+            let (mut up, mut down) = (z0.clone(), z0.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (loss_at(&inner, &up) - loss_at(&inner, &down)) / (2.0 * h);
+            assert!(
+                (gz[i] - fd).abs() <= 1e-6 * (1.0 + fd.abs()),
+                "{mode:?} dL/dz0[{i}] = {}, fd {fd}",
+                gz[i]
+            );
+        }
+        for j in [0, 33] {
+            let nudge = |eps: f64| {
+                let mut f = inner.clone();
+                let bias = f.layers[1].bias.take().unwrap().val();
+                let mut e = vec![0.0; 64];
+                e[j] = eps;
+                f.layers[1].bias = Some(burn::module::Param::from_tensor(
+                    bias + Tensor::from_data(TensorData::new(e, [64]), &device),
+                ));
+                f
+            };
+            let fd = (loss_at(&nudge(h), &z0) - loss_at(&nudge(-h), &z0)) / (2.0 * h);
+            assert!(
+                (gb[j] - fd).abs() <= 1e-6 * (1.0 + fd.abs()),
+                "{mode:?} dL/db[{j}] = {}, fd {fd}",
+                gb[j]
+            );
+        }
+    }
+}
