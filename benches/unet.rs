@@ -1,7 +1,6 @@
 //! Forward and VJP of a small diffusers UNet on the CPU (flex, f32): the per-step cost of every
 //! sampler and of every step of its adjoint. Larger configs and GPUs: the `bench_unet` example.
 
-use adjoint_dpm_models::unet::UNet2DConditionConfig;
 use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
@@ -9,16 +8,14 @@ use criterion::{criterion_group, criterion_main, Criterion};
 
 type B = Autodiff<Flex>;
 
-const CONFIG: &str = r#"{
-  "block_out_channels": [32, 64], "layers_per_block": 1, "in_channels": 4, "out_channels": 4,
-  "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-  "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 8, "sample_size": 16
-}"#;
+// The examples' shared UNet configs (the backend choice there is unused here).
+#[path = "../examples/common/mod.rs"]
+#[allow(dead_code, unused_imports, unused_macros)]
+mod common;
 
 fn unet(c: &mut Criterion) {
     let device = Default::default();
-    let config: UNet2DConditionConfig = serde_json::from_str(CONFIG).expect("config");
+    let (config, _, _) = common::UnetSize::Tiny.config().expect("config");
     let unet = adjoint_dpm::ode::materialized(config.init::<B>(&device).expect("init"));
     let inner = unet.valid();
     let normal = burn::tensor::Distribution::Normal(0.0, 1.0);

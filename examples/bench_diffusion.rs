@@ -21,11 +21,13 @@ use std::time::Instant;
 use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
 use adjoint_dpm::prelude::*;
 use adjoint_dpm::tasks::UnetEps;
-use adjoint_dpm_models::unet::UNet2DConditionConfig;
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use clap::{Parser, ValueEnum};
+
+mod common;
+use common::{BackendName, UnetSize};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
@@ -33,21 +35,6 @@ enum Mode {
     Checkpointed,
     Recursive,
     Backsolve,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Config {
-    /// block_out_channels [32, 64], 4×32 context.
-    Tiny,
-    /// Stable Diffusion 1.5, 77×768 context (use `--size 64`).
-    Sd15,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum BackendName {
-    Flex,
-    /// Needs `--features cuda`.
-    Cuda,
 }
 
 #[derive(Parser, Debug)]
@@ -66,8 +53,9 @@ struct Args {
     /// Timed repetitions after one warm-up.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Which UNet (use `--size 64` with sd15).
     #[arg(long, value_enum, default_value = "tiny")]
-    config: Config,
+    config: UnetSize,
     #[arg(long, value_enum, default_value = "flex")]
     backend: BackendName,
     /// Gradient to x_T and the conditioning only (no parameter VJPs).
@@ -75,43 +63,20 @@ struct Args {
     frozen_weights: bool,
 }
 
-const CONFIG: &str = r#"{
-  "block_out_channels": [32, 64], "layers_per_block": 1, "in_channels": 4, "out_channels": 4,
-  "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-  "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 8, "sample_size": 16
-}"#;
-
 fn main() {
     let args = Args::parse();
-    let result = match args.backend {
-        BackendName::Flex => run::<Flex>(&args),
-        #[cfg(feature = "cuda")]
-        BackendName::Cuda => run::<burn::backend::Cuda>(&args),
-        #[cfg(not(feature = "cuda"))]
-        BackendName::Cuda => Err("cuda needs --features cuda".into()),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    common::run_on!(args.backend, run, &args);
 }
 
 fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
     type B<I> = Autodiff<I>;
     let device = Default::default();
     <Inner as Backend>::seed(&device, 0);
-    let (config, tokens) = match args.config {
-        Config::Tiny => (
-            serde_json::from_str::<UNet2DConditionConfig>(CONFIG).map_err(|e| e.to_string())?,
-            4,
-        ),
-        Config::Sd15 => (UNet2DConditionConfig::sd15(), 77),
+    let (config, _, context_dim) = args.config.config()?;
+    let tokens = match args.config {
+        UnetSize::Tiny => 4,
+        UnetSize::Sd15 => 77,
     };
-    let context_dim = config
-        .cross_attention_dim
-        .get(0, 1, "cross_attention_dim")
-        .map_err(|e| e.to_string())?;
     let unet = config.init::<B<Inner>>(&device).map_err(|e| e.to_string())?;
     let context = Tensor::<B<Inner>, 3>::random(
         [args.batch, tokens, context_dim],

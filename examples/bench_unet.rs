@@ -22,28 +22,13 @@ use std::time::Instant;
 use std::path::PathBuf;
 
 use adjoint_dpm_models::load::{load_safetensors, save_safetensors, KeyMap};
-use adjoint_dpm_models::unet::UNet2DConditionConfig;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::{FloatDType, IntDType, TensorData};
 use clap::{Parser, ValueEnum};
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Config {
-    /// block_out_channels [32, 64], 16×16 latent, 8×32 context.
-    Tiny,
-    /// Stable Diffusion 1.5, 64×64 latent, 77×768 context.
-    Sd15,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum BackendName {
-    Flex,
-    /// Needs `--features cuda`.
-    Cuda,
-    /// Needs `--features wgpu` (Vulkan; Mesa's lavapipe runs it on the CPU).
-    Wgpu,
-}
+mod common;
+use common::{BackendName, UnetSize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Precision {
@@ -55,7 +40,7 @@ enum Precision {
 #[command(about = "UNet forward and VJP timing; prints one JSON line")]
 struct Args {
     #[arg(long, value_enum, default_value = "tiny")]
-    config: Config,
+    config: UnetSize,
     #[arg(long, value_enum, default_value = "flex")]
     backend: BackendName,
     #[arg(long, default_value_t = 1)]
@@ -68,38 +53,18 @@ struct Args {
     /// Float dtype of weights and activations.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Precision,
-    /// Write the weights (`unet.safetensors`) and ε on the seeded inputs (`eps.json`) here.
+    /// Write the weights (`unet.safetensors`), and ε and the latent's VJP on the seeded inputs
+    /// (`outputs.json`), here.
     #[arg(long)]
     save_dir: Option<PathBuf>,
-    /// Load the weights from a `--save-dir` folder and report the difference from its ε.
+    /// Load the weights from a `--save-dir` folder and report the difference from its ε and VJP.
     #[arg(long)]
     compare_dir: Option<PathBuf>,
 }
 
-const TINY: &str = r#"{
-  "block_out_channels": [32, 64], "layers_per_block": 1, "in_channels": 4, "out_channels": 4,
-  "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-  "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 8, "sample_size": 16
-}"#;
-
 fn main() {
     let args = Args::parse();
-    let result = match args.backend {
-        BackendName::Flex => run::<Flex>(&args),
-        #[cfg(feature = "cuda")]
-        BackendName::Cuda => run::<burn::backend::Cuda>(&args),
-        #[cfg(not(feature = "cuda"))]
-        BackendName::Cuda => Err("cuda needs --features cuda".into()),
-        #[cfg(feature = "wgpu")]
-        BackendName::Wgpu => run::<burn::backend::Wgpu>(&args),
-        #[cfg(not(feature = "wgpu"))]
-        BackendName::Wgpu => Err("wgpu needs --features wgpu".into()),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    common::run_on!(args.backend, run, &args);
 }
 
 /// Seeded standard-normal values made on the CPU, so every backend and dtype gets the same inputs.
@@ -115,15 +80,12 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         let int: IntDType = <B::IntElem as burn::tensor::Element>::dtype().into();
         burn::tensor::set_default_dtypes::<B>(&device, FloatDType::F16, int).map_err(|e| format!("f16: {e:?}"))?;
     }
-    let (config, size, tokens) = match args.config {
-        Config::Tiny => (
-            serde_json::from_str::<UNet2DConditionConfig>(TINY).map_err(|e| e.to_string())?,
-            16,
-            8,
-        ),
-        Config::Sd15 => (UNet2DConditionConfig::sd15(), 64, 77),
-    };
+    let (config, size, context_dim) = args.config.config()?;
     let size = args.size.unwrap_or(size);
+    let tokens = match args.config {
+        UnetSize::Tiny => 8,
+        UnetSize::Sd15 => 77,
+    };
     // Progress on stderr, so that a run stopped by a time limit still says where its time went
     // (on CUDA the first forward and VJP JIT-compile and autotune every kernel shape).
     let start = Instant::now();
@@ -136,10 +98,6 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         None => unet,
     };
     let params = burn::module::Module::num_params(&unet);
-    let context_dim = config
-        .cross_attention_dim
-        .get(0, 1, "cross_attention_dim")
-        .map_err(|e| e.to_string())?;
     let batch = args.batch;
     let sample = Tensor::<Autodiff<B>, 4>::from_data(seeded_normal([batch, 4, size, size], 1), &device);
     let context = Tensor::<Autodiff<B>, 3>::from_data(seeded_normal([batch, tokens, context_dim], 2), &device);

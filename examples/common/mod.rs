@@ -1,0 +1,72 @@
+//! What the bench examples share: which UNet and which backend to run, picked on the command
+//! line. Not an example itself (cargo builds only `examples/*.rs` and `examples/*/main.rs`).
+
+use adjoint_dpm_models::unet::UNet2DConditionConfig;
+use clap::ValueEnum;
+
+/// A small diffusers-style UNet: block_out_channels [32, 64], one cross-attention level of
+/// width 32, 16×16 latent. `benches/unet.rs` times the same one.
+pub const TINY_UNET: &str = r#"{
+  "block_out_channels": [32, 64], "layers_per_block": 1, "in_channels": 4, "out_channels": 4,
+  "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+  "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 8, "sample_size": 16
+}"#;
+
+/// Which UNet config.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum UnetSize {
+    /// [`TINY_UNET`]: block_out_channels [32, 64], context width 32, 16×16 latent.
+    Tiny,
+    /// Stable Diffusion 1.5: context width 768, 64×64 latent.
+    Sd15,
+}
+
+impl UnetSize {
+    /// The config, its latent side and its context width.
+    pub fn config(self) -> Result<(UNet2DConditionConfig, usize, usize), String> {
+        let (config, size) = match self {
+            Self::Tiny => (serde_json::from_str(TINY_UNET).map_err(|e| e.to_string())?, 16),
+            Self::Sd15 => (UNet2DConditionConfig::sd15(), 64),
+        };
+        let context_dim = config
+            .cross_attention_dim
+            .get(0, 1, "cross_attention_dim")
+            .map_err(|e| e.to_string())?;
+        Ok((config, size, context_dim))
+    }
+}
+
+/// Which burn backend.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BackendName {
+    Flex,
+    /// Needs `--features cuda`.
+    Cuda,
+    /// Needs `--features wgpu` (Vulkan; Mesa's lavapipe runs it on the CPU).
+    Wgpu,
+}
+
+/// `$run::<backend>($args)` for the [`BackendName`] given, or an error naming the cargo feature
+/// the backend needs; exits with status 1 and the error on stderr when `$run` fails.
+macro_rules! run_on {
+    ($backend:expr, $run:ident, $args:expr) => {{
+        use $crate::common::BackendName;
+        let result: Result<(), String> = match $backend {
+            BackendName::Flex => $run::<burn::backend::Flex>($args),
+            #[cfg(feature = "cuda")]
+            BackendName::Cuda => $run::<burn::backend::Cuda>($args),
+            #[cfg(not(feature = "cuda"))]
+            BackendName::Cuda => Err("cuda needs --features cuda".into()),
+            #[cfg(feature = "wgpu")]
+            BackendName::Wgpu => $run::<burn::backend::Wgpu>($args),
+            #[cfg(not(feature = "wgpu"))]
+            BackendName::Wgpu => Err("wgpu needs --features wgpu".into()),
+        };
+        if let Err(e) = result {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+pub(crate) use run_on;
