@@ -133,15 +133,10 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
 
     // ε and the latent's VJP ∂⟨ε, w⟩/∂x on the seeded inputs, to compare across dtypes.
     let to_vec = |d: TensorData| d.convert::<f32>().to_vec::<f32>().map_err(|e| format!("{e:?}"));
-    let eps = to_vec(
-        inner
-            .forward(sample.clone().inner(), t.clone().inner(), context.clone().inner(), None)
-            .into_data(),
-    )?;
     let x = sample.clone().require_grad();
-    let grads = (unet.forward(x.clone(), t.clone(), context.clone(), None) * w.clone())
-        .sum()
-        .backward();
+    let out = unet.forward(x.clone(), t.clone(), context.clone(), None);
+    let eps = to_vec(out.clone().into_data())?;
+    let grads = (out * w.clone()).sum().backward();
     let grad_x = to_vec(x.grad(&grads).ok_or("no gradient reached the latent")?.into_data())?;
     let outputs = Outputs { eps, grad_x };
     let finite = outputs.eps.iter().chain(&outputs.grad_x).all(|v| v.is_finite());
