@@ -15,6 +15,18 @@
 //!
 //! Bad input (grids, shapes, NaN, step-size underflow, step limits) is an [`Error`], never a
 //! panic.
+//!
+//! ## Depending on this crate
+//! The adjoint modes need a patched burn-autodiff 0.21.0: the published one deadlocks when a
+//! backward step runs an inner `backward()`, and its graph merges make backprop through N steps
+//! O(N²). This repository carries the patched copy in `vendor/burn-autodiff`. Cargo applies
+//! `[patch]` sections only from the top-level workspace, so your own `Cargo.toml` needs the same
+//! entry, pointing at that folder (without it this crate does not compile, rather than hang):
+//!
+//! ```toml
+//! [patch.crates-io]
+//! burn-autodiff = { path = "path/to/adjoint-dpm/vendor/burn-autodiff" }
+//! ```
 
 pub mod bench;
 pub mod diffusion;
@@ -24,6 +36,15 @@ pub mod tasks;
 pub mod toy;
 
 pub use error::{Error, Result};
+
+// If this fails to compile ("cannot find value `ADJOINT_DPM_PATCHES`"), your workspace builds
+// the published burn-autodiff, whose nested backward deadlocks in the adjoint modes: add
+// `burn-autodiff = { path = "<adjoint-dpm>/vendor/burn-autodiff" }` under `[patch.crates-io]`
+// in your top-level Cargo.toml (see "Depending on this crate" above).
+const _: () = assert!(
+    burn::backend::autodiff::ADJOINT_DPM_PATCHES >= 2,
+    "adjoint-dpm needs its vendored burn-autodiff (vendor/README.md)"
+);
 
 /// Backends used by the tests, examples and benches: CPU by default, CUDA with `--features cuda`.
 pub mod backend {

@@ -27,6 +27,12 @@ pub mod ops;
 pub(crate) mod graph;
 // Exported for backend extension
 pub use graph::NodeId;
+
+/// adjoint-dpm: how many of adjoint-dpm's patches this copy carries (see `vendor/README.md` in
+/// that repository). adjoint-dpm refuses to compile against a burn-autodiff without it, which is
+/// what a crate that depends on adjoint-dpm gets unless it repeats the `[patch.crates-io]` entry.
+#[doc(hidden)]
+pub const ADJOINT_DPM_PATCHES: u32 = 2;
 pub(crate) mod tensor;
 pub(crate) mod utils;
 

@@ -269,10 +269,26 @@ impl GraphLocator {
     }
 
     /// Merges multiple graphs associated with a node into a single graph.
-    fn merge(&mut self, node: NodeId, mut graphs: HashMap<NodeId, Arc<Graph>>) -> Arc<Graph> {
-        let mut graphs = graphs.drain().map(|g| g.1);
-
-        let main = graphs.next().expect("At least one graph");
+    fn merge(&mut self, node: NodeId, graphs: HashMap<NodeId, Arc<Graph>>) -> Arc<Graph> {
+        // adjoint-dpm patch: merge the smaller graphs into the largest one (union by size; ties
+        // go to the oldest origin). Upstream drains the `HashMap` and keeps whichever graph comes
+        // first, so a small graph (a time embedding, a cross-attention key/value projection of a
+        // parameter) often became the main one and the whole long-lived graph was moved into it:
+        // O(graph size) per merge, quadratic over a long unrolled computation such as backprop
+        // through many sampling steps.
+        let mut graphs: Vec<Arc<Graph>> = graphs.into_values().collect();
+        let size = |locator: &Self, graph: &Arc<Graph>| {
+            locator.keys.get(&graph.origin).map_or(0, |keys| keys.len())
+        };
+        let main_index = (0..graphs.len())
+            .max_by(|&a, &b| {
+                size(self, &graphs[a])
+                    .cmp(&size(self, &graphs[b]))
+                    .then_with(|| graphs[b].origin.value.cmp(&graphs[a].origin.value))
+            })
+            .expect("At least one graph");
+        let main = graphs.swap_remove(main_index);
+        let graphs = graphs.into_iter();
         self.register_key(main.origin, node);
 
         let mut state = main.state.lock();
