@@ -82,6 +82,11 @@ struct Args {
     rtol: f64,
     #[arg(long, default_value_t = 1e-6)]
     atol: f64,
+    /// PI step-size controller coefficients (adaptive solvers; see `Solver::pi_coefficients`).
+    #[arg(long, default_value_t = 0.2)]
+    pcoeff: f64,
+    #[arg(long, default_value_t = 0.65)]
+    icoeff: f64,
     #[arg(long, value_enum, default_value = "checkpointed")]
     gradient: Mode,
     #[arg(long, value_enum, default_value = "flex")]
@@ -118,7 +123,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let device = B::Device::default();
     let tableau = ButcherTableau::by_name(&args.solver).ok_or(format!("unknown solver {}", args.solver))?;
     let solver = if tableau.is_adaptive() && !matches!(args.solver.as_str(), "heun") {
-        Solver::adaptive(tableau, args.rtol, args.atol)
+        Solver::adaptive(tableau, args.rtol, args.atol).pi_coefficients(args.pcoeff, args.icoeff)
     } else {
         Solver::fixed(tableau, args.steps)
     };
@@ -205,6 +210,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let line = serde_json::json!({
         "widths": args.widths, "batch": args.batch, "t0": args.t0, "t1": args.t1, "outputs": n,
         "solver": args.solver, "steps": args.steps, "rtol": args.rtol, "atol": args.atol,
+        "pcoeff": args.pcoeff, "icoeff": args.icoeff,
         "gradient": format!("{:?}", args.gradient).to_lowercase(),
         "backend": format!("{:?}", args.backend).to_lowercase(), "dtype": format!("{:?}", args.dtype).to_lowercase(),
         "median_s": median, "min_s": samples[0], "warmup_s": warmup, "reps": samples.len(),

@@ -18,12 +18,13 @@ const FACTOR_MIN: f64 = 0.2;
 const FACTOR_MAX: f64 = 10.0;
 
 impl PiController {
-    /// A controller for a method whose error estimate is of order `embedded_order + 1` in h.
-    pub(crate) fn new(embedded_order: u32) -> Self {
+    /// A controller for a method whose error estimate is of order `embedded_order + 1` in h,
+    /// with diffrax's `pcoeff`/`icoeff` (validated by `Solver::validate`).
+    pub(crate) fn new(embedded_order: u32, pcoeff: f64, icoeff: f64) -> Self {
         let q = f64::from(embedded_order + 1);
         Self {
-            beta1: 0.7 / q,
-            beta2: 0.4 / q,
+            beta1: (pcoeff + icoeff) / q,
+            beta2: pcoeff / q,
             inv_q: 1.0 / q,
             prev_err: 1.0,
         }
@@ -56,7 +57,7 @@ mod tests {
 
     #[test]
     fn accepts_small_errors_and_shrinks_on_large_ones() {
-        let mut c = PiController::new(4);
+        let mut c = PiController::new(4, 0.2, 0.65);
         let (ok, h) = c.adapt(0.1, 0.1);
         assert!(ok && h > 0.1);
         let (ok, h) = c.adapt(4.0, 0.1);

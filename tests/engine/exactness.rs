@@ -96,8 +96,9 @@ proptest! {
 
 #[test]
 fn backsolve_converges_as_tolerance_tightens() {
-    // Seeded weights: whether four tolerances give strictly decreasing errors depends on the
-    // field, and an unseeded one made this test fail now and then.
+    // Seeded weights, three fields: the error at a loose tolerance can be small by luck (a few
+    // large steps whose errors cancel), so the assertions are a bound that scales with the
+    // tolerance and a trend over decades, not strict decrease between neighbours.
     for seed in [1, 2, 3] {
         backsolve_converges_for(seed);
     }
@@ -139,15 +140,15 @@ fn backsolve_converges_for(seed: u64) {
                 .max(rel_err(&g.times, &exact.times))
         })
         .collect();
-    for w in errors.windows(2) {
+    for (error, tol) in errors.iter().zip([1e-3, 1e-5, 1e-7, 1e-9]) {
         assert!(
-            w[1] < w[0],
-            "seed {seed}: backsolve error did not shrink with the tolerance: {errors:?}"
+            *error < 10.0 * tol,
+            "seed {seed}: backsolve error {error:e} at tolerance {tol:e} (all: {errors:?})"
         );
     }
     assert!(
-        errors[0] < 1e-1 && errors[3] < 1e-6,
-        "seed {seed}: backsolve errors {errors:?}"
+        errors[3] < errors[1] / 100.0 && errors[2] < errors[0] / 10.0,
+        "seed {seed}: backsolve error did not shrink with the tolerance: {errors:?}"
     );
 }
 

@@ -99,3 +99,38 @@ fn step_and_evaluation_counts_are_stable() {
     assert_eq!(dp.nfe_forward, 2 + 6 * (dp.accepted_steps + dp.rejected_steps));
     assert!(dp.accepted_steps > 5 && dp.accepted_steps < 40, "{dp:?}");
 }
+
+#[test]
+fn pi_coefficients_trade_step_growth_for_smoothness() {
+    // The documented behaviour of `Solver::pi_coefficients` on a smooth problem: every setting
+    // reaches the tolerance; the I controller (0, 1) grows the step fastest and the insensitive
+    // (0.4, 0.3) slowest, with Hairer's default in between.
+    let device = Default::default();
+    let z0 = Tensor::<F64, 2>::from_data(TensorData::from([Z0]), &device);
+    let tol = 1e-6;
+    let run = |pcoeff, icoeff| {
+        let solver = Solver::dopri5(tol, tol).pi_coefficients(pcoeff, icoeff);
+        let solution = NeuralOde::new(Toy::<F64>::new(Kind::Spiral, &device))
+            .solver(solver)
+            .integrate(z0.clone(), &[0.0, 5.0])
+            .unwrap();
+        let z = to_vec(solution.last());
+        let exact = spiral_exact(Z0, 5.0);
+        let error = ((z[0] - exact[0]).powi(2) + (z[1] - exact[1]).powi(2)).sqrt();
+        (error, solution.stats().nfe_forward)
+    };
+    let (i_error, i_nfe) = run(0.0, 1.0);
+    let (default_error, default_nfe) = run(0.2, 0.65);
+    let (smooth_error, smooth_nfe) = run(0.4, 0.3);
+    for error in [i_error, default_error, smooth_error] {
+        assert!(error < 20.0 * tol, "error {error:e} at tol {tol:e}");
+    }
+    assert!(
+        i_nfe <= default_nfe && default_nfe < smooth_nfe,
+        "evaluations: I {i_nfe}, default {default_nfe}, (0.4, 0.3) {smooth_nfe}"
+    );
+    assert_eq!(
+        Solver::dopri5(tol, tol),
+        Solver::dopri5(tol, tol).pi_coefficients(0.2, 0.65)
+    );
+}
