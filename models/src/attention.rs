@@ -17,6 +17,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 
 use crate::activation::gelu_exact;
+use crate::layout::contiguous;
 use crate::resnet_block::conv2d;
 
 /// Multi-head scaled dot-product attention on `[batch, tokens, heads·dim_head]` tensors.
@@ -167,7 +168,7 @@ impl<B: Backend> GeGlu<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.proj.forward(x);
         let [hidden, gate]: [Tensor<B, 3>; 2] = h.chunk(2, 2).try_into().expect("chunk(2) gives two halves");
-        hidden * gelu_exact(gate)
+        contiguous(hidden) * gelu_exact(contiguous(gate))
     }
 }
 
@@ -348,7 +349,7 @@ impl<B: Backend> Transformer2DModel<B> {
     pub fn forward(&self, x: Tensor<B, 4>, context: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let normed = group_norm(&self.norm, x.clone());
-        let to_tokens = |t: Tensor<B, 4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
+        let to_tokens = |t: Tensor<B, 4>| contiguous(t.reshape([b, c, h * w]).swap_dims(1, 2));
         let to_map = |t: Tensor<B, 3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
         // 1. proj_in (before flattening for the conv variant, after it for the linear one).
         let mut tokens = match &self.proj_in {

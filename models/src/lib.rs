@@ -16,6 +16,7 @@ pub mod activation;
 pub mod attention;
 pub mod clip;
 pub mod embeddings;
+mod layout;
 pub mod load;
 pub mod lora;
 pub mod norm;
