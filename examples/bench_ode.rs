@@ -83,9 +83,9 @@ struct Args {
     #[arg(long, default_value_t = 1e-6)]
     atol: f64,
     /// PI step-size controller coefficients (adaptive solvers; see `Solver::pi_coefficients`).
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.0)]
     pcoeff: f64,
-    #[arg(long, default_value_t = 0.65)]
+    #[arg(long, default_value_t = 1.0)]
     icoeff: f64,
     #[arg(long, value_enum, default_value = "checkpointed")]
     gradient: Mode,

@@ -57,7 +57,7 @@ mod tests {
 
     #[test]
     fn accepts_small_errors_and_shrinks_on_large_ones() {
-        let mut c = PiController::new(4, 0.2, 0.65);
+        let mut c = PiController::new(4, 0.0, 1.0);
         let (ok, h) = c.adapt(0.1, 0.1);
         assert!(ok && h > 0.1);
         let (ok, h) = c.adapt(4.0, 0.1);

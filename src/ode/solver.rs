@@ -49,8 +49,8 @@ pub struct Tolerances {
 }
 
 impl Tolerances {
-    /// `rtol`, `atol`, automatic first step, at most 100 000 steps, `dt_min` = 1e-12, and the PI
-    /// coefficients of Hairer's DOPRI5 code ([`Solver::pi_coefficients`]).
+    /// `rtol`, `atol`, automatic first step, at most 100 000 steps, `dt_min` = 1e-12, and the
+    /// I controller of torchdiffeq and diffrax ([`Solver::pi_coefficients`]).
     pub fn new(rtol: f64, atol: f64) -> Self {
         Self {
             rtol,
@@ -58,8 +58,8 @@ impl Tolerances {
             dt0: None,
             max_steps: 100_000,
             dt_min: 1e-12,
-            pcoeff: 0.2,
-            icoeff: 0.65,
+            pcoeff: 0.0,
+            icoeff: 1.0,
         }
     }
 }
@@ -165,13 +165,14 @@ impl Solver {
     /// Sets the coefficients of the PI step-size controller, named as in diffrax's
     /// `PIDController`: with an error estimate of order k, a step whose scaled error is `err`
     /// (after one of error `err_prev`) is followed by one `0.9 · err^-(pcoeff + icoeff)/k ·
-    /// err_prev^(pcoeff/k)` times as long. The default (0.2, 0.65) is Hairer's DOPRI5 code
-    /// (β = 0.04), close to an I controller but steadier. (0, 1) is the plain I controller of
-    /// torchdiffeq and diffrax's default: on smooth problems it grows the step fastest (P2 of
-    /// `benches/ode_grad.rs`, Dopri5 at tolerance 1e-6: 20 evaluations of f, against 26 with the
-    /// default), at the price of more rejected steps and an error that follows the tolerance
-    /// less closely. Less sensitive controllers such as (0.4, 0.3) suit problems whose error
-    /// estimate jumps (mildly stiff ones), but grow the step slowly (32 evaluations on P2).
+    /// err_prev^(pcoeff/k)` times as long. The default (0, 1) is the plain I controller, the
+    /// default of torchdiffeq and diffrax, so that a tolerance means the same steps here as
+    /// there; diffrax recommends it for smooth problems, which most neural ODEs are. (0.2, 0.65)
+    /// is Hairer's DOPRI5 code (β = 0.04): steadier, without the occasional rejected step, and
+    /// more accurate at the same tolerance for a few more steps (P2 of `benches/ode_grad.rs`,
+    /// Dopri5 at tolerance 1e-6: 26 evaluations of f against 20). Less sensitive controllers
+    /// such as (0.4, 0.3) suit problems whose error estimate jumps (mildly stiff ones), but grow
+    /// the step slowly (32 evaluations on P2).
     ///
     /// ```
     /// use adjoint_dpm::ode::Solver;

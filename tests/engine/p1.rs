@@ -61,10 +61,12 @@ fn backsolve_rk4_differs_from_the_discrete_gradient_by_its_reverse_error() {
 
 #[test]
 fn tight_adaptive_solves_approach_the_continuous_gradient() {
+    // The exact discrete gradient of a tolerance-1e-10 solve (2e-8 off). At 1e-9 the default I
+    // controller, like torchdiffeq's, lands 1.4e-5 off, and Hairer's PI controller 1.2e-6.
     let p = P1::load();
     let (loss, gp, gz, _) = run(
         &p,
-        Solver::dopri5(1e-9, 1e-9),
+        Solver::dopri5(1e-10, 1e-10),
         GradientMode::Checkpointed(Schedule::All),
     );
     assert!(
@@ -73,7 +75,7 @@ fn tight_adaptive_solves_approach_the_continuous_gradient() {
         p.exact_loss
     );
     let (ep, ez) = (rel_err(&gp, &p.exact_gp), rel_err(&gz, &p.exact_gz));
-    assert!(ep < 1e-5 && ez < 1e-5, "dL/dθ off by {ep:e}, dL/dz0 by {ez:e}");
+    assert!(ep < 1e-6 && ez < 1e-6, "dL/dθ off by {ep:e}, dL/dz0 by {ez:e}");
     let bs = BacksolveOptions {
         rtol: 1e-9,
         atol: 1e-9,
