@@ -168,7 +168,7 @@ impl Solver {
     /// err_prev^(pcoeff/k)` times as long. The default (0, 1) is the plain I controller, the
     /// default of torchdiffeq and diffrax, so that a tolerance means the same steps here as
     /// there; diffrax recommends it for smooth problems, which most neural ODEs are. (0.2, 0.65)
-    /// is Hairer's DOPRI5 code (β = 0.04): steadier, without the occasional rejected step, and
+    /// is Hairer's DOPRI5 code (β = 0.04): steadier, with fewer rejected steps, and
     /// more accurate at the same tolerance for a few more steps (P2 of `benches/ode_grad.rs`,
     /// Dopri5 at tolerance 1e-6: 26 evaluations of f against 20). Less sensitive controllers
     /// such as (0.4, 0.3) suit problems whose error estimate jumps (mildly stiff ones), but grow
