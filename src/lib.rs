@@ -26,6 +26,8 @@
 //! ```toml
 //! [patch.crates-io]
 //! burn-autodiff = { path = "path/to/adjoint-dpm/vendor/burn-autodiff" }
+//! # or, when adjoint-dpm comes from git: Cargo finds the package inside the repository
+//! # burn-autodiff = { git = "<adjoint-dpm's repository URL>" }
 //! ```
 
 pub mod bench;
