@@ -2,7 +2,7 @@
 //! and the metrics are finite.
 
 use adjoint_dpm::tasks::run::{run_audit, run_finetune, run_guide, run_invert, RunConfig, RunError};
-use adjoint_dpm::tasks::{GradientChoice, SolverChoice};
+use adjoint_dpm::tasks::{GradientChoice, SolverChoice, TaskError};
 
 fn config(out: &std::path::Path) -> RunConfig {
     RunConfig {
@@ -69,6 +69,24 @@ fn bad_inputs_are_typed_errors() {
     let mut bad_eps = config(&root);
     bad_eps.iters = 1;
     assert!(run_audit(&bad_eps, -1.0, &mut |_, _| {}).is_err());
+    // A non-finite guidance scale is refused even by a task that samples without guidance.
+    let mut bad_cfg = config(&root);
+    bad_cfg.cfg = f64::NAN;
+    let e = run_guide(&bad_cfg, "ring", 0.1, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(e, RunError::Task(_)) && e.to_string().contains("cfg"), "{e}");
+    // LoRA rank 0 used to reach the sampler as 0/0 and fail there as a non-finite prediction.
+    let e = run_finetune(&config(&root), "cross", 0, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(e, RunError::Task(_)) && e.to_string().contains("rank"), "{e}");
+    // A learning rate that wrecks the embedding in one step: the next sampling breaks down,
+    // and the error says it was the step, not the model.
+    let mut huge_lr = config(&root);
+    huge_lr.lr = 1e30;
+    let e = run_invert(&huge_lr, "ring", &mut |_, _| {}).unwrap_err();
+    assert!(
+        matches!(e, RunError::Task(TaskError::Diverged { iter: 1, .. })),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("lower --lr"), "{e}");
     // An output path that is a file, not a directory.
     std::fs::create_dir_all(&root).unwrap();
     let file = root.join("not-a-dir");
@@ -146,4 +164,22 @@ fn an_interrupted_run_continues_where_it_stopped() {
     run_guide(&with_dir, "ring", 0.1, &mut |i, _| seen.push(i)).unwrap();
     assert_eq!(seen, vec![0, 1, 2, 3], "replaced weights: started over");
     std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn the_command_line_refuses_stable_diffusion_options_for_the_toy_model() {
+    // Before, `--prompt` was silently ignored on the toy model (it is conditioned on classes).
+    let out = std::env::temp_dir().join(format!("adjoint-dpm-cli-{}", std::process::id()));
+    for flag in [["--prompt", "a photo of a ring"], ["--classifier", "resnet50.pth"]] {
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_adjoint-dpm"))
+            .args(["guide", "--iters", "1", "--out"])
+            .arg(&out)
+            .args(flag)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{flag:?} was accepted");
+        assert!(stderr.contains("for Stable Diffusion folders"), "{stderr}");
+    }
+    std::fs::remove_dir_all(&out).ok();
 }

@@ -379,6 +379,15 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     if task.device != DeviceArg::Cpu {
         return Err("the embedded toy model runs on the CPU; --device cuda is for Stable Diffusion folders".into());
     }
+    // The toy model is conditioned on classes, not text, and carries its own classifier: say so
+    // rather than ignore these.
+    if !config.prompt.is_empty() || config.classifier.is_some() {
+        return Err(
+            "--prompt and --classifier are for Stable Diffusion folders (--weights DIR with unet/); \
+                    the toy model takes class names (--target, --class)"
+                .into(),
+        );
+    }
     let bar = task_bar(name, config.iters);
     let mut on_iter = |i: usize, loss: f64| {
         bar.set_position(i as u64 + 1);

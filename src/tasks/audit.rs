@@ -146,7 +146,9 @@ where
     } = restore(&config.resume, delta, optim, &device)?;
     let eps = config.epsilon;
     for iter in start..config.iters {
-        let image = nets.tracked_images(base.clone() + delta.x_t.val())?;
+        let image = nets
+            .tracked_images(base.clone() + delta.x_t.val())
+            .map_err(|e| e.at_iteration(iter))?;
         let closeness = (image.clone() - reference.clone()).powi_scalar(2).mean();
         let loss =
             ce.forward(classifier.logits(image), targets.clone()).neg() + closeness.mul_scalar(config.closeness_weight);

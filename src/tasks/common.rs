@@ -132,6 +132,18 @@ pub(crate) fn positive(name: &'static str, value: f64) -> Result<(), TaskError> 
     }
 }
 
+/// `Err(InvalidOption)` for a LoRA rank of 0 (its scale α/rank would be 0/0).
+pub(crate) fn lora_rank(rank: usize) -> Result<(), TaskError> {
+    if rank == 0 {
+        return Err(TaskError::InvalidOption {
+            name: "rank",
+            value: "0".into(),
+            rule: "must be ≥ 1",
+        });
+    }
+    Ok(())
+}
+
 /// The initial noise as a parameter, so that burn's optimizers move it.
 #[derive(Module, Debug)]
 pub struct Noise<B: Backend> {
@@ -216,6 +228,31 @@ pub enum TaskError {
         /// Iteration.
         iter: usize,
     },
+    /// Sampling produced NaN or Inf after an optimiser step had changed what is optimised: the
+    /// step was too large.
+    #[error(
+        "the samples became non-finite at iteration {iter}, after the previous optimiser step; lower --lr ({source})"
+    )]
+    Diverged {
+        /// Iteration.
+        iter: usize,
+        /// What the sampler reported.
+        source: DiffusionError,
+    },
+}
+
+impl TaskError {
+    /// Reports a non-finite sample at iteration `iter` > 0 as [`TaskError::Diverged`]: the
+    /// optimiser step before it is what broke (at iteration 0 nothing was stepped yet).
+    pub(crate) fn at_iteration(self, iter: usize) -> Self {
+        match self {
+            TaskError::Diffusion(
+                source @ (DiffusionError::NonFiniteEps { .. }
+                | DiffusionError::Solver(crate::Error::NonFiniteState { .. })),
+            ) if iter > 0 => TaskError::Diverged { iter, source },
+            other => other,
+        }
+    }
 }
 
 /// The values of a tensor, as f64.

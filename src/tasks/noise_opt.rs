@@ -123,7 +123,8 @@ where
     } = restore(&config.resume, noise, optim, &device)?;
     for iter in start..config.iters {
         let x = noise.x_t.val();
-        let logits = nets.classifier.logits(nets.tracked_images(x.clone())?);
+        let images = nets.tracked_images(x.clone()).map_err(|e| e.at_iteration(iter))?;
+        let logits = nets.classifier.logits(images);
         let shell = x
             .powi_scalar(2)
             .sum_dim(3)

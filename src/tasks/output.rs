@@ -12,13 +12,24 @@ use crate::tasks::common::TaskError;
 use crate::tasks::run::RunError;
 use crate::toy;
 
-/// Checks the batch and step counts and that `out` can be created and written, before any work.
-pub(crate) fn prepare(out: &Path, batch: usize, steps: usize) -> Result<(), RunError> {
+/// Checks the batch and step counts, the guidance scale and that `out` can be created and
+/// written, before any work.
+pub(crate) fn prepare(out: &Path, batch: usize, steps: usize, cfg: f64) -> Result<(), RunError> {
     if batch == 0 || steps == 0 {
         return Err(TaskError::InvalidOption {
             name: "batch/steps",
             value: "0".into(),
             rule: "must be ≥ 1",
+        }
+        .into());
+    }
+    // Checked here even for the tasks that sample without guidance, so that a bad value is never
+    // silently recorded in metrics.json as if it had been used.
+    if !cfg.is_finite() {
+        return Err(TaskError::InvalidOption {
+            name: "cfg",
+            value: cfg.to_string(),
+            rule: "must be finite",
         }
         .into());
     }

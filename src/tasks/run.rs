@@ -14,8 +14,8 @@ use serde::Serialize;
 use crate::diffusion::NoiseSchedule;
 use crate::diffusion::{Cfg, Sampler};
 use crate::tasks::common::{
-    scalar, to_f64, Classifier, Decoder, GradientChoice, PixelSpace, SolverChoice, TaskClassifier, TaskDecoder,
-    TaskError, TaskModel,
+    lora_rank, scalar, to_f64, Classifier, Decoder, GradientChoice, PixelSpace, SolverChoice, TaskClassifier,
+    TaskDecoder, TaskError, TaskModel,
 };
 use crate::tasks::output;
 use crate::tasks::resume::Resume;
@@ -199,7 +199,7 @@ struct Setup {
 }
 
 fn setup(config: &RunConfig) -> Result<Setup, RunError> {
-    output::prepare(&config.out, config.batch, config.steps)?;
+    output::prepare(&config.out, config.batch, config.steps, config.cfg)?;
     let device = Default::default();
     let (denoiser, classifier, schedule) = match &config.weights {
         Some(dir) => toy::load_from_dir::<Ad>(dir, &device)?,
@@ -347,6 +347,7 @@ pub fn run_finetune(
     on_iter: &mut dyn FnMut(usize, f64),
 ) -> Result<TuneReport, RunError> {
     let class = toy::class_index(style_class)?;
+    lora_rank(rank)?;
     let s = setup(config)?;
     let device = Default::default();
     let style = toy::dataset_of_class(class, 1, config.seed.wrapping_add(7))?;

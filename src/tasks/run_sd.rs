@@ -17,7 +17,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 
 use crate::diffusion::{Cfg, Sampler};
-use crate::tasks::common::{scalar, Classifier, TaskError, TaskModel};
+use crate::tasks::common::{lora_rank, scalar, Classifier, TaskModel};
 use crate::tasks::imagenet::ImageNetClassifier;
 use crate::tasks::output;
 use crate::tasks::resume::Resume;
@@ -35,7 +35,7 @@ struct Setup<B: Backend> {
 }
 
 fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>, RunError> {
-    output::prepare(&config.out, config.batch, config.steps)?;
+    output::prepare(&config.out, config.batch, config.steps, config.cfg)?;
     let dir = config
         .weights
         .as_ref()
@@ -267,14 +267,7 @@ pub fn run_finetune<B: Backend>(
     device: &B::Device,
     on_iter: &mut dyn FnMut(usize, f64),
 ) -> Result<TuneReport, RunError> {
-    if rank == 0 {
-        return Err(TaskError::InvalidOption {
-            name: "rank",
-            value: "0".into(),
-            rule: "must be ≥ 1",
-        }
-        .into());
-    }
+    lora_rank(rank)?;
     let s = setup::<B>(config, device)?;
     let style = load_image::<Autodiff<B>>(style_path, s.sd.image_size(), device)?;
     let label = label_of(&s, style.clone().inner());

@@ -53,7 +53,10 @@ where
     } = restore(&config.resume, model, AdamConfig::new().init(), &device)?;
     for iter in start..config.iters {
         let x_t = Tensor::<Autodiff<B>, 4>::from_inner(noise(iter));
-        let x0 = config.sampler.sample(&model, schedule, x_t)?;
+        let x0 = config
+            .sampler
+            .sample(&model, schedule, x_t)
+            .map_err(|e| TaskError::from(e).at_iteration(iter))?;
         let value_tensor = loss(decoder.decode(x0));
         let value = scalar(value_tensor.clone().inner());
         if !value.is_finite() {
