@@ -162,10 +162,10 @@ impl Solver {
         self.map_tolerances(|t| t.dt0 = Some(dt0))
     }
 
-    /// Sets the coefficients of the PI step-size controller, named as in diffrax's
-    /// `PIDController`: with an error estimate of order k, a step whose scaled error is `err`
-    /// (after one of error `err_prev`) is followed by one `0.9 · err^-(pcoeff + icoeff)/k ·
-    /// err_prev^(pcoeff/k)` times as long. The default (0, 1) is the plain I controller, the
+    /// Sets the coefficients of the PI step-size controller of an adaptive solver (no effect on
+    /// fixed steps), named as in diffrax's `PIDController`: with an error estimate of order k, a
+    /// step whose scaled error is `err` (after one of error `err_prev`) is followed by one
+    /// `0.9 · err^-(pcoeff + icoeff)/k · err_prev^(pcoeff/k)` times as long. The default (0, 1) is the plain I controller, the
     /// default of torchdiffeq and diffrax, so that a tolerance means the same steps here as
     /// there; diffrax recommends it for smooth problems, which most neural ODEs are. (0.2, 0.65)
     /// is Hairer's DOPRI5 code (β = 0.04): steadier, with fewer rejected steps, and
