@@ -308,11 +308,7 @@ pub fn load_pytorch<B: Backend, M: Module<B>>(
 /// complete, so an interrupted save leaves the previous file (or none), never a truncated one.
 pub fn save_safetensors<B: Backend, M: Module<B>>(module: &M, path: impl AsRef<Path>) -> Result<(), LoadError> {
     let path = path.as_ref();
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = tmp_sibling(path);
     let write_error = |source| LoadError::Write {
         path: path.into(),
         source,
@@ -329,6 +325,16 @@ pub fn save_safetensors<B: Backend, M: Module<B>>(module: &M, path: impl AsRef<P
         std::fs::remove_file(&tmp).ok();
     }
     result
+}
+
+/// A hidden temporary sibling of `path` (`.name.tmp-<pid>`), for writes that rename into place
+/// once complete.
+pub fn tmp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 /// Reads and parses a JSON config (diffusers' or transformers' config.json).

@@ -64,7 +64,7 @@ pub fn write_png_grid(
 
 /// Writes `bytes` to a temporary sibling of `path`, then renames it over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ToyError> {
-    let tmp = tmp_path(path);
+    let tmp = adjoint_dpm_models::load::tmp_sibling(path);
     let io = |source| ToyError::Io {
         path: path.into(),
         source,
@@ -77,13 +77,4 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ToyError> {
         std::fs::remove_file(&tmp).ok();
         io(e)
     })
-}
-
-/// A hidden temporary sibling of `path` (`.name.tmp-<pid>`).
-fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
