@@ -277,18 +277,13 @@ impl GraphLocator {
         // O(graph size) per merge, quadratic over a long unrolled computation such as backprop
         // through many sampling steps.
         let mut graphs: Vec<Arc<Graph>> = graphs.into_values().collect();
-        let size = |locator: &Self, graph: &Arc<Graph>| {
-            locator.keys.get(&graph.origin).map_or(0, |keys| keys.len())
-        };
         let main_index = (0..graphs.len())
-            .max_by(|&a, &b| {
-                size(self, &graphs[a])
-                    .cmp(&size(self, &graphs[b]))
-                    .then_with(|| graphs[b].origin.value.cmp(&graphs[a].origin.value))
+            .max_by_key(|&i| {
+                let size = self.keys.get(&graphs[i].origin).map_or(0, |keys| keys.len());
+                (size, core::cmp::Reverse(graphs[i].origin.value))
             })
             .expect("At least one graph");
         let main = graphs.swap_remove(main_index);
-        let graphs = graphs.into_iter();
         self.register_key(main.origin, node);
 
         let mut state = main.state.lock();
