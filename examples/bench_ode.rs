@@ -87,6 +87,10 @@ struct Args {
     pcoeff: f64,
     #[arg(long, default_value_t = 1.0)]
     icoeff: f64,
+    /// Adaptive solvers: step to every output time instead of interpolating inside steps
+    /// (`Solver::interpolate(false)`).
+    #[arg(long)]
+    step_to_outputs: bool,
     #[arg(long, value_enum, default_value = "checkpointed")]
     gradient: Mode,
     #[arg(long, value_enum, default_value = "flex")]
@@ -123,7 +127,9 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let device = B::Device::default();
     let tableau = ButcherTableau::by_name(&args.solver).ok_or(format!("unknown solver {}", args.solver))?;
     let solver = if tableau.is_adaptive() && !matches!(args.solver.as_str(), "heun") {
-        Solver::adaptive(tableau, args.rtol, args.atol).pi_coefficients(args.pcoeff, args.icoeff)
+        Solver::adaptive(tableau, args.rtol, args.atol)
+            .pi_coefficients(args.pcoeff, args.icoeff)
+            .interpolate(!args.step_to_outputs)
     } else {
         Solver::fixed(tableau, args.steps)
     };
@@ -210,7 +216,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let line = serde_json::json!({
         "widths": args.widths, "batch": args.batch, "t0": args.t0, "t1": args.t1, "outputs": n,
         "solver": args.solver, "steps": args.steps, "rtol": args.rtol, "atol": args.atol,
-        "pcoeff": args.pcoeff, "icoeff": args.icoeff,
+        "pcoeff": args.pcoeff, "icoeff": args.icoeff, "interpolate": solver.interpolates(),
         "gradient": format!("{:?}", args.gradient).to_lowercase(),
         "backend": format!("{:?}", args.backend).to_lowercase(), "dtype": format!("{:?}", args.dtype).to_lowercase(),
         "median_s": median, "min_s": samples[0], "warmup_s": warmup, "reps": samples.len(),

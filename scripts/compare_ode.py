@@ -12,7 +12,7 @@ installed is skipped. One JSON line per measurement, then a table:
 
     /tmp/fxenv/bin/pip install torch torchdiffeq jax diffrax equinox
     cargo build --release --example bench_ode
-    /tmp/fxenv/bin/python scripts/compare_ode.py [--quick]
+    /tmp/fxenv/bin/python scripts/compare_ode.py [--quick] [--only=P2 ...]
 """
 
 import json
@@ -29,7 +29,12 @@ PROBLEMS = {
     "P1 RK4-100": ([2, 50, 2], True, 16, [2.5 * k for k in range(11)], "rk4", 0.25),
     "P2 RK4-100": ([64, 256, 256, 64], False, 256, [0.0, 1.0], "rk4", 0.01),
     "P2 Dopri5": ([64, 256, 256, 64], False, 256, [0.0, 1.0], "dopri5", None),
+    # P1's field with 1001 output times: dense output against stepping to each time.
+    "P1 Dopri5 x1001": ([2, 50, 2], True, 16, [0.025 * k for k in range(1001)], "dopri5", None),
 }
+ONLY = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")]
+if ONLY:
+    PROBLEMS = {k: v for k, v in PROBLEMS.items() if any(o in k for o in ONLY)}
 TOL = 1e-6
 
 

@@ -220,7 +220,7 @@ where
     for k in (1..=last).rev() {
         let n = problem.solver.fixed_steps(&problem.grid, k - 1);
         stepper.reset_state();
-        state = stepper.interval(k - 1, grid[k], grid[k - 1], state, n, &mut |_, _| {})?;
+        state = stepper.leg(grid, k, k - 1, state, n, &mut Vec::new(), &mut |_, _| {})?;
         state.z = outputs[k - 1].clone();
         state.a_z = state.a_z + cotangents[k - 1].clone();
     }

@@ -5,8 +5,9 @@
 //! `a_n = (∂Φ_n/∂z_n)ᵀ a_{n+1}` (plus the cotangent of any output at step n),
 //! `dL/dθ = Σ_n (∂Φ_n/∂θ)ᵀ a_{n+1}`, `dL/dT = Σ_n (∂Φ_n/∂T)ᵀ a_{n+1}`: one vector-Jacobian
 //! product of one step each, computed on a fresh graph (a step's stage times are
-//! `T_k + s·(T_{k+1} − T_k)` with its fractions `s` fixed, so output times move their steps with
-//! them). Which states are kept is the [`Schedule`]; those not kept are recomputed.
+//! `T_a + s·(T_b − T_a)` with its fractions `s` of its leg fixed, so output times move their steps
+//! with them). A step that interpolates outputs inside itself pulls their cotangents back in the
+//! same product. Which states are kept is the [`Schedule`]; those not kept are recomputed.
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -17,7 +18,7 @@ use crate::ode::dynamics::{Dynamics, DynamicsField};
 use crate::ode::gradient::Schedule;
 use crate::ode::params;
 use crate::ode::problem::{Cotangents, Problem};
-use crate::ode::solver::{rk_step, Counters, Span};
+use crate::ode::solver::{dense_states, rk_step, Counters, Span};
 
 /// The states kept by the forward pass.
 #[derive(Debug, Clone)]
@@ -103,12 +104,14 @@ where
         Ok(out.y)
     }
 
-    /// The vector-Jacobian product of step n at z_n with cotangent `a` on z_{n+1}.
+    /// The vector-Jacobian product of step n at z_n with cotangent `a` on z_{n+1} and
+    /// `dense[j]` on the j-th output interpolated inside the step.
     fn vjp(
         &mut self,
         n: usize,
         y: Tensor<AD::InnerBackend, D>,
         a: Tensor<AD::InnerBackend, D>,
+        dense: &[Tensor<AD::InnerBackend, D>],
         acc: &mut Cotangents<AD::InnerBackend, D>,
     ) -> Result<Tensor<AD::InnerBackend, D>> {
         let p = self.problem;
@@ -123,8 +126,18 @@ where
         });
         let (t0, h) = span.times(times.as_ref());
         let field = DynamicsField { module: &module };
-        let out = rk_step(&field, p.solver.tableau, &t0, &h, &z, None, &mut self.counters)?;
-        let grads = (out.y * Tensor::from_inner(a)).sum().backward();
+        let tab = p.solver.tableau;
+        let out = rk_step(&field, tab, &t0, &h, &z, None, &mut self.counters)?;
+        let mut pullback = (out.y * Tensor::from_inner(a)).sum();
+        let grid = p.grid.times();
+        let leaf = times.as_ref().map(|(t, _)| t);
+        for (state, g) in dense_states(tab, &span, grid, &z, &out.ks, &t0, &h, leaf)
+            .into_iter()
+            .zip(dense)
+        {
+            pullback = pullback + (state * Tensor::from_inner(g.clone())).sum();
+        }
+        let grads = pullback.backward();
         if p.want.theta {
             acc.add_theta(params::trainable_grads(&module, &grads));
         }
@@ -219,33 +232,32 @@ where
     M: AutodiffModule<AD> + Dynamics<AD, D>,
     M::InnerModule: Dynamics<AD::InnerBackend, D>,
 {
-    // The step index at which each output time's state is the current one.
-    let mut output_step = vec![0; problem.grid.len()];
-    for (n, span) in tape.spans.iter().enumerate() {
-        output_step[span.interval + 1] = n + 1;
-    }
+    // The output whose state z_{n+1} is, for steps that end their leg; the others are
+    // interpolated inside steps.
+    let grid = problem.grid.times();
+    let ends: Vec<Option<usize>> = tape
+        .spans
+        .iter()
+        .map(|span| span.ends_leg(grid).then_some(span.to))
+        .collect();
     let mut acc = Cotangents::zeros(problem, &cotangents[0]);
     let mut a: Option<Tensor<AD::InnerBackend, D>> = None;
-    let mut next_output = problem.grid.len() - 1;
     let mut replay = Replay::<AD, M, D> {
         problem,
         spans: &tape.spans,
         counters: Counters::default(),
     };
-    let add_outputs_at = |a: &mut Option<Tensor<AD::InnerBackend, D>>, step: usize, next_output: &mut usize| {
-        while *next_output > 0 && output_step[*next_output] == step {
-            let g = cotangents[*next_output].clone();
-            *a = Some(match a.take() {
-                Some(a) => a + g,
-                None => g,
-            });
-            *next_output -= 1;
-        }
-    };
     reverse_states(&mut replay, &tape.checkpoints, &mut |replay, n, y| {
-        add_outputs_at(&mut a, n + 1, &mut next_output);
-        let cot = a.take().expect("the last output is at the last step");
-        a = Some(replay.vjp(n, y, cot, &mut acc)?);
+        let at_end = ends[n].map(|k| cotangents[k].clone());
+        let cot = match (a.take(), at_end) {
+            (Some(a), Some(g)) => a + g,
+            (Some(a), None) => a,
+            (None, Some(g)) => g,
+            (None, None) => unreachable!("the last step ends the last leg"),
+        };
+        let span = replay.spans[n];
+        let dense = &cotangents[span.dense.0..span.dense.1];
+        a = Some(replay.vjp(n, y, cot, dense, &mut acc)?);
         Ok(())
     })?;
     let a = a.map_or_else(|| cotangents[0].clone(), |a| a + cotangents[0].clone());

@@ -2,8 +2,10 @@
 //!
 //! A method is `c`, the strictly lower triangle `a` (row `i` holds the `i` coefficients of stage
 //! `i + 1`), the solution weights `b` and, for adaptive methods, the error weights
-//! `b_err = b − b̂` of its embedded lower-order pair. Every method goes through the one stepper in
-//! the engine's solver module; the tests below check each tableau's consistency and its order.
+//! `b_err = b − b̂` of its embedded lower-order pair, and, for adaptive methods, the polynomial
+//! weights of its dense output (the continuous extension that interpolates inside a step). Every
+//! method goes through the one stepper in the engine's solver module; the tests below check each
+//! tableau's consistency, its order and the order of its dense output.
 
 /// An explicit Runge–Kutta method.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -22,6 +24,10 @@ pub struct ButcherTableau {
     pub b: &'static [f64],
     /// Error weights `b − b̂`; `None` for methods without an embedded pair.
     pub b_err: Option<&'static [f64]>,
+    /// Dense output: row `i` holds the coefficients of θ, θ², … in `b_i(θ)`, so that
+    /// `y(t + θh) = y + h Σ b_i(θ) k_i` for θ in [0, 1] (and `b_i(1) = b_i`). `None` for methods
+    /// without one; an adaptive solve then steps to every output time instead of interpolating.
+    pub dense: Option<&'static [&'static [f64]]>,
 }
 
 impl ButcherTableau {
@@ -40,6 +46,38 @@ impl ButcherTableau {
     /// Whether the method can control its own step size.
     pub fn is_adaptive(&self) -> bool {
         self.b_err.is_some()
+    }
+
+    /// The dense-output weights `b_i(θ)` at fraction `theta` of a step, `None` without a dense
+    /// output.
+    ///
+    /// ```
+    /// use adjoint_dpm::ode::tableau::DOPRI5;
+    /// let w = DOPRI5.dense_weights(1.0).unwrap();
+    /// assert!(w.iter().zip(DOPRI5.b).all(|(w, b)| (w - b).abs() < 1e-14)); // θ = 1: the step
+    /// ```
+    pub fn dense_weights(&self, theta: f64) -> Option<Vec<f64>> {
+        let rows = self.dense?;
+        Some(
+            rows.iter()
+                .map(|row| row.iter().rev().fold(0.0, |acc, p| (acc + p) * theta))
+                .collect(),
+        )
+    }
+
+    /// `d b_i/dθ` at `theta`: how the interpolated state moves with the output time.
+    pub fn dense_weight_slopes(&self, theta: f64) -> Option<Vec<f64>> {
+        let rows = self.dense?;
+        Some(
+            rows.iter()
+                .map(|row| {
+                    row.iter()
+                        .enumerate()
+                        .rev()
+                        .fold(0.0, |acc, (j, p)| acc * theta + (j + 1) as f64 * p)
+                })
+                .collect(),
+        )
     }
 
     /// All methods shipped with the crate.
@@ -63,6 +101,7 @@ pub const EULER: ButcherTableau = ButcherTableau {
     a: &[],
     b: &[1.0],
     b_err: None,
+    dense: None,
 };
 
 /// Explicit midpoint: second order, two stages.
@@ -74,6 +113,7 @@ pub const MIDPOINT: ButcherTableau = ButcherTableau {
     a: &[&[0.5]],
     b: &[0.0, 1.0],
     b_err: None,
+    dense: None,
 };
 
 /// Heun's method (explicit trapezoid), second order, with Euler embedded for an error estimate.
@@ -86,6 +126,8 @@ pub const HEUN: ButcherTableau = ButcherTableau {
     a: &[&[1.0]],
     b: &[0.5, 0.5],
     b_err: Some(&[0.5 - 1.0, 0.5]),
+    // y + h(θ k1 + θ²/2 (k2 − k1)): second order, like the method.
+    dense: Some(&[&[1.0, -0.5], &[0.0, 0.5]]),
 };
 
 /// The classical fourth-order Runge–Kutta method.
@@ -97,6 +139,7 @@ pub const RK4: ButcherTableau = ButcherTableau {
     a: &[&[0.5], &[0.0, 0.5], &[0.0, 0.0, 1.0]],
     b: &[1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0],
     b_err: None,
+    dense: None,
 };
 
 /// Bogacki–Shampine 3(2), FSAL. P. Bogacki and L. F. Shampine, "A 3(2) pair of Runge–Kutta
@@ -113,6 +156,14 @@ pub const BOSH3: ButcherTableau = ButcherTableau {
         1.0 / 3.0 - 1.0 / 4.0,
         4.0 / 9.0 - 1.0 / 3.0,
         -1.0 / 8.0,
+    ]),
+    // The cubic Hermite interpolant through y, y_new, f(y) = k1 and f(y_new) = k4 (FSAL): third
+    // order, the method's own.
+    dense: Some(&[
+        &[1.0, -4.0 / 3.0, 5.0 / 9.0],
+        &[0.0, 1.0, -2.0 / 3.0],
+        &[0.0, 4.0 / 3.0, -8.0 / 9.0],
+        &[0.0, -1.0, 1.0],
     ]),
 };
 
@@ -162,6 +213,48 @@ pub const DOPRI5: ButcherTableau = ButcherTableau {
         11.0 / 84.0 - 187.0 / 2100.0,
         -1.0 / 40.0,
     ]),
+    // Hairer's fourth-order continuous extension (Hairer, Nørsett & Wanner I, §II.6; the `contd5`
+    // of his DOPRI5 code), `y + θΔ + θ(1−θ)(hk1 − Δ) + θ²(1−θ)(2Δ − hk1 − hk7) + θ²(1−θ)² h Σ d_i k_i`
+    // with Δ = y_new − y, expanded into powers of θ.
+    dense: Some(&[
+        &[
+            1.0,
+            -8048581381.0 / 2820520608.0,
+            8663915743.0 / 2820520608.0,
+            -12715105075.0 / 11282082432.0,
+        ],
+        &[0.0, 0.0, 0.0, 0.0],
+        &[
+            0.0,
+            131558114200.0 / 32700410799.0,
+            -68118460800.0 / 10900136933.0,
+            87487479700.0 / 32700410799.0,
+        ],
+        &[
+            0.0,
+            -1754552775.0 / 470086768.0,
+            14199869525.0 / 1410260304.0,
+            -10690763975.0 / 1880347072.0,
+        ],
+        &[
+            0.0,
+            127303824393.0 / 49829197408.0,
+            -318862633887.0 / 49829197408.0,
+            701980252875.0 / 199316789632.0,
+        ],
+        &[
+            0.0,
+            -282668133.0 / 205662961.0,
+            2019193451.0 / 616988883.0,
+            -1453857185.0 / 822651844.0,
+        ],
+        &[
+            0.0,
+            40617522.0 / 29380423.0,
+            -110615467.0 / 29380423.0,
+            69997945.0 / 29380423.0,
+        ],
+    ]),
 };
 
 const TSIT5_B: [f64; 7] = [
@@ -210,6 +303,37 @@ pub const TSIT5: ButcherTableau = ButcherTableau {
         TSIT5_B[5] - 1.866_628_418_170_587,
         -1.0 / 66.0,
     ]),
+    // Tsitouras' fourth-order interpolant (the paper's b_i(θ), given there in factored form),
+    // expanded into powers of θ.
+    dense: Some(&[
+        &[
+            1.0,
+            -2.763_706_197_274_826,
+            2.913_255_461_821_912_6,
+            -1.053_088_497_729_021_6,
+        ],
+        &[0.0, 0.1317, -0.2234, 0.1017],
+        &[
+            0.0,
+            3.930_296_236_894_751_6,
+            -5.941_033_872_131_505,
+            2.490_627_285_651_253,
+        ],
+        &[
+            0.0,
+            -12.411_077_166_933_676,
+            30.338_188_630_282_32,
+            -16.548_102_889_244_902,
+        ],
+        &[0.0, 37.509_313_416_511_04, -88.178_904_894_766_4, 47.379_521_962_819_28],
+        &[
+            0.0,
+            -27.896_526_289_197_286,
+            65.091_894_674_793_66,
+            -34.870_657_861_496_61,
+        ],
+        &[0.0, 1.5, -4.0, 2.5],
+    ]),
 };
 
 #[cfg(test)]
@@ -248,6 +372,44 @@ mod tests {
             .map(|t| t.name)
             .collect();
         assert_eq!(fsal, ["bosh3", "dopri5", "tsit5"]);
+    }
+
+    #[test]
+    fn dense_outputs_end_on_the_step_and_have_their_order() {
+        // Σ_i b_i(θ) c_i^(q−1) = θ^q / q for q up to the interpolant's order (the quadrature
+        // conditions; the nonlinear ones are checked by the convergence test of the engine).
+        let orders = [("heun", 2), ("bosh3", 3), ("dopri5", 4), ("tsit5", 4)];
+        for t in ButcherTableau::all() {
+            let Some(rows) = t.dense else {
+                assert!(!t.is_adaptive(), "{}: adaptive methods interpolate", t.name);
+                continue;
+            };
+            assert_eq!(rows.len(), t.stages(), "{}: one dense row per stage", t.name);
+            let w = t.dense_weights(1.0).unwrap();
+            for (i, (w, b)) in w.iter().zip(t.b).enumerate() {
+                assert!((w - b).abs() < 1e-13, "{}: b_{i}(1) = {w}, b_{i} = {b}", t.name);
+            }
+            let order = orders.iter().find(|(n, _)| *n == t.name).unwrap().1;
+            for theta in [0.0, 0.3, 0.71, 1.0] {
+                let w = t.dense_weights(theta).unwrap();
+                let slope = t.dense_weight_slopes(theta).unwrap();
+                for q in 1..=order {
+                    let sum: f64 = w.iter().zip(t.c).map(|(w, c)| w * c.powi(q - 1)).sum();
+                    let want = theta.powi(q) / f64::from(q);
+                    assert!(
+                        (sum - want).abs() < 1e-13,
+                        "{} q = {q}, θ = {theta}: {sum} vs {want}",
+                        t.name
+                    );
+                    let d: f64 = slope.iter().zip(t.c).map(|(w, c)| w * c.powi(q - 1)).sum();
+                    assert!(
+                        (d - theta.powi(q - 1)).abs() < 1e-12,
+                        "{} slope q = {q}, θ = {theta}",
+                        t.name
+                    );
+                }
+            }
+        }
     }
 
     #[test]

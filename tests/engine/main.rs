@@ -1,6 +1,7 @@
 //! Engine tests: one binary (burn links slowly), one module per property family.
 
 mod common;
+mod dense;
 mod errors;
 mod exactness;
 mod fields;

@@ -1,0 +1,240 @@
+//! Dense output: adaptive solves read interior output times off the step that contains them.
+//! The steps do not depend on the outputs, the interpolant has its declared order, and every
+//! gradient mode differentiates it (exact modes to rounding, against finite differences too).
+
+use adjoint_dpm::ode::{tableau, ButcherTableau};
+use adjoint_dpm::prelude::*;
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use crate::common::{grads_of, loss_of, perturbed, rel_err, to_vec, Act, Ad, Mlp, F64};
+use crate::fields::{spiral_exact, Kind, Toy};
+
+const Z0: [f64; 2] = [1.0, 0.5];
+
+fn spiral(solver: Solver, times: &[f64]) -> Solution<F64, 2> {
+    let device = Default::default();
+    let z0 = Tensor::<F64, 2>::from_data(TensorData::from([Z0]), &device);
+    NeuralOde::new(Toy::<F64>::new(Kind::Spiral, &device))
+        .solver(solver)
+        .integrate(z0, times)
+        .unwrap()
+}
+
+fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
+    (0..n).map(|i| a + (b - a) * i as f64 / (n - 1) as f64).collect()
+}
+
+/// Largest distance from the exact spiral over all outputs.
+fn max_error(solution: &Solution<F64, 2>) -> f64 {
+    let start = solution.times()[0];
+    solution
+        .times()
+        .iter()
+        .enumerate()
+        .map(|(k, &t)| {
+            let z = to_vec(solution.state(k));
+            let exact = spiral_exact(Z0, t - start);
+            ((z[0] - exact[0]).powi(2) + (z[1] - exact[1]).powi(2)).sqrt()
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn outputs_do_not_change_the_steps() {
+    for make in [Solver::bosh3 as fn(f64, f64) -> Solver, Solver::dopri5, Solver::tsit5] {
+        for backward in [false, true] {
+            let mut dense = linspace(0.0, 5.0, 1001);
+            if backward {
+                dense.reverse();
+            }
+            let ends = [dense[0], dense[1000]];
+            let tol = 1e-6;
+            let solver = make(tol, tol);
+            let coarse = spiral(solver, &ends);
+            let fine = spiral(solver, &dense);
+            let name = solver.tableau.name;
+            assert_eq!(coarse.stats(), fine.stats(), "{name}: 1001 outputs changed the steps");
+            assert_eq!(to_vec(coarse.last()), to_vec(fine.last()), "{name}: final state moved");
+            // Stepping to every output instead takes at least one step per interval (so small
+            // that its error is far smaller). The bound allows for global error growing past the
+            // local tolerance over [0, 5].
+            let stepped = spiral(solver.interpolate(false), &dense);
+            assert!(stepped.stats().accepted_steps >= 1000, "{name}: {:?}", stepped.stats());
+            let (error, stepped_error) = (max_error(&fine), max_error(&stepped));
+            assert!(
+                error < 50.0 * tol && stepped_error < 50.0 * tol,
+                "{name}: error {error:e} interpolated, {stepped_error:e} stepped, at tolerance {tol:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dense_output_local_error_has_its_order() {
+    // One step of size h (dt0 = h, a tolerance no step can fail) with outputs inside it: the
+    // interpolant's local error is O(h^(p+1)) for an interpolant of order p.
+    let cases: [(&'static ButcherTableau, f64); 4] = [
+        (&tableau::HEUN, 2.0),
+        (&tableau::BOSH3, 3.0),
+        (&tableau::DOPRI5, 4.0),
+        (&tableau::TSIT5, 4.0),
+    ];
+    for (tab, order) in cases {
+        let error = |h: f64| {
+            let solver = Solver::adaptive(tab, 1e30, 1e30).dt0(h);
+            let solution = spiral(solver, &[0.0, 0.3 * h, 0.7 * h, h]);
+            assert_eq!(solution.stats().accepted_steps, 1, "{}", tab.name);
+            [1, 2]
+                .iter()
+                .map(|&k| {
+                    let z = to_vec(solution.state(k));
+                    let exact = spiral_exact(Z0, solution.times()[k]);
+                    ((z[0] - exact[0]).powi(2) + (z[1] - exact[1]).powi(2)).sqrt()
+                })
+                .fold(0.0, f64::max)
+        };
+        let slope = (error(0.4) / error(0.2)).log2();
+        assert!(
+            (slope - (order + 1.0)).abs() <= 0.4,
+            "{}: local interpolation error shrinks as h^{slope:.2}, expected h^{}",
+            tab.name,
+            order + 1.0
+        );
+    }
+}
+
+/// A grid with several outputs inside most steps.
+const TIMES: [f64; 8] = [0.0, 0.11, 0.2, 0.43, 0.5, 0.77, 0.9, 1.3];
+
+#[test]
+fn checkpointed_equals_backprop_through_interpolation() {
+    let device = Default::default();
+    use burn::tensor::backend::Backend;
+    Ad::seed(&device, 3);
+    let model = Mlp::<Ad>::new(&[2, 6, 2], Act::Tanh, true, &device);
+    let z0 = [0.3, -0.5, 0.9, 0.1];
+    for solver in [
+        Solver::bosh3(1e-2, 1e-4),
+        Solver::dopri5(1e-4, 1e-6),
+        Solver::tsit5(1e-4, 1e-6),
+        Solver::adaptive(&tableau::HEUN, 1e-1, 1e-3),
+    ] {
+        // The solve really interpolates: fewer steps than intervals.
+        let steps = spiral(solver, &TIMES).stats().accepted_steps;
+        assert!(steps < TIMES.len() - 1, "{}: {steps} steps", solver.tableau.name);
+        let reference = grads_of(&model, solver, GradientMode::Backprop, &z0, 2, &TIMES);
+        for schedule in [Schedule::All, Schedule::Every(2), Schedule::Recursive] {
+            let exact = grads_of(&model, solver, GradientMode::Checkpointed(schedule), &z0, 2, &TIMES);
+            assert!((exact.loss - reference.loss).abs() <= 1e-12 * reference.loss.abs());
+            for (name, a, b) in [
+                ("z0", &exact.z0, &reference.z0),
+                ("θ", &exact.theta, &reference.theta),
+                ("T", &exact.times, &reference.times),
+            ] {
+                let e = rel_err(a, b);
+                assert!(e <= 1e-10, "{} {schedule:?}: {name} off by {e:e}", solver.tableau.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn interpolated_gradients_match_central_differences() {
+    // dt0 and a tolerance no step can fail make the steps independent of the inputs (each grows
+    // by the controller's maximum factor), so finite differences see the same discretisation:
+    // steps [0, 0.1], [0.1, 1.0], [1.0, 1.3], with six outputs read off the dense output.
+    let device = Default::default();
+    use burn::tensor::backend::Backend;
+    Ad::seed(&device, 5);
+    let model = Mlp::<Ad>::new(&[2, 5, 2], Act::Softplus, true, &device);
+    let inner = model.valid();
+    let z0 = [0.4, -0.2, -0.7, 0.6];
+    let eps = 1e-6;
+    let central = |f: &dyn Fn(f64) -> f64| (f(eps) - f(-eps)) / (2.0 * eps);
+    let close = |fd: f64, ad: f64| (fd - ad).abs() <= 1e-6 * ad.abs().max(1.0);
+    for tab in [&tableau::BOSH3, &tableau::DOPRI5, &tableau::TSIT5] {
+        let solver = Solver::adaptive(tab, 1e30, 1e30).dt0(0.1);
+        assert_eq!(spiral(solver, &TIMES).stats().accepted_steps, 3);
+        for mode in [GradientMode::Backprop, GradientMode::Checkpointed(Schedule::All)] {
+            let g = grads_of(&model, solver, mode, &z0, 2, &TIMES);
+            let name = tab.name;
+            for i in 0..z0.len() {
+                let fd = central(&|e| {
+                    let mut z = z0.to_vec();
+                    z[i] += e;
+                    loss_of(&inner, solver, &z, 2, &TIMES)
+                });
+                assert!(
+                    close(fd, g.z0[i]),
+                    "{name} {mode:?} dL/dz0[{i}]: FD {fd} vs {}",
+                    g.z0[i]
+                );
+            }
+            for i in [0, g.theta.len() / 2, g.theta.len() - 1] {
+                let fd = central(&|e| loss_of(&perturbed(&inner, i, e), solver, &z0, 2, &TIMES));
+                assert!(
+                    close(fd, g.theta[i]),
+                    "{name} {mode:?} dL/dθ[{i}]: FD {fd} vs {}",
+                    g.theta[i]
+                );
+            }
+            // Interior output times only move their own interpolated state.
+            for k in 1..TIMES.len() - 1 {
+                let fd = central(&|e| {
+                    let mut t = TIMES.to_vec();
+                    t[k] += e;
+                    loss_of(&inner, solver, &z0, 2, &t)
+                });
+                assert!(
+                    close(fd, g.times[k]),
+                    "{name} {mode:?} dL/dT[{k}]: FD {fd} vs {}",
+                    g.times[k]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn backsolve_through_interpolated_outputs_converges() {
+    let device = Default::default();
+    use burn::tensor::backend::Backend;
+    Ad::seed(&device, 4);
+    let model = Mlp::<Ad>::new(&[2, 8, 2], Act::Tanh, true, &device);
+    let z0 = [0.3, -0.5, 0.9, 0.1];
+    let exact = grads_of(
+        &model,
+        Solver::dopri5(1e-11, 1e-11).interpolate(false),
+        GradientMode::Checkpointed(Schedule::All),
+        &z0,
+        2,
+        &TIMES,
+    );
+    let errors: Vec<f64> = [1e-4, 1e-6, 1e-8]
+        .iter()
+        .map(|&tol| {
+            let options = BacksolveOptions {
+                rtol: tol,
+                atol: tol,
+                seminorm: true,
+            };
+            let g = grads_of(
+                &model,
+                Solver::tsit5(tol, tol),
+                GradientMode::Backsolve(options),
+                &z0,
+                2,
+                &TIMES,
+            );
+            rel_err(&g.theta, &exact.theta)
+                .max(rel_err(&g.z0, &exact.z0))
+                .max(rel_err(&g.times, &exact.times))
+        })
+        .collect();
+    for (error, tol) in errors.iter().zip([1e-4, 1e-6, 1e-8]) {
+        assert!(*error < 10.0 * tol, "error {error:e} at tolerance {tol:e} ({errors:?})");
+    }
+    assert!(errors[2] < errors[0] / 100.0, "no convergence: {errors:?}");
+}
