@@ -45,6 +45,8 @@ pub struct Tolerances {
     pub max_steps: usize,
     /// Smallest step size allowed before giving up.
     pub dt_min: f64,
+    /// Largest step size allowed (∞: no limit).
+    pub dt_max: f64,
     /// Proportional coefficient of the PI step-size controller (diffrax's `pcoeff`).
     pub pcoeff: f64,
     /// Integral coefficient of the PI step-size controller (diffrax's `icoeff`).
@@ -65,6 +67,7 @@ impl Tolerances {
             dt0: None,
             max_steps: 100_000,
             dt_min: 1e-12,
+            dt_max: f64::INFINITY,
             pcoeff: 0.0,
             icoeff: 1.0,
             interpolate: true,
@@ -165,6 +168,18 @@ impl Solver {
         self.map_tolerances(|t| t.dt_min = dt_min)
     }
 
+    /// Caps the step size of an adaptive solver, e.g. so that it cannot step over a short
+    /// feature of the dynamics that its error estimate would not see (diffrax's `dtmax`).
+    ///
+    /// ```
+    /// use adjoint_dpm::ode::Solver;
+    /// assert!(Solver::tsit5(1e-6, 1e-6).dt_max(0.1).validate().is_ok());
+    /// assert!(Solver::tsit5(1e-6, 1e-6).dt_max(0.0).validate().is_err());
+    /// ```
+    pub fn dt_max(self, dt_max: f64) -> Self {
+        self.map_tolerances(|t| t.dt_max = dt_max)
+    }
+
     /// Sets the first step of an adaptive solver.
     pub fn dt0(self, dt0: f64) -> Self {
         self.map_tolerances(|t| t.dt0 = Some(dt0))
@@ -247,6 +262,9 @@ impl Solver {
                 }
                 if !(tol.dt_min.is_finite() && tol.dt_min >= 0.0) {
                     return bad("dt_min", tol.dt_min, "must be finite and >= 0");
+                }
+                if !(tol.dt_max > 0.0 && tol.dt_max >= tol.dt_min) {
+                    return bad("dt_max", tol.dt_max, "must be > 0 and >= dt_min");
                 }
                 if let Some(dt0) = tol.dt0 {
                     if !(dt0.is_finite() && dt0 > 0.0) {
@@ -606,6 +624,7 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
         let mut t = ta;
         let mut last_bad = false;
         while (tb - t) * direction > 0.0 {
+            h = h.signum() * h.abs().min(tol.dt_max);
             if self.counters.accepted + self.counters.rejected >= tol.max_steps {
                 return Err(Error::MaxStepsExceeded {
                     t,

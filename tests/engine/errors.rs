@@ -103,6 +103,8 @@ fn invalid_options_are_refused() {
         (Solver::dopri5(1e-6, 0.0), "atol"),
         (Solver::dopri5(1e-6, 1e-6).max_steps(0), "max_steps"),
         (Solver::dopri5(1e-6, 1e-6).dt0(f64::NAN), "dt0"),
+        (Solver::dopri5(1e-6, 1e-6).dt_max(f64::NAN), "dt_max"),
+        (Solver::dopri5(1e-6, 1e-6).dt_min(0.1).dt_max(0.01), "dt_max"),
     ] {
         assert!(
             matches!(solve(Kind::Decay, solver, Z, &[0.0, 1.0]), Err(Error::InvalidOption { name: n, .. }) if n == name),

@@ -101,6 +101,22 @@ fn step_and_evaluation_counts_are_stable() {
 }
 
 #[test]
+fn dt_max_caps_the_step() {
+    let device = Default::default();
+    let z0 = Tensor::<F64, 2>::from_data(TensorData::from([Z0]), &device);
+    let steps = |solver: Solver| {
+        let solution = NeuralOde::new(Toy::<F64>::new(Kind::Spiral, &device))
+            .solver(solver)
+            .integrate(z0.clone(), &[0.0, 5.0])
+            .unwrap();
+        solution.stats().accepted_steps
+    };
+    let free = steps(Solver::dopri5(1e-3, 1e-3));
+    let capped = steps(Solver::dopri5(1e-3, 1e-3).dt_max(0.1));
+    assert!(free < 20 && capped >= 50, "{free} steps free, {capped} capped at 0.1");
+}
+
+#[test]
 fn pi_coefficients_trade_step_growth_for_smoothness() {
     // The documented behaviour of `Solver::pi_coefficients` on a smooth problem: every setting
     // reaches the tolerance; the I controller (0, 1, the default) grows the step fastest and the
