@@ -103,6 +103,46 @@ pub enum Error {
         /// Name of the method.
         method: &'static str,
     },
+    /// An event function returned something other than one finite value.
+    #[error(
+        "the event function returned {got} at t = {t}; it must return one finite value (shape [1]) \
+         whose sign change marks the event"
+    )]
+    BadEventValue {
+        /// Time of the evaluation.
+        t: f64,
+        /// What it returned: its shape, or the non-finite value.
+        got: String,
+    },
+    /// The event function is zero where the solve starts.
+    #[error(
+        "the event function is 0 at the start time t0 = {t0}; an event is a sign change after the \
+         start, so start where it is non-zero"
+    )]
+    EventAtStart {
+        /// The start time.
+        t0: f64,
+    },
+    /// The event function touches zero without crossing it, so the event time has no derivative.
+    #[error(
+        "the event function reaches 0 at t = {t} with time derivative {slope:e} along the \
+         solution; the event time is not differentiable where it only touches zero"
+    )]
+    TangentialEvent {
+        /// The event time.
+        t: f64,
+        /// d/dt g(t, z(t)) there.
+        slope: f64,
+    },
+    /// Events are located on a dense output, which this solver does not have.
+    #[error(
+        "events need an adaptive solver with a dense output (bosh3, dopri5, tsit5, or heun with \
+         tolerances); {method} with fixed steps has none"
+    )]
+    EventNeedsDenseOutput {
+        /// Name of the method.
+        method: &'static str,
+    },
     /// A gradient was asked of a backward pass that failed.
     #[error("the backward pass failed: {0}")]
     Backward(Box<Error>),

@@ -12,6 +12,8 @@
 //!    trainable parameter and (with [`ode::NeuralOde::solve_with_times`]) the output times receive
 //!    their gradients, ready for burn's optimizers.
 //! 4. For inference, [`ode::NeuralOde::integrate`] solves on any backend without a graph.
+//! 5. [`ode::NeuralOde::solve_until`] solves until an event function changes sign; the event
+//!    time and state are differentiable too.
 //!
 //! Bad input (grids, shapes, NaN, step-size underflow, step limits) is an [`Error`], never a
 //! panic.
@@ -62,5 +64,7 @@ pub mod backend {
 /// The names a user needs.
 pub mod prelude {
     pub use crate::error::Error;
-    pub use crate::ode::{BacksolveOptions, Dynamics, GradientMode, NeuralOde, Schedule, Solution, Solver, Stats};
+    pub use crate::ode::{
+        BacksolveOptions, Dynamics, EventHit, GradientMode, NeuralOde, Schedule, Solution, Solver, Stats,
+    };
 }

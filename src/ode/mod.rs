@@ -8,6 +8,7 @@ mod adjoint;
 mod checkpoint;
 mod controller;
 mod dynamics;
+mod event;
 mod gradient;
 mod grid;
 pub mod mlp;
@@ -20,6 +21,7 @@ mod state;
 pub mod tableau;
 
 pub use dynamics::Dynamics;
+pub use event::EventHit;
 pub use gradient::{BacksolveOptions, GradientMode, Schedule};
 pub use grid::TimeGrid;
 pub use neural_ode::{NeuralOde, Solution};

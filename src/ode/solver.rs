@@ -439,6 +439,23 @@ pub(crate) fn rk_step<B: Backend, V: VectorField<B>>(
     Ok(StepOut { y: y_new, err, ks })
 }
 
+/// The dense output `y + h Σ b_i(θ) k_i` of a step from `y` with stages `ks`, at fraction `theta`.
+pub(crate) fn interpolate<B: Backend, S: OdeState<B>>(
+    tab: &ButcherTableau,
+    y: &S,
+    ks: &[S],
+    h: &Time<B>,
+    theta: f64,
+) -> S {
+    let weights = tab
+        .dense_weights(theta)
+        .expect("only methods with a dense output interpolate");
+    match combine(&weights, ks, h) {
+        Some(incr) => y.add(&incr),
+        None => y.clone(),
+    }
+}
+
 /// The states at the output times `span.dense` inside an accepted step from `y` with stages `ks`
 /// (`t` and `h` as the step was taken): `y + h Σ b_i(θ) k_i`. With `times` (the grid as a tracked
 /// tensor) each also moves with its own output time: the value is unchanged, and `dL/dT_k` gets
@@ -526,7 +543,13 @@ pub(crate) struct Stepper<'a, B: Backend, V: VectorField<B>> {
     k1: Option<V::State>,
     /// The grid as a tracked tensor, when steps must carry time gradients (Backprop).
     time_leaf: Option<(Tensor<B, 1>, Vec<f64>)>,
+    /// Sees every accepted adaptive step and may end the leg there (terminal events).
+    watch: Option<Box<Watch<'a, V::State>>>,
 }
+
+/// Looks at an accepted step (its span, start state, new state and stages) and returns whether
+/// the solve stops after it.
+pub(crate) type Watch<'a, S> = dyn FnMut(&Span, &S, &S, &[S]) -> Result<bool> + 'a;
 
 impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
     pub(crate) fn new(field: &'a V, solver: Solver) -> Self {
@@ -542,7 +565,14 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
             h: None,
             k1: None,
             time_leaf: None,
+            watch: None,
         }
+    }
+
+    /// Lets `watch` see every accepted adaptive step and stop the leg after one.
+    pub(crate) fn with_watch(mut self, watch: Box<Watch<'a, V::State>>) -> Self {
+        self.watch = Some(watch);
+        self
     }
 
     /// Steps take their times from `times` (the values of `grid`), so that they carry gradients.
@@ -692,6 +722,11 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
                 ));
                 on_step(span, &y);
                 self.counters.accepted += 1;
+                if let Some(watch) = self.watch.as_mut() {
+                    if watch(&span, &y, &out.y, &ks)? {
+                        return Ok(out.y);
+                    }
+                }
                 self.k1 = if tab.is_fsal() { ks.pop() } else { None };
                 y = out.y;
                 t = t1;

@@ -3,6 +3,7 @@
 mod common;
 mod dense;
 mod errors;
+mod events;
 mod exactness;
 mod fields;
 mod p1;

@@ -1,0 +1,250 @@
+//! Terminal events: solve until `g(t, z)` changes sign, and differentiate where that happens.
+//!
+//! The event time `t*` is located on the inner backend, step by step, by root finding on the
+//! dense output of the step in which `g` changes sign. The solve from `t0` to `t*` is then run
+//! again under the chosen [`GradientMode`](crate::ode::GradientMode), and two terms that add
+//! nothing to the values give `t*` and `z(t*)` their gradients (torchdiffeq's `odeint_event`,
+//! diffrax's `Event`): by the implicit function theorem on `g(t*, z(t*; p)) = 0`,
+//! `dt*/dp = −(∂g/∂z · ∂z/∂p) / ġ` with `ġ = ∂g/∂t + ∂g/∂z · f` at the event, and
+//! `dz(t*)/dp = ∂z/∂p + f · dt*/dp`.
+
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+
+use crate::error::{Error, Result};
+use crate::ode::dynamics::{Dynamics, DynamicsField};
+use crate::ode::grid::TimeGrid;
+use crate::ode::neural_ode::{NeuralOde, Solution};
+use crate::ode::solver::{interpolate, Solver, StepControl, Stepper};
+use crate::ode::state::{Time, VectorField};
+
+/// Where a terminal event happened, with gradients.
+#[derive(Debug, Clone)]
+pub struct EventHit<B: Backend, const D: usize> {
+    /// The event time `t*`, `[1]`: tracked, so a loss on it differentiates `z0` and `θ`.
+    pub time: Tensor<B, 1>,
+    /// `z(t*)`: tracked, including how it moves with `t*`.
+    pub state: Tensor<B, D>,
+    /// The differentiated solve from `t0` to `t*` (its states do not include the `t*` term of
+    /// `state`; use `state`).
+    pub solution: Solution<B, D>,
+}
+
+/// Most iterations of the root finder (each one evaluation of the event function).
+const MAX_ROOT_ITERATIONS: usize = 100;
+
+impl<M> NeuralOde<M> {
+    /// Solves from `t0` towards `t_max` until the event function `g(t, z)` (one value, shape
+    /// `[1]`) changes sign; `None` when it does not before `t_max`. The event time and state
+    /// carry gradients with respect to `z0` and the dynamics' parameters in every gradient mode.
+    /// Needs an adaptive solver with a dense output (events are located by root finding on it,
+    /// to rounding). Build `g` from its arguments and constants: tensors it captures are
+    /// constants to it and must not be tracked.
+    ///
+    /// ```
+    /// use adjoint_dpm::prelude::*;
+    /// use burn::backend::{Autodiff, NdArray};
+    /// use burn::prelude::*;
+    ///
+    /// /// A falling ball: z = [height, velocity].
+    /// #[derive(Module, Clone, Debug)]
+    /// struct Gravity {}
+    /// impl<B: Backend> Dynamics<B, 2> for Gravity {
+    ///     fn f(&self, _t: Tensor<B, 1>, z: Tensor<B, 2>) -> Tensor<B, 2> {
+    ///         let v = z.clone().narrow(1, 1, 1);
+    ///         Tensor::cat(vec![v.clone(), v.zeros_like().sub_scalar(9.81)], 1)
+    ///     }
+    /// }
+    ///
+    /// type B = Autodiff<NdArray<f64>>;
+    /// let device = Default::default();
+    /// let ode = NeuralOde::new(Gravity {}).solver(Solver::tsit5(1e-8, 1e-10));
+    /// let z0 = Tensor::<B, 2>::from_data([[10.0, 0.0]], &device).require_grad();
+    /// // Hits the ground where the height crosses 0.
+    /// let hit = ode
+    ///     .solve_until(z0.clone(), 0.0, 10.0, |_t, z: Tensor<B, 2>| z.narrow(1, 0, 1).reshape([1]))
+    ///     .unwrap()
+    ///     .expect("it lands before t = 10");
+    /// let t: f64 = hit.time.clone().into_scalar();
+    /// assert!((t - (2.0 * 10.0 / 9.81f64).sqrt()).abs() < 1e-7);
+    /// // dt*/dh0 = 1 / sqrt(2 g h0).
+    /// let grads = hit.time.backward();
+    /// let dt_dh0: f64 = z0.grad(&grads).unwrap().narrow(1, 0, 1).into_scalar();
+    /// assert!((dt_dh0 - 1.0 / (2.0 * 9.81 * 10.0f64).sqrt()).abs() < 1e-6);
+    /// ```
+    pub fn solve_until<B, C, G, const D: usize>(
+        &self,
+        z0: Tensor<Autodiff<B, C>, D>,
+        t0: f64,
+        t_max: f64,
+        event: G,
+    ) -> Result<Option<EventHit<Autodiff<B, C>, D>>>
+    where
+        B: Backend,
+        C: CheckpointStrategy,
+        M: AutodiffModule<Autodiff<B, C>> + Dynamics<Autodiff<B, C>, D> + 'static,
+        M::InnerModule: Dynamics<B, D>,
+        G: Fn(Tensor<Autodiff<B, C>, 1>, Tensor<Autodiff<B, C>, D>) -> Tensor<Autodiff<B, C>, 1>,
+    {
+        let solver = self.solver_config();
+        solver.validate()?;
+        if !matches!(solver.control, StepControl::Adaptive(_)) || solver.tableau.dense.is_none() {
+            return Err(Error::EventNeedsDenseOutput {
+                method: solver.tableau.name,
+            });
+        }
+        TimeGrid::new(&[t0, t_max])?;
+        let device = z0.device();
+        let dtype = z0.dtype();
+        let time = |t: f64| Tensor::<Autodiff<B, C>, 1>::from_data(TensorData::from([t]), (&device, dtype));
+        // The event function's value on untracked tensors, checked.
+        let value = |t: f64, z: &Tensor<B, D>| -> Result<f64> {
+            let g = event(time(t), Tensor::from_inner(z.clone()));
+            let dims = g.dims();
+            if dims != [1] {
+                return Err(Error::BadEventValue {
+                    t,
+                    got: format!("shape {dims:?}"),
+                });
+            }
+            let g: f64 = g.into_scalar().elem();
+            if !g.is_finite() {
+                return Err(Error::BadEventValue { t, got: g.to_string() });
+            }
+            Ok(g)
+        };
+        let inner = self.dynamics.valid();
+        let Some(t_star) = locate(&inner, solver, z0.clone().inner(), t0, t_max, &value)? else {
+            return Ok(None);
+        };
+
+        // The differentiated solve to t*, then the implicit-function terms.
+        let solution = self.solve(z0, &[t0, t_star])?;
+        let z_star = solution.last();
+        let z_inner = z_star.clone().inner();
+        let field = DynamicsField { module: &inner };
+        let f_star = field.eval(&Time::Value(t_star), &z_inner)?;
+        let slope = event_slope(&event, time(t_star), &z_inner, &f_star);
+        if !(slope.is_finite() && slope != 0.0) {
+            return Err(Error::TangentialEvent { t: t_star, slope });
+        }
+        let g = event(time(t_star), z_star.clone());
+        let t_tracked = time(t_star) - (g.clone() - g.detach()).div_scalar(slope);
+        let moved = t_tracked.clone() - t_tracked.clone().detach();
+        let state = z_star + Tensor::from_inner(f_star) * moved.reshape([1; D]);
+        Ok(Some(EventHit {
+            time: t_tracked,
+            state,
+            solution,
+        }))
+    }
+}
+
+/// `ġ = ∂g/∂t + ∂g/∂z · f` at `(t, z)`, from one backward pass of the event function.
+fn event_slope<B, C, G, const D: usize>(
+    event: &G,
+    t: Tensor<Autodiff<B, C>, 1>,
+    z: &Tensor<B, D>,
+    f: &Tensor<B, D>,
+) -> f64
+where
+    B: Backend,
+    C: CheckpointStrategy,
+    G: Fn(Tensor<Autodiff<B, C>, 1>, Tensor<Autodiff<B, C>, D>) -> Tensor<Autodiff<B, C>, 1>,
+{
+    let t = t.require_grad();
+    let z = Tensor::<Autodiff<B, C>, D>::from_inner(z.clone()).require_grad();
+    let grads = event(t.clone(), z.clone()).sum().backward();
+    let dg_dt: f64 = t.grad(&grads).map_or(0.0, |g| g.into_scalar().elem());
+    let along: f64 = z
+        .grad(&grads)
+        .map_or(0.0, |g| (g * f.clone()).sum().into_scalar().elem());
+    dg_dt + along
+}
+
+/// The first time in `(t0, t_max]` where `value(t, z(t))` changes sign, found on the dense output
+/// of the step where it does; `None` when it does not.
+fn locate<B: Backend, I: Dynamics<B, D>, const D: usize>(
+    inner: &I,
+    solver: Solver,
+    z0: Tensor<B, D>,
+    t0: f64,
+    t_max: f64,
+    value: &dyn Fn(f64, &Tensor<B, D>) -> Result<f64>,
+) -> Result<Option<f64>> {
+    let g0 = value(t0, &z0)?;
+    if g0 == 0.0 {
+        return Err(Error::EventAtStart { t0 });
+    }
+    let tab = solver.tableau;
+    let field = DynamicsField { module: inner };
+    let mut found = None;
+    {
+        let found = &mut found;
+        let watch = move |span: &crate::ode::solver::Span,
+                          y: &Tensor<B, D>,
+                          y_new: &Tensor<B, D>,
+                          ks: &[Tensor<B, D>]|
+              -> Result<bool> {
+            let g1 = value(span.t1, y_new)?;
+            if g1 != 0.0 && g1.signum() == g0.signum() {
+                return Ok(false);
+            }
+            let h = span.t1 - span.t0;
+            let at = |theta: f64| value(span.t0 + theta * h, &interpolate(tab, y, ks, &Time::Value(h), theta));
+            let theta = bracketed_root(&at, g0, g1)?;
+            *found = Some(span.t0 + theta * h);
+            Ok(true)
+        };
+        let mut stepper = Stepper::new(&field, solver).with_watch(Box::new(watch));
+        stepper.leg(&[t0, t_max], 0, 1, z0, None, &mut Vec::new(), &mut |_, _| {})?;
+    }
+    match found {
+        Some(t) if t == t0 => Err(Error::EventAtStart { t0 }),
+        found => Ok(found),
+    }
+}
+
+/// A root of `phi` in `(0, 1]` given `phi(0) = g0` and `phi(1) = g1` of opposite signs (or
+/// `g1 = 0`): the Illinois variant of regula falsi, to rounding.
+fn bracketed_root(phi: &dyn Fn(f64) -> Result<f64>, g0: f64, g1: f64) -> Result<f64> {
+    let (mut a, mut fa, mut b, mut fb) = (0.0, g0, 1.0, g1);
+    if fb == 0.0 {
+        return Ok(1.0);
+    }
+    let mut side = 0i8;
+    for _ in 0..MAX_ROOT_ITERATIONS {
+        let c = (a * fb - b * fa) / (fb - fa);
+        // Fall back to bisection when the secant leaves the bracket by rounding.
+        let c = if c > a && c < b { c } else { 0.5 * (a + b) };
+        if c <= a || c >= b {
+            break;
+        }
+        let fc = phi(c)?;
+        if fc == 0.0 {
+            return Ok(c);
+        }
+        if fc.signum() == fa.signum() {
+            a = c;
+            fa = fc;
+            if side == -1 {
+                fb *= 0.5;
+            }
+            side = -1;
+        } else {
+            b = c;
+            fb = fc;
+            if side == 1 {
+                fa *= 0.5;
+            }
+            side = 1;
+        }
+        if b - a <= 4.0 * f64::EPSILON {
+            break;
+        }
+    }
+    Ok(if fa.abs() < fb.abs() { a } else { b })
+}

@@ -1,0 +1,184 @@
+//! Terminal events: the event time and state, and their gradients in every mode, against closed
+//! forms and finite differences; bad event functions give typed errors.
+
+use adjoint_dpm::ode::tableau;
+use adjoint_dpm::prelude::*;
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use crate::common::{rel_err, to_vec, Act, Ad, Mlp};
+use crate::fields::{Kind, Toy};
+
+fn modes() -> [GradientMode; 4] {
+    [
+        GradientMode::Backprop,
+        GradientMode::Checkpointed(Schedule::All),
+        GradientMode::Checkpointed(Schedule::Recursive),
+        GradientMode::Backsolve(BacksolveOptions {
+            rtol: 1e-11,
+            atol: 1e-11,
+            seminorm: true,
+        }),
+    ]
+}
+
+/// dz/dt = −k z from z0 until g = z + 0.1 t − 0.6 crosses 0; loss t* + 3 z(t*).
+fn decay_event(mode: GradientMode, z0: f64, k: f64) -> (f64, f64, f64, f64) {
+    let device = Default::default();
+    let mut toy = Toy::<Ad>::new(Kind::Decay, &device);
+    toy.k = Param::from_tensor(Tensor::from_data(TensorData::from([k]), &device));
+    let ode = NeuralOde::new(toy).solver(Solver::dopri5(1e-11, 1e-11)).gradient(mode);
+    let z = Tensor::<Ad, 2>::from_data(TensorData::from([[z0]]), &device).require_grad();
+    let hit = ode
+        .solve_until(z.clone(), 0.0, 10.0, |t: Tensor<Ad, 1>, z: Tensor<Ad, 2>| {
+            z.reshape([1]) + t.mul_scalar(0.1).sub_scalar(0.6)
+        })
+        .unwrap()
+        .expect("the event happens");
+    let t_star = to_vec(hit.time.clone())[0];
+    let loss = hit.time.clone() + hit.state.clone().reshape([1]).mul_scalar(3.0);
+    let grads = loss.backward();
+    let dz0 = to_vec(z.grad(&grads).unwrap())[0];
+    let dk = to_vec(ode.dynamics.k.grad(&grads).unwrap())[0];
+    (t_star, to_vec(hit.state)[0], dz0, dk)
+}
+
+#[test]
+fn event_time_and_state_gradients_match_the_closed_form() {
+    let (z0, k): (f64, f64) = (2.0, 1.3);
+    // t* solves G(t) = z0 e^{−kt} + 0.1 t − 0.6 = 0 (Newton).
+    let mut t: f64 = 1.0;
+    for _ in 0..50 {
+        let g = z0 * (-k * t).exp() + 0.1 * t - 0.6;
+        let dg = -k * z0 * (-k * t).exp() + 0.1;
+        t -= g / dg;
+    }
+    let z_star = z0 * (-k * t).exp();
+    let g_t = -k * z_star + 0.1;
+    // Implicit function theorem, then z(t*) = z0 e^{−k t*} moved along with t*.
+    let dt_dz0 = -(-k * t).exp() / g_t;
+    let dt_dk = t * z_star / g_t;
+    let dz_dz0 = (-k * t).exp() - k * z_star * dt_dz0;
+    let dz_dk = -t * z_star - k * z_star * dt_dk;
+    let want = [dt_dz0 + 3.0 * dz_dz0, dt_dk + 3.0 * dz_dk];
+    for mode in modes() {
+        let (t_star, z, g_z0, g_k) = decay_event(mode, z0, k);
+        assert!((t_star - t).abs() < 1e-9, "{mode:?}: t* = {t_star}, want {t}");
+        assert!((z - z_star).abs() < 1e-9, "{mode:?}: z(t*) = {z}, want {z_star}");
+        let e = rel_err(&[g_z0, g_k], &want);
+        assert!(e < 1e-7, "{mode:?}: gradient {:?}, want {want:?} ({e:e})", [g_z0, g_k]);
+    }
+}
+
+/// The event of the MLP tests: `g = t − 1 − 0.3 tanh(z₀₀)` crosses 0 for t in [0.7, 1.3] whatever
+/// the field does, and depends on both t and the state.
+fn mlp_g(t: Tensor<Ad, 1>, z: Tensor<Ad, 2>) -> Tensor<Ad, 1> {
+    t.sub_scalar(1.0) - z.narrow(0, 0, 1).narrow(1, 0, 1).reshape([1]).tanh().mul_scalar(0.3)
+}
+
+/// An MLP field in 2-D until [`mlp_g`] crosses 0; loss 0.7 t* + Σ z(t*)².
+fn mlp_event(model: &Mlp<Ad>, mode: GradientMode, z0: &[f64]) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let device = Default::default();
+    let ode = NeuralOde::new(model.clone())
+        .solver(Solver::tsit5(1e-10, 1e-10))
+        .gradient(mode);
+    let z = Tensor::<Ad, 2>::from_data(TensorData::new(z0.to_vec(), [z0.len() / 2, 2]), &device).require_grad();
+    let hit = ode
+        .solve_until(z.clone(), 0.0, 2.0, mlp_g)
+        .unwrap()
+        .expect("the event happens");
+    let loss = hit.time.clone().mul_scalar(0.7) + hit.state.clone().powi_scalar(2).sum();
+    let value = to_vec(loss.clone())[0];
+    let grads = loss.backward();
+    let layer = &ode.dynamics.layers[0];
+    (
+        value,
+        to_vec(hit.time),
+        to_vec(z.grad(&grads).unwrap()),
+        to_vec(layer.weight.grad(&grads).unwrap()),
+    )
+}
+
+#[test]
+fn event_gradients_agree_across_modes_and_with_finite_differences() {
+    use burn::tensor::backend::Backend;
+    let device = Default::default();
+    Ad::seed(&device, 11);
+    let model = Mlp::<Ad>::new(&[2, 6, 2], Act::Tanh, true, &device);
+    let z0 = [0.3, 0.1, -0.4, 0.5];
+    let (loss, t, dz0, dw) = mlp_event(&model, GradientMode::Backprop, &z0);
+    assert!((0.7..=1.3).contains(&t[0]), "t* = {}", t[0]);
+    for mode in &modes()[1..] {
+        let (l, t2, dz, w) = mlp_event(&model, *mode, &z0);
+        assert!((l - loss).abs() < 1e-9 && (t2[0] - t[0]).abs() < 1e-12, "{mode:?}");
+        let tol = if matches!(mode, GradientMode::Backsolve(_)) {
+            1e-6
+        } else {
+            1e-10
+        };
+        assert!(rel_err(&dz, &dz0) < tol, "{mode:?}: dz0 {dz:?} vs {dz0:?}");
+        assert!(rel_err(&w, &dw) < tol, "{mode:?}: dW off by {:e}", rel_err(&w, &dw));
+    }
+    // Central differences of the whole event solve (event located anew each time).
+    let loss_at = |z: &[f64]| -> f64 {
+        let ode = NeuralOde::new(model.clone()).solver(Solver::tsit5(1e-10, 1e-10));
+        let z = Tensor::<Ad, 2>::from_data(TensorData::new(z.to_vec(), [2, 2]), &device);
+        let hit = ode.solve_until(z, 0.0, 2.0, mlp_g).unwrap().unwrap();
+        to_vec(hit.time.mul_scalar(0.7) + hit.state.powi_scalar(2).sum())[0]
+    };
+    let eps = 1e-5;
+    for i in 0..z0.len() {
+        let (mut up, mut down) = (z0.to_vec(), z0.to_vec());
+        up[i] += eps;
+        down[i] -= eps;
+        let fd = (loss_at(&up) - loss_at(&down)) / (2.0 * eps);
+        assert!(
+            (fd - dz0[i]).abs() < 1e-5 * dz0[i].abs().max(1.0),
+            "dL/dz0[{i}]: FD {fd} vs {}",
+            dz0[i]
+        );
+    }
+}
+
+#[test]
+fn no_crossing_is_none_and_bad_events_are_typed_errors() {
+    let device = Default::default();
+    let ode = NeuralOde::new(Toy::<Ad>::new(Kind::Decay, &device)).solver(Solver::dopri5(1e-8, 1e-8));
+    let z = Tensor::<Ad, 2>::from_data(TensorData::from([[1.0f64]]), &device);
+    let above = |_t, z: Tensor<Ad, 2>| z.reshape([1]).add_scalar(1.0);
+    assert!(ode.solve_until(z.clone(), 0.0, 3.0, above).unwrap().is_none());
+    let at_start = |_t, z: Tensor<Ad, 2>| z.reshape([1]).sub_scalar(1.0);
+    assert_eq!(
+        ode.solve_until(z.clone(), 0.0, 3.0, at_start).unwrap_err(),
+        Error::EventAtStart { t0: 0.0 }
+    );
+    let wide = |_t, z: Tensor<Ad, 2>| z.reshape([1]).repeat_dim(0, 2);
+    assert!(matches!(
+        ode.solve_until(z.clone(), 0.0, 3.0, wide).unwrap_err(),
+        Error::BadEventValue { got, .. } if got == "shape [2]"
+    ));
+    let nan = |_t, z: Tensor<Ad, 2>| z.reshape([1]).sqrt().sub_scalar(2.0).mul_scalar(f64::NAN);
+    assert!(matches!(
+        ode.solve_until(z.clone(), 0.0, 3.0, nan).unwrap_err(),
+        Error::BadEventValue { got, .. } if got == "NaN"
+    ));
+    // g = −(t − 1)² touches 0 at t = 1 without changing sign: no event (or, should a step end
+    // exactly there, a typed error: the event time has no derivative).
+    let touch = |t: Tensor<Ad, 1>, _z: Tensor<Ad, 2>| t.sub_scalar(1.0).powi_scalar(2).neg();
+    let e = ode.solve_until(z.clone(), 0.0, 3.0, touch);
+    assert!(
+        matches!(e, Ok(None) | Err(Error::TangentialEvent { .. })),
+        "a touching event is not a crossing: {e:?}"
+    );
+    let fixed = NeuralOde::new(Toy::<Ad>::new(Kind::Decay, &device)).solver(Solver::rk4(10));
+    assert_eq!(
+        fixed.solve_until(z.clone(), 0.0, 3.0, above).unwrap_err(),
+        Error::EventNeedsDenseOutput { method: "rk4" }
+    );
+    let heun =
+        NeuralOde::new(Toy::<Ad>::new(Kind::Decay, &device)).solver(Solver::adaptive(&tableau::HEUN, 1e-6, 1e-6));
+    let half = |_t, z: Tensor<Ad, 2>| z.reshape([1]).sub_scalar(0.5);
+    let t: f64 = heun.solve_until(z, 0.0, 3.0, half).unwrap().unwrap().time.into_scalar();
+    assert!((t - 2f64.ln()).abs() < 1e-3, "heun: t* = {t}");
+}
