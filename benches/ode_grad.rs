@@ -4,6 +4,8 @@
 //!
 //! P1 spiral: dz/dt = MLP(z³), MLP 2-50-tanh-2, batch 16, outputs at 2.5·k, k = 0..10.
 //! P2 wide: MLP 64-256-tanh-256-tanh-64, batch 256, t ∈ [0, 1], L = mean(z(1)²).
+//! P1 dense: P1's field with 1001 output times on [0, 25], Dopri5 interpolating inside steps
+//! against stepping to every output time.
 
 use adjoint_dpm::ode::mlp::MlpFieldConfig;
 use adjoint_dpm::prelude::*;
@@ -100,5 +102,21 @@ fn p2(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, p1, p2);
+fn p1_dense(c: &mut Criterion) {
+    let times: Vec<f64> = (0..=1000).map(|k| 0.025 * k as f64).collect();
+    bench_problem(
+        c,
+        "p1_dense_1001",
+        vec![2, 50, 2],
+        true,
+        16,
+        times,
+        [
+            ("dopri5_interpolated", Solver::dopri5(1e-6, 1e-6)),
+            ("dopri5_stepped", Solver::dopri5(1e-6, 1e-6).interpolate(false)),
+        ],
+    );
+}
+
+criterion_group!(benches, p1, p2, p1_dense);
 criterion_main!(benches);
