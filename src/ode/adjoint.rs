@@ -4,7 +4,7 @@
 //! `dz/dt = f`, `da_z/dt = −a_zᵀ ∂f/∂z`, `da_θ/dt = −a_zᵀ ∂f/∂θ`, `da_t/dt = −a_zᵀ ∂f/∂t`,
 //! from `a_z(T_K) = dL/dz(T_K)`, `a_θ = a_t = 0`, down to `T_0`. At every output time `z` is reset
 //! to the stored forward state and that time's cotangent is added to `a_z` (torchdiffeq's
-//! recipe). Then `dL/dz_0 = a_z(T_0)`, `dL/dθ = a_θ(T_0)`, `dL/dT_k = g_k·f(T_k, z_k)` for k ≥ 1
+//! recipe); an adaptive reverse solve does not stop at outputs whose cotangent is zero. Then `dL/dz_0 = a_z(T_0)`, `dL/dθ = a_θ(T_0)`, `dL/dT_k = g_k·f(T_k, z_k)` for k ≥ 1
 //! and `dL/dT_0 = a_t(T_0) − Σ_{k≥1} g_k·f(T_k, z_k)`.
 //!
 //! The system is just another [`VectorField`], stepped by the ordinary solver; each evaluation
@@ -217,12 +217,25 @@ where
             extra_fe += 1;
         }
     }
-    for k in (1..=last).rev() {
-        let n = problem.solver.fixed_steps(&problem.grid, k - 1);
+    // An adaptive reverse solve runs through outputs whose cotangent is zero (outputs the loss
+    // does not use) instead of stopping there; fixed steps repeat the forward intervals.
+    let adaptive = matches!(reverse_solver.control, StepControl::Adaptive(_));
+    let is_zero = |g: &Tensor<AD::InnerBackend, D>| -> bool {
+        let max: f64 = g.clone().abs().max().into_scalar().elem();
+        max == 0.0
+    };
+    let mut k = last;
+    while k > 0 {
+        let mut j = k - 1;
+        while adaptive && j > 0 && is_zero(&cotangents[j]) {
+            j -= 1;
+        }
+        let n = problem.solver.fixed_steps(&problem.grid, j);
         stepper.reset_state();
-        state = stepper.leg(grid, k, k - 1, state, n, &mut Vec::new(), &mut |_, _| {})?;
-        state.z = outputs[k - 1].clone();
-        state.a_z = state.a_z + cotangents[k - 1].clone();
+        state = stepper.leg(grid, k, j, state, n, &mut Vec::new(), &mut |_, _| {})?;
+        state.z = outputs[j].clone();
+        state.a_z = state.a_z + cotangents[j].clone();
+        k = j;
     }
     let times = if problem.want.times {
         let sum_later: f64 = time_grads

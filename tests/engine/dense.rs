@@ -238,3 +238,44 @@ fn backsolve_through_interpolated_outputs_converges() {
     }
     assert!(errors[2] < errors[0] / 100.0, "no convergence: {errors:?}");
 }
+
+#[test]
+fn backsolve_runs_through_outputs_the_loss_ignores() {
+    // A loss on the last state only: outputs in between get zero cotangents, and the reverse
+    // solve no longer stops at them; the gradient and its cost equal those of a two-time solve.
+    let device = Default::default();
+    use burn::tensor::backend::Backend;
+    Ad::seed(&device, 6);
+    let model = Mlp::<Ad>::new(&[2, 8, 2], Act::Tanh, true, &device);
+    let options = BacksolveOptions {
+        rtol: 1e-7,
+        atol: 1e-7,
+        seminorm: true,
+    };
+    let run = |times: &[f64]| {
+        let ode = NeuralOde::new(model.clone())
+            .solver(Solver::tsit5(1e-7, 1e-7))
+            .gradient(GradientMode::Backsolve(options));
+        let z0 = Tensor::<Ad, 2>::from_data(TensorData::from([[0.3, -0.5], [0.9, 0.1]]), &device).require_grad();
+        let solution = ode.solve(z0.clone(), times).unwrap();
+        let grads = solution.last().powi_scalar(2).sum().backward();
+        let w = ode.dynamics.layers[0].weight.grad(&grads).unwrap();
+        (to_vec(z0.grad(&grads).unwrap()), to_vec(w), solution.stats())
+    };
+    let (z_all, w_all, stats_all) = run(&TIMES);
+    let (z_two, w_two, stats_two) = run(&[TIMES[0], TIMES[7]]);
+    assert!(rel_err(&z_all, &z_two) < 1e-14 && rel_err(&w_all, &w_two) < 1e-14);
+    assert_eq!(
+        stats_all.nfe_backward, stats_two.nfe_backward,
+        "{stats_all:?} vs {stats_two:?}"
+    );
+    // A loss that uses an interior output still stops there, and its gradient differs.
+    let ode = NeuralOde::new(model.clone())
+        .solver(Solver::tsit5(1e-7, 1e-7))
+        .gradient(GradientMode::Backsolve(options));
+    let z0 = Tensor::<Ad, 2>::from_data(TensorData::from([[0.3, -0.5], [0.9, 0.1]]), &device).require_grad();
+    let solution = ode.solve(z0.clone(), &TIMES).unwrap();
+    let grads = (solution.last().powi_scalar(2).sum() + solution.state(3).sum()).backward();
+    assert!(solution.stats().nfe_backward > stats_all.nfe_backward);
+    assert!(rel_err(&to_vec(z0.grad(&grads).unwrap()), &z_all) > 1e-3);
+}
