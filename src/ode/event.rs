@@ -89,6 +89,66 @@ impl<M> NeuralOde<M> {
         M::InnerModule: Dynamics<B, D>,
         G: Fn(Tensor<Autodiff<B, C>, 1>, Tensor<Autodiff<B, C>, D>) -> Tensor<Autodiff<B, C>, 1>,
     {
+        let t0 = Tensor::from_data(TensorData::from([t0]), (&z0.device(), z0.dtype()));
+        self.solve_until_from(z0, t0, t_max, event)
+    }
+
+    /// [`solve_until`](Self::solve_until) from a start time given as a `[1]` tensor, which may be
+    /// tracked: the previous event's time, when events are chained (a bouncing ball), so that
+    /// gradients flow through every segment.
+    ///
+    /// ```
+    /// use adjoint_dpm::prelude::*;
+    /// use burn::backend::{Autodiff, NdArray};
+    /// use burn::prelude::*;
+    ///
+    /// #[derive(Module, Clone, Debug)]
+    /// struct Gravity {}
+    /// impl<B: Backend> Dynamics<B, 2> for Gravity {
+    ///     fn f(&self, _t: Tensor<B, 1>, z: Tensor<B, 2>) -> Tensor<B, 2> {
+    ///         let v = z.clone().narrow(1, 1, 1);
+    ///         Tensor::cat(vec![v.clone(), v.zeros_like().sub_scalar(9.81)], 1)
+    ///     }
+    /// }
+    ///
+    /// type B = Autodiff<NdArray<f64>>;
+    /// let device = Default::default();
+    /// let ode = NeuralOde::new(Gravity {}).solver(Solver::tsit5(1e-9, 1e-10));
+    /// let ground = |_t, z: Tensor<B, 2>| z.narrow(1, 0, 1).reshape([1]);
+    /// let z0 = Tensor::<B, 2>::from_data([[10.0, 0.0]], &device).require_grad();
+    /// let first = ode.solve_until(z0.clone(), 0.0, 10.0, ground).unwrap().unwrap();
+    /// // Bounce: keep 80% of the speed, reverse it; start just above the ground.
+    /// let bounce = Tensor::<B, 2>::from_data([[0.0, -0.8]], &device);
+    /// let z1 = first.state.clone() * bounce + Tensor::from_data([[1e-9, 0.0]], &device);
+    /// let second = ode.solve_until_from(z1, first.time.clone(), 10.0, ground).unwrap().unwrap();
+    /// // t2 = t1 (1 + 2·0.8), so dt2/dh0 = 2.6 / sqrt(2 g h0).
+    /// let grads = second.time.backward();
+    /// let dt2_dh0: f64 = z0.grad(&grads).unwrap().narrow(1, 0, 1).into_scalar();
+    /// assert!((dt2_dh0 - 2.6 / (2.0 * 9.81 * 10.0f64).sqrt()).abs() < 1e-6);
+    /// ```
+    pub fn solve_until_from<B, C, G, const D: usize>(
+        &self,
+        z0: Tensor<Autodiff<B, C>, D>,
+        start: Tensor<Autodiff<B, C>, 1>,
+        t_max: f64,
+        event: G,
+    ) -> Result<Option<EventHit<Autodiff<B, C>, D>>>
+    where
+        B: Backend,
+        C: CheckpointStrategy,
+        M: AutodiffModule<Autodiff<B, C>> + Dynamics<Autodiff<B, C>, D> + 'static,
+        M::InnerModule: Dynamics<B, D>,
+        G: Fn(Tensor<Autodiff<B, C>, 1>, Tensor<Autodiff<B, C>, D>) -> Tensor<Autodiff<B, C>, 1>,
+    {
+        let dims = start.dims();
+        if dims != [1] {
+            return Err(Error::InvalidOption {
+                name: "start",
+                value: format!("shape {dims:?}"),
+                rule: "the start time is one value, shape [1]",
+            });
+        }
+        let t0: f64 = start.clone().into_scalar().elem();
         let solver = self.solver_config();
         solver.validate()?;
         if !matches!(solver.control, StepControl::Adaptive(_)) || solver.tableau.dense.is_none() {
@@ -122,7 +182,8 @@ impl<M> NeuralOde<M> {
         };
 
         // The differentiated solve to t*, then the implicit-function terms.
-        let solution = self.solve(z0, &[t0, t_star])?;
+        let times = Tensor::cat(vec![start, time(t_star)], 0);
+        let solution = self.solve_with_times(z0, times)?;
         let z_star = solution.last();
         let z_inner = z_star.clone().inner();
         let field = DynamicsField { module: &inner };

@@ -136,8 +136,9 @@ impl<M> NeuralOde<M> {
         self.solve_grid(z0, grid, times, false)
     }
 
-    /// Like [`solve`](Self::solve), with the times as a tensor: when it is tracked
-    /// (`require_grad`), the output times receive gradients too (`dL/dT_k`).
+    /// Like [`solve`](Self::solve), with the times as a tensor: when it is tracked (a
+    /// `require_grad` leaf, or computed from one), the output times receive gradients too
+    /// (`dL/dT_k`).
     pub fn solve_with_times<B, C, const D: usize>(
         &self,
         z0: Tensor<Autodiff<B, C>, D>,
@@ -161,7 +162,8 @@ impl<M> NeuralOde<M> {
                 rule: "must be readable as f64",
             })?;
         let grid = TimeGrid::new(&values)?;
-        let tracked = times.is_require_grad();
+        // Tracked also when computed from tracked tensors (`is_require_grad` sees leaves only).
+        let tracked = times.clone().into_primitive().tensor().is_tracked();
         self.solve_grid(z0, grid, times, tracked)
     }
 

@@ -171,6 +171,11 @@ fn no_crossing_is_none_and_bad_events_are_typed_errors() {
         matches!(e, Ok(None) | Err(Error::TangentialEvent { .. })),
         "a touching event is not a crossing: {e:?}"
     );
+    let two_starts = Tensor::<Ad, 1>::from_data(TensorData::from([0.0f64, 1.0]), &device);
+    assert!(matches!(
+        ode.solve_until_from(z.clone(), two_starts, 3.0, above).unwrap_err(),
+        Error::InvalidOption { name: "start", .. }
+    ));
     let fixed = NeuralOde::new(Toy::<Ad>::new(Kind::Decay, &device)).solver(Solver::rk4(10));
     assert_eq!(
         fixed.solve_until(z.clone(), 0.0, 3.0, above).unwrap_err(),
@@ -181,4 +186,50 @@ fn no_crossing_is_none_and_bad_events_are_typed_errors() {
     let half = |_t, z: Tensor<Ad, 2>| z.reshape([1]).sub_scalar(0.5);
     let t: f64 = heun.solve_until(z, 0.0, 3.0, half).unwrap().unwrap().time.into_scalar();
     assert!((t - 2f64.ln()).abs() < 1e-3, "heun: t* = {t}");
+}
+
+/// dz/dt for z = [height, velocity] under gravity.
+#[derive(burn::module::Module, Clone, Debug)]
+struct Gravity {}
+
+impl<B: Backend> Dynamics<B, 2> for Gravity {
+    fn f(&self, _t: Tensor<B, 1>, z: Tensor<B, 2>) -> Tensor<B, 2> {
+        let v = z.clone().narrow(1, 1, 1);
+        Tensor::cat(vec![v.clone(), v.zeros_like().sub_scalar(9.81)], 1)
+    }
+}
+
+#[test]
+fn chained_events_carry_gradients_through_every_segment() {
+    // Dropped from h0, bouncing with restitution e: impacts at t1 = sqrt(2 h0 / g) and
+    // t2 = t1 (1 + 2e), so dt2/dh0 = (1 + 2e) / sqrt(2 g h0) and dt2/de = 2 t1.
+    let (h0, e, g): (f64, f64, f64) = (3.0, 0.7, 9.81);
+    let t1 = (2.0 * h0 / g).sqrt();
+    let device = Default::default();
+    for mode in modes() {
+        let ode = NeuralOde::new(Gravity {})
+            .solver(Solver::tsit5(1e-10, 1e-12))
+            .gradient(mode);
+        let ground = |_t, z: Tensor<Ad, 2>| z.narrow(1, 0, 1).reshape([1]);
+        let z0 = Tensor::<Ad, 2>::from_data(TensorData::from([[h0, 0.0]]), &device).require_grad();
+        let restitution = Tensor::<Ad, 1>::from_data(TensorData::from([e]), &device).require_grad();
+        let first = ode.solve_until(z0.clone(), 0.0, 10.0, ground).unwrap().unwrap();
+        let v = first.state.clone().narrow(1, 1, 1) * restitution.clone().unsqueeze::<2>().neg();
+        let z1 = Tensor::cat(vec![first.state.clone().narrow(1, 0, 1).add_scalar(1e-12), v], 1);
+        let second = ode
+            .solve_until_from(z1, first.time.clone(), 10.0, ground)
+            .unwrap()
+            .unwrap();
+        let t2 = to_vec(second.time.clone())[0];
+        assert!((t2 - t1 * (1.0 + 2.0 * e)).abs() < 1e-8, "{mode:?}: t2 = {t2}");
+        let grads = second.time.backward();
+        let dh0 = to_vec(z0.grad(&grads).unwrap())[0];
+        let de = to_vec(restitution.grad(&grads).unwrap())[0];
+        let want = [(1.0 + 2.0 * e) / (2.0 * g * h0).sqrt(), 2.0 * t1];
+        assert!(
+            rel_err(&[dh0, de], &want) < 1e-7,
+            "{mode:?}: {:?} vs {want:?}",
+            [dh0, de]
+        );
+    }
 }

@@ -180,3 +180,28 @@ fn checkpointed_equals_backprop_f32() {
     let (z_ck, w_ck) = run(GradientMode::Checkpointed(Schedule::Every(3)));
     assert!(rel_err(&z_ck, &z_bp) < 1e-5 && rel_err(&w_ck, &w_bp) < 1e-5);
 }
+
+#[test]
+fn computed_time_tensors_get_gradients_in_every_mode() {
+    // Times computed from a tracked leaf (here: a learnable time scale) are not leaves
+    // themselves; every mode must still differentiate through them.
+    use burn::prelude::*;
+    use burn::tensor::TensorData;
+    let device = Default::default();
+    let model = Mlp::<Ad>::new(&[2, 5, 2], Act::Tanh, true, &device);
+    let grads_for = |mode| {
+        let ode = NeuralOde::new(model.clone()).solver(Solver::rk4(8)).gradient(mode);
+        let scale = Tensor::<Ad, 1>::from_data(TensorData::from([1.5f64]), &device).require_grad();
+        let times = Tensor::<Ad, 1>::from_data(TensorData::from([0.0f64, 0.4, 1.0]), &device) * scale.clone();
+        let z0 = Tensor::<Ad, 2>::from_data(TensorData::from([[0.3f64, -0.2]]), &device);
+        let solution = ode.solve_with_times(z0, times).unwrap();
+        let grads = crate::common::test_loss(&solution).backward();
+        crate::common::to_vec(scale.grad(&grads).expect("the time scale has a gradient"))[0]
+    };
+    let reference = grads_for(GradientMode::Backprop);
+    let exact = grads_for(GradientMode::Checkpointed(Schedule::All));
+    assert!(
+        reference != 0.0 && (exact - reference).abs() <= 1e-10 * reference.abs(),
+        "{exact} vs {reference}"
+    );
+}
