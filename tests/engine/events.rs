@@ -181,6 +181,15 @@ fn no_crossing_is_none_and_bad_events_are_typed_errors() {
         fixed.solve_until(z.clone(), 0.0, 3.0, above).unwrap_err(),
         Error::EventNeedsDenseOutput { method: "rk4" }
     );
+    // Backward in time: z = e^{−t} reaches 2 at t = −ln 2.
+    let two = |_t, z: Tensor<Ad, 2>| z.reshape([1]).sub_scalar(2.0);
+    let t: f64 = ode
+        .solve_until(z.clone(), 0.0, -3.0, two)
+        .unwrap()
+        .unwrap()
+        .time
+        .into_scalar();
+    assert!((t + 2f64.ln()).abs() < 1e-7, "backward: t* = {t}");
     let heun =
         NeuralOde::new(Toy::<Ad>::new(Kind::Decay, &device)).solver(Solver::adaptive(&tableau::HEUN, 1e-6, 1e-6));
     let half = |_t, z: Tensor<Ad, 2>| z.reshape([1]).sub_scalar(0.5);
