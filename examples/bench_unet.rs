@@ -166,6 +166,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         "params": params, "batch": args.batch, "latent": [4, size, size], "context": [tokens, context_dim],
         "forward_s": forward_s, "vjp_s": vjp_s, "forward_warmup_s": forward_warmup_s, "vjp_warmup_s": vjp_warmup_s,
         "peak_rss_mib": adjoint_dpm::bench::peak_rss_mib(),
+        "autotune": cfg!(any(feature = "cuda", feature = "wgpu")),
     });
     println!("{line}");
     Ok(())

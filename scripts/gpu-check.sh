@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU smoke test and bench, for a lent CUDA machine (which has no Rust toolchain).
 #
-#   scripts/gpu-check.sh build            # here: stripped release binaries (--features cuda),
+#   scripts/gpu-check.sh build            # here: stripped release binaries (--features cuda, and
+#                                         # bench_unet_untuned with --features cuda-untuned),
 #                                         # gzipped into .gpu-bin/ (the device tool carries 64 MiB)
 #   scripts/gpu-check.sh run [STEP...]    # there (carry .gpu-bin): the steps named, or all
 #
@@ -11,6 +12,9 @@
 #   unet-f32    the Stable Diffusion 1.5 UNet (random weights, 64×64×4 latent, 77×768 context),
 #               forward and VJP in f32; keeps its weights and outputs for unet-f16
 #   unet-f16    the same in f16, with its relative difference from f32 (ε and the VJP)
+#   unet-untuned  the SD-1.5 UNet in f32 built without autotune (`cuda-untuned`): kernels are only
+#               JIT-compiled, so the warm-up is seconds rather than minutes (through wgpu/lavapipe
+#               10x shorter for the tiny UNet), at some cost in speed after
 #   torch       PyTorch + diffusers on the same card (scripts/bench_unet_torch.py); diffusers is
 #               not in the device image: download its wheel and importlib_metadata's into a
 #               git-ignored .whl/ (see /work/.library/device/README.md) and carry it too
@@ -31,22 +35,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
   build)
+    mkdir -p .gpu-bin
+    CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda-untuned --example bench_unet
+    cp target/release/examples/bench_unet .gpu-bin/bench_unet_untuned
     CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda \
       --example bench_ode --example bench_unet --example bench_diffusion
-    mkdir -p .gpu-bin
-    tar czf .gpu-bin/bins.tar.gz -C target/release/examples bench_ode bench_unet bench_diffusion
+    cp target/release/examples/bench_ode target/release/examples/bench_unet \
+      target/release/examples/bench_diffusion .gpu-bin/
+    tar czf .gpu-bin/bins.tar.gz -C .gpu-bin bench_ode bench_unet bench_unet_untuned bench_diffusion
+    rm .gpu-bin/bench_ode .gpu-bin/bench_unet .gpu-bin/bench_unet_untuned .gpu-bin/bench_diffusion
     ls -la .gpu-bin
     exit 0
     ;;
   run) shift ;;
   *)
-    echo "usage: $0 build | run [unet-tiny unet-f32 unet-f16 torch ddim p2]" >&2
+    echo "usage: $0 build | run [unet-tiny unet-untuned unet-f32 unet-f16 torch ddim p2]" >&2
     exit 2
     ;;
 esac
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(unet-tiny unet-f32 unet-f16 torch ddim p2)
+[ ${#steps[@]} -gt 0 ] || steps=(unet-tiny unet-untuned unet-f32 unet-f16 torch ddim p2)
 
 export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
 if [ ! -d "$CUDA_PATH" ] && command -v nvcc >/dev/null; then
@@ -99,6 +108,7 @@ sd=/tmp/sd15
 for step in "${steps[@]}"; do
   case $step in
     unet-tiny) peak 120 .gpu-bin/bench_unet --config tiny --backend cuda --reps 10 ;;
+    unet-untuned) peak 300 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 10 ;;
     unet-f32) peak 540 .gpu-bin/bench_unet --config sd15 --backend cuda --reps 10 --save-dir $sd ;;
     unet-f16)
       if [ -d $sd ]; then

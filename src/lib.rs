@@ -56,8 +56,9 @@ pub mod backend {
     pub type Cpu = burn::backend::Flex;
     /// The f64 CPU backend used for gradient checks.
     pub type CpuF64 = burn::backend::NdArray<f64>;
-    /// The CUDA backend (with fusion and autotune).
-    #[cfg(feature = "cuda")]
+    /// The CUDA backend (with fusion; with autotune under the `cuda` feature, without under
+    /// `cuda-untuned`).
+    #[cfg(feature = "cuda-untuned")]
     pub type Cuda = burn::backend::Cuda;
 }
 

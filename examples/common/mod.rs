@@ -54,13 +54,13 @@ macro_rules! run_on {
         use $crate::common::BackendName;
         let result: Result<(), String> = match $backend {
             BackendName::Flex => $run::<burn::backend::Flex>($args),
-            #[cfg(feature = "cuda")]
+            #[cfg(feature = "cuda-untuned")]
             BackendName::Cuda => $run::<burn::backend::Cuda>($args),
-            #[cfg(not(feature = "cuda"))]
+            #[cfg(not(feature = "cuda-untuned"))]
             BackendName::Cuda => Err("cuda needs --features cuda".into()),
-            #[cfg(feature = "wgpu")]
+            #[cfg(feature = "wgpu-untuned")]
             BackendName::Wgpu => $run::<burn::backend::Wgpu>($args),
-            #[cfg(not(feature = "wgpu"))]
+            #[cfg(not(feature = "wgpu-untuned"))]
             BackendName::Wgpu => Err("wgpu needs --features wgpu".into()),
         };
         if let Err(e) = result {

@@ -358,9 +358,9 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     if config.weights.as_deref().is_some_and(is_pipeline_dir) {
         return match task.device {
             DeviceArg::Cpu => run_sd_task::<Flex>(command, &config, &Default::default()),
-            #[cfg(feature = "cuda")]
+            #[cfg(feature = "cuda-untuned")]
             DeviceArg::Cuda => run_sd_task::<burn::backend::Cuda>(command, &config, &Default::default()),
-            #[cfg(not(feature = "cuda"))]
+            #[cfg(not(feature = "cuda-untuned"))]
             DeviceArg::Cuda => Err("this binary was built without CUDA: rebuild with `--features cuda`".into()),
         };
     }
