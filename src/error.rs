@@ -117,7 +117,8 @@ pub enum Error {
     /// The event function is zero where the solve starts.
     #[error(
         "the event function is 0 at the start time t0 = {t0}; an event is a sign change after the \
-         start, so start where it is non-zero"
+         start, so start where it is non-zero, or ask for one direction (Crossing::Falling or \
+         Crossing::Rising)"
     )]
     EventAtStart {
         /// The start time.

@@ -66,6 +66,6 @@ pub mod backend {
 pub mod prelude {
     pub use crate::error::Error;
     pub use crate::ode::{
-        BacksolveOptions, Dynamics, EventHit, GradientMode, NeuralOde, Schedule, Solution, Solver, Stats,
+        BacksolveOptions, Crossing, Dynamics, EventHit, GradientMode, NeuralOde, Schedule, Solution, Solver, Stats,
     };
 }

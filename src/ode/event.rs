@@ -33,6 +33,30 @@ pub struct EventHit<B: Backend, const D: usize> {
     pub solution: Solution<B, D>,
 }
 
+/// Which sign changes of the event function count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Crossing {
+    /// Either way; the event function must be non-zero at the start.
+    #[default]
+    Any,
+    /// From positive to zero or negative only (a falling height). The start may sit on zero or
+    /// below it: after a bounce, the next segment starts on the ground.
+    Falling,
+    /// From negative to zero or positive only.
+    Rising,
+}
+
+impl Crossing {
+    /// Whether `g` going from `before` to `after` over a step is such a crossing.
+    fn crosses(self, before: f64, after: f64) -> bool {
+        match self {
+            Crossing::Any => before != 0.0 && (after == 0.0 || after.signum() != before.signum()),
+            Crossing::Falling => before > 0.0 && after <= 0.0,
+            Crossing::Rising => before < 0.0 && after >= 0.0,
+        }
+    }
+}
+
 /// Most iterations of the root finder (each one evaluation of the event function).
 const MAX_ROOT_ITERATIONS: usize = 100;
 
@@ -90,12 +114,13 @@ impl<M> NeuralOde<M> {
         G: Fn(Tensor<Autodiff<B, C>, 1>, Tensor<Autodiff<B, C>, D>) -> Tensor<Autodiff<B, C>, 1>,
     {
         let t0 = Tensor::from_data(TensorData::from([t0]), (&z0.device(), z0.dtype()));
-        self.solve_until_from(z0, t0, t_max, event)
+        self.solve_until_from(z0, t0, t_max, Crossing::Any, event)
     }
 
     /// [`solve_until`](Self::solve_until) from a start time given as a `[1]` tensor, which may be
     /// tracked: the previous event's time, when events are chained (a bouncing ball), so that
-    /// gradients flow through every segment.
+    /// gradients flow through every segment; `crossing` says which sign changes count
+    /// ([`Crossing::Falling`] lets a segment start on the event surface).
     ///
     /// ```
     /// use adjoint_dpm::prelude::*;
@@ -117,10 +142,13 @@ impl<M> NeuralOde<M> {
     /// let ground = |_t, z: Tensor<B, 2>| z.narrow(1, 0, 1).reshape([1]);
     /// let z0 = Tensor::<B, 2>::from_data([[10.0, 0.0]], &device).require_grad();
     /// let first = ode.solve_until(z0.clone(), 0.0, 10.0, ground).unwrap().unwrap();
-    /// // Bounce: keep 80% of the speed, reverse it; start just above the ground.
-    /// let bounce = Tensor::<B, 2>::from_data([[0.0, -0.8]], &device);
-    /// let z1 = first.state.clone() * bounce + Tensor::from_data([[1e-9, 0.0]], &device);
-    /// let second = ode.solve_until_from(z1, first.time.clone(), 10.0, ground).unwrap().unwrap();
+    /// // Bounce: keep 80% of the speed, reverse it. The next segment starts on the ground, so
+    /// // only a falling crossing ends it.
+    /// let z1 = first.state.clone() * Tensor::<B, 2>::from_data([[1.0, -0.8]], &device);
+    /// let second = ode
+    ///     .solve_until_from(z1, first.time.clone(), 10.0, Crossing::Falling, ground)
+    ///     .unwrap()
+    ///     .unwrap();
     /// // t2 = t1 (1 + 2·0.8), so dt2/dh0 = 2.6 / sqrt(2 g h0).
     /// let grads = second.time.backward();
     /// let dt2_dh0: f64 = z0.grad(&grads).unwrap().narrow(1, 0, 1).into_scalar();
@@ -131,6 +159,7 @@ impl<M> NeuralOde<M> {
         z0: Tensor<Autodiff<B, C>, D>,
         start: Tensor<Autodiff<B, C>, 1>,
         t_max: f64,
+        crossing: Crossing,
         event: G,
     ) -> Result<Option<EventHit<Autodiff<B, C>, D>>>
     where
@@ -177,7 +206,7 @@ impl<M> NeuralOde<M> {
             Ok(g)
         };
         let inner = self.dynamics.valid();
-        let Some(t_star) = locate(&inner, solver, z0.clone().inner(), t0, t_max, &value)? else {
+        let Some(t_star) = locate(&inner, solver, z0.clone().inner(), (t0, t_max), crossing, &value)? else {
             return Ok(None);
         };
 
@@ -232,12 +261,12 @@ fn locate<B: Backend, I: Dynamics<B, D>, const D: usize>(
     inner: &I,
     solver: Solver,
     z0: Tensor<B, D>,
-    t0: f64,
-    t_max: f64,
+    (t0, t_max): (f64, f64),
+    crossing: Crossing,
     value: &dyn Fn(f64, &Tensor<B, D>) -> Result<f64>,
 ) -> Result<Option<f64>> {
     let g0 = value(t0, &z0)?;
-    if g0 == 0.0 {
+    if g0 == 0.0 && crossing == Crossing::Any {
         return Err(Error::EventAtStart { t0 });
     }
     let tab = solver.tableau;
@@ -245,18 +274,20 @@ fn locate<B: Backend, I: Dynamics<B, D>, const D: usize>(
     let mut found = None;
     {
         let found = &mut found;
+        let mut g_prev = g0;
         let watch = move |span: &crate::ode::solver::Span,
                           y: &Tensor<B, D>,
                           y_new: &Tensor<B, D>,
                           ks: &[Tensor<B, D>]|
               -> Result<bool> {
             let g1 = value(span.t1, y_new)?;
-            if g1 != 0.0 && g1.signum() == g0.signum() {
+            let g_start = std::mem::replace(&mut g_prev, g1);
+            if !crossing.crosses(g_start, g1) {
                 return Ok(false);
             }
             let h = span.t1 - span.t0;
             let at = |theta: f64| value(span.t0 + theta * h, &interpolate(tab, y, ks, &Time::Value(h), theta));
-            let theta = bracketed_root(&at, g0, g1)?;
+            let theta = bracketed_root(&at, g_start, g1)?;
             *found = Some(span.t0 + theta * h);
             Ok(true)
         };

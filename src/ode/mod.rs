@@ -21,7 +21,7 @@ mod state;
 pub mod tableau;
 
 pub use dynamics::Dynamics;
-pub use event::EventHit;
+pub use event::{Crossing, EventHit};
 pub use gradient::{BacksolveOptions, GradientMode, Schedule};
 pub use grid::TimeGrid;
 pub use neural_ode::{NeuralOde, Solution};

@@ -173,7 +173,8 @@ fn no_crossing_is_none_and_bad_events_are_typed_errors() {
     );
     let two_starts = Tensor::<Ad, 1>::from_data(TensorData::from([0.0f64, 1.0]), &device);
     assert!(matches!(
-        ode.solve_until_from(z.clone(), two_starts, 3.0, above).unwrap_err(),
+        ode.solve_until_from(z.clone(), two_starts, 3.0, Crossing::Any, above)
+            .unwrap_err(),
         Error::InvalidOption { name: "start", .. }
     ));
     let fixed = NeuralOde::new(Toy::<Ad>::new(Kind::Decay, &device)).solver(Solver::rk4(10));
@@ -181,6 +182,24 @@ fn no_crossing_is_none_and_bad_events_are_typed_errors() {
         fixed.solve_until(z.clone(), 0.0, 3.0, above).unwrap_err(),
         Error::EventNeedsDenseOutput { method: "rk4" }
     );
+    // Directions: z = e^{−t} falls through 0.5; a rising crossing never comes.
+    let start = || Tensor::<Ad, 1>::from_data(TensorData::from([0.0f64]), &device);
+    let half = |_t, z: Tensor<Ad, 2>| z.reshape([1]).sub_scalar(0.5);
+    let falling = ode
+        .solve_until_from(z.clone(), start(), 3.0, Crossing::Falling, half)
+        .unwrap();
+    let t: f64 = falling.unwrap().time.into_scalar();
+    assert!((t - 2f64.ln()).abs() < 1e-7);
+    assert!(ode
+        .solve_until_from(z.clone(), start(), 3.0, Crossing::Rising, half)
+        .unwrap()
+        .is_none());
+    // A directed crossing may start on the event surface; an undirected one may not.
+    let one = |_t, z: Tensor<Ad, 2>| z.reshape([1]).sub_scalar(1.0);
+    assert!(ode
+        .solve_until_from(z.clone(), start(), 3.0, Crossing::Rising, one)
+        .unwrap()
+        .is_none());
     // Backward in time: z = e^{−t} reaches 2 at t = −ln 2.
     let two = |_t, z: Tensor<Ad, 2>| z.reshape([1]).sub_scalar(2.0);
     let t: f64 = ode
@@ -224,9 +243,10 @@ fn chained_events_carry_gradients_through_every_segment() {
         let restitution = Tensor::<Ad, 1>::from_data(TensorData::from([e]), &device).require_grad();
         let first = ode.solve_until(z0.clone(), 0.0, 10.0, ground).unwrap().unwrap();
         let v = first.state.clone().narrow(1, 1, 1) * restitution.clone().unsqueeze::<2>().neg();
-        let z1 = Tensor::cat(vec![first.state.clone().narrow(1, 0, 1).add_scalar(1e-12), v], 1);
+        // The second segment starts on the ground: only a falling crossing ends it.
+        let z1 = Tensor::cat(vec![first.state.clone().narrow(1, 0, 1), v], 1);
         let second = ode
-            .solve_until_from(z1, first.time.clone(), 10.0, ground)
+            .solve_until_from(z1, first.time.clone(), 10.0, Crossing::Falling, ground)
             .unwrap()
             .unwrap();
         let t2 = to_vec(second.time.clone())[0];
