@@ -135,12 +135,12 @@ pub enum Error {
         /// d/dt g(t, z(t)) there.
         slope: f64,
     },
-    /// Events are located on a dense output, which this solver does not have.
+    /// Events are located by an adaptive solve.
     #[error(
-        "events need an adaptive solver with a dense output (bosh3, dopri5, tsit5, or heun with \
-         tolerances); {method} with fixed steps has none"
+        "events are located by an adaptive solver (bosh3, dopri5, tsit5, or heun with \
+         tolerances), on its dense output; {method} here takes fixed steps"
     )]
-    EventNeedsDenseOutput {
+    EventNeedsAdaptiveSolver {
         /// Name of the method.
         method: &'static str,
     },

@@ -64,8 +64,8 @@ impl<M> NeuralOde<M> {
     /// Solves from `t0` towards `t_max` until the event function `g(t, z)` (one value, shape
     /// `[1]`) changes sign; `None` when it does not before `t_max`. The event time and state
     /// carry gradients with respect to `z0` and the dynamics' parameters in every gradient mode.
-    /// Needs an adaptive solver with a dense output (events are located by root finding on it,
-    /// to rounding). Build `g` from its arguments and constants: tensors it captures are
+    /// Needs an adaptive solver (events are located by root finding on its dense output, to
+    /// rounding). Build `g` from its arguments and constants: tensors it captures are
     /// constants to it and must not be tracked.
     ///
     /// ```
@@ -181,7 +181,7 @@ impl<M> NeuralOde<M> {
         let solver = self.solver_config();
         solver.validate()?;
         if !matches!(solver.control, StepControl::Adaptive(_)) || solver.tableau.dense.is_none() {
-            return Err(Error::EventNeedsDenseOutput {
+            return Err(Error::EventNeedsAdaptiveSolver {
                 method: solver.tableau.name,
             });
         }

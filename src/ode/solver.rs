@@ -23,6 +23,12 @@ pub enum StepControl {
     /// This many steps over the whole grid, shared among its intervals by length (at least one
     /// each).
     Steps(usize),
+    /// This many even steps over the whole grid, whatever the output times; the states at
+    /// output times inside a step are read off its dense output (torchdiffeq's fixed-grid
+    /// solvers with `step_size`, diffrax's `ConstantStepSize`). Set by
+    /// [`Solver::interpolate`] on a `Steps` solver; a method without a dense output takes it as
+    /// `Steps`.
+    Uniform(usize),
     /// Steps of at most this size; each interval between output times is split evenly.
     Dt(f64),
     /// This many even steps in every interval between output times (a sampler's grid: one step
@@ -210,28 +216,45 @@ impl Solver {
         })
     }
 
-    /// Whether an adaptive solve reads interior output times off its dense output (`true`, the
-    /// default, as torchdiffeq and diffrax do) or shortens steps to land on each of them
-    /// (`false`; diffrax's `step_ts`). Interpolating, 1000 output times cost no more steps
-    /// than two; the states between steps carry the interpolant's error, one order below
-    /// the method's (fourth order for Dopri5 and Tsit5). Fixed-step solvers always land on every
-    /// output time, and so does a method without a dense output. Gradients are exact in every mode
-    /// either way: the interpolant is differentiated like the steps.
+    /// Whether interior output times are read off the dense output of the step that contains
+    /// them (`true`) or steps are shortened to land on each of them (`false`).
+    ///
+    /// Adaptive solvers interpolate by default, as torchdiffeq and diffrax do: 1000 output times
+    /// then cost no more steps than two. `false` is diffrax's `step_ts`. Fixed-step solvers land
+    /// on every output time by default (`Steps(n)` shares its n steps among the intervals, at
+    /// least one each); `true` makes `Steps(n)` [`StepControl::Uniform`]: n even steps over the
+    /// whole grid, so RK4 with 100 steps and 1000 output times takes 100 steps, not 1000. `Dt`
+    /// and `PerInterval` always land on every output time, and so does a method without a dense
+    /// output. The interpolant is one order below the method (fourth order for Dopri5 and Tsit5,
+    /// third for RK4), and every gradient mode differentiates it exactly like the steps.
     ///
     /// ```
-    /// use adjoint_dpm::ode::Solver;
+    /// use adjoint_dpm::ode::{Solver, StepControl};
     /// let dense = Solver::tsit5(1e-6, 1e-6);
     /// assert!(dense.interpolates());
     /// assert!(!dense.interpolate(false).interpolates());
-    /// assert!(!Solver::rk4(100).interpolate(true).interpolates());
+    /// assert!(!Solver::rk4(100).interpolates());
+    /// let uniform = Solver::rk4(100).interpolate(true);
+    /// assert!(uniform.interpolates() && uniform.control == StepControl::Uniform(100));
     /// ```
-    pub fn interpolate(self, on: bool) -> Self {
-        self.map_tolerances(|t| t.interpolate = on)
+    pub fn interpolate(mut self, on: bool) -> Self {
+        self.control = match self.control {
+            StepControl::Steps(n) if on => StepControl::Uniform(n),
+            StepControl::Uniform(n) if !on => StepControl::Steps(n),
+            StepControl::Adaptive(tol) => StepControl::Adaptive(Tolerances { interpolate: on, ..tol }),
+            other => other,
+        };
+        self
     }
 
     /// Whether interior output times are interpolated rather than stepped to.
     pub fn interpolates(&self) -> bool {
-        matches!(self.control, StepControl::Adaptive(tol) if tol.interpolate) && self.tableau.dense.is_some()
+        let asked = match self.control {
+            StepControl::Adaptive(tol) => tol.interpolate,
+            StepControl::Uniform(_) => true,
+            _ => false,
+        };
+        asked && self.tableau.dense.is_some()
     }
 
     /// Checks the options; solves call it first.
@@ -244,8 +267,10 @@ impl Solver {
             })
         };
         match self.control {
-            StepControl::Steps(0) | StepControl::PerInterval(0) => bad("steps", 0.0, "take at least one step"),
-            StepControl::Steps(_) | StepControl::PerInterval(_) => Ok(()),
+            StepControl::Steps(0) | StepControl::Uniform(0) | StepControl::PerInterval(0) => {
+                bad("steps", 0.0, "take at least one step")
+            }
+            StepControl::Steps(_) | StepControl::Uniform(_) | StepControl::PerInterval(_) => Ok(()),
             StepControl::Dt(dt) if !(dt.is_finite() && dt > 0.0) => bad("dt", dt, "must be finite and > 0"),
             StepControl::Dt(_) => Ok(()),
             StepControl::Adaptive(tol) => {
@@ -290,7 +315,9 @@ impl Solver {
         let times = grid.times();
         let len = (times[k + 1] - times[k]).abs();
         match self.control {
-            StepControl::Steps(n) => Some(((n as f64) * len / grid.span().abs()).round().max(1.0) as usize),
+            StepControl::Steps(n) | StepControl::Uniform(n) => {
+                Some(((n as f64) * len / grid.span().abs()).round().max(1.0) as usize)
+            }
             StepControl::Dt(dt) => Some(((len / dt) - 1e-9).ceil().max(1.0) as usize),
             StepControl::PerInterval(n) => Some(n),
             StepControl::Adaptive(_) => None,
@@ -604,18 +631,27 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
     ) -> Result<V::State> {
         let tab = self.solver.tableau;
         let (ta, tb) = (grid[from], grid[to]);
+        // Grid indices of the outputs to interpolate, in solve order (none for a one-interval leg).
+        let mut next_dense = from + 1;
+        let dense_until = |next: usize, t1: f64| {
+            let mut end = next;
+            while end < to && (grid[end] - t1) * (tb - ta) <= 0.0 {
+                end += 1;
+            }
+            end
+        };
         if let Some(n) = fixed_steps {
-            debug_assert!(from.abs_diff(to) == 1, "fixed steps land on every output time");
             let h = (tb - ta) / n as f64;
             for j in 0..n {
                 let t0 = ta + j as f64 * h;
                 let t1 = if j + 1 == n { tb } else { ta + (j + 1) as f64 * h };
+                let dense_end = dense_until(next_dense, t1);
                 let span = Span {
                     from,
                     to,
                     t0,
                     t1,
-                    dense: (to, to),
+                    dense: (next_dense, dense_end),
                 };
                 let (t, h) = span.times(self.time_leaf.as_ref());
                 let out = rk_step(self.field, tab, &t, &h, &y, self.k1.take(), &mut self.counters)?;
@@ -625,6 +661,9 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
                         step: self.counters.accepted + 1,
                     });
                 }
+                let leaf = self.time_leaf.as_ref().map(|(times, _)| times);
+                outputs.extend(dense_states(tab, &span, grid, &y, &out.ks, &t, &h, leaf));
+                next_dense = dense_end;
                 on_step(span, &y);
                 self.counters.accepted += 1;
                 let mut ks = out.ks;
@@ -637,8 +676,6 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
             unreachable!("fixed step counts are computed for fixed controls")
         };
         let direction = (tb - ta).signum();
-        // The next output time to interpolate (grid indices increase along the solve).
-        let mut next_dense = from + 1;
         let mut h = match (self.h, tol.dt0) {
             (Some(h), _) => h.abs() * direction,
             (None, Some(dt0)) => dt0 * direction,
@@ -680,10 +717,7 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
             let last = h.abs() >= remaining.abs() * (1.0 - 1e-10);
             let h_try = if last { remaining } else { h };
             let t1 = if last { tb } else { t + h_try };
-            let mut dense_end = next_dense;
-            while dense_end < to && (grid[dense_end] - t1) * direction <= 0.0 {
-                dense_end += 1;
-            }
+            let dense_end = dense_until(next_dense, t1);
             let span = Span {
                 from,
                 to,
@@ -743,7 +777,8 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
 }
 
 /// Integrates over the whole grid; returns the state at every grid time (the first is `y0`).
-/// An interpolating solver takes one leg over the whole grid, others one leg per interval.
+/// An interpolating solver takes one leg over the whole grid (n even steps for `Uniform(n)`),
+/// others one leg per interval.
 pub(crate) fn integrate<B: Backend, V: VectorField<B>>(
     stepper: &mut Stepper<'_, B, V>,
     grid: &TimeGrid,
@@ -758,7 +793,11 @@ pub(crate) fn integrate<B: Backend, V: VectorField<B>>(
     let mut outputs = Vec::with_capacity(times.len());
     outputs.push(y0.clone());
     if stepper.solver.interpolates() {
-        let y = stepper.leg(times, 0, last, y0, None, &mut outputs, on_step)?;
+        let n = match stepper.solver.control {
+            StepControl::Uniform(n) => Some(n),
+            _ => None,
+        };
+        let y = stepper.leg(times, 0, last, y0, n, &mut outputs, on_step)?;
         outputs.push(y);
         return Ok(outputs);
     }

@@ -73,9 +73,12 @@ fn outputs_do_not_change_the_steps() {
 
 #[test]
 fn dense_output_local_error_has_its_order() {
-    // One step of size h (dt0 = h, a tolerance no step can fail) with outputs inside it: the
-    // interpolant's local error is O(h^(p+1)) for an interpolant of order p.
-    let cases: [(&'static ButcherTableau, f64); 4] = [
+    // One step of size h (dt0 = h and a tolerance no step can fail, or one uniform fixed step)
+    // with outputs inside it: the interpolant's local error is O(h^(p+1)) for one of order p.
+    let cases: [(&'static ButcherTableau, f64); 7] = [
+        (&tableau::EULER, 1.0),
+        (&tableau::MIDPOINT, 2.0),
+        (&tableau::RK4, 3.0),
         (&tableau::HEUN, 2.0),
         (&tableau::BOSH3, 3.0),
         (&tableau::DOPRI5, 4.0),
@@ -83,7 +86,11 @@ fn dense_output_local_error_has_its_order() {
     ];
     for (tab, order) in cases {
         let error = |h: f64| {
-            let solver = Solver::adaptive(tab, 1e30, 1e30).dt0(h);
+            let solver = if tab.is_adaptive() {
+                Solver::adaptive(tab, 1e30, 1e30).dt0(h)
+            } else {
+                Solver::fixed(tab, 1).interpolate(true)
+            };
             let solution = spiral(solver, &[0.0, 0.3 * h, 0.7 * h, h]);
             assert_eq!(solution.stats().accepted_steps, 1, "{}", tab.name);
             [1, 2]
@@ -120,6 +127,8 @@ fn checkpointed_equals_backprop_through_interpolation() {
         Solver::dopri5(1e-4, 1e-6),
         Solver::tsit5(1e-4, 1e-6),
         Solver::adaptive(&tableau::HEUN, 1e-1, 1e-3),
+        Solver::rk4(3).interpolate(true),
+        Solver::midpoint(4).interpolate(true),
     ] {
         // The solve really interpolates: fewer steps than intervals.
         let steps = spiral(solver, &TIMES).stats().accepted_steps;
@@ -278,4 +287,74 @@ fn backsolve_runs_through_outputs_the_loss_ignores() {
     let grads = (solution.last().powi_scalar(2).sum() + solution.state(3).sum()).backward();
     assert!(solution.stats().nfe_backward > stats_all.nfe_backward);
     assert!(rel_err(&to_vec(z0.grad(&grads).unwrap()), &z_all) > 1e-3);
+}
+
+#[test]
+fn uniform_fixed_steps_ignore_the_outputs() {
+    // RK4 with 100 steps and 1001 output times: 100 steps (not 1000), the same steps and final
+    // state as with 2 output times, and interior states within the interpolant's error.
+    let dense = linspace(0.0, 5.0, 1001);
+    let uniform = Solver::rk4(100).interpolate(true);
+    let fine = spiral(uniform, &dense);
+    let coarse = spiral(Solver::rk4(100), &[0.0, 5.0]);
+    assert_eq!(fine.stats(), coarse.stats());
+    assert_eq!(fine.stats().accepted_steps, 100);
+    assert_eq!(to_vec(fine.last()), to_vec(coarse.last()));
+    let stepped = spiral(Solver::rk4(100), &dense);
+    assert_eq!(stepped.stats().accepted_steps, 1000);
+    // Step 0.05: RK4's global error ~1e-7, its third-order interpolant's local error ~1e-7 too.
+    let error = max_error(&fine);
+    assert!(error < 1e-6, "uniform RK4 interpolated error {error:e}");
+}
+
+#[test]
+fn uniform_gradients_match_central_differences_for_every_time() {
+    // Uniform steps scale with the span, so the end times are differentiated exactly too.
+    let device = Default::default();
+    use burn::tensor::backend::Backend;
+    Ad::seed(&device, 8);
+    let model = Mlp::<Ad>::new(&[2, 5, 2], Act::Tanh, true, &device);
+    let inner = model.valid();
+    let z0 = [0.4, -0.2, -0.7, 0.6];
+    let eps = 1e-6;
+    let central = |f: &dyn Fn(f64) -> f64| (f(eps) - f(-eps)) / (2.0 * eps);
+    let close = |fd: f64, ad: f64| (fd - ad).abs() <= 1e-6 * ad.abs().max(1.0);
+    for solver in [Solver::rk4(3).interpolate(true), Solver::midpoint(5).interpolate(true)] {
+        for mode in [GradientMode::Backprop, GradientMode::Checkpointed(Schedule::Every(2))] {
+            let g = grads_of(&model, solver, mode, &z0, 2, &TIMES);
+            let name = solver.tableau.name;
+            for i in 0..z0.len() {
+                let fd = central(&|e| {
+                    let mut z = z0.to_vec();
+                    z[i] += e;
+                    loss_of(&inner, solver, &z, 2, &TIMES)
+                });
+                assert!(
+                    close(fd, g.z0[i]),
+                    "{name} {mode:?} dL/dz0[{i}]: FD {fd} vs {}",
+                    g.z0[i]
+                );
+            }
+            for i in [0, g.theta.len() / 2, g.theta.len() - 1] {
+                let fd = central(&|e| loss_of(&perturbed(&inner, i, e), solver, &z0, 2, &TIMES));
+                assert!(
+                    close(fd, g.theta[i]),
+                    "{name} {mode:?} dL/dθ[{i}]: FD {fd} vs {}",
+                    g.theta[i]
+                );
+            }
+            for k in 0..TIMES.len() {
+                let fd = central(&|e| {
+                    let mut t = TIMES.to_vec();
+                    t[k] += e;
+                    loss_of(&inner, solver, &z0, 2, &t)
+                });
+                assert!(
+                    close(fd, g.times[k]),
+                    "{name} {mode:?} dL/dT[{k}]: FD {fd} vs {}",
+                    g.times[k]
+                );
+            }
+        }
+    }
 }

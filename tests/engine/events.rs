@@ -180,7 +180,7 @@ fn no_crossing_is_none_and_bad_events_are_typed_errors() {
     let fixed = NeuralOde::new(Toy::<Ad>::new(Kind::Decay, &device)).solver(Solver::rk4(10));
     assert_eq!(
         fixed.solve_until(z.clone(), 0.0, 3.0, above).unwrap_err(),
-        Error::EventNeedsDenseOutput { method: "rk4" }
+        Error::EventNeedsAdaptiveSolver { method: "rk4" }
     );
     // Directions: z = e^{−t} falls through 0.5; a rising crossing never comes.
     let start = || Tensor::<Ad, 1>::from_data(TensorData::from([0.0f64]), &device);
