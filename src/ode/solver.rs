@@ -1,12 +1,12 @@
 //! Runge–Kutta stepping: one pure step from a tableau, and the loops that walk a time grid with
 //! fixed or adaptive steps.
 //!
-//! Fixed-step solves, and adaptive ones asked to, hit every output time exactly (a step never
-//! crosses one). By default an adaptive solve steps as the tolerance allows and reads the states
-//! at interior output times off the dense output of the step that contains them (as torchdiffeq
-//! and diffrax do): a dense grid of outputs then costs no extra steps. Either way the outputs are
-//! differentiable functions of the steps' stages, so the exact discrete adjoint differentiates
-//! precisely what was computed.
+//! By default an adaptive solve steps as the tolerance allows and reads the states at interior
+//! output times off the dense output of the step that contains them (as torchdiffeq and diffrax
+//! do): a dense grid of outputs then costs no extra steps. `StepControl::Uniform` does the same
+//! with even fixed steps. Other fixed-step solves, and adaptive ones asked to, hit every output
+//! time exactly (a step never crosses one). Either way the outputs are differentiable functions
+//! of the steps' stages, so the exact discrete adjoint differentiates precisely what was computed.
 
 use burn::tensor::{backend::Backend, ElementConversion, Tensor};
 use serde::Serialize;
