@@ -358,3 +358,40 @@ fn uniform_gradients_match_central_differences_for_every_time() {
         }
     }
 }
+
+#[test]
+fn interpolants_match_diffrax() {
+    // tests/fixtures/dense_diffrax.json (scripts/dense_reference.py): one step of dz/dt = z²,
+    // read at 0.3h and 0.7h by diffrax 0.7.2's Tsit5 (Tsitouras' polynomials) and Bosh3 (cubic
+    // Hermite), which are the interpolants here too. diffrax's Dopri5 interpolates with a
+    // different fourth-order polynomial (through a midpoint estimate) than Hairer's used here:
+    // the same step end, and interior states that agree to the interpolants' error only.
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/dense_diffrax.json"
+    ))
+    .unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let h = fixture["h"].as_f64().unwrap();
+    let device = Default::default();
+    for (name, tab, interior_tol) in [
+        ("tsit5", &tableau::TSIT5, 1e-14),
+        ("bosh3", &tableau::BOSH3, 1e-14),
+        ("dopri5", &tableau::DOPRI5, 1e-5),
+    ] {
+        let z0 = Tensor::<F64, 2>::from_data(TensorData::from([[0.5, -0.3]]), &device);
+        let ode =
+            NeuralOde::new(Toy::<F64>::new(Kind::Blowup, &device)).solver(Solver::fixed(tab, 1).interpolate(true));
+        let solution = ode.integrate(z0, &[0.0, 0.3 * h, 0.7 * h, h]).unwrap();
+        let want = fixture["states"][name].as_array().unwrap();
+        for (k, row) in want.iter().enumerate() {
+            let want: Vec<f64> = row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let got = to_vec(solution.state(k + 1));
+            let tol = if k == 2 { 1e-14 } else { interior_tol };
+            assert!(
+                rel_err(&got, &want) < tol,
+                "{name} output {k}: {got:?} vs diffrax {want:?}"
+            );
+        }
+    }
+}
