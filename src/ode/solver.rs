@@ -560,7 +560,7 @@ fn initial_step<B: Backend, V: VectorField<B>>(
     Ok((direction * (100.0 * h0).min(h1), f0))
 }
 
-/// Carries step-size state from one interval to the next.
+/// Carries step-size state from one leg of a solve to the next.
 pub(crate) struct Stepper<'a, B: Backend, V: VectorField<B>> {
     pub field: &'a V,
     pub solver: Solver,
