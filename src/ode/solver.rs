@@ -422,6 +422,14 @@ fn combine<B: Backend, S: OdeState<B>>(coefs: &[f64], ks: &[S], h: &Time<B>) -> 
     })
 }
 
+/// `y + h · Σ coef_i · k_i` (just `y` when every coefficient is zero).
+fn advance<B: Backend, S: OdeState<B>>(y: &S, coefs: &[f64], ks: &[S], h: &Time<B>) -> S {
+    match combine(coefs, ks, h) {
+        Some(incr) => y.add(&incr),
+        None => y.clone(),
+    }
+}
+
 /// One explicit Runge–Kutta step of size `h` from `(t, y)`. `k1`, when given, is f(t, y).
 pub(crate) fn rk_step<B: Backend, V: VectorField<B>>(
     field: &V,
@@ -444,10 +452,7 @@ pub(crate) fn rk_step<B: Backend, V: VectorField<B>>(
     ks.push(k1);
     let mut y_last_stage = None;
     for i in 1..s {
-        let yi = match combine(tab.a[i - 1], &ks, h) {
-            Some(incr) => y.add(&incr),
-            None => y.clone(),
-        };
+        let yi = advance(y, tab.a[i - 1], &ks, h);
         counters.nfe += 1;
         ks.push(field.eval(&t.offset(tab.c[i], h), &yi)?);
         if i == s - 1 {
@@ -457,10 +462,7 @@ pub(crate) fn rk_step<B: Backend, V: VectorField<B>>(
     // FSAL methods evaluate their last stage at the new state itself.
     let y_new = match (tab.is_fsal(), y_last_stage) {
         (true, Some(y_last)) => y_last,
-        _ => match combine(tab.b, &ks, h) {
-            Some(incr) => y.add(&incr),
-            None => y.clone(),
-        },
+        _ => advance(y, tab.b, &ks, h),
     };
     let err = tab.b_err.and_then(|b_err| combine(b_err, &ks, h));
     Ok(StepOut { y: y_new, err, ks })
@@ -477,10 +479,7 @@ pub(crate) fn interpolate<B: Backend, S: OdeState<B>>(
     let weights = tab
         .dense_weights(theta)
         .expect("only methods with a dense output interpolate");
-    match combine(&weights, ks, h) {
-        Some(incr) => y.add(&incr),
-        None => y.clone(),
-    }
+    advance(y, &weights, ks, h)
 }
 
 /// The states at the output times `span.dense` inside an accepted step from `y` with stages `ks`
@@ -501,13 +500,7 @@ pub(crate) fn dense_states<B: Backend, S: OdeState<B>>(
     (span.dense.0..span.dense.1)
         .map(|k| {
             let theta = (grid[k] - span.t0) / (span.t1 - span.t0);
-            let weights = tab
-                .dense_weights(theta)
-                .expect("only methods with a dense output interpolate");
-            let mut state = match combine(&weights, ks, h) {
-                Some(incr) => y.add(&incr),
-                None => y.clone(),
-            };
+            let mut state = interpolate(tab, y, ks, h, theta);
             if let (Some(times), Time::Tensor(t), Time::Tensor(h_t)) = (times, t, h) {
                 let theta_t = (times.clone().narrow(0, k, 1) - t.clone()) / h_t.clone();
                 let moved = theta_t.clone() - theta_t.detach();
