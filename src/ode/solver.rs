@@ -266,6 +266,13 @@ impl Solver {
                 rule,
             })
         };
+        if let Err(rule) = self.tableau.check_shape() {
+            return Err(Error::InvalidOption {
+                name: "tableau",
+                value: self.tableau.name.to_string(),
+                rule,
+            });
+        }
         match self.control {
             StepControl::Steps(0) | StepControl::Uniform(0) | StepControl::PerInterval(0) => {
                 bad("steps", 0.0, "take at least one step")

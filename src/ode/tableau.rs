@@ -48,6 +48,36 @@ impl ButcherTableau {
         self.b_err.is_some()
     }
 
+    /// Checks the shapes the stepper relies on (for a tableau written by hand): one `c`, `b`,
+    /// `b_err` entry and one dense row per stage, and `a` a strictly lower triangle.
+    /// [`Solver::validate`](crate::ode::Solver::validate) calls it.
+    ///
+    /// ```
+    /// use adjoint_dpm::ode::tableau::{ButcherTableau, RK4};
+    /// assert!(RK4.check_shape().is_ok());
+    /// let short = ButcherTableau { c: &[0.0, 0.5], ..RK4 };
+    /// assert!(short.check_shape().is_err());
+    /// ```
+    pub fn check_shape(&self) -> Result<(), &'static str> {
+        let s = self.stages();
+        if s == 0 {
+            return Err("b must have one weight per stage, at least one");
+        }
+        if self.c.len() != s {
+            return Err("c must have one entry per stage (as many as b)");
+        }
+        if self.a.len() != s - 1 || self.a.iter().enumerate().any(|(i, row)| row.len() != i + 1) {
+            return Err("a must be the strictly lower triangle: rows of 1, 2, …, stages − 1 entries");
+        }
+        if self.b_err.is_some_and(|e| e.len() != s) {
+            return Err("b_err must have one entry per stage");
+        }
+        if self.dense.is_some_and(|rows| rows.len() != s) {
+            return Err("dense must have one row per stage");
+        }
+        Ok(())
+    }
+
     /// The dense-output weights `b_i(θ)` at fraction `theta` of a step, `None` without a dense
     /// output.
     ///
@@ -351,6 +381,7 @@ mod tests {
     #[test]
     fn every_tableau_is_consistent() {
         for t in ButcherTableau::all() {
+            assert_eq!(t.check_shape(), Ok(()), "{}", t.name);
             let s = t.stages();
             assert_eq!(t.c.len(), s, "{}: c has {} entries for {s} stages", t.name, t.c.len());
             assert_eq!(t.a.len(), s - 1, "{}: a has {} rows", t.name, t.a.len());

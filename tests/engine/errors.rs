@@ -111,6 +111,16 @@ fn invalid_options_are_refused() {
             "{name}"
         );
     }
+    // A hand-written tableau whose dense output has a row too few.
+    static SHORT_DENSE: tableau::ButcherTableau = tableau::ButcherTableau {
+        name: "short-dense",
+        dense: Some(&[&[1.0, -0.5]]),
+        ..tableau::HEUN
+    };
+    assert!(matches!(
+        solve(Kind::Decay, Solver::adaptive(&SHORT_DENSE, 1e-6, 1e-6), Z, &[0.0, 0.5, 1.0]),
+        Err(Error::InvalidOption { name: "tableau", value, .. }) if value == "short-dense"
+    ));
     let e = solve(Kind::Decay, Solver::adaptive(&tableau::RK4, 1e-6, 1e-6), Z, &[0.0, 1.0]).unwrap_err();
     assert_eq!(e, Error::NoErrorEstimate { method: "rk4" });
 }
