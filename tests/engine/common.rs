@@ -289,3 +289,75 @@ pub fn perturbed(model: &Mlp<F64>, index: usize, eps: f64) -> Mlp<F64> {
     }
     model.clone().map(&mut Nudge { index, seen: 0, eps })
 }
+
+/// Checks `g` (gradients of [`test_loss`]) against central differences (step 1e-6, tolerance
+/// 1e-6 relative to max(|g|, 1)) of the plain solve: every entry of z0, three parameters (first,
+/// middle, last) and the output times `time_indices`. The first mismatch, named, as an error.
+pub fn check_central_differences(
+    model: &Mlp<Ad>,
+    solver: Solver,
+    g: &GradSet,
+    z0: &[f64],
+    dim: usize,
+    times: &[f64],
+    time_indices: &[usize],
+) -> Result<(), String> {
+    use burn::module::AutodiffModule;
+    let inner = model.valid();
+    let eps = 1e-6;
+    let central = |f: &dyn Fn(f64) -> f64| (f(eps) - f(-eps)) / (2.0 * eps);
+    let check = |what: String, fd: f64, ad: f64| {
+        if (fd - ad).abs() <= 1e-6 * ad.abs().max(1.0) {
+            Ok(())
+        } else {
+            Err(format!("{what}: FD {fd} vs {ad}"))
+        }
+    };
+    for i in 0..z0.len() {
+        let fd = central(&|e| {
+            let mut z = z0.to_vec();
+            z[i] += e;
+            loss_of(&inner, solver, &z, dim, times)
+        });
+        check(format!("dL/dz0[{i}]"), fd, g.z0[i])?;
+    }
+    for i in [0, g.theta.len() / 2, g.theta.len() - 1] {
+        let fd = central(&|e| loss_of(&perturbed(&inner, i, e), solver, z0, dim, times));
+        check(format!("dL/dθ[{i}]"), fd, g.theta[i])?;
+    }
+    for &k in time_indices {
+        let fd = central(&|e| {
+            let mut t = times.to_vec();
+            t[k] += e;
+            loss_of(&inner, solver, z0, dim, &t)
+        });
+        check(format!("dL/dT[{k}]"), fd, g.times[k])?;
+    }
+    Ok(())
+}
+
+/// The largest relative error of Backsolve's gradients (z0, θ, T) from `exact`, at each of
+/// `tolerances` (forward solver `solver(tol)`, reverse solve at the same tolerance, seminorm).
+pub fn backsolve_errors(
+    model: &Mlp<Ad>,
+    solver: impl Fn(f64) -> Solver,
+    z0: &[f64],
+    times: &[f64],
+    tolerances: &[f64],
+    exact: &GradSet,
+) -> Vec<f64> {
+    tolerances
+        .iter()
+        .map(|&tol| {
+            let options = BacksolveOptions {
+                rtol: tol,
+                atol: tol,
+                seminorm: true,
+            };
+            let g = grads_of(model, solver(tol), GradientMode::Backsolve(options), z0, 2, times);
+            rel_err(&g.theta, &exact.theta)
+                .max(rel_err(&g.z0, &exact.z0))
+                .max(rel_err(&g.times, &exact.times))
+        })
+        .collect()
+}

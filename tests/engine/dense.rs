@@ -4,11 +4,10 @@
 
 use adjoint_dpm::ode::{tableau, ButcherTableau};
 use adjoint_dpm::prelude::*;
-use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
-use crate::common::{grads_of, loss_of, perturbed, rel_err, to_vec, Act, Ad, Mlp, F64};
+use crate::common::{backsolve_errors, check_central_differences, grads_of, rel_err, to_vec, Act, Ad, Mlp, F64};
 use crate::fields::{spiral_exact, Kind, Toy};
 
 const Z0: [f64; 2] = [1.0, 0.5];
@@ -158,49 +157,16 @@ fn interpolated_gradients_match_central_differences() {
     use burn::tensor::backend::Backend;
     Ad::seed(&device, 5);
     let model = Mlp::<Ad>::new(&[2, 5, 2], Act::Softplus, true, &device);
-    let inner = model.valid();
     let z0 = [0.4, -0.2, -0.7, 0.6];
-    let eps = 1e-6;
-    let central = |f: &dyn Fn(f64) -> f64| (f(eps) - f(-eps)) / (2.0 * eps);
-    let close = |fd: f64, ad: f64| (fd - ad).abs() <= 1e-6 * ad.abs().max(1.0);
+    // Interior output times only move their own interpolated state.
+    let interior: Vec<usize> = (1..TIMES.len() - 1).collect();
     for tab in [&tableau::BOSH3, &tableau::DOPRI5, &tableau::TSIT5] {
         let solver = Solver::adaptive(tab, 1e30, 1e30).dt0(0.1);
         assert_eq!(spiral(solver, &TIMES).stats().accepted_steps, 3);
         for mode in [GradientMode::Backprop, GradientMode::Checkpointed(Schedule::All)] {
             let g = grads_of(&model, solver, mode, &z0, 2, &TIMES);
-            let name = tab.name;
-            for i in 0..z0.len() {
-                let fd = central(&|e| {
-                    let mut z = z0.to_vec();
-                    z[i] += e;
-                    loss_of(&inner, solver, &z, 2, &TIMES)
-                });
-                assert!(
-                    close(fd, g.z0[i]),
-                    "{name} {mode:?} dL/dz0[{i}]: FD {fd} vs {}",
-                    g.z0[i]
-                );
-            }
-            for i in [0, g.theta.len() / 2, g.theta.len() - 1] {
-                let fd = central(&|e| loss_of(&perturbed(&inner, i, e), solver, &z0, 2, &TIMES));
-                assert!(
-                    close(fd, g.theta[i]),
-                    "{name} {mode:?} dL/dθ[{i}]: FD {fd} vs {}",
-                    g.theta[i]
-                );
-            }
-            // Interior output times only move their own interpolated state.
-            for k in 1..TIMES.len() - 1 {
-                let fd = central(&|e| {
-                    let mut t = TIMES.to_vec();
-                    t[k] += e;
-                    loss_of(&inner, solver, &z0, 2, &t)
-                });
-                assert!(
-                    close(fd, g.times[k]),
-                    "{name} {mode:?} dL/dT[{k}]: FD {fd} vs {}",
-                    g.times[k]
-                );
+            if let Err(e) = check_central_differences(&model, solver, &g, &z0, 2, &TIMES, &interior) {
+                panic!("{} {mode:?} {e}", tab.name);
             }
         }
     }
@@ -221,28 +187,9 @@ fn backsolve_through_interpolated_outputs_converges() {
         2,
         &TIMES,
     );
-    let errors: Vec<f64> = [1e-4, 1e-6, 1e-8]
-        .iter()
-        .map(|&tol| {
-            let options = BacksolveOptions {
-                rtol: tol,
-                atol: tol,
-                seminorm: true,
-            };
-            let g = grads_of(
-                &model,
-                Solver::tsit5(tol, tol),
-                GradientMode::Backsolve(options),
-                &z0,
-                2,
-                &TIMES,
-            );
-            rel_err(&g.theta, &exact.theta)
-                .max(rel_err(&g.z0, &exact.z0))
-                .max(rel_err(&g.times, &exact.times))
-        })
-        .collect();
-    for (error, tol) in errors.iter().zip([1e-4, 1e-6, 1e-8]) {
+    let tolerances = [1e-4, 1e-6, 1e-8];
+    let errors = backsolve_errors(&model, |tol| Solver::tsit5(tol, tol), &z0, &TIMES, &tolerances, &exact);
+    for (error, tol) in errors.iter().zip(tolerances) {
         assert!(*error < 10.0 * tol, "error {error:e} at tolerance {tol:e} ({errors:?})");
     }
     assert!(errors[2] < errors[0] / 100.0, "no convergence: {errors:?}");
@@ -314,46 +261,13 @@ fn uniform_gradients_match_central_differences_for_every_time() {
     use burn::tensor::backend::Backend;
     Ad::seed(&device, 8);
     let model = Mlp::<Ad>::new(&[2, 5, 2], Act::Tanh, true, &device);
-    let inner = model.valid();
     let z0 = [0.4, -0.2, -0.7, 0.6];
-    let eps = 1e-6;
-    let central = |f: &dyn Fn(f64) -> f64| (f(eps) - f(-eps)) / (2.0 * eps);
-    let close = |fd: f64, ad: f64| (fd - ad).abs() <= 1e-6 * ad.abs().max(1.0);
+    let every: Vec<usize> = (0..TIMES.len()).collect();
     for solver in [Solver::rk4(3).interpolate(true), Solver::midpoint(5).interpolate(true)] {
         for mode in [GradientMode::Backprop, GradientMode::Checkpointed(Schedule::Every(2))] {
             let g = grads_of(&model, solver, mode, &z0, 2, &TIMES);
-            let name = solver.tableau.name;
-            for i in 0..z0.len() {
-                let fd = central(&|e| {
-                    let mut z = z0.to_vec();
-                    z[i] += e;
-                    loss_of(&inner, solver, &z, 2, &TIMES)
-                });
-                assert!(
-                    close(fd, g.z0[i]),
-                    "{name} {mode:?} dL/dz0[{i}]: FD {fd} vs {}",
-                    g.z0[i]
-                );
-            }
-            for i in [0, g.theta.len() / 2, g.theta.len() - 1] {
-                let fd = central(&|e| loss_of(&perturbed(&inner, i, e), solver, &z0, 2, &TIMES));
-                assert!(
-                    close(fd, g.theta[i]),
-                    "{name} {mode:?} dL/dθ[{i}]: FD {fd} vs {}",
-                    g.theta[i]
-                );
-            }
-            for k in 0..TIMES.len() {
-                let fd = central(&|e| {
-                    let mut t = TIMES.to_vec();
-                    t[k] += e;
-                    loss_of(&inner, solver, &z0, 2, &t)
-                });
-                assert!(
-                    close(fd, g.times[k]),
-                    "{name} {mode:?} dL/dT[{k}]: FD {fd} vs {}",
-                    g.times[k]
-                );
+            if let Err(e) = check_central_differences(&model, solver, &g, &z0, 2, &TIMES, &every) {
+                panic!("{} {mode:?} {e}", solver.tableau.name);
             }
         }
     }

@@ -3,10 +3,9 @@
 
 use adjoint_dpm::ode::{tableau, StepControl};
 use adjoint_dpm::prelude::*;
-use burn::module::AutodiffModule;
 use proptest::prelude::*;
 
-use crate::common::{grads_of, loss_of, perturbed, rel_err, Act, Ad, Mlp};
+use crate::common::{backsolve_errors, check_central_differences, grads_of, rel_err, Act, Ad, Mlp};
 
 fn solver_strategy() -> impl Strategy<Value = Solver> {
     prop_oneof![
@@ -75,22 +74,8 @@ proptest! {
     ) {
         let model = Mlp::<Ad>::new(&widths, act, timed, &Default::default());
         let g = grads_of(&model, solver, GradientMode::Checkpointed(Schedule::All), &z0, dim, &times);
-        let inner = model.valid();
-        let eps = 1e-6;
-        let central = |f: &dyn Fn(f64) -> f64| (f(eps) - f(-eps)) / (2.0 * eps);
-        let close = |fd: f64, ad: f64| (fd - ad).abs() <= 1e-6 * ad.abs().max(1.0);
-        for i in 0..z0.len() {
-            let fd = central(&|e| { let mut z = z0.clone(); z[i] += e; loss_of(&inner, solver, &z, dim, &times) });
-            prop_assert!(close(fd, g.z0[i]), "dL/dz0[{}]: FD {} vs {}", i, fd, g.z0[i]);
-        }
-        for i in [0, g.theta.len() / 2, g.theta.len() - 1] {
-            let fd = central(&|e| loss_of(&perturbed(&inner, i, e), solver, &z0, dim, &times));
-            prop_assert!(close(fd, g.theta[i]), "dL/dθ[{}]: FD {} vs {}", i, fd, g.theta[i]);
-        }
-        for k in [0, times.len() - 1] {
-            let fd = central(&|e| { let mut t = times.clone(); t[k] += e; loss_of(&inner, solver, &z0, dim, &t) });
-            prop_assert!(close(fd, g.times[k]), "dL/dT[{}]: FD {} vs {}", k, fd, g.times[k]);
-        }
+        let checked = check_central_differences(&model, solver, &g, &z0, dim, &times, &[0, times.len() - 1]);
+        prop_assert!(checked.is_ok(), "{}", checked.unwrap_err());
     }
 }
 
@@ -119,28 +104,9 @@ fn backsolve_converges_for(seed: u64) {
         2,
         &times,
     );
-    let errors: Vec<f64> = [1e-3, 1e-5, 1e-7, 1e-9]
-        .iter()
-        .map(|&tol| {
-            let bs = BacksolveOptions {
-                rtol: tol,
-                atol: tol,
-                seminorm: true,
-            };
-            let g = grads_of(
-                &model,
-                Solver::dopri5(tol, tol),
-                GradientMode::Backsolve(bs),
-                &z0,
-                2,
-                &times,
-            );
-            rel_err(&g.theta, &exact.theta)
-                .max(rel_err(&g.z0, &exact.z0))
-                .max(rel_err(&g.times, &exact.times))
-        })
-        .collect();
-    for (error, tol) in errors.iter().zip([1e-3, 1e-5, 1e-7, 1e-9]) {
+    let tolerances = [1e-3, 1e-5, 1e-7, 1e-9];
+    let errors = backsolve_errors(&model, |tol| Solver::dopri5(tol, tol), &z0, &times, &tolerances, &exact);
+    for (error, tol) in errors.iter().zip(tolerances) {
         assert!(
             *error < 10.0 * tol,
             "seed {seed}: backsolve error {error:e} at tolerance {tol:e} (all: {errors:?})"
