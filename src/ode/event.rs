@@ -65,8 +65,14 @@ impl<M> NeuralOde<M> {
     /// `[1]`) changes sign; `None` when it does not before `t_max`. The event time and state
     /// carry gradients with respect to `z0` and the dynamics' parameters in every gradient mode.
     /// Needs an adaptive solver (events are located by root finding on its dense output, to
-    /// rounding). Build `g` from its arguments and constants: tensors it captures are
-    /// constants to it and must not be tracked.
+    /// rounding).
+    ///
+    /// `g` may capture tensors. A captured leaf (a module's `Param`, or a tensor marked
+    /// `require_grad()`) gets its gradient too: `dt*/dp = −(∂g/∂p)/ġ`, a learnable threshold,
+    /// say. Compute anything derived from such a leaf inside `g` rather than capturing the
+    /// result: locating the event runs backward passes through `g`, and burn frees the graph of
+    /// a non-leaf tensor after the first backward through it, so a captured non-leaf tracked
+    /// tensor would pass no gradient on to its leaves.
     ///
     /// ```
     /// use adjoint_dpm::prelude::*;

@@ -23,16 +23,18 @@ fn modes() -> [GradientMode; 4] {
     ]
 }
 
-/// dz/dt = −k z from z0 until g = z + 0.1 t − 0.6 crosses 0; loss t* + 3 z(t*).
-fn decay_event(mode: GradientMode, z0: f64, k: f64) -> (f64, f64, f64, f64) {
+/// dz/dt = −k z from z0 until g = z + 0.1 t − c crosses 0; loss t* + 3 z(t*). The threshold `c`
+/// is a tracked leaf the event function captures, so it gets its gradient too.
+fn decay_event(mode: GradientMode, z0: f64, k: f64, c: f64) -> (f64, f64, [f64; 3]) {
     let device = Default::default();
     let mut toy = Toy::<Ad>::new(Kind::Decay, &device);
     toy.k = Param::from_tensor(Tensor::from_data(TensorData::from([k]), &device));
     let ode = NeuralOde::new(toy).solver(Solver::dopri5(1e-11, 1e-11)).gradient(mode);
     let z = Tensor::<Ad, 2>::from_data(TensorData::from([[z0]]), &device).require_grad();
+    let c = Tensor::<Ad, 1>::from_data(TensorData::from([c]), &device).require_grad();
     let hit = ode
         .solve_until(z.clone(), 0.0, 10.0, |t: Tensor<Ad, 1>, z: Tensor<Ad, 2>| {
-            z.reshape([1]) + t.mul_scalar(0.1).sub_scalar(0.6)
+            z.reshape([1]) + t.mul_scalar(0.1) - c.clone()
         })
         .unwrap()
         .expect("the event happens");
@@ -41,16 +43,17 @@ fn decay_event(mode: GradientMode, z0: f64, k: f64) -> (f64, f64, f64, f64) {
     let grads = loss.backward();
     let dz0 = to_vec(z.grad(&grads).unwrap())[0];
     let dk = to_vec(ode.dynamics.k.grad(&grads).unwrap())[0];
-    (t_star, to_vec(hit.state)[0], dz0, dk)
+    let dc = to_vec(c.grad(&grads).expect("the captured threshold has a gradient"))[0];
+    (t_star, to_vec(hit.state)[0], [dz0, dk, dc])
 }
 
 #[test]
 fn event_time_and_state_gradients_match_the_closed_form() {
-    let (z0, k): (f64, f64) = (2.0, 1.3);
-    // t* solves G(t) = z0 e^{−kt} + 0.1 t − 0.6 = 0 (Newton).
+    let (z0, k, c): (f64, f64, f64) = (2.0, 1.3, 0.6);
+    // t* solves G(t) = z0 e^{−kt} + 0.1 t − c = 0 (Newton).
     let mut t: f64 = 1.0;
     for _ in 0..50 {
-        let g = z0 * (-k * t).exp() + 0.1 * t - 0.6;
+        let g = z0 * (-k * t).exp() + 0.1 * t - c;
         let dg = -k * z0 * (-k * t).exp() + 0.1;
         t -= g / dg;
     }
@@ -59,15 +62,17 @@ fn event_time_and_state_gradients_match_the_closed_form() {
     // Implicit function theorem, then z(t*) = z0 e^{−k t*} moved along with t*.
     let dt_dz0 = -(-k * t).exp() / g_t;
     let dt_dk = t * z_star / g_t;
+    let dt_dc = 1.0 / g_t;
     let dz_dz0 = (-k * t).exp() - k * z_star * dt_dz0;
     let dz_dk = -t * z_star - k * z_star * dt_dk;
-    let want = [dt_dz0 + 3.0 * dz_dz0, dt_dk + 3.0 * dz_dk];
+    let dz_dc = -k * z_star * dt_dc;
+    let want = [dt_dz0 + 3.0 * dz_dz0, dt_dk + 3.0 * dz_dk, dt_dc + 3.0 * dz_dc];
     for mode in modes() {
-        let (t_star, z, g_z0, g_k) = decay_event(mode, z0, k);
+        let (t_star, z, got) = decay_event(mode, z0, k, c);
         assert!((t_star - t).abs() < 1e-9, "{mode:?}: t* = {t_star}, want {t}");
         assert!((z - z_star).abs() < 1e-9, "{mode:?}: z(t*) = {z}, want {z_star}");
-        let e = rel_err(&[g_z0, g_k], &want);
-        assert!(e < 1e-7, "{mode:?}: gradient {:?}, want {want:?} ({e:e})", [g_z0, g_k]);
+        let e = rel_err(&got, &want);
+        assert!(e < 1e-7, "{mode:?}: gradient {got:?}, want {want:?} ({e:e})");
     }
 }
 
