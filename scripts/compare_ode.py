@@ -12,7 +12,11 @@ installed is skipped. One JSON line per measurement, then a table:
 
     /tmp/fxenv/bin/pip install torch torchdiffeq jax diffrax equinox
     cargo build --release --example bench_ode
-    /tmp/fxenv/bin/python scripts/compare_ode.py [--quick] [--only=P2 ...]
+    /tmp/fxenv/bin/python scripts/compare_ode.py [--quick] [--only=P2 ...] [--one-thread]
+
+`--one-thread` pins torch (`torch.set_num_threads(1)`) and XLA (no Eigen thread pool) to one
+thread, as burn-flex's GEMM and elementwise kernels are on problems of this size: a per-core
+comparison.
 """
 
 import json
@@ -36,6 +40,10 @@ ONLY = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")]
 if ONLY:
     PROBLEMS = {k: v for k, v in PROBLEMS.items() if any(o in k for o in ONLY)}
 TOL = 1e-6
+ONE_THREAD = "--one-thread" in sys.argv
+if ONE_THREAD:
+    # Read by XLA when jax initialises its CPU backend, so before the first jax import.
+    os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 def reps_for(problem):
@@ -67,6 +75,8 @@ def torchdiffeq_bench(problem, mode):
     from torchdiffeq import odeint, odeint_adjoint
 
     torch.manual_seed(0)
+    if ONE_THREAD:
+        torch.set_num_threads(1)
     widths, cube, batch, times, solver, step = PROBLEMS[problem]
 
     class Mlp(torch.nn.Module):
