@@ -103,10 +103,11 @@ pub enum Error {
         /// Name of the method.
         method: &'static str,
     },
-    /// An event function returned something other than one finite value.
+    /// An event function returned something other than finite values, one per condition.
     #[error(
-        "the event function returned {got} at t = {t}; it must return one finite value (shape [1]) \
-         whose sign change marks the event"
+        "the event function returned {got} at t = {t}; it must return finite values, shape [k] \
+         with the same k at every call (one per event condition), whose first sign change marks \
+         the event"
     )]
     BadEventValue {
         /// Time of the evaluation.
@@ -116,13 +117,15 @@ pub enum Error {
     },
     /// The event function is zero where the solve starts.
     #[error(
-        "the event function is 0 at the start time t0 = {t0}; an event is a sign change after the \
-         start, so start where it is non-zero, or ask for one direction (Crossing::Falling or \
-         Crossing::Rising)"
+        "component {index} of the event function is 0 at the start time t0 = {t0}; an event is a \
+         sign change after the start, so start where it is non-zero, or ask for one direction \
+         (Crossing::Falling or Crossing::Rising)"
     )]
     EventAtStart {
         /// The start time.
         t0: f64,
+        /// The component that is 0 there.
+        index: usize,
     },
     /// The event function touches zero without crossing it, so the event time has no derivative.
     #[error(

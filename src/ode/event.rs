@@ -1,7 +1,9 @@
 //! Terminal events: solve until `g(t, z)` changes sign, and differentiate where that happens.
 //!
-//! The event time `t*` is located on the inner backend, step by step, by root finding on the
-//! dense output of the step in which `g` changes sign. The solve from `t0` to `t*` is then run
+//! `g` has one component per event condition (a floor and a ceiling, say); the first component
+//! to change sign ends the solve. The event time `t*` is located on the inner backend, step by
+//! step, by root finding on the dense output of the step in which a component changes sign
+//! (every component that does, the earliest root winning). The solve from `t0` to `t*` is then run
 //! again under the chosen [`GradientMode`](crate::ode::GradientMode), and two terms that add
 //! nothing to the values give `t*` and `z(t*)` their gradients (torchdiffeq's `odeint_event`,
 //! diffrax's `Event`): by the implicit function theorem on `g(t*, z(t*; p)) = 0`,
@@ -28,6 +30,8 @@ pub struct EventHit<B: Backend, const D: usize> {
     pub time: Tensor<B, 1>,
     /// `z(t*)`: tracked, including how it moves with `t*`.
     pub state: Tensor<B, D>,
+    /// Which component of the event function changed sign (0 when it has one).
+    pub index: usize,
     /// The differentiated solve from `t0` to `t*` (its states do not include the `t*` term of
     /// `state`; use `state`).
     pub solution: Solution<B, D>,
@@ -61,8 +65,10 @@ impl Crossing {
 const MAX_ROOT_ITERATIONS: usize = 100;
 
 impl<M> NeuralOde<M> {
-    /// Solves from `t0` towards `t_max` until the event function `g(t, z)` (one value, shape
-    /// `[1]`) changes sign; `None` when it does not before `t_max`. The event time and state
+    /// Solves from `t0` towards `t_max` until the event function `g(t, z)` changes sign; `None`
+    /// when it does not before `t_max`. `g` returns one value per event condition, shape `[k]`
+    /// (`[1]` for one): the first component to change sign ends the solve, and
+    /// [`EventHit::index`] says which. The event time and state
     /// carry gradients with respect to `z0` and the dynamics' parameters in every gradient mode.
     /// Needs an adaptive solver (events are located by root finding on its dense output, to
     /// rounding).
@@ -195,26 +201,34 @@ impl<M> NeuralOde<M> {
         let device = z0.device();
         let dtype = z0.dtype();
         let time = |t: f64| Tensor::<Autodiff<B, C>, 1>::from_data(TensorData::from([t]), (&device, dtype));
-        // The event function's value on untracked tensors, checked.
-        let value = |t: f64, z: &Tensor<B, D>| -> Result<f64> {
+        // The event function's values on untracked tensors, checked: as many at every call as
+        // at the first.
+        let components = std::cell::Cell::new(None);
+        let value = |t: f64, z: &Tensor<B, D>| -> Result<Vec<f64>> {
             let g = event(time(t), Tensor::from_inner(z.clone()));
-            let dims = g.dims();
-            if dims != [1] {
-                return Err(Error::BadEventValue {
-                    t,
-                    got: format!("shape {dims:?}"),
-                });
+            let [k] = g.dims();
+            let k_first = components.get().unwrap_or(k);
+            components.set(Some(k_first));
+            if k == 0 || k != k_first {
+                let got = match k == k_first {
+                    true => "shape [0]".to_string(),
+                    false => format!("shape [{k}] after [{k_first}]"),
+                };
+                return Err(Error::BadEventValue { t, got });
             }
-            let g: f64 = g.into_scalar().elem();
-            if !g.is_finite() {
-                return Err(Error::BadEventValue { t, got: g.to_string() });
+            let g: Vec<f64> = g.into_data().iter::<f64>().collect();
+            match g.iter().find(|v| !v.is_finite()) {
+                Some(v) => Err(Error::BadEventValue { t, got: v.to_string() }),
+                None => Ok(g),
             }
-            Ok(g)
         };
         let inner = self.dynamics.valid();
-        let Some(t_star) = locate(&inner, solver, z0.clone().inner(), (t0, t_max), crossing, &value)? else {
+        let located = locate(&inner, solver, z0.clone().inner(), (t0, t_max), crossing, &value)?;
+        let Some((t_star, index)) = located else {
             return Ok(None);
         };
+        // The triggering component alone, as the implicit function theorem sees it.
+        let event = |t, z| event(t, z).narrow(0, index, 1);
 
         // The differentiated solve to t*, then the implicit-function terms.
         let times = Tensor::cat(vec![start, time(t_star)], 0);
@@ -234,6 +248,7 @@ impl<M> NeuralOde<M> {
         Ok(Some(EventHit {
             time: t_tracked,
             state,
+            index,
             solution,
         }))
     }
@@ -261,19 +276,22 @@ where
     dg_dt + along
 }
 
-/// The first time in `(t0, t_max]` where `value(t, z(t))` changes sign, found on the dense output
-/// of the step where it does; `None` when it does not.
+/// The event function's components at `(t, z)` on the inner backend, checked.
+type EventValues<'a, B, const D: usize> = dyn Fn(f64, &Tensor<B, D>) -> Result<Vec<f64>> + 'a;
+
+/// The first time in `(t0, t_max]` where a component of `value(t, z(t))` changes sign, and
+/// which component, found on the dense output of the step where it does; `None` when none does.
 fn locate<B: Backend, I: Dynamics<B, D>, const D: usize>(
     inner: &I,
     solver: Solver,
     z0: Tensor<B, D>,
     (t0, t_max): (f64, f64),
     crossing: Crossing,
-    value: &dyn Fn(f64, &Tensor<B, D>) -> Result<f64>,
-) -> Result<Option<f64>> {
+    value: &EventValues<B, D>,
+) -> Result<Option<(f64, usize)>> {
     let g0 = value(t0, &z0)?;
-    if g0 == 0.0 && crossing == Crossing::Any {
-        return Err(Error::EventAtStart { t0 });
+    if let Some(index) = g0.iter().position(|&g| g == 0.0 && crossing == Crossing::Any) {
+        return Err(Error::EventAtStart { t0, index });
     }
     let tab = solver.tableau;
     let field = DynamicsField { module: inner };
@@ -287,21 +305,33 @@ fn locate<B: Backend, I: Dynamics<B, D>, const D: usize>(
                           ks: &[Tensor<B, D>]|
               -> Result<bool> {
             let g1 = value(span.t1, y_new)?;
-            let g_start = std::mem::replace(&mut g_prev, g1);
-            if !crossing.crosses(g_start, g1) {
-                return Ok(false);
-            }
+            let g_start = std::mem::replace(&mut g_prev, g1.clone());
             let h = span.t1 - span.t0;
-            let at = |theta: f64| value(span.t0 + theta * h, &interpolate(tab, y, ks, &Time::Value(h), theta));
-            let theta = bracketed_root(&at, g_start, g1)?;
-            *found = Some(span.t0 + theta * h);
+            let mut first: Option<(f64, usize)> = None;
+            for (i, (&before, &after)) in g_start.iter().zip(&g1).enumerate() {
+                if !crossing.crosses(before, after) {
+                    continue;
+                }
+                let at = |theta: f64| {
+                    let z = interpolate(tab, y, ks, &Time::Value(h), theta);
+                    Ok(value(span.t0 + theta * h, &z)?[i])
+                };
+                let theta = bracketed_root(&at, before, after)?;
+                if first.is_none_or(|(earliest, _)| theta < earliest) {
+                    first = Some((theta, i));
+                }
+            }
+            let Some((theta, i)) = first else {
+                return Ok(false);
+            };
+            *found = Some((span.t0 + theta * h, i));
             Ok(true)
         };
         let mut stepper = Stepper::new(&field, solver).with_watch(Box::new(watch));
         stepper.leg(&[t0, t_max], 0, 1, z0, None, &mut Vec::new(), &mut |_, _| {})?;
     }
     match found {
-        Some(t) if t == t0 => Err(Error::EventAtStart { t0 }),
+        Some((t, index)) if t == t0 => Err(Error::EventAtStart { t0, index }),
         found => Ok(found),
     }
 }

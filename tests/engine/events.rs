@@ -156,12 +156,34 @@ fn no_crossing_is_none_and_bad_events_are_typed_errors() {
     let at_start = |_t, z: Tensor<Ad, 2>| z.reshape([1]).sub_scalar(1.0);
     assert_eq!(
         ode.solve_until(z.clone(), 0.0, 3.0, at_start).unwrap_err(),
-        Error::EventAtStart { t0: 0.0 }
+        Error::EventAtStart { t0: 0.0, index: 0 }
     );
-    let wide = |_t, z: Tensor<Ad, 2>| z.reshape([1]).repeat_dim(0, 2);
+    let two_at_start = |_t, z: Tensor<Ad, 2>| {
+        Tensor::cat(
+            vec![z.clone().reshape([1]).add_scalar(1.0), z.reshape([1]).sub_scalar(1.0)],
+            0,
+        )
+    };
+    assert_eq!(
+        ode.solve_until(z.clone(), 0.0, 3.0, two_at_start).unwrap_err(),
+        Error::EventAtStart { t0: 0.0, index: 1 }
+    );
+    let empty = |_t, z: Tensor<Ad, 2>| Tensor::<Ad, 1>::from_data(TensorData::new(Vec::<f64>::new(), [0]), &z.device());
     assert!(matches!(
-        ode.solve_until(z.clone(), 0.0, 3.0, wide).unwrap_err(),
-        Error::BadEventValue { got, .. } if got == "shape [2]"
+        ode.solve_until(z.clone(), 0.0, 3.0, empty).unwrap_err(),
+        Error::BadEventValue { got, .. } if got == "shape [0]"
+    ));
+    // One condition at the start, two afterwards.
+    let widening = |t: Tensor<Ad, 1>, z: Tensor<Ad, 2>| {
+        let g = z.reshape([1]).add_scalar(1.0);
+        match t.into_scalar() == 0.0 {
+            true => g,
+            false => g.repeat_dim(0, 2),
+        }
+    };
+    assert!(matches!(
+        ode.solve_until(z.clone(), 0.0, 3.0, widening).unwrap_err(),
+        Error::BadEventValue { got, .. } if got == "shape [2] after [1]"
     ));
     let nan = |_t, z: Tensor<Ad, 2>| z.reshape([1]).sqrt().sub_scalar(2.0).mul_scalar(f64::NAN);
     assert!(matches!(
@@ -266,4 +288,62 @@ fn chained_events_carry_gradients_through_every_segment() {
             [dh0, de]
         );
     }
+}
+
+#[test]
+fn the_first_of_several_event_conditions_ends_the_solve() {
+    // Thrown up from h0 with speed v0 between a floor (height 0) and a ceiling at H, a captured
+    // leaf: g = [height, H − height]. A fast throw hits the ceiling at the first root of
+    // h0 + v0 t − g t²/2 = H, a slow one falls back to the floor. Either way, with v* the speed
+    // at the event, dt*/dh0 = −1/v*, dt*/dv0 = −t*/v* and (ceiling) dt*/dH = 1/v*.
+    let (h0, ceiling, g): (f64, f64, f64) = (1.0, 3.0, 9.81);
+    let device = Default::default();
+    for (v0, index) in [(8.0, 1), (5.0, 0)] {
+        let t = match index {
+            1 => (v0 - (v0 * v0 - 2.0 * g * (ceiling - h0)).sqrt()) / g,
+            _ => (v0 + (v0 * v0 + 2.0 * g * h0).sqrt()) / g,
+        };
+        let v = v0 - g * t;
+        let want = [-1.0 / v, -t / v, if index == 1 { 1.0 / v } else { 0.0 }];
+        for mode in modes() {
+            let ode = NeuralOde::new(Gravity {})
+                .solver(Solver::tsit5(1e-10, 1e-12))
+                .gradient(mode);
+            let z0 = Tensor::<Ad, 2>::from_data(TensorData::from([[h0, v0]]), &device).require_grad();
+            let top = Tensor::<Ad, 1>::from_data(TensorData::from([ceiling]), &device).require_grad();
+            let walls = |_t, z: Tensor<Ad, 2>| {
+                let height = z.narrow(1, 0, 1).reshape([1]);
+                Tensor::cat(vec![height.clone(), top.clone() - height], 0)
+            };
+            let hit = ode.solve_until(z0.clone(), 0.0, 10.0, walls).unwrap().unwrap();
+            assert_eq!(hit.index, index, "{mode:?}, v0 = {v0}");
+            let t_star = to_vec(hit.time.clone())[0];
+            assert!(
+                (t_star - t).abs() < 1e-8,
+                "{mode:?}, v0 = {v0}: t* = {t_star}, want {t}"
+            );
+            let height = to_vec(hit.state.clone().narrow(1, 0, 1))[0];
+            let wall = if index == 1 { ceiling } else { 0.0 };
+            assert!((height - wall).abs() < 1e-8, "{mode:?}: height {height} at the event");
+            let grads = hit.time.backward();
+            let dz0 = to_vec(z0.grad(&grads).unwrap());
+            let d_top = top.grad(&grads).map_or(0.0, |d| to_vec(d)[0]);
+            let got = [dz0[0], dz0[1], d_top];
+            assert!(rel_err(&got, &want) < 1e-7, "{mode:?}, v0 = {v0}: {got:?} vs {want:?}");
+        }
+    }
+}
+
+#[test]
+fn of_two_conditions_crossing_in_one_step_the_earlier_root_wins() {
+    // One step covers [0, 1] (dt0 and a tolerance no step fails); g = [t − 0.5, t − 0.3]
+    // crosses in both components there, the second first.
+    let device = Default::default();
+    let ode = NeuralOde::new(Toy::<Ad>::new(Kind::Decay, &device)).solver(Solver::tsit5(1e30, 1e30).dt0(1.0));
+    let z = Tensor::<Ad, 2>::from_data(TensorData::from([[1.0f64]]), &device);
+    let both = |t: Tensor<Ad, 1>, _z| Tensor::cat(vec![t.clone().sub_scalar(0.5), t.sub_scalar(0.3)], 0);
+    let hit = ode.solve_until(z, 0.0, 3.0, both).unwrap().unwrap();
+    assert_eq!(hit.index, 1);
+    let t: f64 = hit.time.into_scalar();
+    assert!((t - 0.3).abs() < 1e-12, "t* = {t}");
 }
