@@ -368,3 +368,90 @@ impl<B: Backend> Transformer2DModel<B> {
         out + x
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex, NdArray};
+    use burn::tensor::activation::softmax;
+    use burn::tensor::{Distribution, ElementConversion};
+
+    /// softmax(QKᵀ/√d)V from tensor ops: the reference the attention op's gradient must equal.
+    fn composed<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+        let d = q.dims()[3] as f64;
+        softmax(q.matmul(k.swap_dims(2, 3)).div_scalar(d.sqrt()), 3).matmul(v)
+    }
+
+    /// Gradients of Σ w ⊙ attention(q, k, v) for q, k, v (None where not tracked), through
+    /// burn's attention op and through the composition.
+    #[allow(clippy::type_complexity)]
+    fn both<B: burn::tensor::backend::AutodiffBackend>(
+        shape_q: [usize; 4],
+        shape_kv: [usize; 4],
+        tracked: [bool; 3],
+    ) -> (Vec<Option<Vec<f64>>>, Vec<Option<Vec<f64>>>, f64) {
+        let device = Default::default();
+        let draw = |s: [usize; 4]| Tensor::<B, 4>::random(s, Distribution::Normal(0.0, 1.0), &device);
+        let (q, k, v) = (draw(shape_q), draw(shape_kv), draw(shape_kv));
+        let w = draw(shape_q);
+        let grads_of = |f: &dyn Fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>| {
+            let leaf = |x: &Tensor<B, 4>, t: bool| match t {
+                true => x.clone().detach().require_grad(),
+                false => x.clone().detach(),
+            };
+            let (q, k, v) = (leaf(&q, tracked[0]), leaf(&k, tracked[1]), leaf(&v, tracked[2]));
+            let out = f(q.clone(), k.clone(), v.clone());
+            let value: f64 = (out * w.clone()).sum().into_scalar().elem();
+            let grads = (f(q.clone(), k.clone(), v.clone()) * w.clone()).sum().backward();
+            let g = [q, k, v].map(|x| x.grad(&grads).map(|g| g.into_data().iter::<f64>().collect::<Vec<_>>()));
+            (g.to_vec(), value)
+        };
+        let op = |q, k, v| attention(q, k, v, None, None, AttentionModuleOptions::default());
+        let (got, value_op) = grads_of(&op);
+        let (want, value_ref) = grads_of(&composed);
+        (got, want, (value_op - value_ref).abs() / value_ref.abs().max(1.0))
+    }
+
+    fn max_rel(got: &[f64], want: &[f64]) -> f64 {
+        let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
+        got.iter().zip(want).fold(0.0f64, |m, (a, b)| m.max((a - b).abs())) / scale
+    }
+
+    fn check(got: &[Option<Vec<f64>>], want: &[Option<Vec<f64>>], tracked: [bool; 3], tol: f64) {
+        for (i, name) in ["query", "key", "value"].iter().enumerate() {
+            match (&got[i], &want[i]) {
+                (Some(g), Some(w)) => {
+                    let e = max_rel(g, w);
+                    assert!(e < tol, "d/d{name}: {e:e} from the composed attention's");
+                }
+                (None, None) => assert!(!tracked[i]),
+                (g, _) => panic!("d/d{name}: present {} against the reference's", g.is_some()),
+            }
+        }
+    }
+
+    #[test]
+    fn attention_gradients_equal_the_composed_softmax_in_f64() {
+        type B = Autodiff<NdArray<f64>>;
+        // Self-attention, cross-attention (keys from a 7-token context, untracked), and a
+        // query length split into three blocks of rows by the backward pass (2·2048 keys:
+        // 1024 rows per block, 2500 rows).
+        for (q, kv, tracked) in [
+            ([2, 3, 10, 4], [2, 3, 10, 4], [true, true, true]),
+            ([1, 2, 12, 8], [1, 2, 7, 8], [true, false, false]),
+            ([1, 2, 12, 8], [1, 2, 7, 8], [false, true, true]),
+            ([1, 2, 2500, 4], [1, 2, 2048, 4], [true, true, true]),
+        ] {
+            let (got, want, value) = both::<B>(q, kv, tracked);
+            assert!(value < 1e-12, "{q:?}: value {value:e} from the composed attention's");
+            check(&got, &want, tracked, 1e-10);
+        }
+    }
+
+    #[test]
+    fn attention_gradients_on_flex_match_in_f32() {
+        let (got, want, value) = both::<Autodiff<Flex>>([1, 4, 64, 16], [1, 4, 64, 16], [true; 3]);
+        assert!(value < 1e-5, "value {value:e}");
+        check(&got, &want, [true; 3], 1e-4);
+    }
+}

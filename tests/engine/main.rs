@@ -7,5 +7,6 @@ mod events;
 mod exactness;
 mod fields;
 mod p1;
+mod patches;
 mod solvers;
 mod training;

@@ -7,7 +7,9 @@ use crate::ops::{Backward, Ops, unary};
 use crate::tensor::AutodiffTensor;
 
 use burn_backend::Backend;
+use burn_backend::TensorMetadata;
 use burn_backend::ops::attention::attention_fallback;
+use burn_std::Slice;
 use burn_backend::ops::*;
 use burn_backend::tensor::{FloatTensor, IntTensor};
 
@@ -1881,8 +1883,74 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
         attn_bias: Option<FloatTensor<Autodiff<B, C>>>,
         options: AttentionModuleOptions,
     ) -> FloatTensor<Autodiff<B, C>> {
-        attention_fallback::<Self>(query, key, value, mask, attn_bias, options)
+        // adjoint-dpm patch 3: plain attention (no mask, bias, softcap or causal masking) is one
+        // op whose forward is the backend's own (fused) attention and whose backward recomputes
+        // the attention weights a block of query rows at a time, instead of the fallback's graph
+        // of matmul, softmax and matmul that keeps the whole [batch, heads, n, m] weight matrix
+        // (and its softmax) alive until the backward pass.
+        if mask.is_some() || attn_bias.is_some() || options.softcap.is_some() || options.is_causal {
+            return attention_fallback::<Self>(query, key, value, mask, attn_bias, options);
+        }
+
+        #[derive(Debug)]
+        struct Attention;
+
+        impl<B: Backend> Backward<B, 3> for Attention {
+            type State = (NodeId, NodeId, NodeId, B::FloatTensorPrimitive, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_q, node_k, node_v] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (q, k, v, output, scale) = ops.state;
+                let q = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(q);
+                let k = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(k);
+                let v = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(v);
+                let [dq, dk, dv] = attention_backward::<B>(q, k, v, output, grad, scale);
+                for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        let head_dim = query.primitive.shape().dims::<4>()[3];
+        let scale = options.scale.unwrap_or(1.0 / (head_dim as f64).sqrt());
+        match Attention
+            .prepare::<C>([query.node.clone(), key.node.clone(), value.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let q = prep.checkpoint(&query);
+                let k = prep.checkpoint(&key);
+                let v = prep.checkpoint(&value);
+                let output = B::attention(
+                    query.primitive,
+                    key.primitive,
+                    value.primitive,
+                    None,
+                    None,
+                    options,
+                );
+                prep.finish((q, k, v, output.clone(), scale), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::attention(
+                query.primitive,
+                key.primitive,
+                value.primitive,
+                None,
+                None,
+                options,
+            )),
+        }
     }
+
 
     fn ctc_loss(
         log_probs: FloatTensor<Autodiff<B, C>>,
@@ -2064,4 +2132,69 @@ impl<B: Backend> Backward<B, 1> for MaxPool2D {
             grads.register::<B>(node.id, grad.x_grad);
         }
     }
+}
+
+/// Elements of the attention weights held at once by [`attention_backward`] (per block of query
+/// rows): 2^22, 16 MiB in f32.
+const ATTENTION_BLOCK_ELEMENTS: usize = 1 << 22;
+
+/// adjoint-dpm patch 3: the gradients of `O = softmax(s·QKᵀ)V` with respect to Q, K and V,
+/// given dO. The weights `P` are recomputed a block of query rows at a time, so no more than
+/// [`ATTENTION_BLOCK_ELEMENTS`] of them exist at once:
+/// `dV = Σ Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = s·dS K`, `dK = Σ s·dSᵀ Q`.
+fn attention_backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    output: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    scale: f64,
+) -> [FloatTensor<B>; 3] {
+    let [batch, heads, n, _] = q.shape().dims::<4>();
+    let m = k.shape().dims::<4>()[2];
+    let rows = (ATTENTION_BLOCK_ELEMENTS / (batch * heads * m).max(1)).clamp(1, n.max(1));
+    // rowsum(dO ⊙ O): [batch, heads, n, 1].
+    let delta = B::float_sum_dim(B::float_mul(grad.clone(), output), 3);
+    let k_t = B::float_transpose(k.clone());
+    let v_t = B::float_transpose(v);
+    let mut dq_blocks = Vec::with_capacity(n.div_ceil(rows));
+    let mut dk: Option<FloatTensor<B>> = None;
+    let mut dv: Option<FloatTensor<B>> = None;
+    let accumulate = |acc: Option<FloatTensor<B>>, x: FloatTensor<B>| match acc {
+        Some(acc) => B::float_add(acc, x),
+        None => x,
+    };
+    for start in (0..n).step_by(rows) {
+        let end = (start + rows).min(n);
+        let block = |x: &FloatTensor<B>| {
+            let rows = [
+                Slice::from(0..batch),
+                Slice::from(0..heads),
+                Slice::from(start..end),
+                Slice::full(),
+            ];
+            B::float_slice(x.clone(), &rows)
+        };
+        let (q_b, grad_b, delta_b) = (block(&q), block(&grad), block(&delta));
+        // P = softmax(s·Q Kᵀ) over the keys, shifted by the row maximum.
+        let scores = B::float_mul_scalar(B::float_matmul(q_b.clone(), k_t.clone()), scale.into());
+        let shifted = B::float_sub(scores.clone(), B::float_max_dim(scores, 3));
+        let exp = B::float_exp(shifted);
+        let p = B::float_div(exp.clone(), B::float_sum_dim(exp, 3));
+        let dv_b = B::float_matmul(B::float_transpose(p.clone()), grad_b.clone());
+        dv = Some(accumulate(dv, dv_b));
+        let dp = B::float_matmul(grad_b, v_t.clone());
+        let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, delta_b)), scale.into());
+        dq_blocks.push(B::float_matmul(ds.clone(), k.clone()));
+        dk = Some(accumulate(dk, B::float_matmul(B::float_transpose(ds), q_b)));
+    }
+    let dq = match dq_blocks.len() {
+        1 => dq_blocks.pop().expect("one block"),
+        _ => B::float_cat(dq_blocks, 2),
+    };
+    let zeros_like =
+        |x: &FloatTensor<B>| B::float_zeros(x.shape(), &B::float_device(x), x.dtype().into());
+    let dk = dk.unwrap_or_else(|| zeros_like(&k));
+    let dv = dv.unwrap_or_else(|| zeros_like(&k_t));
+    [dq, dk, dv]
 }

@@ -450,9 +450,11 @@ impl<B: Backend, C: CheckpointStrategy> FloatTensorOps<Self> for Autodiff<B, C> 
                 grads: &mut Gradients,
                 _checkpointer: &mut Checkpointer,
             ) {
+                // adjoint-dpm patch 4: divide by the scalar as given. 0.21.0 multiplied by
+                // `1.0 / scalar.elem::<f32>()`, so every f64 gradient through `div_scalar` was
+                // off by up to 6e-8 (relative) unless the divisor was a power of two.
                 unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-                    let tmp = 1.0 / ops.state.elem::<f32>();
-                    B::float_mul_scalar(grad, tmp.into())
+                    B::float_div_scalar(grad, ops.state)
                 });
             }
         }
