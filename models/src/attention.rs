@@ -452,7 +452,7 @@ mod tests {
 
     #[test]
     fn attention_gradients_on_flex_match_in_f32() {
-        // 4·1100·1000 weights: the blocked backward, after flex's fused forward.
+        // 4·1100·1000 weights: the blocked backward.
         let (got, want, value) = both::<Autodiff<Flex>>([1, 4, 1100, 16], [1, 4, 1000, 16], [true; 3]);
         assert!(value < 1e-5, "value {value:e}");
         check(&got, &want, [true; 3], 1e-4);

@@ -1884,7 +1884,8 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
         options: AttentionModuleOptions,
     ) -> FloatTensor<Autodiff<B, C>> {
         // adjoint-dpm patch 3: plain attention (no mask, bias, softcap or causal masking) is one
-        // op whose forward is the backend's own (fused) attention and whose backward recomputes
+        // op whose forward is 0.21.0's composed fallback run on the inner backend (the same values
+        // as before; the weights it builds are freed at once) and whose backward recomputes
         // the attention weights a block of query rows at a time, instead of the fallback's graph
         // of matmul, softmax and matmul that keeps the whole [batch, heads, n, m] weight matrix
         // (and its softmax) alive until the backward pass. A weight matrix no larger than one
@@ -1939,7 +1940,7 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
                 let q = prep.checkpoint(&query);
                 let k = prep.checkpoint(&key);
                 let v = prep.checkpoint(&value);
-                let output = B::attention(
+                let output = attention_fallback::<B>(
                     query.primitive,
                     key.primitive,
                     value.primitive,
@@ -1949,7 +1950,7 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
                 );
                 prep.finish((q, k, v, output.clone(), scale), output)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::attention(
+            OpsKind::UnTracked(prep) => prep.finish(attention_fallback::<B>(
                 query.primitive,
                 key.primitive,
                 value.primitive,
