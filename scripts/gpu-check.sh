@@ -8,6 +8,9 @@
 #
 # Steps, in the order `run` takes them, each under its own time limit (a failure or a timeout
 # does not stop the rest), each followed by its peak device memory and wall time:
+#   attn-check  the small UNet at a 64×64 latent on flex (this machine's CPU path), then on CUDA
+#               against it: burn's native attention through wgpu/lavapipe was 15% off flex's at
+#               1600 tokens, so check CUDA's before trusting any UNet figure
 #   unet-tiny   the small UNet's forward/VJP: how long the kernel warm-up takes
 #   unet-f32    the Stable Diffusion 1.5 UNet (random weights, 64×64×4 latent, 77×768 context),
 #               forward and VJP in f32; keeps its weights and outputs for unet-f16
@@ -49,13 +52,13 @@ case "${1:-}" in
     ;;
   run) shift ;;
   *)
-    echo "usage: $0 build | run [unet-tiny unet-untuned unet-f32 unet-f16 torch ddim p2]" >&2
+    echo "usage: $0 build | run [attn-check unet-tiny unet-untuned unet-f32 unet-f16 torch ddim p2]" >&2
     exit 2
     ;;
 esac
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(unet-tiny unet-untuned unet-f32 unet-f16 torch ddim p2)
+[ ${#steps[@]} -gt 0 ] || steps=(attn-check unet-tiny unet-untuned unet-f32 unet-f16 torch ddim p2)
 
 export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
 if [ ! -d "$CUDA_PATH" ] && command -v nvcc >/dev/null; then
@@ -107,6 +110,14 @@ peak() {
 sd=/tmp/sd15
 for step in "${steps[@]}"; do
   case $step in
+    # The tiny UNet at a 64×64 latent (4096-token self-attention) on CUDA against flex on the
+    # same weights: through wgpu on lavapipe, burn's native attention at 1600 tokens gave an ε
+    # 15% off flex's (README, Benchmarks), so the CUDA timings mean nothing until this agrees.
+    attn-check)
+      timeout 120 .gpu-bin/bench_unet --config tiny --size 64 --reps 1 --save-dir /tmp/attn-ref &&
+        peak 180 .gpu-bin/bench_unet_untuned --config tiny --size 64 --backend cuda --reps 1 \
+          --compare-dir /tmp/attn-ref
+      ;;
     unet-tiny) peak 120 .gpu-bin/bench_unet --config tiny --backend cuda --reps 10 ;;
     unet-untuned) peak 300 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 10 ;;
     unet-f32) peak 540 .gpu-bin/bench_unet --config sd15 --backend cuda --reps 10 --save-dir $sd ;;
