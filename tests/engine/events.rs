@@ -72,7 +72,8 @@ fn event_time_and_state_gradients_match_the_closed_form() {
         assert!((t_star - t).abs() < 1e-9, "{mode:?}: t* = {t_star}, want {t}");
         assert!((z - z_star).abs() < 1e-9, "{mode:?}: z(t*) = {z}, want {z_star}");
         let e = rel_err(&got, &want);
-        assert!(e < 1e-7, "{mode:?}: gradient {got:?}, want {want:?} ({e:e})");
+        // 1e-11 measured (the solver's tolerance).
+        assert!(e < 1e-9, "{mode:?}: gradient {got:?}, want {want:?} ({e:e})");
     }
 }
 
@@ -329,7 +330,9 @@ fn the_first_of_several_event_conditions_ends_the_solve() {
             let dz0 = to_vec(z0.grad(&grads).unwrap());
             let d_top = top.grad(&grads).map_or(0.0, |d| to_vec(d)[0]);
             let got = [dz0[0], dz0[1], d_top];
-            assert!(rel_err(&got, &want) < 1e-7, "{mode:?}, v0 = {v0}: {got:?} vs {want:?}");
+            // Tsit5 is exact on a parabola: 4e-16 measured. (Before the vendored burn-autodiff's
+            // patch 4, the division by ġ alone was 1e-8 off.)
+            assert!(rel_err(&got, &want) < 1e-12, "{mode:?}, v0 = {v0}: {got:?} vs {want:?}");
         }
     }
 }
