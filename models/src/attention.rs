@@ -400,9 +400,9 @@ mod tests {
                 false => x.clone().detach(),
             };
             let (q, k, v) = (leaf(&q, tracked[0]), leaf(&k, tracked[1]), leaf(&v, tracked[2]));
-            let out = f(q.clone(), k.clone(), v.clone());
-            let value: f64 = (out * w.clone()).sum().into_scalar().elem();
-            let grads = (f(q.clone(), k.clone(), v.clone()) * w.clone()).sum().backward();
+            let loss = (f(q.clone(), k.clone(), v.clone()) * w.clone()).sum();
+            let value: f64 = loss.clone().into_scalar().elem();
+            let grads = loss.backward();
             let g = [q, k, v].map(|x| x.grad(&grads).map(|g| g.into_data().iter::<f64>().collect::<Vec<_>>()));
             (g.to_vec(), value)
         };

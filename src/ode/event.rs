@@ -290,7 +290,7 @@ fn locate<B: Backend, I: Dynamics<B, D>, const D: usize>(
     value: &EventValues<B, D>,
 ) -> Result<Option<(f64, usize)>> {
     let g0 = value(t0, &z0)?;
-    if let Some(index) = g0.iter().position(|&g| g == 0.0 && crossing == Crossing::Any) {
+    if let Some(index) = g0.iter().position(|&g| g == 0.0).filter(|_| crossing == Crossing::Any) {
         return Err(Error::EventAtStart { t0, index });
     }
     let tab = solver.tableau;
@@ -305,10 +305,10 @@ fn locate<B: Backend, I: Dynamics<B, D>, const D: usize>(
                           ks: &[Tensor<B, D>]|
               -> Result<bool> {
             let g1 = value(span.t1, y_new)?;
-            let g_start = std::mem::replace(&mut g_prev, g1.clone());
+            let g_start = std::mem::replace(&mut g_prev, g1);
             let h = span.t1 - span.t0;
             let mut first: Option<(f64, usize)> = None;
-            for (i, (&before, &after)) in g_start.iter().zip(&g1).enumerate() {
+            for (i, (&before, &after)) in g_start.iter().zip(&g_prev).enumerate() {
                 if !crossing.crosses(before, after) {
                     continue;
                 }
