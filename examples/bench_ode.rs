@@ -71,7 +71,7 @@ struct Args {
     /// of every output state after the first.
     #[arg(long, default_value_t = 2)]
     outputs: usize,
-    /// euler, midpoint, heun, rk4, bosh3, dopri5, tsit5.
+    /// euler, midpoint, heun, rk4, bosh3, dopri5, tsit5, dopri8.
     #[arg(long, default_value = "rk4")]
     solver: String,
     /// Fixed steps over [t0, t1] (fixed-step solvers).

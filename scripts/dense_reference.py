@@ -42,7 +42,8 @@ out = {
     "thetas": THETAS,
     "diffrax": diffrax.__version__,
     "states": {name: one_step(solver) for name, solver in
-               [("tsit5", diffrax.Tsit5()), ("bosh3", diffrax.Bosh3()), ("dopri5", diffrax.Dopri5())]},
+               [("tsit5", diffrax.Tsit5()), ("bosh3", diffrax.Bosh3()), ("dopri5", diffrax.Dopri5()),
+                ("dopri8", diffrax.Dopri8())]},
 }
 path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",
                     "dense_diffrax.json")

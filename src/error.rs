@@ -96,8 +96,8 @@ pub enum Error {
     },
     /// Adaptive stepping was asked of a method with no embedded error estimate.
     #[error(
-        "{method} has no embedded error estimate, so it cannot adapt its step; use bosh3, dopri5 \
-         or tsit5 for tolerances, or give {method} a step count"
+        "{method} has no embedded error estimate, so it cannot adapt its step; use bosh3, dopri5, \
+         tsit5 or dopri8 for tolerances, or give {method} a step count"
     )]
     NoErrorEstimate {
         /// Name of the method.
@@ -140,7 +140,7 @@ pub enum Error {
     },
     /// Events are located by an adaptive solve.
     #[error(
-        "events are located by an adaptive solver (bosh3, dopri5, tsit5, or heun with \
+        "events are located by an adaptive solver (bosh3, dopri5, tsit5, dopri8, or heun with \
          tolerances), on its dense output; {method} here takes fixed steps"
     )]
     EventNeedsAdaptiveSolver {

@@ -6,7 +6,7 @@
 //! ## A tour
 //! 1. Write the dynamics as any burn module implementing [`ode::Dynamics`]: `dz/dt = f(t, z)`.
 //! 2. Wrap it: [`ode::NeuralOde::new`], pick a [`ode::Solver`] (fixed-step Euler, midpoint, Heun,
-//!    RK4; adaptive Bosh3, Dopri5, Tsit5) and a [`ode::GradientMode`].
+//!    RK4; adaptive Bosh3, Dopri5, Tsit5, Dopri8) and a [`ode::GradientMode`].
 //! 3. On an autodiff backend, [`ode::NeuralOde::solve`] returns a [`ode::Solution`] whose states
 //!    are tracked tensors: build any loss on them and call `.backward()`. The initial state, every
 //!    trainable parameter and (with [`ode::NeuralOde::solve_with_times`]) the output times receive

@@ -157,6 +157,17 @@ impl Solver {
         Self::adaptive(&tableau::TSIT5, rtol, atol)
     }
 
+    /// Adaptive Prince–Dormand 8(7), for tight tolerances: 13 evaluations of f a step, with a
+    /// fifth-order dense output.
+    ///
+    /// ```
+    /// use adjoint_dpm::ode::Solver;
+    /// assert!(Solver::dopri8(1e-10, 1e-12).validate().is_ok());
+    /// ```
+    pub fn dopri8(rtol: f64, atol: f64) -> Self {
+        Self::adaptive(&tableau::DOPRI8, rtol, atol)
+    }
+
     fn map_tolerances(mut self, f: impl FnOnce(&mut Tolerances)) -> Self {
         if let StepControl::Adaptive(tol) = &mut self.control {
             f(tol);
@@ -382,9 +393,14 @@ impl Span {
         let (s0, s1) = ((self.t0 - ta) / (tb - ta), (self.t1 - ta) / (tb - ta));
         let start = times.clone().narrow(0, self.from, 1);
         let length = times.clone().narrow(0, self.to, 1) - start.clone();
+        // The values of the plain solve, exactly, with the expressions' derivatives attached.
+        let exact = |value: f64, expr: Tensor<B, 1>| {
+            let base = Tensor::from_data(burn::tensor::TensorData::from([value]), (&expr.device(), expr.dtype()));
+            Time::Tensor(base + (expr.clone() - expr.detach()), value)
+        };
         (
-            Time::Tensor(start + length.clone().mul_scalar(s0)),
-            Time::Tensor(length.mul_scalar(s1 - s0)),
+            exact(self.t0, start + length.clone().mul_scalar(s0)),
+            exact(self.t1 - self.t0, length.mul_scalar(s1 - s0)),
         )
     }
 
@@ -405,14 +421,9 @@ pub(crate) struct StepOut<S> {
     pub ks: Vec<S>,
 }
 
-/// `h · Σ coef_i · k_i` over the non-zero coefficients, `None` when all are zero. A plain `h`
-/// is folded into the coefficients (one pass over the state fewer than scaling the sum).
-fn combine<B: Backend, S: OdeState<B>>(coefs: &[f64], ks: &[S], h: &Time<B>) -> Option<S> {
-    let factor = match h {
-        Time::Value(h) => *h,
-        Time::Tensor(_) => 1.0,
-    };
-    let sum = coefs
+/// `Σ (coef_i · factor) · k_i` over the non-zero coefficients, `None` when all are zero.
+fn weighted_sum<B: Backend, S: OdeState<B>>(coefs: &[f64], ks: &[S], factor: f64) -> Option<S> {
+    coefs
         .iter()
         .zip(ks)
         .filter(|(c, _)| **c != 0.0)
@@ -422,10 +433,21 @@ fn combine<B: Backend, S: OdeState<B>>(coefs: &[f64], ks: &[S], h: &Time<B>) -> 
                 None => term,
                 Some(acc) => acc.add(&term),
             })
-        })?;
+        })
+}
+
+/// `h · Σ coef_i · k_i` over the non-zero coefficients, `None` when all are zero. `h`'s value is
+/// folded into the coefficients (one pass over the state fewer than scaling the sum); a tracked
+/// `h` adds `(h − h̄)·Σ coef_i k_i`, zero in value, for its gradient, so that the value is the
+/// plain solve's to the bit.
+fn combine<B: Backend, S: OdeState<B>>(coefs: &[f64], ks: &[S], h: &Time<B>) -> Option<S> {
+    let sum = weighted_sum(coefs, ks, h.value())?;
     Some(match h {
         Time::Value(_) => sum,
-        Time::Tensor(_) => sum.scale_time(h),
+        Time::Tensor(t, _) => {
+            let slope = weighted_sum(coefs, ks, 1.0)?;
+            sum.add(&slope.scale_time(&Time::Tensor(t.clone() - t.clone().detach(), 0.0)))
+        }
     })
 }
 
@@ -508,12 +530,12 @@ pub(crate) fn dense_states<B: Backend, S: OdeState<B>>(
         .map(|k| {
             let theta = (grid[k] - span.t0) / (span.t1 - span.t0);
             let mut state = interpolate(tab, y, ks, h, theta);
-            if let (Some(times), Time::Tensor(t), Time::Tensor(h_t)) = (times, t, h) {
+            if let (Some(times), Time::Tensor(t, _), Time::Tensor(h_t, _)) = (times, t, h) {
                 let theta_t = (times.clone().narrow(0, k, 1) - t.clone()) / h_t.clone();
                 let moved = theta_t.clone() - theta_t.detach();
                 let slopes = tab.dense_weight_slopes(theta).expect("a dense output has slopes");
                 if let Some(dy_dtheta) = combine(&slopes, ks, h) {
-                    state = state.add(&dy_dtheta.scale_time(&Time::Tensor(moved)));
+                    state = state.add(&dy_dtheta.scale_time(&Time::Tensor(moved, 0.0)));
                 }
             }
             state

@@ -14,18 +14,29 @@ use crate::error::Result;
 pub enum Time<B: Backend> {
     /// A value with no gradient.
     Value(f64),
-    /// A `[1]` tensor, tracked on an autodiff backend.
-    Tensor(Tensor<B, 1>),
+    /// A `[1]` tensor, tracked on an autodiff backend, and its value: the stepper computes with
+    /// the value exactly as it would with a plain time, so that a solve that differentiates its
+    /// output times takes bit for bit the steps of one that does not (an 8th-order method's error
+    /// estimate is small enough for rounding to move its step sizes).
+    Tensor(Tensor<B, 1>, f64),
 }
 
 impl<B: Backend> Time<B> {
-    /// `self + c · h`.
+    /// The value, tracked or not.
+    pub fn value(&self) -> f64 {
+        match self {
+            Time::Value(v) | Time::Tensor(_, v) => *v,
+        }
+    }
+
+    /// `self + c · h` (in that order of operations for tensor and value alike).
     pub fn offset(&self, c: f64, h: &Time<B>) -> Time<B> {
+        let value = self.value() + c * h.value();
         match (self, h) {
-            (Time::Value(t), Time::Value(h)) => Time::Value(t + c * h),
-            (Time::Tensor(t), Time::Value(h)) => Time::Tensor(t.clone().add_scalar(c * h)),
-            (Time::Value(t), Time::Tensor(h)) => Time::Tensor(h.clone().mul_scalar(c).add_scalar(*t)),
-            (Time::Tensor(t), Time::Tensor(h)) => Time::Tensor(t.clone() + h.clone().mul_scalar(c)),
+            (Time::Value(_), Time::Value(_)) => Time::Value(value),
+            (Time::Tensor(t, _), Time::Value(h)) => Time::Tensor(t.clone().add_scalar(c * h), value),
+            (Time::Value(t), Time::Tensor(h, _)) => Time::Tensor(h.clone().mul_scalar(c).add_scalar(*t), value),
+            (Time::Tensor(t, _), Time::Tensor(h, _)) => Time::Tensor(t.clone() + h.clone().mul_scalar(c), value),
         }
     }
 
@@ -35,7 +46,7 @@ impl<B: Backend> Time<B> {
     pub fn to_tensor<const D: usize>(&self, like: &Tensor<B, D>) -> Tensor<B, 1> {
         match self {
             Time::Value(t) => Tensor::from_data(burn::tensor::TensorData::from([*t]), (&like.device(), like.dtype())),
-            Time::Tensor(t) => t.clone(),
+            Time::Tensor(t, _) => t.clone(),
         }
     }
 }
@@ -93,7 +104,7 @@ impl<B: Backend, const D: usize> OdeState<B> for Tensor<B, D> {
     fn scale_time(&self, h: &Time<B>) -> Self {
         match h {
             Time::Value(h) => self.clone().mul_scalar(*h),
-            Time::Tensor(h) => self.clone() * h.clone().reshape([1; D]),
+            Time::Tensor(h, _) => self.clone() * h.clone().reshape([1; D]),
         }
     }
 

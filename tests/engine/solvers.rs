@@ -1,6 +1,6 @@
 //! Solver behaviour: convergence order, tolerances, direction of time, counts.
 
-use adjoint_dpm::ode::{tableau, ButcherTableau};
+use adjoint_dpm::ode::ButcherTableau;
 use adjoint_dpm::prelude::*;
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -19,22 +19,45 @@ fn spiral_error(solver: Solver, t_end: f64) -> f64 {
     ((z[0] - exact[0]).powi(2) + (z[1] - exact[1]).powi(2)).sqrt()
 }
 
+/// The error at `t_end` of dz/dt = z² (elementwise) from [0.5, −0.3]: exactly z0 / (1 − z0 t).
+fn blowup_error(solver: Solver, t_end: f64) -> f64 {
+    let device = Default::default();
+    let z0 = [0.5, -0.3];
+    let ode = NeuralOde::new(Toy::<F64>::new(Kind::Blowup, &device)).solver(solver);
+    let z = to_vec(
+        ode.integrate(
+            Tensor::<F64, 2>::from_data(TensorData::from([z0]), &device),
+            &[0.0, t_end],
+        )
+        .unwrap()
+        .last(),
+    );
+    z.iter()
+        .zip(z0)
+        .map(|(z, z0)| (z - z0 / (1.0 - z0 * t_end)).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
 #[test]
 fn empirical_order_matches_declared() {
-    let fixed: [&'static ButcherTableau; 7] = [
-        &tableau::EULER,
-        &tableau::MIDPOINT,
-        &tableau::HEUN,
-        &tableau::RK4,
-        &tableau::BOSH3,
-        &tableau::DOPRI5,
-        &tableau::TSIT5,
-    ];
-    for tab in fixed {
-        // Coarse enough to stay above rounding for the fifth-order methods.
-        let n = if tab.order >= 5 { 16 } else { 32 };
-        let e1 = spiral_error(Solver::fixed(tab, n), 2.0);
-        let e2 = spiral_error(Solver::fixed(tab, 2 * n), 2.0);
+    for tab in ButcherTableau::all() {
+        // Coarse enough to stay above rounding for the fifth-order methods. On the linear spiral
+        // Dopri8 converges like a ninth-order method (for linear f only the "tall tree"
+        // conditions count, and its ninth holds to 1e-3), so it is measured on the nonlinear
+        // z' = z², between 16 and 32 steps (errors 5e-11 and 2e-13).
+        let (e1, e2) = if tab.order == 8 {
+            (
+                blowup_error(Solver::fixed(tab, 16), 1.5),
+                blowup_error(Solver::fixed(tab, 32), 1.5),
+            )
+        } else {
+            let n = if tab.order >= 5 { 16 } else { 32 };
+            (
+                spiral_error(Solver::fixed(tab, n), 2.0),
+                spiral_error(Solver::fixed(tab, 2 * n), 2.0),
+            )
+        };
         let slope = (e1 / e2).log2();
         assert!(
             (slope - f64::from(tab.order)).abs() <= 0.3,
@@ -47,7 +70,12 @@ fn empirical_order_matches_declared() {
 
 #[test]
 fn adaptive_solvers_reach_the_tolerance_asked() {
-    for make in [Solver::bosh3 as fn(f64, f64) -> Solver, Solver::dopri5, Solver::tsit5] {
+    for make in [
+        Solver::bosh3 as fn(f64, f64) -> Solver,
+        Solver::dopri5,
+        Solver::tsit5,
+        Solver::dopri8,
+    ] {
         let mut last = f64::INFINITY;
         for tol in [1e-4, 1e-6, 1e-8] {
             let e = spiral_error(make(tol, tol), 5.0);
