@@ -32,13 +32,55 @@ pub struct Mlp<B: Backend> {
     pub cube: bool,
 }
 
+/// Held while a test seeds the backends' random generators and draws from them: the generators
+/// are process-wide, and `cargo test` runs tests on parallel threads, which could otherwise draw
+/// between another test's seed and its draws (and change its weights).
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+thread_local! {
+    static HOLDS_RNG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` holding [`RNG`] (re-entrant on one thread), after seeding NdArray's and flex's
+/// generators with `seed` if one is given.
+pub fn with_rng<T>(seed: Option<u64>, f: impl FnOnce() -> T) -> T {
+    let seed_all = |seed: Option<u64>| {
+        if let Some(seed) = seed {
+            F64::seed(&Default::default(), seed);
+            burn::backend::Flex::seed(&Default::default(), seed);
+        }
+    };
+    if HOLDS_RNG.get() {
+        seed_all(seed);
+        return f();
+    }
+    let _lock = RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            HOLDS_RNG.set(false);
+        }
+    }
+    HOLDS_RNG.set(true);
+    let _release = Release;
+    seed_all(seed);
+    f()
+}
+
 impl<B: Backend> Mlp<B> {
+    /// [`Mlp::new`] with the random generators seeded first: the same weights in every run.
+    pub fn seeded(seed: u64, widths: &[usize], act: Act, time_dependent: bool, device: &B::Device) -> Self {
+        with_rng(Some(seed), || Self::new(widths, act, time_dependent, device))
+    }
+
     /// Widths `[dim, h1, …, dim]`.
     pub fn new(widths: &[usize], act: Act, time_dependent: bool, device: &B::Device) -> Self {
-        let layers = widths
-            .windows(2)
-            .map(|w| LinearConfig::new(w[0], w[1]).init(device))
-            .collect();
+        let layers = with_rng(None, || {
+            widths
+                .windows(2)
+                .map(|w| LinearConfig::new(w[0], w[1]).init(device))
+                .collect()
+        });
         let tw = if time_dependent { 0.5 } else { 0.0 };
         let act = match act {
             Act::Tanh => 0,
@@ -135,7 +177,7 @@ impl P1 {
     pub fn model<B: Backend>(&self, device: &B::Device) -> Mlp<B> {
         let lin = |w: &[f64], b: &[f64], out: usize, inp: usize| {
             let w = Tensor::<B, 2>::from_data(TensorData::new(w.to_vec(), [out, inp]), device).transpose();
-            let mut l = LinearConfig::new(inp, out).init(device);
+            let mut l = with_rng(None, || LinearConfig::new(inp, out).init(device));
             l.weight = Param::from_tensor(w);
             l.bias = Some(Param::from_tensor(Tensor::from_data(
                 TensorData::new(b.to_vec(), [out]),

@@ -123,9 +123,7 @@ const TIMES: [f64; 8] = [0.0, 0.11, 0.2, 0.43, 0.5, 0.77, 0.9, 1.3];
 #[test]
 fn checkpointed_equals_backprop_through_interpolation() {
     let device = Default::default();
-    use burn::tensor::backend::Backend;
-    Ad::seed(&device, 3);
-    let model = Mlp::<Ad>::new(&[2, 6, 2], Act::Tanh, true, &device);
+    let model = Mlp::<Ad>::seeded(3, &[2, 6, 2], Act::Tanh, true, &device);
     let z0 = [0.3, -0.5, 0.9, 0.1];
     for solver in [
         Solver::bosh3(1e-2, 1e-4),
@@ -160,9 +158,7 @@ fn interpolated_gradients_match_central_differences() {
     // by the controller's maximum factor), so finite differences see the same discretisation:
     // steps [0, 0.1], [0.1, 1.0], [1.0, 1.3], with six outputs read off the dense output.
     let device = Default::default();
-    use burn::tensor::backend::Backend;
-    Ad::seed(&device, 5);
-    let model = Mlp::<Ad>::new(&[2, 5, 2], Act::Softplus, true, &device);
+    let model = Mlp::<Ad>::seeded(5, &[2, 5, 2], Act::Softplus, true, &device);
     let z0 = [0.4, -0.2, -0.7, 0.6];
     // Interior output times only move their own interpolated state.
     let interior: Vec<usize> = (1..TIMES.len() - 1).collect();
@@ -181,9 +177,7 @@ fn interpolated_gradients_match_central_differences() {
 #[test]
 fn backsolve_through_interpolated_outputs_converges() {
     let device = Default::default();
-    use burn::tensor::backend::Backend;
-    Ad::seed(&device, 4);
-    let model = Mlp::<Ad>::new(&[2, 8, 2], Act::Tanh, true, &device);
+    let model = Mlp::<Ad>::seeded(4, &[2, 8, 2], Act::Tanh, true, &device);
     let z0 = [0.3, -0.5, 0.9, 0.1];
     let exact = grads_of(
         &model,
@@ -206,9 +200,7 @@ fn backsolve_runs_through_outputs_the_loss_ignores() {
     // A loss on the last state only: outputs in between get zero cotangents, and the reverse
     // solve no longer stops at them; the gradient and its cost equal those of a two-time solve.
     let device = Default::default();
-    use burn::tensor::backend::Backend;
-    Ad::seed(&device, 6);
-    let model = Mlp::<Ad>::new(&[2, 8, 2], Act::Tanh, true, &device);
+    let model = Mlp::<Ad>::seeded(6, &[2, 8, 2], Act::Tanh, true, &device);
     let options = BacksolveOptions {
         rtol: 1e-7,
         atol: 1e-7,
@@ -264,9 +256,7 @@ fn uniform_fixed_steps_ignore_the_outputs() {
 fn uniform_gradients_match_central_differences_for_every_time() {
     // Uniform steps scale with the span, so the end times are differentiated exactly too.
     let device = Default::default();
-    use burn::tensor::backend::Backend;
-    Ad::seed(&device, 8);
-    let model = Mlp::<Ad>::new(&[2, 5, 2], Act::Tanh, true, &device);
+    let model = Mlp::<Ad>::seeded(8, &[2, 5, 2], Act::Tanh, true, &device);
     let z0 = [0.4, -0.2, -0.7, 0.6];
     let every: Vec<usize> = (0..TIMES.len()).collect();
     for solver in [Solver::rk4(3).interpolate(true), Solver::midpoint(5).interpolate(true)] {

@@ -108,10 +108,8 @@ fn mlp_event(model: &Mlp<Ad>, mode: GradientMode, z0: &[f64]) -> (f64, Vec<f64>,
 
 #[test]
 fn event_gradients_agree_across_modes_and_with_finite_differences() {
-    use burn::tensor::backend::Backend;
     let device = Default::default();
-    Ad::seed(&device, 11);
-    let model = Mlp::<Ad>::new(&[2, 6, 2], Act::Tanh, true, &device);
+    let model = Mlp::<Ad>::seeded(11, &[2, 6, 2], Act::Tanh, true, &device);
     let z0 = [0.3, 0.1, -0.4, 0.5];
     let (loss, t, dz0, dw) = mlp_event(&model, GradientMode::Backprop, &z0);
     assert!((0.7..=1.3).contains(&t[0]), "t* = {}", t[0]);

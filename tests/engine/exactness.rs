@@ -91,10 +91,8 @@ fn backsolve_converges_as_tolerance_tightens() {
 }
 
 fn backsolve_converges_for(seed: u64) {
-    use burn::tensor::backend::Backend;
     let device = Default::default();
-    Ad::seed(&device, seed);
-    let model = Mlp::<Ad>::new(&[2, 8, 2], Act::Tanh, true, &device);
+    let model = Mlp::<Ad>::seeded(seed, &[2, 8, 2], Act::Tanh, true, &device);
     let z0 = [0.3, -0.5, 0.9, 0.1];
     let times = [0.0, 0.7, 1.5];
     let exact = grads_of(
@@ -141,10 +139,8 @@ fn checkpointed_equals_backprop_f32() {
         )
     };
     // Same z0 for both: seed the backend RNG identically.
-    <Flex as Backend>::seed(&device, 7);
-    let (z_bp, w_bp) = run(GradientMode::Backprop);
-    <Flex as Backend>::seed(&device, 7);
-    let (z_ck, w_ck) = run(GradientMode::Checkpointed(Schedule::Every(3)));
+    let (z_bp, w_bp) = crate::common::with_rng(Some(7), || run(GradientMode::Backprop));
+    let (z_ck, w_ck) = crate::common::with_rng(Some(7), || run(GradientMode::Checkpointed(Schedule::Every(3))));
     assert!(rel_err(&z_ck, &z_bp) < 1e-5 && rel_err(&w_ck, &w_bp) < 1e-5);
 }
 
@@ -182,11 +178,9 @@ fn differentiating_the_times_leaves_the_steps_unchanged() {
     // moved by 4e-6, and Backprop with time gradients disagreed with Checkpointed at 1e-11 on
     // this problem, with these weights, found by the proptest.)
     use burn::prelude::*;
-    use burn::tensor::backend::Backend;
     use burn::tensor::TensorData;
     let device = Default::default();
-    Ad::seed(&device, 4);
-    let model = Mlp::<Ad>::new(&[2, 3, 2], Act::Sin, true, &device);
+    let model = Mlp::<Ad>::seeded(4, &[2, 3, 2], Act::Sin, true, &device);
     let z0 = [
         -0.9420825200096665,
         0.14134612547346204,

@@ -9,4 +9,5 @@ mod fields;
 mod p1;
 mod patches;
 mod solvers;
+mod threads;
 mod training;

@@ -109,8 +109,9 @@ fn mlp_field_large_batches_match_finite_differences() {
     use adjoint_dpm::ode::mlp::MlpFieldConfig;
 
     let device = Default::default();
-    <crate::common::F64 as Backend>::seed(&device, 7);
-    let field = adjoint_dpm::ode::materialized(MlpFieldConfig::new(vec![2, 64, 64, 2]).init::<Ad>(&device));
+    let field = crate::common::with_rng(Some(7), || {
+        adjoint_dpm::ode::materialized(MlpFieldConfig::new(vec![2, 64, 64, 2]).init::<Ad>(&device))
+    });
     let (batch, dim) = (64, 2);
     assert!(
         batch * 64 >= 4096,
