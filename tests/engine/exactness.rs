@@ -14,6 +14,7 @@ fn solver_strategy() -> impl Strategy<Value = Solver> {
         (1usize..8).prop_map(Solver::heun),
         (1usize..6).prop_map(Solver::rk4),
         (1usize..4).prop_map(|n| Solver::fixed(&tableau::DOPRI5, n)),
+        (1usize..3).prop_map(|n| Solver::fixed(&tableau::DOPRI8, n)),
         Just(Solver::bosh3(1e-4, 1e-6)),
         Just(Solver::dopri5(1e-5, 1e-7)),
         Just(Solver::tsit5(1e-5, 1e-7)),
