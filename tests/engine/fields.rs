@@ -58,3 +58,8 @@ pub fn spiral_exact(z0: [f64; 2], t: f64) -> [f64; 2] {
     let (c, s, d) = (t.cos(), t.sin(), (-0.1 * t).exp());
     [d * (c * z0[0] + s * z0[1]), d * (-s * z0[0] + c * z0[1])]
 }
+
+/// The exact solution of [`Kind::Blowup`] (dz/dt = z², elementwise) from `z0` at time `t`.
+pub fn blowup_exact(z0: [f64; 2], t: f64) -> [f64; 2] {
+    z0.map(|z| z / (1.0 - z * t))
+}

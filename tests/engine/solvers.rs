@@ -6,37 +6,27 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 
 use crate::common::{to_vec, F64};
-use crate::fields::{spiral_exact, Kind, Toy};
+use crate::fields::{blowup_exact, spiral_exact, Kind, Toy};
 
 const Z0: [f64; 2] = [1.0, 0.5];
 
-fn spiral_error(solver: Solver, t_end: f64) -> f64 {
+/// The error at `t_end` of the toy field `kind` solved from `z0`, against its exact solution.
+fn error_at(kind: Kind, z0: [f64; 2], exact: fn([f64; 2], f64) -> [f64; 2], solver: Solver, t_end: f64) -> f64 {
     let device = Default::default();
-    let ode = NeuralOde::new(Toy::<F64>::new(Kind::Spiral, &device)).solver(solver);
-    let z0 = Tensor::<F64, 2>::from_data(TensorData::from([Z0]), &device);
-    let z = to_vec(ode.integrate(z0, &[0.0, t_end]).unwrap().last());
-    let exact = spiral_exact(Z0, t_end);
+    let ode = NeuralOde::new(Toy::<F64>::new(kind, &device)).solver(solver);
+    let start = Tensor::<F64, 2>::from_data(TensorData::from([z0]), &device);
+    let z = to_vec(ode.integrate(start, &[0.0, t_end]).unwrap().last());
+    let exact = exact(z0, t_end);
     ((z[0] - exact[0]).powi(2) + (z[1] - exact[1]).powi(2)).sqrt()
 }
 
-/// The error at `t_end` of dz/dt = z² (elementwise) from [0.5, −0.3]: exactly z0 / (1 − z0 t).
+fn spiral_error(solver: Solver, t_end: f64) -> f64 {
+    error_at(Kind::Spiral, Z0, spiral_exact, solver, t_end)
+}
+
+/// The error at `t_end` of dz/dt = z² from [0.5, −0.3], which blows up at t = 2.
 fn blowup_error(solver: Solver, t_end: f64) -> f64 {
-    let device = Default::default();
-    let z0 = [0.5, -0.3];
-    let ode = NeuralOde::new(Toy::<F64>::new(Kind::Blowup, &device)).solver(solver);
-    let z = to_vec(
-        ode.integrate(
-            Tensor::<F64, 2>::from_data(TensorData::from([z0]), &device),
-            &[0.0, t_end],
-        )
-        .unwrap()
-        .last(),
-    );
-    z.iter()
-        .zip(z0)
-        .map(|(z, z0)| (z - z0 / (1.0 - z0 * t_end)).powi(2))
-        .sum::<f64>()
-        .sqrt()
+    error_at(Kind::Blowup, [0.5, -0.3], blowup_exact, solver, t_end)
 }
 
 #[test]
