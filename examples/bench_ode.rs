@@ -18,11 +18,14 @@ use adjoint_dpm::ode::mlp::{Activation, MlpFieldConfig};
 use adjoint_dpm::ode::ButcherTableau;
 use adjoint_dpm::prelude::*;
 use burn::backend::{Autodiff, Flex, NdArray};
+use burn::module::AutodiffModule;
 use burn::prelude::*;
 use clap::{Parser, ValueEnum};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
+    /// No gradient: the forward solve alone, on the inner backend (the floor under every mode).
+    None,
     Backprop,
     Checkpointed,
     Recursive,
@@ -134,7 +137,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         Solver::fixed(tableau, args.steps)
     };
     let mode = match args.gradient {
-        Mode::Backprop => GradientMode::Backprop,
+        Mode::None | Mode::Backprop => GradientMode::Backprop,
         Mode::Checkpointed => GradientMode::Checkpointed(Schedule::All),
         Mode::Recursive => GradientMode::Checkpointed(Schedule::Recursive),
         Mode::Backsolve => GradientMode::Backsolve(BacksolveOptions {
@@ -163,8 +166,16 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let z0 = Tensor::<Autodiff<B>, 2>::random([args.batch, dim], burn::tensor::Distribution::Normal(0.0, 1.0), &device)
         .require_grad();
 
+    let forward_only = NeuralOde::new(ode.dynamics.valid()).solver(solver);
     let once = || -> Result<(f64, Stats), String> {
         let start = Instant::now();
+        if matches!(args.gradient, Mode::None) {
+            let sol = forward_only
+                .integrate(z0.clone().inner(), &times)
+                .map_err(|e| e.to_string())?;
+            let _ = sol.last().sum().into_scalar();
+            return Ok((start.elapsed().as_secs_f64(), sol.stats()));
+        }
         let sol = ode.solve(z0.clone(), &times).map_err(|e| e.to_string())?;
         let loss = sol
             .stacked()
@@ -219,7 +230,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         "pcoeff": args.pcoeff, "icoeff": args.icoeff, "interpolate": solver.interpolates(),
         "gradient": format!("{:?}", args.gradient).to_lowercase(),
         "backend": format!("{:?}", args.backend).to_lowercase(), "dtype": format!("{:?}", args.dtype).to_lowercase(),
-        "median_s": median, "min_s": samples[0], "warmup_s": warmup, "reps": samples.len(),
+        "median_s": median, "min_s": samples[0], "max_s": samples[samples.len() - 1], "warmup_s": warmup, "reps": samples.len(),
         "nfe_forward": stats.nfe_forward, "nfe_backward": stats.nfe_backward,
         "accepted_steps": stats.accepted_steps, "rejected_steps": stats.rejected_steps,
         "peak_rss_mib": adjoint_dpm::bench::peak_rss_mib(), "rel_diff_vs_backprop": rel_diff,

@@ -14,9 +14,9 @@ installed is skipped. One JSON line per measurement, then a table:
     cargo build --release --example bench_ode
     /tmp/fxenv/bin/python scripts/compare_ode.py [--quick] [--only=P2 ...] [--one-thread]
 
-`--one-thread` pins torch (`torch.set_num_threads(1)`) and XLA (no Eigen thread pool) to one
-thread, as burn-flex's GEMM and elementwise kernels are on problems of this size: a per-core
-comparison.
+`--one-thread` pins torch (`torch.set_num_threads(1)`), XLA (no Eigen thread pool) and
+adjoint-dpm (`ADJOINT_DPM_THREADS=1`: no helper threads in the vendored burn-flex) to one
+thread: a per-core comparison.
 """
 
 import json
@@ -44,6 +44,7 @@ ONE_THREAD = "--one-thread" in sys.argv
 if ONE_THREAD:
     # Read by XLA when jax initialises its CPU backend, so before the first jax import.
     os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    os.environ["ADJOINT_DPM_THREADS"] = "1"
 
 
 def reps_for(problem):

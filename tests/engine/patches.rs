@@ -95,3 +95,105 @@ fn flex_f32_exp_tanh_sigmoid_are_accurate() {
         assert_eq!(got[1..], want, "{name}(±∞)");
     }
 }
+
+/// Deterministic values in (−1, 1) for the team tests (no RNG state shared with other tests).
+fn wiggle(n: usize, seed: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32 * 0.618_034 + seed) * 12.9898).sin())
+        .collect()
+}
+
+#[test]
+fn flex_team_splits_give_the_serial_results() {
+    // The vendored burn-flex splits long elementwise ops and large GEMMs across helper threads
+    // (patch 2 in vendor/README.md). On a machine with one core there is no team and this test
+    // checks the serial path only; CI has two.
+    let expected_threads = match std::env::var("ADJOINT_DPM_THREADS") {
+        Ok(v) => v.trim().parse::<usize>().unwrap_or(1).max(1),
+        Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+    };
+    assert_eq!(burn_flex::ops::team::threads(), expected_threads);
+    check_team_ops();
+    // Threads that ask at once: one gets the team, the others run alone; all get the same
+    // results.
+    std::thread::scope(|scope| {
+        for _ in 0..3 {
+            scope.spawn(check_team_ops);
+        }
+    });
+}
+
+fn check_team_ops() {
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    let vec = |t: Tensor<F, 2>| t.into_data().to_vec::<f32>().unwrap();
+
+    // GEMMs split by rows (m ≥ n) and by columns (m < n), odd sizes, and a transposed
+    // (strided) operand, against an f64 product.
+    for (m, k, n, transposed) in [
+        (300, 70, 260, false),
+        (40, 300, 500, false),
+        (257, 64, 64, true),
+        (33, 129, 1001, true),
+    ] {
+        let a_data = wiggle(m * k, 0.1);
+        let b_data = wiggle(k * n, 0.7);
+        let a = if transposed {
+            // The same [m, k] matrix, stored as the transpose of a [k, m] one.
+            let at: Vec<f32> = (0..k * m).map(|j| a_data[(j % m) * k + j / m]).collect();
+            Tensor::<F, 2>::from_data(TensorData::new(at, [k, m]), &device).transpose()
+        } else {
+            Tensor::<F, 2>::from_data(TensorData::new(a_data.clone(), [m, k]), &device)
+        };
+        let b = Tensor::<F, 2>::from_data(TensorData::new(b_data.clone(), [k, n]), &device);
+        let got = vec(a.matmul(b));
+        for i in 0..m {
+            for j in 0..n {
+                let (mut want, mut scale) = (0.0f64, 0.0f64);
+                for l in 0..k {
+                    let p = f64::from(a_data[i * k + l]) * f64::from(b_data[l * n + j]);
+                    want += p;
+                    scale += p.abs();
+                }
+                let err = (f64::from(got[i * n + j]) - want).abs();
+                assert!(
+                    err <= 1e-6 * scale + 1e-30,
+                    "{m}×{k}×{n} (transposed: {transposed}) at ({i}, {j}): {} vs {want}",
+                    got[i * n + j]
+                );
+            }
+        }
+    }
+
+    // Elementwise ops on a long tensor equal the same ops on short pieces, which no team
+    // touches, to the bit; in place (a tensor used once) and into a new buffer (shared).
+    let len = 100_003;
+    let (a, b) = (wiggle(len, 0.3), wiggle(len, 0.9));
+    let tensor = |v: &[f32]| Tensor::<F, 2>::from_data(TensorData::new(v.to_vec(), [1, v.len()]), &device);
+    type Op = fn(Tensor<F, 2>, Tensor<F, 2>) -> Tensor<F, 2>;
+    let ops: [(&str, Op); 5] = [
+        ("add", |x, y| x + y),
+        ("mul", |x, y| x * y),
+        ("exp", |x, _| x.exp()),
+        ("tanh", |x, _| x.tanh()),
+        ("mul_scalar", |x, _| x.mul_scalar(1.7)),
+    ];
+    for (name, op) in ops {
+        let pieces: Vec<f32> = (0..len)
+            .step_by(1000)
+            .flat_map(|s| {
+                let e = (s + 1000).min(len);
+                vec(op(tensor(&a[s..e]), tensor(&b[s..e])))
+            })
+            .collect();
+        let in_place = vec(op(tensor(&a), tensor(&b)));
+        let shared_a = tensor(&a);
+        let shared_b = tensor(&b);
+        let allocating = vec(op(shared_a.clone(), shared_b.clone()));
+        drop((shared_a, shared_b));
+        for (i, want) in pieces.iter().enumerate() {
+            assert_eq!(in_place[i].to_bits(), want.to_bits(), "{name} in place at {i}");
+            assert_eq!(allocating[i].to_bits(), want.to_bits(), "{name} allocating at {i}");
+        }
+    }
+}

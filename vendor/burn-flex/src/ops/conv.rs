@@ -23,6 +23,9 @@
 //!   per-kernel-position gemm calls on NCHW data, skipping NHWC conversion and im2col
 //!
 //! Supported dtypes: f32, f64, f16 (native gemm), bf16 (via f32 conversion)
+//!
+//! adjoint-dpm patch 2: every GEMM goes through `matmul::gemm_teamed`, which splits large ones
+//! across the helper threads of `team` when rayon is off.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -701,7 +704,7 @@ fn conv3d_1x1_impl<T: bytemuck::Pod + Clone + Copy + burn_backend::Element + Sen
                         b * channels_out * spatial + g * out_channels_per_group * spatial;
 
                     unsafe {
-                        gemm::gemm(
+                        crate::ops::matmul::gemm_teamed(
                             m,
                             n,
                             k,
@@ -736,7 +739,7 @@ fn conv3d_1x1_impl<T: bytemuck::Pod + Clone + Copy + burn_backend::Element + Sen
                         b * channels_out * spatial + g * out_channels_per_group * spatial;
 
                     unsafe {
-                        gemm::gemm(
+                        crate::ops::matmul::gemm_teamed(
                             m,
                             n,
                             k,
@@ -1643,7 +1646,7 @@ fn conv3d_direct_impl<T: bytemuck::Pod + Clone + Copy + burn_backend::Element + 
                 for k in 0..kernel_w {
                     unsafe {
                         let x_base = x_data.as_ptr().add(b * batch_x_len);
-                        gemm::gemm(
+                        crate::ops::matmul::gemm_teamed(
                             m,
                             n,
                             gemm_k,
@@ -1676,7 +1679,7 @@ fn conv3d_direct_impl<T: bytemuck::Pod + Clone + Copy + burn_backend::Element + 
                 for k in 0..kernel_w {
                     unsafe {
                         let x_base = x_data.as_ptr().add(b * batch_x_len);
-                        gemm::gemm(
+                        crate::ops::matmul::gemm_teamed(
                             m,
                             n,
                             gemm_k,
@@ -1746,7 +1749,7 @@ macro_rules! gemm_typed {
             #[cfg(not(feature = "rayon"))]
             let parallelism = gemm::Parallelism::None;
             unsafe {
-                gemm::gemm(
+                crate::ops::matmul::gemm_teamed(
                     m,
                     n,
                     k,

@@ -10,6 +10,9 @@
 //! channel-reduction multiply-adds; col2im is a lightweight spatial scatter.
 //!
 //! Supported dtypes: f32, f64, f16 (native gemm), bf16 (via f32 conversion)
+//!
+//! adjoint-dpm patch 2: every GEMM goes through `matmul::gemm_teamed`, which splits large ones
+//! across the helper threads of `team` when rayon is off.
 
 use alloc::vec;
 use burn_backend::DType;
@@ -390,7 +393,7 @@ macro_rules! conv_transpose_gemm_typed {
             #[cfg(not(feature = "rayon"))]
             let parallelism = gemm::Parallelism::None;
             unsafe {
-                gemm::gemm(
+                crate::ops::matmul::gemm_teamed(
                     m,
                     n,
                     k,

@@ -62,6 +62,13 @@ const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
 #[cfg(feature = "rayon")]
 const BATCH_PARALLEL_THRESHOLD: usize = 128 * 128 * 128; // ~2M ops total
 
+/// adjoint-dpm patch 2: the smallest GEMM (M*N*K) split across `team`'s threads, and the
+/// granularity of the split (rows or columns; a multiple of gemm's f32 micro-kernel height).
+#[cfg(not(feature = "rayon"))]
+const TEAM_THRESHOLD: usize = 64 * 64 * 64;
+#[cfg(not(feature = "rayon"))]
+const TEAM_BLOCK: usize = 16;
+
 /// Get parallelism setting based on matrix size.
 fn get_parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     let ops = m.saturating_mul(n).saturating_mul(k);
@@ -306,7 +313,7 @@ unsafe fn gemm_call<T: GemmScalar>(
     parallelism: gemm::Parallelism,
 ) {
     unsafe {
-        gemm::gemm(
+        gemm_teamed(
             m,
             n,
             k,
@@ -326,6 +333,81 @@ unsafe fn gemm_call<T: GemmScalar>(
             false,
             false,
             parallelism,
+        );
+    }
+}
+
+/// adjoint-dpm patch 2: `gemm::gemm`, with the same arguments, except that without rayon a
+/// GEMM of at least `TEAM_THRESHOLD` multiply-adds is split into blocks of output rows (or
+/// columns, if there are more of them) run by `team`'s threads. Each block is an independent
+/// `gemm::gemm` call writing its own part of `dst`.
+///
+/// # Safety
+/// As `gemm::gemm`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn gemm_teamed<T: Copy + Sync + 'static>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_cs: isize,
+    dst_rs: isize,
+    read_dst: bool,
+    lhs: *const T,
+    lhs_cs: isize,
+    lhs_rs: isize,
+    rhs: *const T,
+    rhs_cs: isize,
+    rhs_rs: isize,
+    alpha: T,
+    beta: T,
+    conj_dst: bool,
+    conj_lhs: bool,
+    conj_rhs: bool,
+    parallelism: gemm::Parallelism,
+) {
+    #[cfg(not(feature = "rayon"))]
+    if matches!(parallelism, gemm::Parallelism::None)
+        && m.saturating_mul(n).saturating_mul(k) >= TEAM_THRESHOLD
+    {
+        let by_rows = m >= n;
+        let len = if by_rows { m } else { n };
+        let parts = super::team::threads().min(len / TEAM_BLOCK);
+        if parts > 1 {
+            // Addresses as integers so that the closure is `Sync`.
+            let (dst, lhs, rhs) = (dst as usize, lhs as usize, rhs as usize);
+            super::team::run(parts, &|i| {
+                let block = super::team::block(len, parts, TEAM_BLOCK, i);
+                if block.is_empty() {
+                    return;
+                }
+                let start = block.start as isize;
+                let (mut dst, mut lhs, mut rhs) = (dst as *mut T, lhs as *const T, rhs as *const T);
+                let (mut m, mut n) = (m, n);
+                unsafe {
+                    if by_rows {
+                        dst = dst.offset(start * dst_rs);
+                        lhs = lhs.offset(start * lhs_rs);
+                        m = block.len();
+                    } else {
+                        dst = dst.offset(start * dst_cs);
+                        rhs = rhs.offset(start * rhs_cs);
+                        n = block.len();
+                    }
+                    gemm::gemm(
+                        m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs,
+                        rhs_rs, alpha, beta, conj_dst, conj_lhs, conj_rhs, parallelism,
+                    );
+                }
+            });
+            return;
+        }
+    }
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
+            alpha, beta, conj_dst, conj_lhs, conj_rhs, parallelism,
         );
     }
 }
