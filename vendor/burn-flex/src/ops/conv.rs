@@ -23,9 +23,6 @@
 //!   per-kernel-position gemm calls on NCHW data, skipping NHWC conversion and im2col
 //!
 //! Supported dtypes: f32, f64, f16 (native gemm), bf16 (via f32 conversion)
-//!
-//! adjoint-dpm patch 2: every GEMM goes through `matmul::gemm_teamed`, which splits large ones
-//! across the helper threads of `team` when rayon is off.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -704,7 +701,7 @@ fn conv3d_1x1_impl<T: bytemuck::Pod + Clone + Copy + burn_backend::Element + Sen
                         b * channels_out * spatial + g * out_channels_per_group * spatial;
 
                     unsafe {
-                        crate::ops::matmul::gemm_teamed(
+                        gemm::gemm(
                             m,
                             n,
                             k,
@@ -739,7 +736,7 @@ fn conv3d_1x1_impl<T: bytemuck::Pod + Clone + Copy + burn_backend::Element + Sen
                         b * channels_out * spatial + g * out_channels_per_group * spatial;
 
                     unsafe {
-                        crate::ops::matmul::gemm_teamed(
+                        gemm::gemm(
                             m,
                             n,
                             k,
@@ -1646,7 +1643,7 @@ fn conv3d_direct_impl<T: bytemuck::Pod + Clone + Copy + burn_backend::Element + 
                 for k in 0..kernel_w {
                     unsafe {
                         let x_base = x_data.as_ptr().add(b * batch_x_len);
-                        crate::ops::matmul::gemm_teamed(
+                        gemm::gemm(
                             m,
                             n,
                             gemm_k,
@@ -1679,7 +1676,7 @@ fn conv3d_direct_impl<T: bytemuck::Pod + Clone + Copy + burn_backend::Element + 
                 for k in 0..kernel_w {
                     unsafe {
                         let x_base = x_data.as_ptr().add(b * batch_x_len);
-                        crate::ops::matmul::gemm_teamed(
+                        gemm::gemm(
                             m,
                             n,
                             gemm_k,
@@ -1749,7 +1746,7 @@ macro_rules! gemm_typed {
             #[cfg(not(feature = "rayon"))]
             let parallelism = gemm::Parallelism::None;
             unsafe {
-                crate::ops::matmul::gemm_teamed(
+                gemm::gemm(
                     m,
                     n,
                     k,

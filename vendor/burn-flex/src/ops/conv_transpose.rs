@@ -10,9 +10,6 @@
 //! channel-reduction multiply-adds; col2im is a lightweight spatial scatter.
 //!
 //! Supported dtypes: f32, f64, f16 (native gemm), bf16 (via f32 conversion)
-//!
-//! adjoint-dpm patch 2: every GEMM goes through `matmul::gemm_teamed`, which splits large ones
-//! across the helper threads of `team` when rayon is off.
 
 use alloc::vec;
 use burn_backend::DType;
@@ -393,7 +390,7 @@ macro_rules! conv_transpose_gemm_typed {
             #[cfg(not(feature = "rayon"))]
             let parallelism = gemm::Parallelism::None;
             unsafe {
-                crate::ops::matmul::gemm_teamed(
+                gemm::gemm(
                     m,
                     n,
                     k,

@@ -346,7 +346,7 @@ unsafe fn gemm_call<T: GemmScalar>(
 /// As `gemm::gemm`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub(crate) unsafe fn gemm_teamed<T: Copy + Sync + 'static>(
+unsafe fn gemm_teamed<T: Copy + Sync + 'static>(
     m: usize,
     n: usize,
     k: usize,

@@ -151,8 +151,11 @@ pub fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) {
     if parts <= 1 || parts > team.helpers().len() + 1 {
         return serial();
     }
-    let Ok(_busy) = team.busy.try_lock() else {
-        return serial();
+    // A job that panicked on this thread poisons the lock; the team itself is unharmed.
+    let _busy = match team.busy.try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return serial(),
     };
     // SAFETY: the pointer outlives its use: `Wait` below blocks (even while unwinding) until
     // every helper has finished with it.
