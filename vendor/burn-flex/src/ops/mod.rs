@@ -122,5 +122,6 @@ pub mod unary;
 pub mod unfold;
 // adjoint-dpm patch 1: vectorisable f32 exp, tanh, sigmoid.
 pub(crate) mod vmath;
-// adjoint-dpm patch 2: helper threads that split a GEMM across cores without a wake-up per call.
+// adjoint-dpm patch 2: helper threads that split large matmuls and long elementwise ops across
+// cores without a wake-up per call.
 pub mod team;

@@ -1,14 +1,16 @@
 //! adjoint-dpm patch 2: a few helper threads that stay awake between jobs, so that one GEMM of a
-//! few hundred microseconds can be split across cores.
+//! few hundred microseconds, or an elementwise pass over a long tensor, can be split across
+//! cores.
 //!
 //! burn-flex's own threading (its `rayon` feature) hands such a GEMM to rayon, whose idle workers
 //! go to sleep within microseconds and are woken through a futex for every call: on P2 of
 //! adjoint-dpm's benchmarks (a 64-256-256-64 MLP neural ODE, batch 256, GEMMs of ~100-400 µs
 //! separated by short elementwise ops) that made two cores slower than one. Here the helpers
 //! spin on an epoch counter for [`SPIN`] after their last job, as OpenMP runtimes do, and only
-//! then park; a caller splits the output rows into contiguous blocks, runs block 0 itself and
-//! spins until the helpers are done. One caller at a time: a second thread that asks while the
-//! team is busy (or a nested call) runs its job alone.
+//! then park; a caller splits its output into contiguous blocks (rows or columns of a GEMM's
+//! output, chunks of an elementwise op's), runs block 0 itself and spins until the helpers are
+//! done. One caller at a time: a second thread that asks while the team is busy (or a nested
+//! call) runs its job alone.
 //!
 //! The team has `ADJOINT_DPM_THREADS` threads in all (default: the available parallelism,
 //! at most [`MAX_THREADS`]); with one, every job runs on the caller. Results do not depend on
