@@ -123,11 +123,11 @@ fn helper(team: &'static Team, index: usize) {
             }
         };
         seen = epoch;
-        // SAFETY: see `Team`'s Sync impl.
-        let Some(job) = (unsafe { *team.job.get() }) else {
-            continue;
-        };
-        if index < job.parts {
+        // SAFETY: see `Team`'s Sync impl. A job is always set before the epoch moves; whatever
+        // happens, `done` counts this helper, or the caller would wait forever.
+        if let Some(job) = unsafe { *team.job.get() }
+            && index < job.parts
+        {
             // SAFETY: the caller keeps the closure alive until `done` counts every helper.
             let f = unsafe { &*job.f };
             if catch_unwind(AssertUnwindSafe(|| f(index))).is_err() {
