@@ -295,6 +295,10 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
 }
 
 /// Strided gemm call for one matrix. Wraps `gemm::gemm` with GemmScalar zero/one.
+///
+/// adjoint-dpm patch 2: without rayon, a GEMM of at least `TEAM_THRESHOLD` multiply-adds is
+/// split into blocks of output rows (or columns, if there are more of them) run by `team`'s
+/// threads, each an ordinary `gemm::gemm` call writing its own part of `out`.
 #[inline]
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_call<T: GemmScalar>(
@@ -312,8 +316,9 @@ unsafe fn gemm_call<T: GemmScalar>(
     rhs_rs: isize,
     parallelism: gemm::Parallelism,
 ) {
-    unsafe {
-        gemm_teamed(
+    // `out[..m, ..n] = lhs[..m, ..k] · rhs[..k, ..n]`, with the strides above.
+    let one = |m: usize, n: usize, out: *mut T, lhs: *const T, rhs: *const T| unsafe {
+        gemm::gemm(
             m,
             n,
             k,
@@ -333,40 +338,8 @@ unsafe fn gemm_call<T: GemmScalar>(
             false,
             false,
             parallelism,
-        );
-    }
-}
-
-/// adjoint-dpm patch 2: `gemm::gemm`, with the same arguments, except that without rayon a
-/// GEMM of at least `TEAM_THRESHOLD` multiply-adds is split into blocks of output rows (or
-/// columns, if there are more of them) run by `team`'s threads. Each block is an independent
-/// `gemm::gemm` call writing its own part of `dst`.
-///
-/// # Safety
-/// As `gemm::gemm`.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn gemm_teamed<T: Copy + Sync + 'static>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut T,
-    dst_cs: isize,
-    dst_rs: isize,
-    read_dst: bool,
-    lhs: *const T,
-    lhs_cs: isize,
-    lhs_rs: isize,
-    rhs: *const T,
-    rhs_cs: isize,
-    rhs_rs: isize,
-    alpha: T,
-    beta: T,
-    conj_dst: bool,
-    conj_lhs: bool,
-    conj_rhs: bool,
-    parallelism: gemm::Parallelism,
-) {
+        )
+    };
     #[cfg(not(feature = "rayon"))]
     if matches!(parallelism, gemm::Parallelism::None)
         && m.saturating_mul(n).saturating_mul(k) >= TEAM_THRESHOLD
@@ -376,40 +349,26 @@ unsafe fn gemm_teamed<T: Copy + Sync + 'static>(
         let parts = super::team::threads().min(len / TEAM_BLOCK);
         if parts > 1 {
             // Addresses as integers so that the closure is `Sync`.
-            let (dst, lhs, rhs) = (dst as usize, lhs as usize, rhs as usize);
+            let (out, lhs, rhs) = (out as usize, lhs as usize, rhs as usize);
             super::team::run(parts, &|i| {
                 let block = super::team::block(len, parts, TEAM_BLOCK, i);
                 if block.is_empty() {
                     return;
                 }
                 let start = block.start as isize;
-                let (mut dst, mut lhs, mut rhs) = (dst as *mut T, lhs as *const T, rhs as *const T);
-                let (mut m, mut n) = (m, n);
+                let (out, lhs, rhs) = (out as *mut T, lhs as *const T, rhs as *const T);
                 unsafe {
                     if by_rows {
-                        dst = dst.offset(start * dst_rs);
-                        lhs = lhs.offset(start * lhs_rs);
-                        m = block.len();
+                        one(block.len(), n, out.offset(start * out_rs), lhs.offset(start * lhs_rs), rhs);
                     } else {
-                        dst = dst.offset(start * dst_cs);
-                        rhs = rhs.offset(start * rhs_cs);
-                        n = block.len();
+                        one(m, block.len(), out.offset(start * out_cs), lhs, rhs.offset(start * rhs_cs));
                     }
-                    gemm::gemm(
-                        m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs,
-                        rhs_rs, alpha, beta, conj_dst, conj_lhs, conj_rhs, parallelism,
-                    );
                 }
             });
             return;
         }
     }
-    unsafe {
-        gemm::gemm(
-            m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
-            alpha, beta, conj_dst, conj_lhs, conj_rhs, parallelism,
-        );
-    }
+    one(m, n, out, lhs, rhs);
 }
 
 /// Batched matmul: [B..., M, K] x [B..., K, N] -> [B..., M, N]
