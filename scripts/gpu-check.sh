@@ -28,12 +28,18 @@
 #
 # Warm-up: burn's CUDA backend compiles every kernel at first use and autotunes every new matmul,
 # convolution and reduction shape, reported as *warmup_s apart from the medians. For a UNet that is
-# minutes (2026-11-26, H100: the tiny UNet's warm-up did not finish in 60 s, the SD-1.5 one's
-# first forward not in 240 s; on the CPU through wgpu/lavapipe the tiny UNet compiles ~230 kernels
-# and autotunes ~180 shapes). So this script defaults CUBECL_AUTOTUNE_LEVEL to `minimal` (set it
-# to `balanced` for cubecl's default), logs every compilation and autotune choice to $OUT, and
-# keeps cubecl's kernel and autotune caches: $OUT/cubecl-cache.tar.gz, to unpack in the repository
-# root here (it holds .gpu-cache/cubecl) and carry as .gpu-cache next time.
+# minutes (H100, 2026-11-27: the SD-1.5 UNet's first forward autotuned ~60 shapes and compiled
+# ~350 matmul kernels in 6 minutes without finishing). So this script defaults
+# CUBECL_AUTOTUNE_LEVEL to `minimal` (set it to `balanced` for cubecl's default), logs every
+# compilation and autotune choice to $OUT, and keeps cubecl's kernel (PTX) and autotune caches
+# after every step in $OUT/cubecl-cache.tar.gz. Copy that file to .gpu-cache/ here and carry
+# `.gpu-cache` next time (with `.gpu-bin`): `run` unpacks it first, so the next run starts where
+# this one stopped.
+#
+# GPU_CHECK_SECONDS (default 540): the time the whole run may take, the device call's timeout_s
+# less a little. A step's limit is cut to what is left of it, minus 20 s to save the caches, and
+# a step is skipped when under 30 s are left: a step killed by the device call's own timeout
+# would lose what it tuned.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -71,6 +77,11 @@ echo "{\"steps\": \"${steps[*]}\", \"autotune_level\": \"$CUBECL_AUTOTUNE_LEVEL\
 tar xzf .gpu-bin/bins.tar.gz -C .gpu-bin
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
+deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-540}))
+if [ -f .gpu-cache/cubecl-cache.tar.gz ]; then
+  tar xzf .gpu-cache/cubecl-cache.tar.gz
+  echo "{\"cache\": \"unpacked .gpu-cache/cubecl-cache.tar.gz\"}"
+fi
 
 # cubecl reads cubecl.toml from the working directory (git-ignored): compiled kernels and
 # autotune results go to .gpu-cache/cubecl, each compilation and autotune choice to a log.
@@ -96,6 +107,12 @@ save_cache() { tar czf "$out/cubecl-cache.tar.gz" .gpu-cache/cubecl || true; }
 peak() {
   local limit=$1
   shift
+  local left=$((deadline - SECONDS - 20))
+  if [ "$left" -lt 30 ]; then
+    echo "{\"skipped\": \"$*\", \"why\": \"under 30 s left of GPU_CHECK_SECONDS\"}"
+    return 0
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   local base
   base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 >/tmp/mem.txt &
