@@ -38,6 +38,9 @@ enum BackendName {
     Ndarray,
     /// Needs `--features cuda`.
     Cuda,
+    /// Needs `--features wgpu` (Vulkan; Mesa's lavapipe runs it on the CPU, with the same
+    /// cubecl fusion and per-op dispatch as CUDA).
+    Wgpu,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -119,6 +122,9 @@ fn main() {
         #[cfg(feature = "cuda-untuned")]
         (BackendName::Cuda, DType::F32) => run::<burn::backend::Cuda>(&args),
         (BackendName::Cuda, _) => Err("cuda needs --features cuda and --dtype f32".into()),
+        #[cfg(feature = "wgpu-untuned")]
+        (BackendName::Wgpu, DType::F32) => run::<burn::backend::Wgpu>(&args),
+        (BackendName::Wgpu, _) => Err("wgpu needs --features wgpu and --dtype f32".into()),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

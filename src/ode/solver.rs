@@ -478,22 +478,35 @@ pub(crate) fn rk_step<B: Backend, V: VectorField<B>>(
             field.eval(t, y)?
         }
     };
+    // Stage states are built from the field's view of the state, except the last stage of an
+    // FSAL method, which is the new state itself.
+    let y_view = y.field_view();
+    let mut views = vec![k1.field_view()];
     ks.push(k1);
     let mut y_last_stage = None;
     for i in 1..s {
-        let yi = advance(y, tab.a[i - 1], &ks, h);
+        let fsal_last = tab.is_fsal() && i == s - 1;
+        let yi = if fsal_last {
+            advance(y, tab.a[i - 1], &ks, h)
+        } else {
+            advance(&y_view, tab.a[i - 1], &views, h)
+        };
         counters.nfe += 1;
-        ks.push(field.eval(&t.offset(tab.c[i], h), &yi)?);
-        if i == s - 1 {
+        let k = field.eval(&t.offset(tab.c[i], h), &yi)?;
+        views.push(k.field_view());
+        ks.push(k);
+        if fsal_last {
             y_last_stage = Some(yi);
         }
     }
-    // FSAL methods evaluate their last stage at the new state itself.
-    let y_new = match (tab.is_fsal(), y_last_stage) {
-        (true, Some(y_last)) => y_last,
-        _ => advance(y, tab.b, &ks, h),
+    let y_new = match y_last_stage {
+        Some(y_last) => y_last,
+        None => advance(y, tab.b, &ks, h),
     };
-    let err = tab.b_err.and_then(|b_err| combine(b_err, &ks, h));
+    let err = tab.b_err.and_then(|b_err| {
+        let err_ks: Vec<_> = ks.iter().map(OdeState::error_view).collect();
+        combine(b_err, &err_ks, h)
+    });
     Ok(StepOut { y: y_new, err, ks })
 }
 

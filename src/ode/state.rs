@@ -64,6 +64,19 @@ pub trait OdeState<B: Backend>: Clone + Sized {
     fn error_sq_sum(&self, y0: &Self, y1: &Self, rtol: f64, atol: f64) -> (Tensor<B, 1>, usize);
     /// A number that is finite exactly when every component is (one reduction, one read).
     fn finiteness_probe(&self) -> f64;
+    /// The state as the vector field reads it. The stepper builds the stage states
+    /// `y + h Σ a_ij k_j`, which only the field sees, from these views, so a component that no
+    /// derivative depends on (a quadrature, such as the adjoint's a_θ and a_t) can be left out
+    /// here: it is then summed once per step instead of once per stage. The whole state by
+    /// default.
+    fn field_view(&self) -> Self {
+        self.clone()
+    }
+    /// The error estimate as [`error_sq_sum`](Self::error_sq_sum) reads it: components it skips
+    /// (a seminorm's) can be left out. The whole state by default.
+    fn error_view(&self) -> Self {
+        self.clone()
+    }
 }
 
 /// A vector field over some state type: the user's dynamics, or the augmented adjoint system.
