@@ -2,29 +2,32 @@
 # GPU smoke test and bench, for a lent CUDA machine (which has no Rust toolchain).
 #
 #   scripts/gpu-check.sh build            # here: stripped release binaries (--features cuda, and
-#                                         # bench_unet_untuned with --features cuda-untuned),
-#                                         # gzipped into .gpu-bin/ (the device tool carries 64 MiB)
+#                                         # bench_unet/bench_diffusion with --features
+#                                         # cuda-untuned), gzipped into .gpu-bin/ (the device tool
+#                                         # carries 64 MiB)
 #   scripts/gpu-check.sh run [STEP...]    # there (carry .gpu-bin): the steps named, or all
 #
 # Steps, in the order `run` takes them, each under its own time limit (a failure or a timeout
 # does not stop the rest), each followed by its peak device memory and wall time:
 #   attn-check  the small UNet at a 64×64 latent on flex (this machine's CPU path), then on CUDA
-#               against it: burn's native attention through wgpu/lavapipe was 15% off flex's at
-#               1600 tokens, so check CUDA's before trusting any UNet figure
-#   unet-tiny   the small UNet's forward/VJP: how long the kernel warm-up takes
-#   unet-f32    the Stable Diffusion 1.5 UNet (random weights, 64×64×4 latent, 77×768 context),
-#               forward and VJP in f32; keeps its weights and outputs for unet-f16
+#               without autotune against it (convolutions, matmuls and attention): burn's native
+#               attention through wgpu/lavapipe was 15% off flex's at 1600 tokens, so check
+#               CUDA's before trusting any UNet figure (H100, 2026-11-27: 1.7e-4 apart)
+#   unet-untuned  the Stable Diffusion 1.5 UNet (random weights, 64×64×4 latent, 77×768 context),
+#               forward and VJP, f32 then f16 (with its difference from f32), built without
+#               autotune (`cuda-untuned`): kernels are only JIT-compiled, a warm-up of 17–36 s
+#   p2          P2 (RK4-100 and Dopri5) in every gradient mode, each with its relative difference
+#               from Backprop's gradient
+#   ddim        the exact discrete adjoint of 20 DDIM steps on the SD-1.5 UNet without autotune,
+#               gradient to x_T (DESIGN.md §7: PyTorch 1.84 s)
+#   unet-f32    the SD-1.5 UNet forward and VJP in f32 with autotune; keeps its weights and
+#               outputs for unet-f16 (its first forward took over 6 minutes to tune: carry the
+#               cache and give it the whole run)
 #   unet-f16    the same in f16, with its relative difference from f32 (ε and the VJP)
-#   unet-untuned  the SD-1.5 UNet in f32 built without autotune (`cuda-untuned`): kernels are only
-#               JIT-compiled, so the warm-up is seconds rather than minutes (through wgpu/lavapipe
-#               10x shorter for the tiny UNet), at some cost in speed after
 #   torch       PyTorch + diffusers on the same card (scripts/bench_unet_torch.py); diffusers is
 #               not in the device image: download its wheel and importlib_metadata's into a
 #               git-ignored .whl/ (see /work/.library/device/README.md) and carry it too
-#   ddim        the exact discrete adjoint of 20 DDIM steps on the SD-1.5 UNet, gradient to x_T
-#               (DESIGN.md §7: PyTorch 1.84 s)
-#   p2          P2 (RK4-100 and Dopri5) in every gradient mode, each with its relative difference
-#               from Backprop's gradient
+#   unet-tiny   the small UNet's forward/VJP with autotune: how long its warm-up takes
 #
 # Warm-up: burn's CUDA backend compiles every kernel at first use and autotunes every new matmul,
 # convolution and reduction shape, reported as *warmup_s apart from the medians. For a UNet that is
@@ -45,26 +48,29 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
   build)
     mkdir -p .gpu-bin
-    CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda-untuned --example bench_unet
+    CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda-untuned \
+      --example bench_unet --example bench_diffusion
     cp target/release/examples/bench_unet .gpu-bin/bench_unet_untuned
+    cp target/release/examples/bench_diffusion .gpu-bin/bench_diffusion_untuned
     CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda \
-      --example bench_ode --example bench_unet --example bench_diffusion
-    cp target/release/examples/bench_ode target/release/examples/bench_unet \
-      target/release/examples/bench_diffusion .gpu-bin/
-    tar czf .gpu-bin/bins.tar.gz -C .gpu-bin bench_ode bench_unet bench_unet_untuned bench_diffusion
-    rm .gpu-bin/bench_ode .gpu-bin/bench_unet .gpu-bin/bench_unet_untuned .gpu-bin/bench_diffusion
+      --example bench_ode --example bench_unet
+    cp target/release/examples/bench_ode target/release/examples/bench_unet .gpu-bin/
+    # No autotuned bench_diffusion: the tree, these and the cubecl cache must fit in 64 MiB.
+    bins=(bench_ode bench_unet bench_unet_untuned bench_diffusion_untuned)
+    tar czf .gpu-bin/bins.tar.gz -C .gpu-bin "${bins[@]}"
+    (cd .gpu-bin && rm "${bins[@]}")
     ls -la .gpu-bin
     exit 0
     ;;
   run) shift ;;
   *)
-    echo "usage: $0 build | run [attn-check unet-tiny unet-untuned unet-f32 unet-f16 torch ddim p2]" >&2
+    echo "usage: $0 build | run [attn-check unet-untuned p2 ddim unet-f32 unet-f16 torch unet-tiny]" >&2
     exit 2
     ;;
 esac
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(attn-check unet-tiny unet-untuned unet-f32 unet-f16 torch ddim p2)
+[ ${#steps[@]} -gt 0 ] || steps=(attn-check unet-untuned p2 ddim unet-f32 unet-f16 torch unet-tiny)
 
 export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
 if [ ! -d "$CUDA_PATH" ] && command -v nvcc >/dev/null; then
@@ -136,7 +142,11 @@ for step in "${steps[@]}"; do
           --compare-dir /tmp/attn-ref
       ;;
     unet-tiny) peak 120 .gpu-bin/bench_unet --config tiny --backend cuda --reps 10 ;;
-    unet-untuned) peak 300 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 10 ;;
+    unet-untuned)
+      peak 150 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 10 --save-dir $sd-untuned
+      peak 150 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 10 --dtype f16 \
+        --compare-dir $sd-untuned
+      ;;
     unet-f32) peak 540 .gpu-bin/bench_unet --config sd15 --backend cuda --reps 10 --save-dir $sd ;;
     unet-f16)
       if [ -d $sd ]; then
@@ -154,7 +164,7 @@ for step in "${steps[@]}"; do
       fi
       ;;
     ddim)
-      peak 540 .gpu-bin/bench_diffusion --config sd15 --backend cuda --size 64 --steps 20 \
+      peak 300 .gpu-bin/bench_diffusion_untuned --config sd15 --backend cuda --size 64 --steps 20 \
         --gradient checkpointed --frozen-weights --reps 2
       ;;
     p2)
