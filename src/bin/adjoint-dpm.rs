@@ -355,11 +355,25 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::TrainToy(_) => unreachable!("train-toy is dispatched in main"),
     };
     let config = task.config();
+    // burn's CUDA backend compiles every kernel at first use and, built with autotune, times
+    // candidate kernels for every new shape; the first UNet call waits on that, silently.
+    #[cfg(feature = "cuda-untuned")]
+    const CUDA_WARMUP: &str = if cfg!(feature = "cuda") {
+        "CUDA: the first UNet calls compile and autotune kernels, which took over 6 minutes for \
+         the SD-1.5 UNet on an H100 (kept in cubecl's cache for later runs; a build with \
+         `--features cuda-untuned` instead of `cuda` skips autotuning: about 40 s in f32, slower \
+         kernels)"
+    } else {
+        "CUDA: the first UNet calls compile kernels (about 40 s for the SD-1.5 UNet in f32 on an H100)"
+    };
     if config.weights.as_deref().is_some_and(is_pipeline_dir) {
         return match task.device {
             DeviceArg::Cpu => run_sd_task::<Flex>(command, &config, &Default::default()),
             #[cfg(feature = "cuda-untuned")]
-            DeviceArg::Cuda => run_sd_task::<burn::backend::Cuda>(command, &config, &Default::default()),
+            DeviceArg::Cuda => {
+                eprintln!("{CUDA_WARMUP}");
+                run_sd_task::<burn::backend::Cuda>(command, &config, &Default::default())
+            }
             #[cfg(not(feature = "cuda-untuned"))]
             DeviceArg::Cuda => Err("this binary was built without CUDA: rebuild with `--features cuda`".into()),
         };
