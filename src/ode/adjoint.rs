@@ -147,20 +147,19 @@ where
         let f = module.f(t.clone(), z.clone());
         check_same_shape(&z, &f)?;
         let dz = f.clone().inner();
-        let grads = (f * Tensor::from_inner(s.a_z.clone())).sum().backward();
+        // Seeded with −a_z, the gradients are the derivatives −a_zᵀ ∂f/∂(z, θ, t) themselves:
+        // one negation instead of one per parameter tensor (bit for bit the same values).
+        let grads = (f * Tensor::from_inner(s.a_z.clone().neg())).sum().backward();
         let a_theta = if p.want.theta {
             params::trainable_grads(&module, &grads)
-                .into_iter()
-                .map(|g| g.neg())
-                .collect()
         } else {
             Vec::new()
         };
         let a_t = p
             .want
             .times
-            .then(|| t.grad(&grads).map_or_else(|| t_tensor.zeros_like(), |g| g.neg()));
-        let a_z = z.grad(&grads).map_or_else(|| s.z.zeros_like(), |g| g.neg());
+            .then(|| t.grad(&grads).unwrap_or_else(|| t_tensor.zeros_like()));
+        let a_z = z.grad(&grads).unwrap_or_else(|| s.z.zeros_like());
         Ok(AugState {
             z: dz,
             a_z,
