@@ -7,6 +7,10 @@
 #                                         # carries 64 MiB)
 #   scripts/gpu-check.sh run [STEP...]    # there (carry .gpu-bin): the steps named, or all
 #
+# .gpu-bin and .gpu-cache are git-ignored, and a session's checkout starts without them: a
+# session lent a GPU runs `build` first (two release builds, 15–20 minutes on the 2-core machine),
+# before its first device call.
+#
 # Steps, in the order `run` takes them, each under its own time limit (a failure or a timeout
 # does not stop the rest), each followed by its peak device memory and wall time:
 #   attn-check  the small UNet at a 64×64 latent on flex (this machine's CPU path), then on CUDA
@@ -36,8 +40,8 @@
 # CUBECL_AUTOTUNE_LEVEL to `minimal` (set it to `balanced` for cubecl's default), logs every
 # compilation and autotune choice to $OUT, and keeps cubecl's kernel (PTX) and autotune caches
 # after every step in $OUT/cubecl-cache.tar.gz. Copy that file to .gpu-cache/ here and carry
-# `.gpu-cache` next time (with `.gpu-bin`): `run` unpacks it first, so the next run starts where
-# this one stopped.
+# `.gpu-cache` in the session's next call (with `.gpu-bin`): `run` unpacks it first, so the next
+# run starts where this one stopped. A kernel cache is only valid for the binaries that built it.
 #
 # GPU_CHECK_SECONDS (default 540): the time the whole run may take, the device call's timeout_s
 # less a little. A step's limit is cut to what is left of it, minus 20 s to save the caches, and
@@ -110,15 +114,22 @@ save_cache() { tar czf "$out/cubecl-cache.tar.gz" .gpu-cache/cubecl || true; }
 # Runs a command under a time limit, sampling device memory every 20 ms: prints the peak minus
 # what was in use before (the CUDA context and the allocator's pool included, as PyTorch's
 # reserved figure includes its pool) and the wall time.
-peak() {
-  local limit=$1
-  shift
+# The time a step may take: its own limit cut to what is left of GPU_CHECK_SECONDS less 20 s to
+# save the caches; 0 (skip it) when under 30 s would be left.
+budget() {
   local left=$((deadline - SECONDS - 20))
-  if [ "$left" -lt 30 ]; then
-    echo "{\"skipped\": \"$*\", \"why\": \"under 30 s left of GPU_CHECK_SECONDS\"}"
+  if [ "$left" -lt 30 ]; then echo 0; elif [ "$1" -le "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+skipped() { echo "{\"skipped\": \"$*\", \"why\": \"under 30 s left of GPU_CHECK_SECONDS\"}"; }
+
+peak() {
+  local limit
+  limit=$(budget "$1")
+  shift
+  if [ "$limit" -eq 0 ]; then
+    skipped "$@"
     return 0
   fi
-  [ "$limit" -le "$left" ] || limit=$left
   local base
   base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 >/tmp/mem.txt &
@@ -137,7 +148,12 @@ for step in "${steps[@]}"; do
     # same weights: through wgpu on lavapipe, burn's native attention at 1600 tokens gave an ε
     # 15% off flex's (README, Benchmarks), so the CUDA timings mean nothing until this agrees.
     attn-check)
-      timeout 120 .gpu-bin/bench_unet --config tiny --size 64 --reps 1 --save-dir /tmp/attn-ref &&
+      ref_limit=$(budget 120)
+      if [ "$ref_limit" -eq 0 ]; then
+        skipped attn-check
+        continue
+      fi
+      timeout "$ref_limit" .gpu-bin/bench_unet --config tiny --size 64 --reps 1 --save-dir /tmp/attn-ref &&
         peak 180 .gpu-bin/bench_unet_untuned --config tiny --size 64 --backend cuda --reps 1 \
           --compare-dir /tmp/attn-ref
       ;;

@@ -129,6 +129,29 @@ fn bad_labels_are_typed_errors() {
         Err(ToyError::UnknownClass { index: 9 })
     ));
     assert!(matches!(denoiser.conditioned(&[]), Err(ToyError::EmptyBatch)));
+    // A batch the conditioning was not made for fails before the first network call.
+    let schedule = adjoint_dpm::diffusion::NoiseSchedule::sd_scaled_linear();
+    let x_t = Tensor::<B, 4>::zeros([3, 3, 32, 32], &device);
+    let two = denoiser.conditioned(&[Some(0), Some(1)]).unwrap();
+    let err = Sampler::ddim(2)
+        .sample_inference(&two, &schedule, x_t.clone())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            adjoint_dpm::diffusion::DiffusionError::BatchMismatch { batch: 3, .. }
+        ),
+        "{err}"
+    );
+    let guided = Cfg::new(denoiser.conditioned_for_guidance(&[1, 4]).unwrap(), 3.0).unwrap();
+    let err = Sampler::ddim(2).sample_inference(&guided, &schedule, x_t).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            adjoint_dpm::diffusion::DiffusionError::BatchMismatch { batch: 6, .. }
+        ),
+        "{err}"
+    );
     let bad_patch = DenoiserConfig {
         patch: 3,
         ..DenoiserConfig::default()

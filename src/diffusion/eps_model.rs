@@ -16,7 +16,19 @@ pub trait EpsModel<B: Backend, const D: usize>: Module<B> + ModuleDisplay {
     /// - `x`: `[batch, …]`, the noisy sample.
     /// - `t`: `[1]`, the continuous timestep in training units (`0 ..= N−1`).
     /// - output: shaped like `x`.
+    ///
+    /// A model whose conditioning fixes the batch may panic on a batch that
+    /// [`check_batch`](Self::check_batch) rejects; the samplers call that first.
     fn eps(&self, x: Tensor<B, D>, t: Tensor<B, 1>) -> Tensor<B, D>;
+
+    /// Whether `eps` accepts a batch of `batch` samples. A model whose conditioning holds one
+    /// row per sample (or per group of samples) says no to other batches here, so that a
+    /// sampler fails with a typed error before its first step instead of panicking inside the
+    /// network. Any batch, by default.
+    fn check_batch(&self, batch: usize) -> Result<(), DiffusionError> {
+        let _ = batch;
+        Ok(())
+    }
 }
 
 /// A network whose raw output is some other prediction target; see [`VPrediction`] and
@@ -24,6 +36,12 @@ pub trait EpsModel<B: Backend, const D: usize>: Module<B> + ModuleDisplay {
 pub trait Predictor<B: Backend, const D: usize>: Module<B> + ModuleDisplay {
     /// The network's raw output at `(x, t)`, shaped like `x`.
     fn predict(&self, x: Tensor<B, D>, t: Tensor<B, 1>) -> Tensor<B, D>;
+
+    /// Whether `predict` accepts a batch of `batch` samples ([`EpsModel::check_batch`]).
+    fn check_batch(&self, batch: usize) -> Result<(), DiffusionError> {
+        let _ = batch;
+        Ok(())
+    }
 }
 
 fn alpha_sigma<B: Backend>(schedule: &NoiseSchedule, t: &Tensor<B, 1>) -> (f64, f64) {
@@ -58,6 +76,10 @@ impl<B: Backend, M: Predictor<B, D>, const D: usize> EpsModel<B, D> for VPredict
         let (alpha, sigma) = alpha_sigma(&self.schedule, &t);
         x.clone().mul_scalar(sigma) + self.model.predict(x, t).mul_scalar(alpha)
     }
+
+    fn check_batch(&self, batch: usize) -> Result<(), DiffusionError> {
+        self.model.check_batch(batch)
+    }
 }
 
 /// An x_0-prediction network seen as an ε-model: `ε = (x_t − α x̂_0)/σ`.
@@ -85,6 +107,10 @@ impl<B: Backend, M: Predictor<B, D>, const D: usize> EpsModel<B, D> for SamplePr
     fn eps(&self, x: Tensor<B, D>, t: Tensor<B, 1>) -> Tensor<B, D> {
         let (alpha, sigma) = alpha_sigma(&self.schedule, &t);
         (x.clone() - self.model.predict(x, t).mul_scalar(alpha)).div_scalar(sigma)
+    }
+
+    fn check_batch(&self, batch: usize) -> Result<(), DiffusionError> {
+        self.model.check_batch(batch)
     }
 }
 
@@ -131,6 +157,11 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> EpsModel<B, D> for Cfg<B, M>
         let uncond = both.clone().narrow(0, 0, batch);
         let cond = both.narrow(0, batch, batch);
         uncond.clone() + (cond - uncond).mul_scalar(self.scale)
+    }
+
+    /// The wrapped model sees the batch doubled.
+    fn check_batch(&self, batch: usize) -> Result<(), DiffusionError> {
+        self.model.check_batch(2 * batch)
     }
 }
 

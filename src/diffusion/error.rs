@@ -29,6 +29,14 @@ pub enum DiffusionError {
         /// Given shape.
         got: Vec<usize>,
     },
+    /// A batch the model's conditioning does not fit ([`crate::diffusion::EpsModel::check_batch`]).
+    #[error("a batch of {batch} samples does not fit the model's conditioning: {reason}")]
+    BatchMismatch {
+        /// The batch the model would be called on.
+        batch: usize,
+        /// What the conditioning holds, and which batches fit it.
+        reason: String,
+    },
     /// Guidance asked of a model that cannot give it.
     #[error("invalid guidance: {reason}")]
     BadGuidance {

@@ -148,6 +148,7 @@ impl Sampler {
         M::InnerModule: EpsModel<B, D>,
     {
         let grid = self.rho_grid(schedule)?;
+        model.check_batch(x_t.dims()[0])?;
         if self.kind == SamplerKind::DpmSolverPP2M {
             if let GradientMode::Backsolve(_) = self.gradient {
                 return Err(DiffusionError::UnsupportedGradient {
@@ -207,6 +208,7 @@ impl Sampler {
         DpmSolverPP2M<B, M>: Dynamics<B, D>,
     {
         let grid = self.rho_grid(schedule)?;
+        model.check_batch(x_t.dims()[0])?;
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
         let ys = if self.kind == SamplerKind::DpmSolverPP2M {
             let map = DpmSolverPP2M::new(model.clone(), schedule.clone(), grid.clone());

@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 
-use crate::diffusion::{EpsModel, NoiseSchedule};
+use crate::diffusion::{DiffusionError, EpsModel, NoiseSchedule};
 
 /// What the UNet predicts (diffusers' `prediction_type`); [`UnetEps`] always returns ε.
 #[derive(Debug, Clone, Default)]
@@ -30,8 +30,8 @@ pub enum UnetPrediction {
 ///
 /// # Panics
 /// `eps` panics when the batch is not a multiple of the context's rows: the model fixes its
-/// conditioning per group of samples, so this is a misuse, not bad data (the task runners build
-/// the context from the batch).
+/// conditioning per group of samples. [`EpsModel::check_batch`] says so first as an error, and
+/// the samplers call it before their first step.
 #[derive(Module, Debug)]
 pub struct UnetEps<B: Backend> {
     /// The noise-prediction UNet.
@@ -125,5 +125,16 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
                 (x - out.mul_scalar(alpha)).div_scalar(sigma)
             }
         }
+    }
+
+    fn check_batch(&self, batch: usize) -> Result<(), DiffusionError> {
+        let rows = self.context.val().dims()[0];
+        if rows == 0 || !batch.is_multiple_of(rows) {
+            return Err(DiffusionError::BatchMismatch {
+                batch,
+                reason: format!("the context has {rows} rows, and a batch must be a multiple of that"),
+            });
+        }
+        Ok(())
     }
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::check_class;
 use super::{ScheduleName, ToyError, NUM_CLASSES};
-use crate::diffusion::{EpsModel, NoiseSchedule};
+use crate::diffusion::{DiffusionError, EpsModel, NoiseSchedule};
 
 /// Architecture of [`ToyDenoiser`]: the UNet config and the patch size.
 ///
@@ -275,7 +275,8 @@ impl<B: Backend> EpsModel<B, 4> for Conditioned<B> {
     ///
     /// # Panics
     /// If the batch is neither the context's row count nor any batch for a one-row context
-    /// (a programming error: [`ToyDenoiser::conditioned`] fixes the batch).
+    /// ([`ToyDenoiser::conditioned`] fixes the batch). [`EpsModel::check_batch`] says so first
+    /// as an error, and the samplers call it before their first step.
     fn eps(&self, x: Tensor<B, 4>, t: Tensor<B, 1>) -> Tensor<B, 4> {
         let b = x.dims()[0];
         let context = self.context.val();
@@ -302,5 +303,16 @@ impl<B: Backend> EpsModel<B, 4> for Conditioned<B> {
                 x.mul_scalar(self.schedule.sigma(t)) + out.mul_scalar(self.schedule.alpha(t))
             }
         }
+    }
+
+    fn check_batch(&self, batch: usize) -> Result<(), DiffusionError> {
+        let rows = self.context.val().dims()[0];
+        if rows != 1 && rows != batch {
+            return Err(DiffusionError::BatchMismatch {
+                batch,
+                reason: format!("the model was conditioned for {rows} samples (one context row each)"),
+            });
+        }
+        Ok(())
     }
 }

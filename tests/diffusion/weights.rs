@@ -225,3 +225,30 @@ fn transformer_block_gradient_wrt_the_context_is_exact() {
     let e = rel_err(&g, &fd);
     assert!(e < 1e-7, "dL/d(context) off by {e:e}");
 }
+
+#[test]
+fn a_batch_the_context_does_not_fit_is_a_typed_error() {
+    let device = Default::default();
+    let context = Tensor::<Ad, 3>::from_data(TensorData::new(noise([1, 2, 3, 8], 13), [2, 3, 8]), &device);
+    let m = UnetEps::new(unet(), context);
+    let schedule = NoiseSchedule::sd_scaled_linear();
+    let sample = |m: &UnetEps<Ad>, batch: usize| {
+        let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise([batch, 2, 8, 8], 14), [batch, 2, 8, 8]), &device);
+        Sampler::ddim(2).sample(m, &schedule, x_t)
+    };
+    // Two context rows split a batch into two groups: 3 samples do not split.
+    let err = sample(&m, 3).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            adjoint_dpm::diffusion::DiffusionError::BatchMismatch { batch: 3, .. }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("2 rows"), "{err}");
+    assert_eq!(sample(&m, 4).unwrap().dims(), [4, 2, 8, 8]);
+    // Under guidance the network sees the batch doubled, which two rows always split.
+    let guided = adjoint_dpm::diffusion::Cfg::new(m.clone(), 2.0).unwrap();
+    let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise([1, 2, 8, 8], 15), [1, 2, 8, 8]), &device);
+    assert!(Sampler::ddim(2).sample(&guided, &schedule, x_t).is_ok());
+}
