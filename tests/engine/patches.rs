@@ -171,11 +171,12 @@ fn check_team_ops() {
     let (a, b) = (wiggle(len, 0.3), wiggle(len, 0.9));
     let tensor = |v: &[f32]| Tensor::<F, 2>::from_data(TensorData::new(v.to_vec(), [1, v.len()]), &device);
     type Op = fn(Tensor<F, 2>, Tensor<F, 2>) -> Tensor<F, 2>;
-    let ops: [(&str, Op); 5] = [
+    let ops: [(&str, Op); 6] = [
         ("add", |x, y| x + y),
         ("mul", |x, y| x * y),
         ("exp", |x, _| x.exp()),
         ("tanh", |x, _| x.tanh()),
+        ("sigmoid", |x, _| burn::tensor::activation::sigmoid(x)),
         ("mul_scalar", |x, _| x.mul_scalar(1.7)),
     ];
     for (name, op) in ops {
@@ -194,6 +195,12 @@ fn check_team_ops() {
         for (i, want) in pieces.iter().enumerate() {
             assert_eq!(in_place[i].to_bits(), want.to_bits(), "{name} in place at {i}");
             assert_eq!(allocating[i].to_bits(), want.to_bits(), "{name} allocating at {i}");
+        }
+        // One element at a time: scalar code, where the loops above run 8-lane AVX2 (patch 4)
+        // or 4-lane SSE2; equal to the bit, since no operation is fused or reordered.
+        for i in 0..64 {
+            let one = vec(op(tensor(&a[i..i + 1]), tensor(&b[i..i + 1])))[0];
+            assert_eq!(one.to_bits(), pieces[i].to_bits(), "{name} of one element at {i}");
         }
     }
 }

@@ -499,7 +499,9 @@ where
     let storage: &[E] = tensor.storage();
 
     let result: Vec<E> = match tensor.layout().contiguous_offsets() {
-        Some((start, end)) => super::team::map(&storage[start..end], |x| op(x, scalar)),
+        // adjoint-dpm patch 3: `move`, so that the scalar is a value in the closure and the
+        // loop vectorises (borrowed, it was reloaded through a pointer for every element).
+        Some((start, end)) => super::team::map(&storage[start..end], move |x| op(x, scalar)),
         None => StridedIter::new(tensor.layout())
             .map(|i| op(storage[i], scalar))
             .collect(),

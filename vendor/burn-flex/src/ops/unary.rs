@@ -52,6 +52,74 @@ where
     crate::ops::comparison::make_bool_tensor(result, shape, out_dtype)
 }
 
+/// adjoint-dpm patch 4: elementwise loops compiled twice, for the baseline x86-64 target (SSE2,
+/// 4 f32 lanes) and with AVX2 (8 lanes), the second taken when the CPU has it. The same
+/// operations in the same order, so the results are bitwise equal; `vmath`'s `exp`/`tanh`/
+/// `sigmoid`, whose polynomials are most of their cost, run about twice as fast.
+mod wide {
+    use alloc::vec::Vec;
+
+    #[inline(always)]
+    fn apply_any<E: Copy, Op: Fn(E) -> E>(xs: &mut [E], op: &Op) {
+        for x in xs {
+            *x = op(*x);
+        }
+    }
+
+    #[inline(always)]
+    fn map_any<E: Copy, Op: Fn(E) -> E>(src: &[E], dst: &mut [core::mem::MaybeUninit<E>], op: &Op) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            d.write(op(x));
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn apply_avx2<E: Copy, Op: Fn(E) -> E>(xs: &mut [E], op: &Op) {
+        apply_any(xs, op)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn map_avx2<E: Copy, Op: Fn(E) -> E>(src: &[E], dst: &mut [core::mem::MaybeUninit<E>], op: &Op) {
+        map_any(src, dst, op)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn has_avx2() -> bool {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| std::is_x86_feature_detected!("avx2"))
+    }
+
+    /// `x = op(x)` over `xs`.
+    pub(super) fn apply<E: Copy, Op: Fn(E) -> E>(xs: &mut [E], op: &Op) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { apply_avx2(xs, op) };
+        }
+        apply_any(xs, op)
+    }
+
+    /// `src.iter().map(op)` collected, by the team's threads when `src` is long.
+    pub(super) fn map<E: Copy + Send + Sync, Op: Fn(E) -> E + Sync>(src: &[E], op: &Op) -> Vec<E> {
+        let len = src.len();
+        let mut out = Vec::with_capacity(len);
+        super::super::team::for_chunks_mut(&mut out.spare_capacity_mut()[..len], |chunk, offset| {
+            let src = &src[offset..offset + chunk.len()];
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: the CPU has AVX2.
+                return unsafe { map_avx2(src, chunk, op) };
+            }
+            map_any(src, chunk, op)
+        });
+        // SAFETY: every element of `0..len` was written above.
+        unsafe { out.set_len(len) };
+        out
+    }
+}
+
 /// Apply a unary operation element-wise to a tensor.
 pub fn unary_op<F32Op, F64Op>(tensor: FlexTensor, f32_op: F32Op, f64_op: F64Op) -> FlexTensor
 where
@@ -82,11 +150,7 @@ where
     {
         let storage: &mut [E] = tensor.storage_mut();
         // adjoint-dpm patch 2: long tensors are split across the team's threads.
-        super::team::for_chunks_mut(&mut storage[..n], |chunk, _| {
-            for x in chunk {
-                *x = op(*x);
-            }
-        });
+        super::team::for_chunks_mut(&mut storage[..n], |chunk, _| wide::apply(chunk, &op));
         return tensor;
     }
 
@@ -101,7 +165,7 @@ where
     // Iterate in storage order (contiguous) and preserve original layout.
     // Only valid when all strides are positive.
     if !has_negative_strides && layout.start_offset() == 0 && src.len() == n {
-        let result: Vec<E> = super::team::map(src, &op);
+        let result: Vec<E> = wide::map(src, &op);
         let bytes = Bytes::from_elems(result);
         return FlexTensor::new(bytes, layout, E::dtype());
     }
