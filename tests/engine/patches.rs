@@ -204,3 +204,65 @@ fn check_team_ops() {
         }
     }
 }
+
+#[test]
+fn flex_convolutions_split_by_sample_give_the_serial_results() {
+    // Patch 5: convolutions and transposed convolutions (a convolution's data gradient) share
+    // their samples and pixel tiles among the team's threads, and a transposed convolution's
+    // col2im computes each row's valid range instead of testing every pixel. Against the f64
+    // NdArray backend, and bitwise against each sample alone (which the team splits by tiles
+    // or not at all), over strides, paddings and dilations.
+    use burn::tensor::module::{conv2d, conv_transpose2d};
+    use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
+    type F = burn::backend::Flex;
+    type R = crate::common::F64;
+    let (batch, c_in, c_out, h, w) = (3, 16, 8, 20, 19);
+    let device = Default::default();
+    let flex = |data: &[f32], shape: [usize; 4]| Tensor::<F, 4>::from_data(TensorData::new(data.to_vec(), shape), &device);
+    let reference = |data: &[f32], shape: [usize; 4]| {
+        let data: Vec<f64> = data.iter().map(|&v| f64::from(v)).collect();
+        Tensor::<R, 4>::from_data(TensorData::new(data, shape), &Default::default())
+    };
+    let x = wiggle(batch * c_in * h * w, 0.2);
+    let w_conv = wiggle(c_out * c_in * 9, 0.4);
+    let w_tr = wiggle(c_in * c_out * 9, 0.6);
+    let values = |t: Tensor<F, 4>| t.into_data().to_vec::<f32>().unwrap();
+    let values64 = |t: Tensor<R, 4>| t.into_data().to_vec::<f64>().unwrap();
+    let close = |got: &[f32], want: &[f64], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}: sizes");
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
+            assert!((f64::from(g) - r).abs() <= 1e-5 * scale, "{what} at {i}: {g} vs {r}");
+        }
+    };
+    let per_sample = |f: &dyn Fn(Tensor<F, 4>) -> Tensor<F, 4>| -> Vec<f32> {
+        let x = flex(&x, [batch, c_in, h, w]);
+        (0..batch).flat_map(|b| values(f(x.clone().narrow(0, b, 1)))).collect()
+    };
+    for (stride, padding, dilation) in [(1, 1, 1), (2, 1, 1), (1, 0, 2), (2, 2, 1), (3, 1, 2)] {
+        let what = format!("stride {stride}, padding {padding}, dilation {dilation}");
+        let conv_options = ConvOptions::new([stride; 2], [padding; 2], [dilation; 2], 1);
+        let conv_f = |x: Tensor<F, 4>| conv2d(x, flex(&w_conv, [c_out, c_in, 3, 3]), None, conv_options.clone());
+        let got = values(conv_f(flex(&x, [batch, c_in, h, w])));
+        let want = conv2d(
+            reference(&x, [batch, c_in, h, w]),
+            reference(&w_conv, [c_out, c_in, 3, 3]),
+            None,
+            conv_options.clone(),
+        );
+        close(&got, &values64(want), &format!("conv2d, {what}"));
+        assert_eq!(got, per_sample(&conv_f), "conv2d by sample, {what}");
+
+        let tr_options = ConvTransposeOptions::new([stride; 2], [padding; 2], [0; 2], [dilation; 2], 1);
+        let tr_f = |x: Tensor<F, 4>| conv_transpose2d(x, flex(&w_tr, [c_in, c_out, 3, 3]), None, tr_options.clone());
+        let got = values(tr_f(flex(&x, [batch, c_in, h, w])));
+        let want = conv_transpose2d(
+            reference(&x, [batch, c_in, h, w]),
+            reference(&w_tr, [c_in, c_out, 3, 3]),
+            None,
+            tr_options.clone(),
+        );
+        close(&got, &values64(want), &format!("conv_transpose2d, {what}"));
+        assert_eq!(got, per_sample(&tr_f), "conv_transpose2d by sample, {what}");
+    }
+}

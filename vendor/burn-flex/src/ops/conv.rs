@@ -439,11 +439,17 @@ fn conv3d_impl<T: bytemuck::Pod + Clone + Copy + burn_backend::Element + Send + 
         }
         #[cfg(not(feature = "rayon"))]
         {
-            // Sequential path with tiling
+            // adjoint-dpm patch 5: the (batch, tile) items, each an im2col and a GEMM writing
+            // its own pixels of the output, are shared among the team's threads (contiguous
+            // runs of items, the same arithmetic as one thread: bitwise the same output).
             let mut output = vec![zero; batch_size * channels_out * spatial_out];
-
-            for b in 0..batch_size {
-                for tile_idx in 0..num_tiles {
+            let out_addr = output.as_mut_ptr() as usize;
+            let items = batch_size * num_tiles;
+            let item = |item: usize| {
+                let out = out_addr as *mut T;
+                let b = item / num_tiles;
+                let tile_idx = item % num_tiles;
+                {
                     let tile_start = tile_idx * TILE_SIZE;
                     let tile_end = (tile_start + TILE_SIZE).min(spatial_out);
                     let tile_size = tile_end - tile_start;
@@ -505,12 +511,17 @@ fn conv3d_impl<T: bytemuck::Pod + Clone + Copy + burn_backend::Element + Send + 
                                     + (out_c_start + c_out) * spatial_out
                                     + global_idx;
                                 let res_idx = c_out * tile_size + local_idx;
-                                output[dst_idx] = result[res_idx];
+                                debug_assert!(dst_idx < batch_size * channels_out * spatial_out);
+                                // SAFETY: in bounds, and no other item writes pixel
+                                // `global_idx` of sample `b`.
+                                unsafe { *out.add(dst_idx) = result[res_idx] };
                             }
                         }
                     }
                 }
-            }
+            };
+            let work = batch_size * channels_out * spatial_out * col_len;
+            super::team::split(items, work, &item);
             output
         }
     };

@@ -96,7 +96,8 @@ pub(crate) fn add_bias<T: Copy>(
     batch: usize,
     channels: usize,
     spatial: usize,
-    add_fn: fn(T, T) -> T,
+    // adjoint-dpm patch 5: any `Fn`, as conv_transpose3d's generic adder.
+    add_fn: impl Fn(T, T) -> T,
 ) {
     for b in 0..batch {
         for c in 0..channels {

@@ -30,7 +30,7 @@ macro_rules! conv_transpose3d_typed {
             bias: Option<FlexTensor>,
             options: &ConvTransposeOptions<3>,
         ) -> FlexTensor {
-            conv_transpose3d_impl::<$T>(x, weight, bias, options, $dtype, $zero, $gemm_fn, $add_fn)
+            conv_transpose3d_impl::<$T, _>(x, weight, bias, options, $dtype, $zero, $gemm_fn, $add_fn)
         }
     };
 }
@@ -197,7 +197,11 @@ type ConvTransposeGemmFn<T> = fn(&mut [T], &[T], &[T], usize, usize, usize);
 
 /// 3D transposed convolution via GEMM + col2im.
 #[allow(clippy::too_many_arguments)]
-fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_backend::Element>(
+fn conv_transpose3d_impl<
+    T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_backend::Element,
+    // adjoint-dpm patch 5: generic rather than a function pointer, so that it inlines.
+    A: Fn(T, T) -> T + Copy + Sync,
+>(
     x: FlexTensor,
     weight: FlexTensor,
     bias: Option<FlexTensor>,
@@ -205,7 +209,7 @@ fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_ba
     dtype: DType,
     zero: T,
     gemm_fn: ConvTransposeGemmFn<T>,
-    add_fn: fn(T, T) -> T,
+    add_fn: A,
 ) -> FlexTensor {
     let x = x.to_contiguous();
     let weight = weight.to_contiguous();
@@ -269,10 +273,16 @@ fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_ba
         .expect("conv_transpose: output dimensions would overflow");
     let mut output = vec![zero; output_size];
 
-    // Reuse columns buffer across (batch, group) iterations; GEMM overwrites it fully.
-    let mut columns = vec![zero; columns_len];
-
-    for b in 0..batch_size {
+    // adjoint-dpm patch 5: the batch's samples, each a GEMM and a col2im into its own part of
+    // the output, are shared among the team's threads (bitwise the same output as one thread).
+    let out_addr = output.as_mut_ptr() as usize;
+    let sample = |b: usize| {
+        // SAFETY: sample `b` alone writes `out_len` elements from `b · out_len`, in bounds.
+        let out_len = out_channels * out_spatial;
+        let output =
+            unsafe { core::slice::from_raw_parts_mut((out_addr as *mut T).add(b * out_len), out_len) };
+        // Reused across groups; the GEMM overwrites it fully.
+        let mut columns = vec![zero; columns_len];
         for g in 0..groups {
             let ic_start = g * in_channels_per_group;
             let oc_start = g * out_channels_per_group;
@@ -292,10 +302,9 @@ fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_ba
                 in_spatial,
             );
 
-            // col2im: scatter columns into output for this (batch, group)
-            let out_base = b * out_channels * out_spatial;
+            // col2im: scatter columns into this sample's output, for this group
             for oc in 0..out_channels_per_group {
-                let out_ch_base = out_base + (oc_start + oc) * out_spatial;
+                let out_ch_base = (oc_start + oc) * out_spatial;
                 let oc_col_base = oc * k_spatial;
 
                 for kd in 0..kernel_d {
@@ -314,6 +323,18 @@ fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_ba
                                     continue;
                                 }
 
+                                // adjoint-dpm patch 5: the iw whose
+                                // ow = iw·stride_w + kw·dilation_w − pad_w lies in 0..out_w,
+                                // computed once instead of tested per element, so that a
+                                // stride-1 row is one slice addition that vectorises (the same
+                                // additions in the same order).
+                                let off_w = kw * dilation_w;
+                                let iw_lo = pad_w.saturating_sub(off_w).div_ceil(stride_w);
+                                let iw_hi =
+                                    (pad_w + out_w).saturating_sub(off_w).div_ceil(stride_w).min(in_w);
+                                if iw_lo >= iw_hi {
+                                    continue;
+                                }
                                 for ih in 0..in_h {
                                     let oh_raw = ih * stride_h + kh * dilation_h;
                                     if oh_raw < pad_h {
@@ -324,21 +345,21 @@ fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_ba
                                         continue;
                                     }
 
-                                    for iw in 0..in_w {
-                                        let ow_raw = iw * stride_w + kw * dilation_w;
-                                        if ow_raw < pad_w {
-                                            continue;
+                                    let row_in = col_base + id * in_h * in_w + ih * in_w;
+                                    let row_out = out_ch_base + od * out_h * out_w + oh * out_w;
+                                    if stride_w == 1 {
+                                        let ow_lo = iw_lo + off_w - pad_w;
+                                        let n = iw_hi - iw_lo;
+                                        let src = &columns[row_in + iw_lo..row_in + iw_hi];
+                                        let dst = &mut output[row_out + ow_lo..row_out + ow_lo + n];
+                                        for (o, &c) in dst.iter_mut().zip(src) {
+                                            *o = add_fn(*o, c);
                                         }
-                                        let ow = ow_raw - pad_w;
-                                        if ow >= out_w {
-                                            continue;
+                                    } else {
+                                        for iw in iw_lo..iw_hi {
+                                            let out_idx = row_out + iw * stride_w + off_w - pad_w;
+                                            output[out_idx] = add_fn(output[out_idx], columns[row_in + iw]);
                                         }
-
-                                        let s = id * in_h * in_w + ih * in_w + iw;
-                                        let val = columns[col_base + s];
-                                        let out_idx =
-                                            out_ch_base + od * out_h * out_w + oh * out_w + ow;
-                                        output[out_idx] = add_fn(output[out_idx], val);
                                     }
                                 }
                             }
@@ -347,7 +368,9 @@ fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_ba
                 }
             }
         }
-    }
+    };
+    let work = batch_size * in_channels * col_ch * in_spatial;
+    super::team::split(batch_size, work, &sample);
 
     // Add bias if present
     if let Some(bias) = bias {

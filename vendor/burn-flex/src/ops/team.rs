@@ -263,3 +263,18 @@ pub fn zip_map<A: Sync + Copy, E: Send>(a: &[A], b: &[A], f: impl Fn(A, A) -> E 
     unsafe { out.set_len(len) };
     out
 }
+
+/// adjoint-dpm patch 5: the least multiply-adds worth splitting a convolution for (as for a
+/// GEMM, 64³).
+pub const SPLIT_MIN_WORK: usize = 64 * 64 * 64;
+
+/// Runs `item(0)`, …, `item(items − 1)`, independent jobs of about equal size, in contiguous
+/// runs spread over the team when their total `work` (multiply-adds) is at least
+/// [`SPLIT_MIN_WORK`]; in order on this thread otherwise.
+pub fn split(items: usize, work: usize, item: &(dyn Fn(usize) + Sync)) {
+    let parts = threads().min(items);
+    if parts <= 1 || work < SPLIT_MIN_WORK {
+        return (0..items).for_each(item);
+    }
+    run(parts, &|i| block(items, parts, 1, i).for_each(item));
+}
