@@ -2163,8 +2163,6 @@ fn attention_backward<B: Backend>(
     let [batch, heads, n, _] = q.shape().dims::<4>();
     let m = k.shape().dims::<4>()[2];
     let rows = (ATTENTION_BLOCK_ELEMENTS / (batch * heads * m).max(1)).clamp(1, n.max(1));
-    // rowsum(dO ⊙ O): [batch, heads, n, 1].
-    let delta = B::float_sum_dim(B::float_mul(grad.clone(), output), 3);
     let k_t = B::float_transpose(k.clone());
     let v_t = B::float_transpose(v);
     let mut dq_blocks = Vec::with_capacity(n.div_ceil(rows));
@@ -2185,7 +2183,13 @@ fn attention_backward<B: Backend>(
             ];
             B::float_slice(x.clone(), &rows)
         };
-        let (q_b, grad_b, delta_b) = (block(&q), block(&grad), block(&delta));
+        let (q_b, grad_b) = (block(&q), block(&grad));
+        // rowsum(dO ⊙ O): [batch, heads, rows, 1], computed per block so that it is a fresh
+        // contiguous tensor: a block sliced out of the whole [batch, heads, n, 1] one has row
+        // strides that burn-flex's row-broadcast kernel does not take, and `dP − delta` below
+        // then walked all batch·heads·rows·m elements through its generic strided iterator
+        // (13% of the tiny UNet's VJP on flex).
+        let delta_b = B::float_sum_dim(B::float_mul(grad_b.clone(), block(&output)), 3);
         // P = softmax(s·Q Kᵀ) over the keys, shifted by the row maximum.
         let scores = B::float_mul_scalar(B::float_matmul(q_b.clone(), k_t.clone()), scale.into());
         let shifted = B::float_sub(scores.clone(), B::float_max_dim(scores, 3));
