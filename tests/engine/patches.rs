@@ -218,7 +218,8 @@ fn flex_convolutions_split_by_sample_give_the_serial_results() {
     type R = crate::common::F64;
     let (batch, c_in, c_out, h, w) = (3, 16, 8, 20, 19);
     let device = Default::default();
-    let flex = |data: &[f32], shape: [usize; 4]| Tensor::<F, 4>::from_data(TensorData::new(data.to_vec(), shape), &device);
+    let flex =
+        |data: &[f32], shape: [usize; 4]| Tensor::<F, 4>::from_data(TensorData::new(data.to_vec(), shape), &device);
     let reference = |data: &[f32], shape: [usize; 4]| {
         let data: Vec<f64> = data.iter().map(|&v| f64::from(v)).collect();
         Tensor::<R, 4>::from_data(TensorData::new(data, shape), &Default::default())
