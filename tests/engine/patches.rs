@@ -240,30 +240,24 @@ fn flex_convolutions_split_by_sample_give_the_serial_results() {
         let x = flex(&x, [batch, c_in, h, w]);
         (0..batch).flat_map(|b| values(f(x.clone().narrow(0, b, 1)))).collect()
     };
+    let check = |what: String, f: &dyn Fn(Tensor<F, 4>) -> Tensor<F, 4>, want: Tensor<R, 4>| {
+        let got = values(f(flex(&x, [batch, c_in, h, w])));
+        close(&got, &values64(want), &what);
+        assert_eq!(got, per_sample(f), "{what}, by sample");
+    };
+    let x64 = reference(&x, [batch, c_in, h, w]);
     for (stride, padding, dilation) in [(1, 1, 1), (2, 1, 1), (1, 0, 2), (2, 2, 1), (3, 1, 2)] {
         let what = format!("stride {stride}, padding {padding}, dilation {dilation}");
         let conv_options = ConvOptions::new([stride; 2], [padding; 2], [dilation; 2], 1);
         let conv_f = |x: Tensor<F, 4>| conv2d(x, flex(&w_conv, [c_out, c_in, 3, 3]), None, conv_options.clone());
-        let got = values(conv_f(flex(&x, [batch, c_in, h, w])));
-        let want = conv2d(
-            reference(&x, [batch, c_in, h, w]),
-            reference(&w_conv, [c_out, c_in, 3, 3]),
-            None,
-            conv_options.clone(),
-        );
-        close(&got, &values64(want), &format!("conv2d, {what}"));
-        assert_eq!(got, per_sample(&conv_f), "conv2d by sample, {what}");
+        let w64 = reference(&w_conv, [c_out, c_in, 3, 3]);
+        let want = conv2d(x64.clone(), w64, None, conv_options.clone());
+        check(format!("conv2d, {what}"), &conv_f, want);
 
         let tr_options = ConvTransposeOptions::new([stride; 2], [padding; 2], [0; 2], [dilation; 2], 1);
         let tr_f = |x: Tensor<F, 4>| conv_transpose2d(x, flex(&w_tr, [c_in, c_out, 3, 3]), None, tr_options.clone());
-        let got = values(tr_f(flex(&x, [batch, c_in, h, w])));
-        let want = conv_transpose2d(
-            reference(&x, [batch, c_in, h, w]),
-            reference(&w_tr, [c_in, c_out, 3, 3]),
-            None,
-            tr_options.clone(),
-        );
-        close(&got, &values64(want), &format!("conv_transpose2d, {what}"));
-        assert_eq!(got, per_sample(&tr_f), "conv_transpose2d by sample, {what}");
+        let w64 = reference(&w_tr, [c_in, c_out, 3, 3]);
+        let want = conv_transpose2d(x64.clone(), w64, None, tr_options.clone());
+        check(format!("conv_transpose2d, {what}"), &tr_f, want);
     }
 }
