@@ -237,14 +237,26 @@ pub fn for_chunks_mut<E: Send>(data: &mut [E], f: impl Fn(&mut [E], usize) + Syn
 
 /// `src.iter().map(f)` collected, computed by the team when `src` is long.
 pub fn map<A: Sync + Copy, E: Send>(src: &[A], f: impl Fn(A) -> E + Sync) -> Vec<E> {
+    map_chunks(src, |src, out| {
+        for (slot, &x) in out.iter_mut().zip(src) {
+            slot.write(f(x));
+        }
+    })
+}
+
+/// A new vector of `src.len()` elements, filled by `fill(src_chunk, out_chunk)` over
+/// consecutive chunks of equal length (by the team when `src` is long); `fill` must write
+/// every element of its `out_chunk`.
+pub fn map_chunks<A: Sync, E: Send>(
+    src: &[A],
+    fill: impl Fn(&[A], &mut [std::mem::MaybeUninit<E>]) + Sync,
+) -> Vec<E> {
     let len = src.len();
     let mut out = Vec::with_capacity(len);
     for_chunks_mut(&mut out.spare_capacity_mut()[..len], |chunk, offset| {
-        for (slot, &x) in chunk.iter_mut().zip(&src[offset..]) {
-            slot.write(f(x));
-        }
+        fill(&src[offset..offset + chunk.len()], chunk)
     });
-    // SAFETY: every element of `0..len` was written above.
+    // SAFETY: `fill` wrote every element of `0..len`.
     unsafe { out.set_len(len) };
     out
 }

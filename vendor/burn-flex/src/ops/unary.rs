@@ -103,20 +103,14 @@ mod wide {
 
     /// `src.iter().map(op)` collected, by the team's threads when `src` is long.
     pub(super) fn map<E: Copy + Send + Sync, Op: Fn(E) -> E + Sync>(src: &[E], op: &Op) -> Vec<E> {
-        let len = src.len();
-        let mut out = Vec::with_capacity(len);
-        super::super::team::for_chunks_mut(&mut out.spare_capacity_mut()[..len], |chunk, offset| {
-            let src = &src[offset..offset + chunk.len()];
+        super::super::team::map_chunks(src, |src, out| {
             #[cfg(target_arch = "x86_64")]
             if has_avx2() {
                 // SAFETY: the CPU has AVX2.
-                return unsafe { map_avx2(src, chunk, op) };
+                return unsafe { map_avx2(src, out, op) };
             }
-            map_any(src, chunk, op)
-        });
-        // SAFETY: every element of `0..len` was written above.
-        unsafe { out.set_len(len) };
-        out
+            map_any(src, out, op)
+        })
     }
 }
 
