@@ -86,10 +86,9 @@ impl<B: Backend> UnetEps<B> {
                 .reshape([1, tokens, 1]);
             context = context.clone().detach() * (mask.clone().neg().add_scalar(1.0)) + context * mask;
         }
-        assert!(
-            batch.is_multiple_of(rows),
-            "the context has {rows} rows, which do not divide the batch of {batch}"
-        );
+        if let Err(e) = self.check_batch(batch) {
+            panic!("{e}");
+        }
         if rows == batch {
             return context;
         }
@@ -129,7 +128,7 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
 
     fn check_batch(&self, batch: usize) -> Result<(), DiffusionError> {
         let rows = self.context.val().dims()[0];
-        if rows == 0 || !batch.is_multiple_of(rows) {
+        if !batch.is_multiple_of(rows) {
             return Err(DiffusionError::BatchMismatch {
                 batch,
                 reason: format!("the context has {rows} rows, and a batch must be a multiple of that"),

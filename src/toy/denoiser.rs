@@ -280,13 +280,14 @@ impl<B: Backend> EpsModel<B, 4> for Conditioned<B> {
     fn eps(&self, x: Tensor<B, 4>, t: Tensor<B, 1>) -> Tensor<B, 4> {
         let b = x.dims()[0];
         let context = self.context.val();
-        let rows = context.dims()[0];
-        let context = if rows == b {
+        if let Err(e) = self.check_batch(b) {
+            panic!("{e}");
+        }
+        // One row per sample, or one row for all of them.
+        let context = if context.dims()[0] == b {
             context
-        } else if rows == 1 {
-            context.repeat_dim(0, b)
         } else {
-            panic!("the conditioned model has {rows} context rows but the batch has {b} samples")
+            context.repeat_dim(0, b)
         };
         let time = t.clone();
         let t = if t.dims()[0] == b { t } else { t.repeat_dim(0, b) };
