@@ -46,7 +46,7 @@ pub use error::{Error, Result};
 // `burn-autodiff = { path = "<adjoint-dpm>/vendor/burn-autodiff" }` under `[patch.crates-io]`
 // in your top-level Cargo.toml (see "Depending on this crate" above).
 const _: () = assert!(
-    burn::backend::autodiff::ADJOINT_DPM_PATCHES >= 4,
+    burn::backend::autodiff::ADJOINT_DPM_PATCHES >= 5,
     "adjoint-dpm needs its vendored burn-autodiff (vendor/README.md)"
 );
 

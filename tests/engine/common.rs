@@ -204,9 +204,9 @@ impl P1 {
     }
 
     /// Parameter gradient in the reference order (W0, b0, W1, b1; PyTorch layout).
-    pub fn flat_param_grad(
-        model: &Mlp<Ad>,
-        grads: &<Ad as burn::tensor::backend::AutodiffBackend>::Gradients,
+    pub fn flat_param_grad<B: burn::tensor::backend::AutodiffBackend>(
+        model: &Mlp<B>,
+        grads: &B::Gradients,
     ) -> Vec<f64> {
         let mut out = Vec::new();
         for layer in &model.layers {

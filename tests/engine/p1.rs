@@ -1,13 +1,22 @@
 //! P1 (the spiral) against the diffrax/torchdiffeq reference gradients.
 
 use adjoint_dpm::prelude::*;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
+use burn::backend::Autodiff;
 
-use crate::common::{rel_err, to_vec, Ad, P1};
+use crate::common::{rel_err, to_vec, F64, P1};
 
 fn run(p: &P1, solver: Solver, mode: GradientMode) -> (f64, Vec<f64>, Vec<f64>, Stats) {
+    run_on::<NoCheckpointing>(p, solver, mode)
+}
+
+/// `run` on burn's autodiff backend with the checkpointing strategy `C`.
+fn run_on<C: CheckpointStrategy>(p: &P1, solver: Solver, mode: GradientMode) -> (f64, Vec<f64>, Vec<f64>, Stats) {
     let device = Default::default();
-    let ode = NeuralOde::new(p.model::<Ad>(&device)).solver(solver).gradient(mode);
-    let z0 = p.z0::<Ad>(&device).require_grad();
+    let ode = NeuralOde::new(p.model::<Autodiff<F64, C>>(&device))
+        .solver(solver)
+        .gradient(mode);
+    let z0 = p.z0::<Autodiff<F64, C>>(&device).require_grad();
     let sol = ode.solve(z0.clone(), &p.ts).unwrap();
     let loss = p.loss(&sol, &device);
     let loss_value = to_vec(loss.clone())[0];
@@ -40,6 +49,22 @@ fn exact_modes_reproduce_the_rk4_100_reference() {
         );
         assert_eq!(stats.accepted_steps, 100);
         assert_eq!(stats.nfe_forward, 400);
+    }
+}
+
+/// burn's `BalancedCheckpointing` strategy recomputes memory-bound ops (the RK combinations,
+/// tanh, the cube) in the backward pass instead of storing them: the vendored burn-autodiff's
+/// patch 5 (saved states and stop nodes indexed by node) must find every one of them.
+#[test]
+fn balanced_checkpointing_reproduces_the_rk4_100_reference() {
+    let p = P1::load();
+    for mode in [GradientMode::Backprop, GradientMode::Checkpointed(Schedule::Every(7))] {
+        let (_, gp, gz, _) = run_on::<BalancedCheckpointing>(&p, Solver::rk4(100), mode);
+        let (ep, ez) = (rel_err(&gp, &p.rk4_gp), rel_err(&gz, &p.rk4_gz));
+        assert!(
+            ep < 1e-10 && ez < 1e-10,
+            "{mode:?}: dL/dθ off by {ep:e}, dL/dz0 by {ez:e}"
+        );
     }
 }
 

@@ -32,7 +32,7 @@ pub use graph::NodeId;
 /// that repository). adjoint-dpm refuses to compile against a burn-autodiff without it, which is
 /// what a crate that depends on adjoint-dpm gets unless it repeats the `[patch.crates-io]` entry.
 #[doc(hidden)]
-pub const ADJOINT_DPM_PATCHES: u32 = 4;
+pub const ADJOINT_DPM_PATCHES: u32 = 5;
 pub(crate) mod tensor;
 pub(crate) mod utils;
 

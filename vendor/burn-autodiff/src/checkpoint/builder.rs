@@ -1,5 +1,5 @@
 use crate::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     graph::{ComputingProperty, NodeId},
     tensor::AutodiffTensor,
 };
@@ -113,7 +113,7 @@ impl CheckpointerBuilder {
         let mut retro_forwards_map = HashMap::new();
 
         // Find recursion stopping points
-        let stop_nodes: Vec<NodeId> = self.find_stop_nodes();
+        let stop_nodes: HashSet<NodeId> = self.find_stop_nodes();
 
         // We start by identifying how many times each node will be required.
         let n_required_map = self.build_n_required_map(&node_tree, stop_nodes);
@@ -132,8 +132,9 @@ impl CheckpointerBuilder {
         )
     }
 
-    fn find_stop_nodes(&self) -> Vec<NodeId> {
-        let mut stop_nodes = Vec::default();
+    // adjoint-dpm patch 5: a set (0.21.0: a vector, searched once per recomputed node).
+    fn find_stop_nodes(&self) -> HashSet<NodeId> {
+        let mut stop_nodes = HashSet::default();
         for action in self
             .explicit_actions
             .iter()
@@ -143,7 +144,9 @@ impl CheckpointerBuilder {
                 CheckpointingAction::Computed {
                     node_id: node_ref,
                     state_content: _,
-                } => stop_nodes.push(*node_ref),
+                } => {
+                    stop_nodes.insert(*node_ref);
+                }
                 CheckpointingAction::Recompute {
                     node_id: _,
                     retro_forward: _,
@@ -156,7 +159,7 @@ impl CheckpointerBuilder {
     fn build_n_required_map(
         &self,
         node_tree: &NodeTree,
-        stop_nodes: Vec<NodeId>,
+        stop_nodes: HashSet<NodeId>,
     ) -> HashMap<NodeId, usize> {
         let mut n_required_map = HashMap::<NodeId, usize>::default();
 
@@ -200,6 +203,22 @@ impl CheckpointerBuilder {
         retro_forward_map: &mut HashMap<NodeId, Arc<dyn RetroForward>>,
         n_required_map: HashMap<NodeId, usize>,
     ) {
+        // adjoint-dpm patch 5: the actions are indexed by node once, keeping the first of each
+        // node as the search below used to find it. 0.21.0 searched the vectors and removed from
+        // them for every node, quadratic in the number of saved states: backprop through 1000
+        // steps of a small MLP field spent most of its backward pass here.
+        let explicit_actions = core::mem::take(&mut self.explicit_actions);
+        let backup_actions = core::mem::take(&mut self.backup_actions);
+        let mut explicit = HashMap::<NodeId, CheckpointingAction>::default();
+        explicit.reserve(explicit_actions.len());
+        for action in explicit_actions {
+            explicit.entry(action.id()).or_insert(action);
+        }
+        let mut backup = HashMap::<NodeId, CheckpointingAction>::default();
+        for action in backup_actions {
+            backup.entry(action.id()).or_insert(action);
+        }
+
         // We do not loop over checkpointing actions anymore because they can contain
         // duplicates or miss some that are in backup. We loop over the n_required_map
         // from which we use the ids to find them again in the checkpointing actions
@@ -208,21 +227,11 @@ impl CheckpointerBuilder {
             // so we check there first, otherwise it will be in backup.
             // Technically it can be there several times but can never be of both types, so we can assume the first we find is fine
 
-            let action = match self
-                .explicit_actions
-                .iter()
-                .position(|action| action.id() == node_id)
-            {
-                Some(pos) => self.explicit_actions.remove(pos),
-                None => {
-                    let pos = self
-                        .backup_actions
-                        .iter()
-                        .position(|action| action.id() == node_id);
-                    self.backup_actions.remove(pos.unwrap_or_else(|| {
-                        panic!("Node {:?} is needed but never checkpointed", &node_id)
-                    }))
-                }
+            let action = match explicit.remove(&node_id) {
+                Some(action) => action,
+                None => backup.remove(&node_id).unwrap_or_else(|| {
+                    panic!("Node {:?} is needed but never checkpointed", &node_id)
+                }),
             };
 
             match action {
@@ -250,7 +259,7 @@ impl CheckpointerBuilder {
         id: NodeId,
         n_required_map: &mut HashMap<NodeId, usize>,
         node_tree: &NodeTree,
-        stop_nodes: &Vec<NodeId>,
+        stop_nodes: &HashSet<NodeId>,
     ) {
         match n_required_map.remove(&id) {
             Some(n) => {
