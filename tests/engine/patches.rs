@@ -261,3 +261,139 @@ fn flex_convolutions_split_by_sample_give_the_serial_results() {
         check(format!("conv_transpose2d, {what}"), &tr_f, want);
     }
 }
+
+#[test]
+fn flex_nd_copies_hold_the_views_values() {
+    // Patch 6: a view of rank 3 or more that does not collapse to 2D is copied one 2D block per
+    // index of its outer dims. Permuted, sliced and flipped (the untouched fallback) views of a
+    // 5D tensor, made contiguous by `reshape`, against the same views on NdArray.
+    type F = burn::backend::Flex;
+    type R = crate::common::F64;
+    let shape = [2, 3, 4, 5, 6];
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let flex = Tensor::<F, 5>::from_data(TensorData::new(values.clone(), shape), &Default::default());
+    let values64: Vec<f64> = values.iter().map(|&v| f64::from(v)).collect();
+    let reference = Tensor::<R, 5>::from_data(TensorData::new(values64, shape), &Default::default());
+    type View<B> = fn(Tensor<B, 5>) -> Tensor<B, 5>;
+    fn views<B: Backend>() -> Vec<(&'static str, View<B>)> {
+        vec![
+            ("attention heads merged", |t| t.swap_dims(2, 3)),
+            ("permuted", |t| t.permute([4, 0, 3, 1, 2])),
+            ("permuted and sliced", |t| {
+                t.permute([1, 4, 2, 0, 3]).narrow(1, 1, 4).narrow(3, 1, 1)
+            }),
+            ("sliced inner dims", |t| t.narrow(4, 2, 3).narrow(2, 1, 2)),
+            ("flipped", |t| t.swap_dims(1, 3).flip([2])),
+        ]
+    }
+    for ((what, view), (_, view64)) in views::<F>().into_iter().zip(views::<R>()) {
+        let got = view(flex.clone());
+        let want = view64(reference.clone());
+        assert_eq!(got.dims(), want.dims(), "{what}");
+        let len: usize = got.dims().iter().product();
+        let got = got.reshape([len]).into_data().to_vec::<f32>().unwrap();
+        let want = want.reshape([len]).into_data().to_vec::<f64>().unwrap();
+        let got: Vec<f64> = got.into_iter().map(f64::from).collect();
+        assert_eq!(got, want, "{what}");
+    }
+}
+
+#[test]
+fn flex_attention_split_by_rows_matches_the_composed_softmax() {
+    // Patch 7: attention's (batch, head, block of query rows) items are shared among the team,
+    // and scores that are only scaled take vectorised max and sum loops. Against NdArray's
+    // attention in f64 (matmul, softmax, matmul) on the naive path (small score matrices) and
+    // the flash path (large ones), plain, softcapped and with the causal mask, a bool mask and
+    // a bias (whose rows must follow the block); and bitwise against each head alone, which the team
+    // splits differently.
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn::tensor::Bool;
+    type F = burn::backend::Flex;
+    type R = crate::common::F64;
+    let device = Default::default();
+    let flex = |v: &[f32], s: [usize; 4]| Tensor::<F, 4>::from_data(TensorData::new(v.to_vec(), s), &device);
+    let reference = |v: &[f32], s: [usize; 4]| {
+        let v: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
+        Tensor::<R, 4>::from_data(TensorData::new(v, s), &Default::default())
+    };
+    // (batch, heads, seq_q, seq_kv, head_dim): naive (≤ 256K scores a head) and flash, rows
+    // and keys not multiples of the lanes or the blocks.
+    for (batch, heads, n, m, d) in [(2, 3, 37, 45, 8), (1, 2, 301, 77, 16), (1, 1, 700, 513, 12)] {
+        let q = wiggle(batch * heads * n * d, 0.1);
+        let k = wiggle(batch * heads * m * d, 0.3);
+        let v = wiggle(batch * heads * m * d, 0.5);
+        let noise = wiggle(batch * heads * n * m, 0.7);
+        let bias: Vec<f32> = noise.iter().map(|x| 2.0 * x).collect();
+        let mask: Vec<bool> = noise.iter().map(|&x| x > 0.6).collect();
+        let (qs, ks, os) = ([batch, heads, n, d], [batch, heads, m, d], [batch, heads, n, m]);
+        for (what, causal, masked, biased, softcap) in [
+            ("plain", false, false, false, None),
+            ("causal", true, false, false, None),
+            ("masked and biased", false, true, true, None),
+            ("softcapped", false, false, false, Some(0.5)),
+        ] {
+            let options = AttentionModuleOptions {
+                is_causal: causal,
+                softcap,
+                ..Default::default()
+            };
+            let flex_mask = masked.then(|| Tensor::<F, 4, Bool>::from_data(TensorData::new(mask.clone(), os), &device));
+            let ref_mask =
+                masked.then(|| Tensor::<R, 4, Bool>::from_data(TensorData::new(mask.clone(), os), &Default::default()));
+            let run = |q: &[f32],
+                       k: &[f32],
+                       v: &[f32],
+                       b: &[f32],
+                       mask: Option<Tensor<F, 4, Bool>>,
+                       shape: [usize; 4],
+                       kv: [usize; 4]| {
+                let mask_bias_shape = [shape[0], shape[1], shape[2], kv[2]];
+                let bias = biased.then(|| flex(b, mask_bias_shape));
+                attention(flex(q, shape), flex(k, kv), flex(v, kv), mask, bias, options)
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap()
+            };
+            let got = run(&q, &k, &v, &bias, flex_mask.clone(), qs, ks);
+            let want = attention(
+                reference(&q, qs),
+                reference(&k, ks),
+                reference(&v, ks),
+                ref_mask,
+                biased.then(|| reference(&bias, os)),
+                options,
+            )
+            .into_data()
+            .to_vec::<f64>()
+            .unwrap();
+            let case = format!("{what}, [{batch}, {heads}, {n}, {m}, {d}]");
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(&g, &w)| (f64::from(g) - w).abs())
+                .fold(0.0, f64::max);
+            assert!(worst < 1e-5, "{case}: off by {worst:e}");
+            // Each head alone, bitwise.
+            let mut alone = Vec::new();
+            for bh in 0..batch * heads {
+                let head = |x: &[f32], len: usize| x[bh * len..(bh + 1) * len].to_vec();
+                let mask = flex_mask.as_ref().map(|mk| {
+                    let (b, h) = (bh / heads, bh % heads);
+                    mk.clone().narrow(0, b, 1).narrow(1, h, 1)
+                });
+                alone.extend(run(
+                    &head(&q, n * d),
+                    &head(&k, m * d),
+                    &head(&v, m * d),
+                    &head(&bias, n * m),
+                    mask,
+                    [1, 1, n, d],
+                    [1, 1, m, d],
+                ));
+            }
+            assert_eq!(got, alone, "{case}: by head");
+        }
+    }
+}

@@ -377,6 +377,35 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
+        } else if all_positive && n > 0 && self.layout.shape().len() <= COLLAPSE_MAX_RANK {
+            // adjoint-dpm patch 6: an ND layout that cannot collapse to 2D (the heads of an
+            // attention merged back, `[b, n, h, d]` from `[b, h, n, d]`) is copied as one tiled
+            // 2D copy of its two innermost dims per index of the outer ones. 0.21.0 walked it
+            // element by element through `StridedIter` (the fallback below). Same elements in the
+            // same places.
+            let nd = shape.len();
+            let (rows, cols) = (shape[nd - 2], shape[nd - 1]);
+            let (outer, outer_strides) = (&shape[..nd - 2], &strides[..nd - 2]);
+            let mut index = [0usize; COLLAPSE_MAX_RANK];
+            // SAFETY: capacity is n, the blocks partition it, and `copy_2d_tiled` writes every
+            // position of its block once.
+            unsafe { dst.set_len(n) };
+            for block in dst.chunks_exact_mut(rows * cols) {
+                let base = offset
+                    + index
+                        .iter()
+                        .zip(outer_strides)
+                        .map(|(&i, &st)| i as isize * st)
+                        .sum::<isize>();
+                copy_2d_tiled(block, src, base, rows, cols, strides[nd - 2], strides[nd - 1]);
+                for d in (0..outer.len()).rev() {
+                    index[d] += 1;
+                    if index[d] < outer[d] {
+                        break;
+                    }
+                    index[d] = 0;
+                }
+            }
         } else {
             // General fallback: covers negative strides (flipped
             // tensors) and ND layouts that can't collapse to ≤2D.

@@ -315,16 +315,12 @@ where
 
     let mut output = vec![T::zero(); batch * heads * seq_q * val_dim];
 
-    // 4D strides for contiguous layout
+    // adjoint-dpm patch 7: (batch, head) pairs are indexed as one, `bh`; the tensors are
+    // contiguous, so pair `bh` starts `bh` head strides in.
     let q_head_stride = seq_q * head_dim;
-    let q_batch_stride = heads * q_head_stride;
     let k_head_stride = seq_kv * head_dim;
-    let k_batch_stride = heads * k_head_stride;
     let v_head_stride = seq_kv * val_dim;
-    let v_batch_stride = heads * v_head_stride;
     let o_head_stride = seq_q * val_dim;
-    let o_batch_stride = heads * o_head_stride;
-    let mask_tile_len = seq_q * seq_kv;
 
     let params = AttentionParams {
         scale,
@@ -336,34 +332,46 @@ where
         val_dim,
     };
 
-    // Allocate scratch buffers once and reuse across all (batch, head) pairs
-    let mut scratch = ScratchBuffers {
-        row_max: vec![T::neg_infinity(); seq_q],
-        row_sum: vec![T::zero(); seq_q],
-        scores: vec![T::zero(); seq_q * TILE_KV],
-    };
-
-    for b in 0..batch {
-        for h in 0..heads {
-            let q_off = b * q_batch_stride + h * q_head_stride;
-            let k_off = b * k_batch_stride + h * k_head_stride;
-            let v_off = b * v_batch_stride + h * v_head_stride;
-            let o_off = b * o_batch_stride + h * o_head_stride;
-            let mask_off = b * mask_batch_step + h * mask_head_step;
-            let bias_off = b * bias_batch_step + h * bias_head_step;
-
+    // adjoint-dpm patch 7: the (batch, head, block of query rows) items are shared among the
+    // team's threads, each thread with its own scratch buffers (0.21.0: every (batch, head)
+    // pair in turn on this thread, one set of buffers).
+    let out_addr = output.as_mut_ptr() as usize;
+    let work = batch * heads * seq_q * seq_kv * (head_dim + val_dim);
+    for_head_rows(
+        batch * heads,
+        seq_q,
+        work,
+        |rows| ScratchBuffers {
+            row_max: vec![T::neg_infinity(); rows],
+            row_sum: vec![T::zero(); rows],
+            scores: vec![T::zero(); rows * TILE_KV],
+        },
+        |bh, rows, scratch| {
+            let (b, h) = (bh / heads, bh % heads);
+            let q_off = bh * q_head_stride + rows.start * head_dim;
+            let k_off = bh * k_head_stride;
+            let v_off = bh * v_head_stride;
+            let o_off = bh * o_head_stride + rows.start * val_dim;
+            let mask_off = b * mask_batch_step + h * mask_head_step + rows.start * seq_kv;
+            let bias_off = b * bias_batch_step + h * bias_head_step + rows.start * seq_kv;
+            let n = rows.len();
+            // SAFETY: the items' output rows are disjoint, in bounds, and `output` outlives
+            // `for_head_rows`.
+            let out = unsafe {
+                core::slice::from_raw_parts_mut((out_addr as *mut T).add(o_off), n * val_dim)
+            };
             flash_attention_head(
-                &q_data[q_off..q_off + q_head_stride],
+                &q_data[q_off..q_off + n * head_dim],
                 &k_data[k_off..k_off + k_head_stride],
                 &v_data[v_off..v_off + v_head_stride],
-                &mut output[o_off..o_off + o_head_stride],
-                mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
-                bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
-                &params,
-                &mut scratch,
+                out,
+                mask_data.map(|m| &m[mask_off..mask_off + n * seq_kv]),
+                bias_data.map(|b| &b[bias_off..bias_off + n * seq_kv]),
+                &params.rows(&rows),
+                scratch,
             );
-        }
-    }
+        },
+    );
 
     let shape = burn_std::Shape::from(vec![batch, heads, seq_q, val_dim]);
     FlexTensor::new(
@@ -465,6 +473,101 @@ struct AttentionParams<T> {
     val_dim: usize,
 }
 
+impl<T: Copy> AttentionParams<T> {
+    /// adjoint-dpm patch 7: the parameters of query rows `rows` alone (the causal mask keeps
+    /// its diagonal).
+    fn rows(&self, rows: &core::ops::Range<usize>) -> Self {
+        Self {
+            seq_q: rows.len(),
+            causal_offset: self.causal_offset.map(|offset| offset + rows.start as isize),
+            ..*self
+        }
+    }
+
+    /// Whether scores are only scaled (no softcap, mask, causal mask or bias).
+    fn plain(&self, mask: Option<&[u8]>, bias: Option<&[T]>) -> bool {
+        self.softcap.is_none() && self.causal_offset.is_none() && mask.is_none() && bias.is_none()
+    }
+}
+
+/// adjoint-dpm patch 7: runs `job(bh, rows, scratch)` over every (batch, head) pair `bh` of
+/// `pairs` and block of its query `rows`. When it has at least `team::SPLIT_MIN_WORK` multiply-adds,
+/// each head's rows are cut into one block per thread and the items are shared among the team
+/// (rows are independent: each has its own softmax); otherwise one block per head, in order,
+/// on this thread. Each thread makes its scratch once, with `scratch(most rows of a block)`.
+fn for_head_rows<S>(
+    pairs: usize,
+    seq_q: usize,
+    work: usize,
+    scratch: impl Fn(usize) -> S + Sync,
+    job: impl Fn(usize, core::ops::Range<usize>, &mut S) + Sync,
+) {
+    let threads = if work >= super::team::SPLIT_MIN_WORK {
+        super::team::threads()
+    } else {
+        1
+    };
+    let rows_per = seq_q.div_ceil(threads).max(1);
+    let blocks = seq_q.div_ceil(rows_per).max(1);
+    let items = pairs * blocks;
+    let parts = threads.min(items).max(1);
+    super::team::run(parts, &|part| {
+        let mut scratch = scratch(rows_per);
+        for item in super::team::block(items, parts, 1, part) {
+            let (bh, block) = (item / blocks, item % blocks);
+            let rows = block * rows_per..((block + 1) * rows_per).min(seq_q);
+            job(bh, rows, &mut scratch);
+        }
+    });
+}
+
+/// adjoint-dpm patch 7: scales a row of scores in place and returns its largest value, in
+/// eight independent lanes so that the loop vectorises (0.21.0: one running maximum, a chain
+/// of compares). The maximum of a set does not depend on the order it is taken in.
+#[inline(always)]
+fn scale_and_max<T: Float>(row: &mut [T], scale: T) -> T {
+    let mut lanes = [T::neg_infinity(); 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (lane, s) in lanes.iter_mut().zip(chunk.iter_mut()) {
+            let v = *s * scale;
+            *s = v;
+            if v > *lane {
+                *lane = v;
+            }
+        }
+    }
+    for s in chunks.into_remainder() {
+        let v = *s * scale;
+        *s = v;
+        if v > lanes[0] {
+            lanes[0] = v;
+        }
+    }
+    lanes
+        .into_iter()
+        .fold(T::neg_infinity(), |m, v| if v > m { v } else { m })
+}
+
+/// adjoint-dpm patch 7: the sum of a row in eight interleaved partial sums, added pairwise at
+/// the end, so that the loop vectorises. 0.21.0 summed left to right, one dependent addition
+/// per element (about four cycles each); the result differs from that sum by rounding only.
+#[inline(always)]
+fn lane_sum<T: Float>(row: &[T]) -> T {
+    let mut lanes = [T::zero(); 8];
+    let mut chunks = row.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &s) in lanes.iter_mut().zip(chunk) {
+            *lane = *lane + s;
+        }
+    }
+    for &s in chunks.remainder() {
+        lanes[0] = lanes[0] + s;
+    }
+    let [a, b, c, d, e, f, g, h] = lanes;
+    ((a + b) + (c + d)) + ((e + f) + (g + h))
+}
+
 #[allow(clippy::too_many_arguments)]
 /// Process a single (batch, head) pair with flash attention.
 ///
@@ -499,6 +602,8 @@ fn flash_attention_head<T: FlashGemm>(
         head_dim,
         val_dim,
     } = *p;
+
+    let plain = p.plain(mask, bias);
 
     // Reset scratch buffers for this (batch, head) pair
     let row_max = &mut scratch.row_max;
@@ -547,7 +652,11 @@ fn flash_attention_head<T: FlashGemm>(
 
             let mut tile_max = neg_inf;
 
-            for (ki, score) in score_row.iter_mut().enumerate() {
+            // adjoint-dpm patch 7: scores that are only scaled take a loop that vectorises.
+            if plain {
+                tile_max = scale_and_max(score_row, scale);
+            }
+            for (ki, score) in score_row.iter_mut().enumerate().filter(|_| !plain) {
                 let kv_idx = kv_start + ki;
                 let mut val = *score * scale;
 
@@ -591,15 +700,12 @@ fn flash_attention_head<T: FlashGemm>(
                 tile_max
             };
 
-            // adjoint-dpm patch 1: exponentiate in one (vectorised) pass, then sum in the same
-            // order as before.
+            // adjoint-dpm patch 1: exponentiate in one (vectorised) pass, then sum (patch 7: in
+            // lanes).
             for score in score_row.iter_mut() {
                 *score = (*score - new_max).fast_exp();
             }
-            let mut tile_sum = T::zero();
-            for score in score_row.iter() {
-                tile_sum += *score;
-            }
+            let tile_sum = lane_sum(score_row);
 
             let correction = if row_max[qi] == neg_inf {
                 T::zero()
@@ -762,17 +868,13 @@ where
         .unwrap_or((0, 0));
 
     let mut output = vec![T::zero(); batch * heads * seq_q * val_dim];
-    let mut scores = vec![T::zero(); seq_q * seq_kv];
 
+    // adjoint-dpm patch 7: (batch, head) pairs are indexed as one, `bh`; the tensors are
+    // contiguous, so pair `bh` starts `bh` head strides in.
     let q_head_stride = seq_q * head_dim;
-    let q_batch_stride = heads * q_head_stride;
     let k_head_stride = seq_kv * head_dim;
-    let k_batch_stride = heads * k_head_stride;
     let v_head_stride = seq_kv * val_dim;
-    let v_batch_stride = heads * v_head_stride;
     let o_head_stride = seq_q * val_dim;
-    let o_batch_stride = heads * o_head_stride;
-    let mask_tile_len = seq_q * seq_kv;
 
     let params = AttentionParams {
         scale,
@@ -784,29 +886,41 @@ where
         val_dim,
     };
 
-    for b in 0..batch {
-        for h in 0..heads {
-            let q_off = b * q_batch_stride + h * q_head_stride;
-            let k_off = b * k_batch_stride + h * k_head_stride;
-            let v_off = b * v_batch_stride + h * v_head_stride;
-            let o_off = b * o_batch_stride + h * o_head_stride;
-            let mask_off = b * mask_batch_step + h * mask_head_step;
-            let bias_off = b * bias_batch_step + h * bias_head_step;
-
+    // adjoint-dpm patch 7: shared among the team's threads as in `attention_impl`.
+    let out_addr = output.as_mut_ptr() as usize;
+    let work = batch * heads * seq_q * seq_kv * (head_dim + val_dim);
+    for_head_rows(
+        batch * heads,
+        seq_q,
+        work,
+        |rows| vec![T::zero(); rows * seq_kv],
+        |bh, rows, scores| {
+            let (b, h) = (bh / heads, bh % heads);
+            let q_off = bh * q_head_stride + rows.start * head_dim;
+            let k_off = bh * k_head_stride;
+            let v_off = bh * v_head_stride;
+            let o_off = bh * o_head_stride + rows.start * val_dim;
+            let mask_off = b * mask_batch_step + h * mask_head_step + rows.start * seq_kv;
+            let bias_off = b * bias_batch_step + h * bias_head_step + rows.start * seq_kv;
+            let n = rows.len();
+            // SAFETY: as in `attention_impl`.
+            let out = unsafe {
+                core::slice::from_raw_parts_mut((out_addr as *mut T).add(o_off), n * val_dim)
+            };
             naive_attention_head(
-                &q_data[q_off..q_off + q_head_stride],
+                &q_data[q_off..q_off + n * head_dim],
                 &k_data[k_off..k_off + k_head_stride],
                 &v_data[v_off..v_off + v_head_stride],
-                &mut output[o_off..o_off + o_head_stride],
-                &mut scores,
-                &params,
+                out,
+                scores,
+                &params.rows(&rows),
                 (
-                    mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
-                    bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
+                    mask_data.map(|m| &m[mask_off..mask_off + n * seq_kv]),
+                    bias_data.map(|b| &b[bias_off..bias_off + n * seq_kv]),
                 ),
             );
-        }
-    }
+        },
+    );
 
     let shape = burn_std::Shape::from(vec![batch, heads, seq_q, val_dim]);
     FlexTensor::new(
@@ -863,11 +977,16 @@ fn naive_attention_head<T: FlashGemm>(
         });
     }
 
+    let plain = p.plain(mask, bias);
     for qi in 0..seq_q {
         let row = &mut scores[qi * seq_kv..(qi + 1) * seq_kv];
 
         let mut row_max = neg_inf;
-        for (ki, s) in row.iter_mut().enumerate() {
+        // adjoint-dpm patch 7: as in `flash_attention_head`.
+        if plain {
+            row_max = scale_and_max(row, scale);
+        }
+        for (ki, s) in row.iter_mut().enumerate().filter(|_| !plain) {
             let mut val = *s * scale;
 
             if let Some(cap) = softcap {
@@ -901,15 +1020,12 @@ fn naive_attention_head<T: FlashGemm>(
             continue;
         }
 
-        // adjoint-dpm patch 1: exponentiate in one (vectorised) pass, then sum in the same
-        // order as before.
+        // adjoint-dpm patch 1: exponentiate in one (vectorised) pass, then sum (patch 7: in
+        // lanes).
         for s in row.iter_mut() {
             *s = (*s - row_max).fast_exp();
         }
-        let mut sum = T::zero();
-        for s in row.iter() {
-            sum += *s;
-        }
+        let sum = lane_sum(row);
 
         let inv_sum = T::one() / sum;
         for s in row.iter_mut() {
