@@ -2144,13 +2144,24 @@ impl<B: Backend> Backward<B, 1> for MaxPool2D {
     }
 }
 
-/// Elements of the attention weights held at once by [`attention_backward`] (per block of query
-/// rows): 2^22, 16 MiB in f32.
+/// Attention weights up to this many (2^22, 16 MiB in f32) keep burn's composed fallback, whose
+/// stored weights then cost little and spare the recomputation.
 const ATTENTION_BLOCK_ELEMENTS: usize = 1 << 22;
 
+/// Elements of the attention weights held at once by [`attention_backward`] (per block of query
+/// rows): 2^18, 1 MiB in f32, but at least [`ATTENTION_BLOCK_MIN_ROWS`] rows. Blocks of 2^22
+/// weights (the first version) made each of the block's temporaries a fresh 7–17 MB allocation,
+/// which glibc maps from the kernel and page-faults in every time: the tiny UNet's VJP at a 40×40
+/// latent took 0.58–0.64 s with them and 0.36 s with these.
+const ATTENTION_BACKWARD_BLOCK_ELEMENTS: usize = 1 << 18;
+
+/// Fewest query rows of a backward block: thinner blocks make small GEMMs and add every block's
+/// share into the whole dK and dV (8-row blocks took the SD-1.5 UNet's VJP from 32 to 47 s).
+const ATTENTION_BLOCK_MIN_ROWS: usize = 64;
+
 /// adjoint-dpm patch 3: the gradients of `O = softmax(s·QKᵀ)V` with respect to Q, K and V,
-/// given dO. The weights `P` are recomputed a block of query rows at a time, so no more than
-/// [`ATTENTION_BLOCK_ELEMENTS`] of them exist at once:
+/// given dO. The weights `P` are recomputed a block of query rows at a time
+/// ([`ATTENTION_BACKWARD_BLOCK_ELEMENTS`]):
 /// `dV = Σ Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = s·dS K`, `dK = Σ s·dSᵀ Q`.
 fn attention_backward<B: Backend>(
     q: FloatTensor<B>,
@@ -2162,7 +2173,9 @@ fn attention_backward<B: Backend>(
 ) -> [FloatTensor<B>; 3] {
     let [batch, heads, n, _] = q.shape().dims::<4>();
     let m = k.shape().dims::<4>()[2];
-    let rows = (ATTENTION_BLOCK_ELEMENTS / (batch * heads * m).max(1)).clamp(1, n.max(1));
+    let rows = (ATTENTION_BACKWARD_BLOCK_ELEMENTS / (batch * heads * m).max(1))
+        .max(ATTENTION_BLOCK_MIN_ROWS)
+        .clamp(1, n.max(1));
     let k_t = B::float_transpose(k.clone());
     let v_t = B::float_transpose(v);
     let mut dq_blocks = Vec::with_capacity(n.div_ceil(rows));
