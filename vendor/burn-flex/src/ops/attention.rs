@@ -299,77 +299,54 @@ where
         None
     };
 
-    let q_data: &[T] = query.storage();
-    let k_data: &[T] = key.storage();
-    let v_data: &[T] = value.storage();
-    let mask_data: Option<&[u8]> = mask_bcast.as_ref().map(|b| b.tensor.bytes());
-    let bias_data: Option<&[T]> = bias_bcast.as_ref().map(|b| b.tensor.storage());
-    let (mask_batch_step, mask_head_step) = mask_bcast
-        .as_ref()
-        .map(|b| (b.batch_step, b.head_step))
-        .unwrap_or((0, 0));
-    let (bias_batch_step, bias_head_step) = bias_bcast
-        .as_ref()
-        .map(|b| (b.batch_step, b.head_step))
-        .unwrap_or((0, 0));
+    // adjoint-dpm patch 7: what every (batch, head, block of query rows) item reads.
+    let inputs = AttentionInputs {
+        q: query.storage(),
+        k: key.storage(),
+        v: value.storage(),
+        mask: mask_bcast
+            .as_ref()
+            .map(|b| (b.tensor.bytes(), b.batch_step, b.head_step)),
+        bias: bias_bcast
+            .as_ref()
+            .map(|b| (b.tensor.storage(), b.batch_step, b.head_step)),
+        pairs: batch * heads,
+        heads,
+        params: AttentionParams {
+            scale,
+            softcap,
+            causal_offset,
+            seq_q,
+            seq_kv,
+            head_dim,
+            val_dim,
+        },
+    };
 
     let mut output = vec![T::zero(); batch * heads * seq_q * val_dim];
-
-    // adjoint-dpm patch 7: (batch, head) pairs are indexed as one, `bh`; the tensors are
-    // contiguous, so pair `bh` starts `bh` head strides in.
-    let q_head_stride = seq_q * head_dim;
-    let k_head_stride = seq_kv * head_dim;
-    let v_head_stride = seq_kv * val_dim;
-    let o_head_stride = seq_q * val_dim;
-
-    let params = AttentionParams {
-        scale,
-        softcap,
-        causal_offset,
-        seq_q,
-        seq_kv,
-        head_dim,
-        val_dim,
-    };
 
     // adjoint-dpm patch 7: the (batch, head, block of query rows) items are shared among the
     // team's threads, each thread with its own scratch buffers (0.21.0: every (batch, head)
     // pair in turn on this thread, one set of buffers).
-    let out_addr = output.as_mut_ptr() as usize;
-    let work = batch * heads * seq_q * seq_kv * (head_dim + val_dim);
     for_head_rows(
-        batch * heads,
-        seq_q,
-        work,
+        &inputs,
+        &mut output,
         |rows| ScratchBuffers {
             row_max: vec![T::neg_infinity(); rows],
             row_sum: vec![T::zero(); rows],
             scores: vec![T::zero(); rows * TILE_KV],
         },
-        |bh, rows, scratch| {
-            let (b, h) = (bh / heads, bh % heads);
-            let q_off = bh * q_head_stride + rows.start * head_dim;
-            let k_off = bh * k_head_stride;
-            let v_off = bh * v_head_stride;
-            let o_off = bh * o_head_stride + rows.start * val_dim;
-            let mask_off = b * mask_batch_step + h * mask_head_step + rows.start * seq_kv;
-            let bias_off = b * bias_batch_step + h * bias_head_step + rows.start * seq_kv;
-            let n = rows.len();
-            // SAFETY: the items' output rows are disjoint, in bounds, and `output` outlives
-            // `for_head_rows`.
-            let out = unsafe {
-                core::slice::from_raw_parts_mut((out_addr as *mut T).add(o_off), n * val_dim)
-            };
+        |item, scratch| {
             flash_attention_head(
-                &q_data[q_off..q_off + n * head_dim],
-                &k_data[k_off..k_off + k_head_stride],
-                &v_data[v_off..v_off + v_head_stride],
-                out,
-                mask_data.map(|m| &m[mask_off..mask_off + n * seq_kv]),
-                bias_data.map(|b| &b[bias_off..bias_off + n * seq_kv]),
-                &params.rows(&rows),
+                item.q,
+                item.k,
+                item.v,
+                item.out,
+                item.mask,
+                item.bias,
+                &item.params,
                 scratch,
-            );
+            )
         },
     );
 
@@ -490,18 +467,52 @@ impl<T: Copy> AttentionParams<T> {
     }
 }
 
-/// adjoint-dpm patch 7: runs `job(bh, rows, scratch)` over every (batch, head) pair `bh` of
-/// `pairs` and block of its query `rows`. When it has at least `team::SPLIT_MIN_WORK` multiply-adds,
-/// each head's rows are cut into one block per thread and the items are shared among the team
-/// (rows are independent: each has its own softmax); otherwise one block per head, in order,
-/// on this thread. Each thread makes its scratch once, with `scratch(most rows of a block)`.
-fn for_head_rows<S>(
+/// adjoint-dpm patch 7: an attention's inputs, contiguous `[pairs, seq, dim]` for Q, K and V,
+/// with the broadcast mask and bias and their (batch step, head step).
+struct AttentionInputs<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    mask: Option<(&'a [u8], usize, usize)>,
+    bias: Option<(&'a [T], usize, usize)>,
+    /// (batch, head) pairs.
     pairs: usize,
-    seq_q: usize,
-    work: usize,
+    heads: usize,
+    params: AttentionParams<T>,
+}
+
+/// adjoint-dpm patch 7: what one item reads and writes: its query rows, its pair's keys and
+/// values, its rows of the output, the mask and the bias, and the parameters of those rows.
+struct HeadRows<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    out: &'a mut [T],
+    mask: Option<&'a [u8]>,
+    bias: Option<&'a [T]>,
+    params: AttentionParams<T>,
+}
+
+/// adjoint-dpm patch 7: runs `job` over every (batch, head) pair of `inputs` and block of its
+/// query rows, writing `output` (`[pairs, seq_q, val_dim]`). When the attention has at least
+/// `team::SPLIT_MIN_WORK` multiply-adds, each pair's rows are cut into one block per thread and
+/// the items are shared among the team (rows are independent: each has its own softmax);
+/// otherwise one block per pair, in order, on this thread. Each thread makes its scratch once,
+/// with `scratch(most rows of a block)`.
+fn for_head_rows<T: Copy + Send + Sync, S>(
+    inputs: &AttentionInputs<'_, T>,
+    output: &mut [T],
     scratch: impl Fn(usize) -> S + Sync,
-    job: impl Fn(usize, core::ops::Range<usize>, &mut S) + Sync,
+    job: impl Fn(HeadRows<'_, T>, &mut S) + Sync,
 ) {
+    let AttentionParams {
+        seq_q,
+        seq_kv,
+        head_dim,
+        val_dim,
+        ..
+    } = inputs.params;
+    let work = inputs.pairs * seq_q * seq_kv * (head_dim + val_dim);
     let threads = if work >= super::team::SPLIT_MIN_WORK {
         super::team::threads()
     } else {
@@ -509,14 +520,42 @@ fn for_head_rows<S>(
     };
     let rows_per = seq_q.div_ceil(threads).max(1);
     let blocks = seq_q.div_ceil(rows_per).max(1);
-    let items = pairs * blocks;
+    let items = inputs.pairs * blocks;
     let parts = threads.min(items).max(1);
+    assert_eq!(output.len(), inputs.pairs * seq_q * val_dim);
+    let out_addr = output.as_mut_ptr() as usize;
     super::team::run(parts, &|part| {
         let mut scratch = scratch(rows_per);
         for item in super::team::block(items, parts, 1, part) {
             let (bh, block) = (item / blocks, item % blocks);
             let rows = block * rows_per..((block + 1) * rows_per).min(seq_q);
-            job(bh, rows, &mut scratch);
+            let (b, h) = (bh / inputs.heads, bh % inputs.heads);
+            let (first, n) = (bh * seq_q + rows.start, rows.len());
+            let kv = bh * seq_kv;
+            // Rows `first..first + n` of the mask's or bias's `[.., seq_q, seq_kv]` tile.
+            let tile = |batch_step: usize, head_step: usize| {
+                let start = b * batch_step + h * head_step + rows.start * seq_kv;
+                start..start + n * seq_kv
+            };
+            job(
+                HeadRows {
+                    q: &inputs.q[first * head_dim..(first + n) * head_dim],
+                    k: &inputs.k[kv * head_dim..(kv + seq_kv) * head_dim],
+                    v: &inputs.v[kv * val_dim..(kv + seq_kv) * val_dim],
+                    // SAFETY: the items' output rows are disjoint and in bounds (asserted
+                    // above), and `output` is borrowed until `run` returns.
+                    out: unsafe {
+                        core::slice::from_raw_parts_mut(
+                            (out_addr as *mut T).add(first * val_dim),
+                            n * val_dim,
+                        )
+                    },
+                    mask: inputs.mask.map(|(m, bs, hs)| &m[tile(bs, hs)]),
+                    bias: inputs.bias.map(|(x, bs, hs)| &x[tile(bs, hs)]),
+                    params: inputs.params.rows(&rows),
+                },
+                &mut scratch,
+            );
         }
     });
 }
@@ -853,72 +892,47 @@ where
         None
     };
 
-    let q_data: &[T] = query.storage();
-    let k_data: &[T] = key.storage();
-    let v_data: &[T] = value.storage();
-    let mask_data: Option<&[u8]> = mask_bcast.as_ref().map(|b| b.tensor.bytes());
-    let bias_data: Option<&[T]> = bias_bcast.as_ref().map(|b| b.tensor.storage());
-    let (mask_batch_step, mask_head_step) = mask_bcast
-        .as_ref()
-        .map(|b| (b.batch_step, b.head_step))
-        .unwrap_or((0, 0));
-    let (bias_batch_step, bias_head_step) = bias_bcast
-        .as_ref()
-        .map(|b| (b.batch_step, b.head_step))
-        .unwrap_or((0, 0));
+    // adjoint-dpm patch 7: what every (batch, head, block of query rows) item reads.
+    let inputs = AttentionInputs {
+        q: query.storage(),
+        k: key.storage(),
+        v: value.storage(),
+        mask: mask_bcast
+            .as_ref()
+            .map(|b| (b.tensor.bytes(), b.batch_step, b.head_step)),
+        bias: bias_bcast
+            .as_ref()
+            .map(|b| (b.tensor.storage(), b.batch_step, b.head_step)),
+        pairs: batch * heads,
+        heads,
+        params: AttentionParams {
+            scale,
+            softcap,
+            causal_offset,
+            seq_q,
+            seq_kv,
+            head_dim,
+            val_dim,
+        },
+    };
 
     let mut output = vec![T::zero(); batch * heads * seq_q * val_dim];
 
-    // adjoint-dpm patch 7: (batch, head) pairs are indexed as one, `bh`; the tensors are
-    // contiguous, so pair `bh` starts `bh` head strides in.
-    let q_head_stride = seq_q * head_dim;
-    let k_head_stride = seq_kv * head_dim;
-    let v_head_stride = seq_kv * val_dim;
-    let o_head_stride = seq_q * val_dim;
-
-    let params = AttentionParams {
-        scale,
-        softcap,
-        causal_offset,
-        seq_q,
-        seq_kv,
-        head_dim,
-        val_dim,
-    };
-
     // adjoint-dpm patch 7: shared among the team's threads as in `attention_impl`.
-    let out_addr = output.as_mut_ptr() as usize;
-    let work = batch * heads * seq_q * seq_kv * (head_dim + val_dim);
     for_head_rows(
-        batch * heads,
-        seq_q,
-        work,
+        &inputs,
+        &mut output,
         |rows| vec![T::zero(); rows * seq_kv],
-        |bh, rows, scores| {
-            let (b, h) = (bh / heads, bh % heads);
-            let q_off = bh * q_head_stride + rows.start * head_dim;
-            let k_off = bh * k_head_stride;
-            let v_off = bh * v_head_stride;
-            let o_off = bh * o_head_stride + rows.start * val_dim;
-            let mask_off = b * mask_batch_step + h * mask_head_step + rows.start * seq_kv;
-            let bias_off = b * bias_batch_step + h * bias_head_step + rows.start * seq_kv;
-            let n = rows.len();
-            // SAFETY: as in `attention_impl`.
-            let out = unsafe {
-                core::slice::from_raw_parts_mut((out_addr as *mut T).add(o_off), n * val_dim)
-            };
+        |item, scores| {
             naive_attention_head(
-                &q_data[q_off..q_off + n * head_dim],
-                &k_data[k_off..k_off + k_head_stride],
-                &v_data[v_off..v_off + v_head_stride],
-                out,
+                item.q,
+                item.k,
+                item.v,
+                item.out,
                 scores,
-                &params.rows(&rows),
-                (
-                    mask_data.map(|m| &m[mask_off..mask_off + n * seq_kv]),
-                    bias_data.map(|b| &b[bias_off..bias_off + n * seq_kv]),
-                ),
-            );
+                &item.params,
+                (item.mask, item.bias),
+            )
         },
     );
 
