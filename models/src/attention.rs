@@ -433,9 +433,8 @@ mod tests {
     #[test]
     fn attention_gradients_equal_the_composed_softmax_in_f64() {
         type B = Autodiff<NdArray<f64>>;
-        // The vendored burn-autodiff gives attention its own backward when the weights exceed
-        // 2^22 elements, in blocks of 2^18 weights but at least 64 query rows (smaller ones
-        // keep burn's composed fallback): small self-attention (the fallback), cross-attention
+        // The vendored burn-autodiff gives attention its own backward, in blocks of 2^18
+        // weights but at least 64 query rows: small self-attention (one block), cross-attention
         // over 1000 keys with only Q or only K and V tracked (19 blocks of 131 rows and one of
         // 11), and self-attention in 39 blocks of 64 rows and one of 4.
         for (q, kv, tracked) in [
