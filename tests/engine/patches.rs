@@ -397,3 +397,102 @@ fn flex_attention_split_by_rows_matches_the_composed_softmax() {
         }
     }
 }
+
+/// dL/dW for L = Σ g ⊙ conv(x, W), g fixed (`wiggle`), on the autodiff backend `B`.
+fn conv_weight_grad<B: burn::tensor::backend::AutodiffBackend, const D: usize>(
+    x: &[f32],
+    x_shape: [usize; D],
+    w: &[f32],
+    w_shape: [usize; D],
+    conv: &dyn Fn(Tensor<B, D>, Tensor<B, D>) -> Tensor<B, D>,
+) -> Vec<f64> {
+    let device = Default::default();
+    let tensor = |data: &[f32], shape: [usize; D]| {
+        Tensor::<B, D>::from_data(TensorData::new(data.to_vec(), shape).convert::<B::FloatElem>(), &device)
+    };
+    let w = tensor(w, w_shape).require_grad();
+    let y = conv(tensor(x, x_shape), w.clone());
+    let y_shape: [usize; D] = y.dims();
+    let g = tensor(&wiggle(y_shape.iter().product(), 0.8), y_shape);
+    let grads = (y * g).sum().backward();
+    let dw = w.grad(&grads).expect("W is tracked");
+    dw.into_data().convert::<f64>().to_vec::<f64>().unwrap()
+}
+
+#[test]
+fn flex_convolution_weight_gradients_match_f64() {
+    // Patch 8: a convolution's weight gradient is one GEMM per chunk of output pixels and group,
+    // over the input unfolded channels-last, split among the team by the gradient's columns (or
+    // rows, when there are more output channels than unfolded columns); chunks reuse one buffer
+    // whose padding must read as zeros. Against burn's own weight gradient on f64 NdArray, in
+    // 1D (also grouped), 2D (strides, paddings, dilations, groups, either split, two chunks)
+    // and 3D.
+    use burn::tensor::module::{conv1d, conv2d, conv3d};
+    use burn::tensor::ops::ConvOptions;
+    type F = burn::backend::Autodiff<burn::backend::Flex>;
+    let close = |got: &[f64], want: &[f64], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}: sizes");
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "{what}: a zero gradient tests nothing");
+        for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
+            assert!((g - r).abs() <= 1e-5 * scale, "{what} at {i}: {g} vs {r}");
+        }
+    };
+    // (batch, c_in, c_out, h, w, stride, padding, dilation, groups)
+    for (b, ci, co, h, w, s, p, d, groups) in [
+        (3, 16, 8, 20, 19, 1, 1, 1, 1),
+        (3, 16, 8, 20, 19, 2, 1, 1, 1),
+        (3, 16, 8, 20, 19, 1, 0, 2, 1),
+        (3, 16, 8, 20, 19, 3, 2, 2, 1),
+        (2, 16, 8, 20, 19, 1, 1, 1, 2),
+        (2, 12, 12, 9, 11, 2, 1, 1, 12),
+        // More output channels than unfolded columns (9): split by rows.
+        (1, 1, 64, 32, 32, 1, 1, 1, 1),
+        // 4608 unfolded columns: 256-pixel chunks, two of them, the second with padding.
+        (1, 512, 2, 20, 15, 1, 1, 1, 1),
+    ] {
+        let what = format!("conv2d {b}x{ci}x{h}x{w} -> {co}, stride {s}, padding {p}, dilation {d}, groups {groups}");
+        let x = wiggle(b * ci * h * w, 0.2);
+        let wt = wiggle(co * ci / groups * 9, 0.4);
+        let options = ConvOptions::new([s; 2], [p; 2], [d; 2], groups);
+        let (xs, ws) = ([b, ci, h, w], [co, ci / groups, 3, 3]);
+        let got = conv_weight_grad::<F, 4>(&x, xs, &wt, ws, &|x, w| conv2d(x, w, None, options.clone()));
+        let want = conv_weight_grad::<Ad, 4>(&x, xs, &wt, ws, &|x, w| conv2d(x, w, None, options.clone()));
+        close(&got, &want, &what);
+    }
+
+    let (x, wt) = (wiggle(2 * 6 * 40, 0.3), wiggle(4 * 6 * 5, 0.5));
+    let options = ConvOptions::new([2], [2], [1], 1);
+    let (xs, ws) = ([2, 6, 40], [4, 6, 5]);
+    let got = conv_weight_grad::<F, 3>(&x, xs, &wt, ws, &|x, w| conv1d(x, w, None, options.clone()));
+    let want = conv_weight_grad::<Ad, 3>(&x, xs, &wt, ws, &|x, w| conv1d(x, w, None, options.clone()));
+    close(&got, &want, "conv1d");
+
+    // Grouped with stride 2, where burn's own weight gradient panics on NdArray ("could not
+    // broadcast [2, 3, 6] to [2, 3, 5]"): against the same convolution with groups = 1 and a
+    // block-diagonal kernel (zero across groups), whose gradient's diagonal blocks it is.
+    let grouped = ConvOptions::new([2], [2], [1], 2);
+    let full = ConvOptions::new([2], [2], [1], 1);
+    let wt = wiggle(4 * 3 * 5, 0.5);
+    let mut w_full = vec![0.0f32; 4 * 6 * 5];
+    for o in 0..4 {
+        let g = o / 2;
+        w_full[(o * 6 + g * 3) * 5..(o * 6 + g * 3 + 3) * 5].copy_from_slice(&wt[o * 15..(o + 1) * 15]);
+    }
+    let got = conv_weight_grad::<F, 3>(&x, xs, &wt, [4, 3, 5], &|x, w| conv1d(x, w, None, grouped.clone()));
+    let dw_full = conv_weight_grad::<Ad, 3>(&x, xs, &w_full, ws, &|x, w| conv1d(x, w, None, full.clone()));
+    let want: Vec<f64> = (0..4)
+        .flat_map(|o| {
+            let start = (o * 6 + o / 2 * 3) * 5;
+            dw_full[start..start + 15].to_vec()
+        })
+        .collect();
+    close(&got, &want, "grouped conv1d, stride 2");
+
+    let (x, wt) = (wiggle(2 * 3 * 7 * 8 * 6, 0.3), wiggle(5 * 3 * 3 * 2 * 3, 0.5));
+    let options = ConvOptions::new([1, 2, 1], [1, 0, 1], [2, 1, 1], 1);
+    let (xs, ws) = ([2, 3, 7, 8, 6], [5, 3, 3, 2, 3]);
+    let got = conv_weight_grad::<F, 5>(&x, xs, &wt, ws, &|x, w| conv3d(x, w, None, options.clone()));
+    let want = conv_weight_grad::<Ad, 5>(&x, xs, &wt, ws, &|x, w| conv3d(x, w, None, options.clone()));
+    close(&got, &want, "conv3d");
+}

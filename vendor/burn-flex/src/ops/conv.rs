@@ -327,28 +327,7 @@ fn conv3d_impl<T: bytemuck::Pod + Clone + Copy + burn_backend::Element + Send + 
         channels_in,
         1,
     );
-    let mut x_nhwc = vec![zero; batch_size * in_d * in_h * in_w * channels_in];
-    for b in 0..batch_size {
-        for d in 0..in_d {
-            for h in 0..in_h {
-                for w in 0..in_w {
-                    for c in 0..channels_in {
-                        let src_idx = b * channels_in * in_d * in_h * in_w
-                            + c * in_d * in_h * in_w
-                            + d * in_h * in_w
-                            + h * in_w
-                            + w;
-                        let dst_idx = b * nhwc_stride.0
-                            + d * nhwc_stride.1
-                            + h * nhwc_stride.2
-                            + w * nhwc_stride.3
-                            + c;
-                        x_nhwc[dst_idx] = x_data[src_idx];
-                    }
-                }
-            }
-        }
-    }
+    let x_nhwc = to_nhwc(x_data, batch_size, channels_in, in_d * in_h * in_w, zero);
 
     // Use tiled parallel execution
     let output = {
@@ -548,12 +527,30 @@ fn conv3d_impl<T: bytemuck::Pod + Clone + Copy + burn_backend::Element + Send + 
     )
 }
 
+/// The `[batch, channels, spatial]` (NCDHW) data `x` as `[batch, spatial, channels]` (NDHWC).
+///
+/// adjoint-dpm patch 8: taken out of `conv3d_impl` (the same loop, with the spatial dims
+/// flattened) for the weight gradient to share.
+pub(crate) fn to_nhwc<T: Copy>(x: &[T], batch: usize, channels: usize, spatial: usize, zero: T) -> Vec<T> {
+    let mut x_nhwc = vec![zero; batch * spatial * channels];
+    for b in 0..batch {
+        let src = &x[b * channels * spatial..(b + 1) * channels * spatial];
+        let dst = &mut x_nhwc[b * spatial * channels..(b + 1) * spatial * channels];
+        for s in 0..spatial {
+            for c in 0..channels {
+                dst[s * channels + c] = src[c * spatial + s];
+            }
+        }
+    }
+    x_nhwc
+}
+
 /// Build im2col tile for a range of output positions.
 ///
 /// Fills `col_tile` with shape [tile_size, col_len] where each row is a flattened
 /// patch from the NHWC input for one output position.
 #[allow(clippy::too_many_arguments)]
-fn im2col_3d_tile<T: bytemuck::Pod + Copy>(
+pub(crate) fn im2col_3d_tile<T: bytemuck::Pod + Copy>(
     col_tile: &mut [T],
     x_nhwc: &[T],
     tile_start: usize,

@@ -98,6 +98,8 @@ pub mod comparison;
 mod conv_common;
 pub mod conv;
 pub mod conv_transpose;
+// adjoint-dpm patch 8
+pub mod conv_weight_grad;
 pub mod cumulative;
 pub mod deform_conv;
 pub mod expand;

@@ -2,7 +2,7 @@
 //!
 //! These operations power neural network modules like convolutions and pooling.
 
-use crate::ops::{conv, conv_transpose, deform_conv, interpolate, pool};
+use crate::ops::{conv, conv_transpose, conv_weight_grad, deform_conv, interpolate, pool};
 use crate::{Flex, FlexTensor, Layout};
 use burn_backend::{
     DType, Element, TensorMetadata,
@@ -71,6 +71,37 @@ impl ModuleOps<Flex> for Flex {
             DType::BF16 => conv::conv2d_bf16(x, weight, bias, &options),
             dtype => panic!("conv2d: unsupported dtype {:?}", dtype),
         }
+    }
+
+    // adjoint-dpm patch 8: weight gradients as GEMMs over the unfolded input
+    // (`conv_weight_grad`), instead of burn's convolution by the output gradient.
+    fn conv1d_weight_backward(
+        x: FloatTensor<Flex>,
+        weight: FloatTensor<Flex>,
+        output_grad: FloatTensor<Flex>,
+        options: ConvOptions<1>,
+    ) -> FloatTensor<Flex> {
+        conv_weight_grad::conv1d_weight_backward(x, weight.layout().shape(), output_grad, &options)
+    }
+
+    fn conv2d_weight_backward(
+        x: FloatTensor<Flex>,
+        weight: FloatTensor<Flex>,
+        output_grad: FloatTensor<Flex>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Flex> {
+        conv_weight_grad::conv2d_weight_backward(x, weight.layout().shape(), output_grad, &options)
+    }
+
+    fn conv3d_weight_backward(
+        x: FloatTensor<Flex>,
+        weight: FloatTensor<Flex>,
+        output_grad: FloatTensor<Flex>,
+        options: ConvOptions<3>,
+    ) -> FloatTensor<Flex> {
+        let w = weight.layout().shape();
+        let shape = [w[0], w[1], w[2], w[3], w[4]];
+        conv_weight_grad::conv3d_weight_backward(x, shape, output_grad, &options)
     }
 
     fn deform_conv2d(
