@@ -496,3 +496,63 @@ fn flex_convolution_weight_gradients_match_f64() {
     let want = conv_weight_grad::<Ad, 5>(&x, xs, &wt, ws, &|x, w| conv3d(x, w, None, options.clone()));
     close(&got, &want, "conv3d");
 }
+
+#[test]
+fn flex_matmul_outputs_and_zeros_are_written_in_full() {
+    // Patch 9: matmul outputs are no longer zeroed before the GEMM writes them (with an inner
+    // dimension of 0 it writes zeros, the empty sum); new zero tensors are allocated at their
+    // element's width. Freed non-zero buffers of the same sizes come first, so that memory
+    // left unwritten would likely show.
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    for _ in 0..3 {
+        drop(Tensor::<F, 3>::ones([2, 5, 7], &device) + 1.0);
+        let empty_sum = Tensor::<F, 3>::ones([2, 5, 0], &device).matmul(Tensor::ones([2, 0, 7], &device));
+        assert_eq!(empty_sum.dims(), [2, 5, 7]);
+        assert!(
+            to_vec(empty_sum.reshape([70])).iter().all(|&v| v == 0.0),
+            "k = 0 batched"
+        );
+        drop(Tensor::<F, 2>::ones([5, 7], &device) + 1.0);
+        let empty_sum = Tensor::<F, 2>::ones([5, 0], &device).matmul(Tensor::ones([0, 7], &device));
+        assert!(to_vec(empty_sum.reshape([35])).iter().all(|&v| v == 0.0), "k = 0");
+    }
+    // Every element written: products of wiggles against f64 NdArray, broadcast batch included.
+    for (a, b) in [([1, 3, 37, 11], [2, 1, 11, 29]), ([1, 1, 130, 70], [1, 1, 70, 140])] {
+        let n = |s: [usize; 4]| s.iter().product::<usize>();
+        let (xa, xb) = (wiggle(n(a), 0.1), wiggle(n(b), 0.7));
+        let got = Tensor::<F, 4>::from_data(TensorData::new(xa.clone(), a), &device)
+            .matmul(Tensor::from_data(TensorData::new(xb.clone(), b), &device));
+        let r = |x: &[f32], s| {
+            let x: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+            Tensor::<crate::common::F64, 4>::from_data(TensorData::new(x, s), &Default::default())
+        };
+        let want = r(&xa, a).matmul(r(&xb, b)).into_data().to_vec::<f64>().unwrap();
+        let got = got.into_data().to_vec::<f32>().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert!((f64::from(g) - w).abs() < 1e-4, "{a:?} x {b:?} at {i}: {g} vs {w}");
+        }
+    }
+    // Zeros of every width.
+    let z64 = Tensor::<F, 1>::zeros([9], (&device, burn::tensor::DType::F64));
+    assert!(z64.into_data().to_vec::<f64>().unwrap().iter().all(|&v| v == 0.0));
+    let z16 = Tensor::<F, 1>::zeros([9], (&device, burn::tensor::DType::F16));
+    assert!(z16
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .all(|&v| v == 0.0));
+    let zi = Tensor::<F, 1, Int>::zeros([9], &device);
+    assert!(zi
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap()
+        .iter()
+        .all(|&v| v == 0));
+    let zb = Tensor::<F, 1, Bool>::empty([9], &device);
+    assert_eq!(zb.dims(), [9]);
+}
