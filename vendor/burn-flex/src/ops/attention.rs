@@ -560,51 +560,101 @@ fn for_head_rows<T: Copy + Send + Sync, S>(
     });
 }
 
-/// adjoint-dpm patch 7: scales a row of scores in place and returns its largest value, in
-/// eight independent lanes so that the loop vectorises (0.21.0: one running maximum, a chain
-/// of compares). The maximum of a set does not depend on the order it is taken in.
-#[inline(always)]
-fn scale_and_max<T: Float>(row: &mut [T], scale: T) -> T {
-    let mut lanes = [T::neg_infinity(); 8];
-    let mut chunks = row.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        for (lane, s) in lanes.iter_mut().zip(chunk.iter_mut()) {
-            let v = *s * scale;
-            *s = v;
-            if v > *lane {
-                *lane = v;
+/// adjoint-dpm patches 7 and 10: the softmax's passes over a row of scores.
+///
+/// Patch 7 made them vectorise: eight independent lanes for the maximum and the sum (0.21.0:
+/// one running value, a chain of dependent compares or additions, about four cycles each).
+/// Patch 10 runs them with AVX2 where the CPU has it (the crate is built for baseline x86-64,
+/// whose SSE2 vectors hold four floats, not eight) and exponentiates and sums in one pass
+/// instead of two. The same operations on the same lanes in the same order: the results are
+/// bitwise those of patch 7's two passes (no fused multiply-adds are formed either way).
+mod rows {
+    use super::FlashGemm;
+    use num_traits::Float;
+
+    /// Scales a row in place and returns its largest value. The maximum of a set does not
+    /// depend on the order it is taken in.
+    #[inline(always)]
+    fn scale_and_max_any<T: Float>(row: &mut [T], scale: T) -> T {
+        let mut lanes = [T::neg_infinity(); 8];
+        let mut chunks = row.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            for (lane, s) in lanes.iter_mut().zip(chunk.iter_mut()) {
+                let v = *s * scale;
+                *s = v;
+                if v > *lane {
+                    *lane = v;
+                }
             }
         }
-    }
-    for s in chunks.into_remainder() {
-        let v = *s * scale;
-        *s = v;
-        if v > lanes[0] {
-            lanes[0] = v;
+        for s in chunks.into_remainder() {
+            let v = *s * scale;
+            *s = v;
+            if v > lanes[0] {
+                lanes[0] = v;
+            }
         }
+        lanes
+            .into_iter()
+            .fold(T::neg_infinity(), |m, v| if v > m { v } else { m })
     }
-    lanes
-        .into_iter()
-        .fold(T::neg_infinity(), |m, v| if v > m { v } else { m })
-}
 
-/// adjoint-dpm patch 7: the sum of a row in eight interleaved partial sums, added pairwise at
-/// the end, so that the loop vectorises. 0.21.0 summed left to right, one dependent addition
-/// per element (about four cycles each); the result differs from that sum by rounding only.
-#[inline(always)]
-fn lane_sum<T: Float>(row: &[T]) -> T {
-    let mut lanes = [T::zero(); 8];
-    let mut chunks = row.chunks_exact(8);
-    for chunk in &mut chunks {
-        for (lane, &s) in lanes.iter_mut().zip(chunk) {
-            *lane = *lane + s;
+    /// Replaces each score `s` of a row by `exp(s − max)` and returns their sum, taken in
+    /// eight interleaved partial sums added pairwise at the end (which differs from 0.21.0's
+    /// left-to-right sum by rounding only).
+    #[inline(always)]
+    fn exp_sum_any<T: FlashGemm>(row: &mut [T], max: T) -> T {
+        let mut lanes = [T::zero(); 8];
+        let mut chunks = row.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            for (lane, s) in lanes.iter_mut().zip(chunk.iter_mut()) {
+                let e = (*s - max).fast_exp();
+                *s = e;
+                *lane = *lane + e;
+            }
         }
+        for s in chunks.into_remainder() {
+            let e = (*s - max).fast_exp();
+            *s = e;
+            lanes[0] = lanes[0] + e;
+        }
+        let [a, b, c, d, e, f, g, h] = lanes;
+        ((a + b) + (c + d)) + ((e + f) + (g + h))
     }
-    for &s in chunks.remainder() {
-        lanes[0] = lanes[0] + s;
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn scale_and_max_avx2<T: Float>(row: &mut [T], scale: T) -> T {
+        scale_and_max_any(row, scale)
     }
-    let [a, b, c, d, e, f, g, h] = lanes;
-    ((a + b) + (c + d)) + ((e + f) + (g + h))
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn exp_sum_avx2<T: FlashGemm>(row: &mut [T], max: T) -> T {
+        exp_sum_any(row, max)
+    }
+
+    /// See [`scale_and_max_any`].
+    #[inline]
+    pub(super) fn scale_and_max<T: Float>(row: &mut [T], scale: T) -> T {
+        #[cfg(target_arch = "x86_64")]
+        if crate::ops::unary::wide::has_avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { scale_and_max_avx2(row, scale) };
+        }
+        scale_and_max_any(row, scale)
+    }
+
+    /// See [`exp_sum_any`].
+    #[inline]
+    pub(super) fn exp_sum<T: FlashGemm>(row: &mut [T], max: T) -> T {
+        #[cfg(target_arch = "x86_64")]
+        if crate::ops::unary::wide::has_avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { exp_sum_avx2(row, max) };
+        }
+        exp_sum_any(row, max)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -693,7 +743,7 @@ fn flash_attention_head<T: FlashGemm>(
 
             // adjoint-dpm patch 7: scores that are only scaled take a loop that vectorises.
             if plain {
-                tile_max = scale_and_max(score_row, scale);
+                tile_max = rows::scale_and_max(score_row, scale);
             }
             for (ki, score) in score_row.iter_mut().enumerate().filter(|_| !plain) {
                 let kv_idx = kv_start + ki;
@@ -739,12 +789,9 @@ fn flash_attention_head<T: FlashGemm>(
                 tile_max
             };
 
-            // adjoint-dpm patch 1: exponentiate in one (vectorised) pass, then sum (patch 7: in
-            // lanes).
-            for score in score_row.iter_mut() {
-                *score = (*score - new_max).fast_exp();
-            }
-            let tile_sum = lane_sum(score_row);
+            // adjoint-dpm patch 1: exponentiate in a vectorised pass (patch 7: summed in lanes;
+            // patch 10: in the same pass).
+            let tile_sum = rows::exp_sum(score_row, new_max);
 
             let correction = if row_max[qi] == neg_inf {
                 T::zero()
@@ -998,7 +1045,7 @@ fn naive_attention_head<T: FlashGemm>(
         let mut row_max = neg_inf;
         // adjoint-dpm patch 7: as in `flash_attention_head`.
         if plain {
-            row_max = scale_and_max(row, scale);
+            row_max = rows::scale_and_max(row, scale);
         }
         for (ki, s) in row.iter_mut().enumerate().filter(|_| !plain) {
             let mut val = *s * scale;
@@ -1034,12 +1081,9 @@ fn naive_attention_head<T: FlashGemm>(
             continue;
         }
 
-        // adjoint-dpm patch 1: exponentiate in one (vectorised) pass, then sum (patch 7: in
-        // lanes).
-        for s in row.iter_mut() {
-            *s = (*s - row_max).fast_exp();
-        }
-        let sum = lane_sum(row);
+        // adjoint-dpm patch 1: exponentiate in a vectorised pass (patch 7: summed in lanes;
+        // patch 10: in the same pass).
+        let sum = rows::exp_sum(row, row_max);
 
         let inv_sum = T::one() / sum;
         for s in row.iter_mut() {

@@ -56,7 +56,7 @@ where
 /// 4 f32 lanes) and with AVX2 (8 lanes), the second taken when the CPU has it. The same
 /// operations in the same order, so the results are bitwise equal; `vmath`'s `exp`/`tanh`/
 /// `sigmoid`, whose polynomials are most of their cost, run about twice as fast.
-mod wide {
+pub(crate) mod wide {
     use alloc::vec::Vec;
 
     #[inline(always)]
@@ -85,8 +85,9 @@ mod wide {
         map_any(src, dst, op)
     }
 
+    /// Whether the CPU has AVX2 (checked once). adjoint-dpm patch 10: also used by attention.
     #[cfg(target_arch = "x86_64")]
-    fn has_avx2() -> bool {
+    pub(crate) fn has_avx2() -> bool {
         static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *AVX2.get_or_init(|| std::is_x86_feature_detected!("avx2"))
     }
