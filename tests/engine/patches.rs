@@ -535,24 +535,16 @@ fn flex_matmul_outputs_and_zeros_are_written_in_full() {
         }
     }
     // Zeros of every width.
-    let z64 = Tensor::<F, 1>::zeros([9], (&device, burn::tensor::DType::F64));
-    assert!(z64.into_data().to_vec::<f64>().unwrap().iter().all(|&v| v == 0.0));
-    let z16 = Tensor::<F, 1>::zeros([9], (&device, burn::tensor::DType::F16));
-    assert!(z16
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .unwrap()
-        .iter()
-        .all(|&v| v == 0.0));
-    let zi = Tensor::<F, 1, Int>::zeros([9], &device);
-    assert!(zi
-        .into_data()
-        .convert::<i64>()
-        .to_vec::<i64>()
-        .unwrap()
-        .iter()
-        .all(|&v| v == 0));
-    let zb = Tensor::<F, 1, Bool>::empty([9], &device);
-    assert_eq!(zb.dims(), [9]);
+    for dtype in [
+        burn::tensor::DType::F64,
+        burn::tensor::DType::F32,
+        burn::tensor::DType::F16,
+    ] {
+        let zeros = Tensor::<F, 1>::zeros([9], (&device, dtype));
+        assert!(to_vec(zeros).iter().all(|&v| v == 0.0), "{dtype:?}");
+    }
+    let zeros = Tensor::<F, 1, Int>::zeros([9], &device).into_data().convert::<f64>();
+    assert!(zeros.to_vec::<f64>().unwrap().iter().all(|&v| v == 0.0), "int");
+    let falses = Tensor::<F, 1, Bool>::empty([9], &device).into_data();
+    assert!(falses.to_vec::<bool>().unwrap().iter().all(|&v| !v), "bool");
 }
