@@ -13,10 +13,11 @@
 #
 # Steps, in the order `run` takes them, each under its own time limit (a failure or a timeout
 # does not stop the rest), each followed by its peak device memory and wall time:
-#   attn-check  the small UNet at a 64×64 latent on flex (this machine's CPU path), then on CUDA
-#               without autotune against it (convolutions, matmuls and attention): burn's native
-#               attention through wgpu/lavapipe was 15% off flex's at 1600 tokens, so check
-#               CUDA's before trusting any UNet figure (H100, 2026-11-27: 1.7e-4 apart)
+#   attn-check  the small UNet at a 64×64 and a 40×40 latent on flex (this machine's CPU path),
+#               then on CUDA without autotune against it (convolutions, matmuls and attention,
+#               forward and VJP): burn's native attention through wgpu/lavapipe was 15% off
+#               flex's at 1600 tokens, so check CUDA's before trusting any UNet figure (H100,
+#               2026-11-27, 64×64 only: 1.7e-4 apart)
 #   unet-untuned  the Stable Diffusion 1.5 UNet (random weights, 64×64×4 latent, 77×768 context),
 #               forward and VJP, f32 then f16 (with its difference from f32), built without
 #               autotune (`cuda-untuned`): kernels are only JIT-compiled, a warm-up of 17–36 s
@@ -144,18 +145,22 @@ peak() {
 sd=/tmp/sd15
 for step in "${steps[@]}"; do
   case $step in
-    # The tiny UNet at a 64×64 latent (4096-token self-attention) on CUDA against flex on the
-    # same weights: through wgpu on lavapipe, burn's native attention at 1600 tokens gave an ε
-    # 15% off flex's (README, Benchmarks), so the CUDA timings mean nothing until this agrees.
+    # The tiny UNet at a 64×64 latent (4096-token self-attention) and at 40×40 (1600 tokens,
+    # not a multiple of a kernel tile) on CUDA against flex on the same weights, ε and VJP:
+    # through wgpu on lavapipe, burn's native attention at 1600 tokens gave an ε 15% off
+    # flex's (README, Benchmarks), so the CUDA timings mean nothing until this agrees. Since
+    # 2026-11-27 differentiated attention runs that native kernel in its forward too.
     attn-check)
-      ref_limit=$(budget 120)
-      if [ "$ref_limit" -eq 0 ]; then
-        skipped attn-check
-        continue
-      fi
-      timeout "$ref_limit" .gpu-bin/bench_unet --config tiny --size 64 --reps 1 --save-dir /tmp/attn-ref &&
-        peak 180 .gpu-bin/bench_unet_untuned --config tiny --size 64 --backend cuda --reps 1 \
-          --compare-dir /tmp/attn-ref
+      for size in 64 40; do
+        ref_limit=$(budget 120)
+        if [ "$ref_limit" -eq 0 ]; then
+          skipped "attn-check at $size"
+          continue
+        fi
+        timeout "$ref_limit" .gpu-bin/bench_unet --config tiny --size $size --reps 1 --save-dir /tmp/attn-ref-$size &&
+          peak 180 .gpu-bin/bench_unet_untuned --config tiny --size $size --backend cuda --reps 1 \
+            --compare-dir /tmp/attn-ref-$size
+      done
       ;;
     unet-tiny) peak 120 .gpu-bin/bench_unet --config tiny --backend cuda --reps 10 ;;
     unet-untuned)
