@@ -114,7 +114,7 @@ conv_nd_via_3d!(
 );
 bf16_via_f32!(conv1d_bf16, conv1d_f32, 1, ConvOptions);
 
-fn expand_1d_to_3d(
+pub(crate) fn expand_1d_to_3d(
     x: &FlexTensor,
     weight: &FlexTensor,
     options: &ConvOptions<1>,
@@ -165,7 +165,7 @@ conv_nd_via_3d!(
 );
 bf16_via_f32!(conv2d_bf16, conv2d_f32, 2, ConvOptions);
 
-fn expand_2d_to_3d(
+pub(crate) fn expand_2d_to_3d(
     x: &FlexTensor,
     weight: &FlexTensor,
     options: &ConvOptions<2>,

@@ -15,7 +15,7 @@ use burn_backend::DType;
 use burn_backend::ops::ConvOptions;
 use burn_std::{Bytes, Shape, f16};
 
-use super::conv::{im2col_3d_tile, to_nhwc};
+use super::conv::{expand_1d_to_3d, expand_2d_to_3d, im2col_3d_tile, to_nhwc};
 use super::conv_common::{convert_bf16_to_f32, convert_f32_to_bf16};
 use super::team;
 use crate::{FlexTensor, Layout};
@@ -28,54 +28,32 @@ const CHUNK_ELEMENTS: usize = 1 << 20;
 /// Fewest output pixels per chunk.
 const CHUNK_MIN_ROWS: usize = 256;
 
-/// The gradient of a 1D convolution's weight (`weight_shape`: `[out, in / groups, k]`).
+/// The gradient of a 1D convolution's `weight` (only its shape is read), through the 3D code
+/// as the forward convolution goes (`conv::expand_1d_to_3d`, for the output gradient too).
 pub fn conv1d_weight_backward(
     x: FlexTensor,
-    weight_shape: &Shape,
+    weight: &FlexTensor,
     grad: FlexTensor,
     options: &ConvOptions<1>,
 ) -> FlexTensor {
-    let [b, c, l] = dims(x.layout().shape());
-    let [gb, gc, gl] = dims(grad.layout().shape());
-    let [o, i, k] = dims(weight_shape);
-    let options_3d = ConvOptions::new(
-        [1, 1, options.stride[0]],
-        [0, 0, options.padding[0]],
-        [1, 1, options.dilation[0]],
-        options.groups,
-    );
-    conv3d_weight_backward(
-        x.reshape(Shape::from(vec![b, c, 1, 1, l])),
-        [o, i, 1, 1, k],
-        grad.reshape(Shape::from(vec![gb, gc, 1, 1, gl])),
-        &options_3d,
-    )
-    .reshape(weight_shape.clone())
+    let (x_3d, weight_3d, options_3d) = expand_1d_to_3d(&x, weight, options);
+    let (grad_3d, _, _) = expand_1d_to_3d(&grad, weight, options);
+    conv3d_weight_backward(x_3d, dims(weight_3d.layout().shape()), grad_3d, &options_3d)
+        .reshape(weight.layout().shape().clone())
 }
 
-/// The gradient of a 2D convolution's weight (`weight_shape`: `[out, in / groups, kh, kw]`).
+/// The gradient of a 2D convolution's `weight` (only its shape is read), through the 3D code
+/// as the forward convolution goes (`conv::expand_2d_to_3d`, for the output gradient too).
 pub fn conv2d_weight_backward(
     x: FlexTensor,
-    weight_shape: &Shape,
+    weight: &FlexTensor,
     grad: FlexTensor,
     options: &ConvOptions<2>,
 ) -> FlexTensor {
-    let [b, c, h, w] = dims(x.layout().shape());
-    let [gb, gc, gh, gw] = dims(grad.layout().shape());
-    let [o, i, kh, kw] = dims(weight_shape);
-    let options_3d = ConvOptions::new(
-        [1, options.stride[0], options.stride[1]],
-        [0, options.padding[0], options.padding[1]],
-        [1, options.dilation[0], options.dilation[1]],
-        options.groups,
-    );
-    conv3d_weight_backward(
-        x.reshape(Shape::from(vec![b, c, 1, h, w])),
-        [o, i, 1, kh, kw],
-        grad.reshape(Shape::from(vec![gb, gc, 1, gh, gw])),
-        &options_3d,
-    )
-    .reshape(weight_shape.clone())
+    let (x_3d, weight_3d, options_3d) = expand_2d_to_3d(&x, weight, options);
+    let (grad_3d, _, _) = expand_2d_to_3d(&grad, weight, options);
+    conv3d_weight_backward(x_3d, dims(weight_3d.layout().shape()), grad_3d, &options_3d)
+        .reshape(weight.layout().shape().clone())
 }
 
 /// The gradient of a 3D convolution's weight `[out, in / groups, kd, kh, kw]`, given its input

@@ -81,7 +81,7 @@ impl ModuleOps<Flex> for Flex {
         output_grad: FloatTensor<Flex>,
         options: ConvOptions<1>,
     ) -> FloatTensor<Flex> {
-        conv_weight_grad::conv1d_weight_backward(x, weight.layout().shape(), output_grad, &options)
+        conv_weight_grad::conv1d_weight_backward(x, &weight, output_grad, &options)
     }
 
     fn conv2d_weight_backward(
@@ -90,7 +90,7 @@ impl ModuleOps<Flex> for Flex {
         output_grad: FloatTensor<Flex>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
-        conv_weight_grad::conv2d_weight_backward(x, weight.layout().shape(), output_grad, &options)
+        conv_weight_grad::conv2d_weight_backward(x, &weight, output_grad, &options)
     }
 
     fn conv3d_weight_backward(
