@@ -3,6 +3,8 @@
 //! Every variant names its culprit (the value, the index, the time and step) and its message says
 //! what to change, so a CLI can print it unchanged.
 
+use burn::prelude::*;
+use burn::tensor::ElementConversion;
 use thiserror::Error;
 
 /// Result alias used throughout the crate.
@@ -150,4 +152,38 @@ pub enum Error {
     /// A gradient was asked of a backward pass that failed.
     #[error("the backward pass failed: {0}")]
     Backward(Box<Error>),
+    /// The backend failed when the solver read a value back to the host. A device backend
+    /// reports a failed kernel at the next synchronisation, so the culprit may be any kernel
+    /// launched since the previous read.
+    #[error(
+        "the backend failed while the solver read {reading} back to the host (a device reports \
+         a failed kernel at the next read, so any kernel since the previous one may be the \
+         cause): {reason}"
+    )]
+    Backend {
+        /// What was being read.
+        reading: &'static str,
+        /// The backend's message.
+        reason: String,
+    },
+}
+
+/// Reads a one-element float tensor back to the host as f64. A backend failure there is
+/// [`Error::Backend`], not burn's `into_scalar` panic.
+pub(crate) fn read_scalar<B: Backend, const D: usize>(tensor: Tensor<B, D>, reading: &'static str) -> Result<f64> {
+    tensor.try_into_scalar().map(|v| v.elem()).map_err(|e| Error::Backend {
+        reading,
+        reason: e.to_string(),
+    })
+}
+
+/// Reads a float tensor back to the host as f64 values; a backend failure is [`Error::Backend`].
+pub(crate) fn read_values<B: Backend, const D: usize>(tensor: Tensor<B, D>, reading: &'static str) -> Result<Vec<f64>> {
+    let backend = |reason: String| Error::Backend { reading, reason };
+    tensor
+        .try_into_data()
+        .map_err(|e| backend(e.to_string()))?
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .map_err(|e| backend(format!("{e:?}")))
 }

@@ -14,9 +14,9 @@ use std::cell::Cell;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::Tensor;
 
-use crate::error::Result;
+use crate::error::{read_scalar, Result};
 use crate::ode::dynamics::{check_same_shape, Dynamics, DynamicsField};
 use crate::ode::gradient::BacksolveOptions;
 use crate::ode::params;
@@ -96,8 +96,8 @@ impl<B: Backend, const D: usize> OdeState<B> for AugState<B, D> {
         (sum, n)
     }
 
-    fn finiteness_probe(&self) -> f64 {
-        self.z.finiteness_probe() + self.a_z.finiteness_probe()
+    fn finiteness_probe(&self) -> Result<f64> {
+        Ok(self.z.finiteness_probe()? + self.a_z.finiteness_probe()?)
     }
 
     /// `[z, a_z]`: a_θ and a_t are quadratures (no derivative reads them), so the stages skip
@@ -242,14 +242,13 @@ where
     // An adaptive reverse solve runs through outputs whose cotangent is zero (outputs the loss
     // does not use) instead of stopping there; fixed steps repeat the forward intervals.
     let adaptive = matches!(reverse_solver.control, StepControl::Adaptive(_));
-    let is_zero = |g: &Tensor<AD::InnerBackend, D>| -> bool {
-        let max: f64 = g.clone().abs().max().into_scalar().elem();
-        max == 0.0
+    let is_zero = |g: &Tensor<AD::InnerBackend, D>| -> Result<bool> {
+        Ok(read_scalar(g.clone().abs().max(), "an output's cotangent")? == 0.0)
     };
     let mut k = last;
     while k > 0 {
         let mut j = k - 1;
-        while adaptive && j > 0 && is_zero(&cotangents[j]) {
+        while adaptive && j > 0 && is_zero(&cotangents[j])? {
             j -= 1;
         }
         let n = problem.solver.fixed_steps(&problem.grid, j);
@@ -262,8 +261,8 @@ where
     let times = if problem.want.times {
         let sum_later: f64 = time_grads
             .iter()
-            .map(|g| -> f64 { g.clone().into_scalar().elem() })
-            .sum();
+            .map(|g| read_scalar(g.clone(), "a time gradient"))
+            .sum::<Result<f64>>()?;
         let a_t0 = state
             .a_t
             .clone()

@@ -14,9 +14,9 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 
-use crate::error::{Error, Result};
+use crate::error::{read_scalar, read_values, Error, Result};
 use crate::ode::dynamics::{Dynamics, DynamicsField};
 use crate::ode::grid::TimeGrid;
 use crate::ode::neural_ode::{NeuralOde, Solution};
@@ -189,7 +189,7 @@ impl<M> NeuralOde<M> {
                 rule: "the start time is one value, shape [1]",
             });
         }
-        let t0: f64 = start.clone().into_scalar().elem();
+        let t0 = read_scalar(start.clone(), "the start time")?;
         let solver = self.solver_config();
         solver.validate()?;
         if !matches!(solver.control, StepControl::Adaptive(_)) || solver.tableau.dense.is_none() {
@@ -216,7 +216,7 @@ impl<M> NeuralOde<M> {
                 };
                 return Err(Error::BadEventValue { t, got });
             }
-            let g: Vec<f64> = g.into_data().iter::<f64>().collect();
+            let g = read_values(g, "the event function's values")?;
             match g.iter().find(|v| !v.is_finite()) {
                 Some(v) => Err(Error::BadEventValue { t, got: v.to_string() }),
                 None => Ok(g),
@@ -237,7 +237,7 @@ impl<M> NeuralOde<M> {
         let z_inner = z_star.clone().inner();
         let field = DynamicsField { module: &inner };
         let f_star = field.eval(&Time::Value(t_star), &z_inner)?;
-        let slope = event_slope(&event, time(t_star), &z_inner, &f_star);
+        let slope = event_slope(&event, time(t_star), &z_inner, &f_star)?;
         if !(slope.is_finite() && slope != 0.0) {
             return Err(Error::TangentialEvent { t: t_star, slope });
         }
@@ -260,7 +260,7 @@ fn event_slope<B, C, G, const D: usize>(
     t: Tensor<Autodiff<B, C>, 1>,
     z: &Tensor<B, D>,
     f: &Tensor<B, D>,
-) -> f64
+) -> Result<f64>
 where
     B: Backend,
     C: CheckpointStrategy,
@@ -269,11 +269,15 @@ where
     let t = t.require_grad();
     let z = Tensor::<Autodiff<B, C>, D>::from_inner(z.clone()).require_grad();
     let grads = event(t.clone(), z.clone()).sum().backward();
-    let dg_dt: f64 = t.grad(&grads).map_or(0.0, |g| g.into_scalar().elem());
-    let along: f64 = z
-        .grad(&grads)
-        .map_or(0.0, |g| (g * f.clone()).sum().into_scalar().elem());
-    dg_dt + along
+    let dg_dt = match t.grad(&grads) {
+        Some(g) => read_scalar(g, "the event function's time derivative")?,
+        None => 0.0,
+    };
+    let along = match z.grad(&grads) {
+        Some(g) => read_scalar((g * f.clone()).sum(), "the event function's slope along z")?,
+        None => 0.0,
+    };
+    Ok(dg_dt + along)
 }
 
 /// The event function's components at `(t, z)` on the inner backend, checked.

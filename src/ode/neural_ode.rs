@@ -8,7 +8,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-use crate::error::{Error, Result};
+use crate::error::{read_values, Error, Result};
 use crate::ode::dynamics::{Dynamics, DynamicsField};
 use crate::ode::gradient::GradientMode;
 use crate::ode::grid::TimeGrid;
@@ -150,17 +150,7 @@ impl<M> NeuralOde<M> {
         M: AutodiffModule<Autodiff<B, C>> + Dynamics<Autodiff<B, C>, D> + 'static,
         M::InnerModule: Dynamics<B, D>,
     {
-        let values: Vec<f64> = times
-            .clone()
-            .inner()
-            .into_data()
-            .convert::<f64>()
-            .into_vec()
-            .map_err(|e| Error::InvalidOption {
-                name: "times",
-                value: format!("{e:?}"),
-                rule: "must be readable as f64",
-            })?;
+        let values = read_values(times.clone().inner(), "the output times")?;
         let grid = TimeGrid::new(&values)?;
         // Tracked also when computed from tracked tensors (`is_require_grad` sees leaves only).
         let tracked = times.clone().into_primitive().tensor().is_tracked();

@@ -8,10 +8,10 @@
 //! time exactly (a step never crosses one). Either way the outputs are differentiable functions
 //! of the steps' stages, so the exact discrete adjoint differentiates precisely what was computed.
 
-use burn::tensor::{backend::Backend, ElementConversion, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{read_scalar, Error, Result};
 use crate::ode::controller::PiController;
 use crate::ode::grid::TimeGrid;
 use crate::ode::state::{OdeState, Time, VectorField};
@@ -557,10 +557,10 @@ pub(crate) fn dense_states<B: Backend, S: OdeState<B>>(
 }
 
 /// Scaled RMS norm of an error estimate.
-fn rms_error<B: Backend, S: OdeState<B>>(err: &S, y0: &S, y1: &S, rtol: f64, atol: f64) -> f64 {
+fn rms_error<B: Backend, S: OdeState<B>>(err: &S, y0: &S, y1: &S, rtol: f64, atol: f64) -> Result<f64> {
     let (sum, n) = err.error_sq_sum(y0, y1, rtol, atol);
-    let sum: f64 = sum.into_scalar().elem();
-    (sum / n.max(1) as f64).sqrt()
+    let sum = read_scalar(sum, "a step's error norm")?;
+    Ok((sum / n.max(1) as f64).sqrt())
 }
 
 /// Hairer's starting step: two evaluations of f, returns (h0 with sign, f(t0, y0)).
@@ -575,8 +575,8 @@ fn initial_step<B: Backend, V: VectorField<B>>(
 ) -> Result<(f64, V::State)> {
     counters.nfe += 1;
     let f0 = field.eval(&Time::Value(t0), y0)?;
-    let d0 = rms_error(y0, y0, y0, tol.rtol, tol.atol);
-    let d1 = rms_error(&f0, y0, y0, tol.rtol, tol.atol);
+    let d0 = rms_error(y0, y0, y0, tol.rtol, tol.atol)?;
+    let d1 = rms_error(&f0, y0, y0, tol.rtol, tol.atol)?;
     let h0 = if d0 < 1e-5 || d1 < 1e-5 || !(d0.is_finite() && d1.is_finite()) {
         1e-6
     } else {
@@ -585,7 +585,7 @@ fn initial_step<B: Backend, V: VectorField<B>>(
     let y1 = y0.add(&f0.scale(direction * h0));
     counters.nfe += 1;
     let f1 = field.eval(&Time::Value(t0 + direction * h0), &y1)?;
-    let d2 = rms_error(&f1.add(&f0.scale(-1.0)), y0, y0, tol.rtol, tol.atol) / h0;
+    let d2 = rms_error(&f1.add(&f0.scale(-1.0)), y0, y0, tol.rtol, tol.atol)? / h0;
     let dmax = d1.max(d2);
     let h1 = if dmax <= 1e-15 || !dmax.is_finite() {
         (h0 * 1e-3).max(1e-6)
@@ -690,7 +690,7 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
                 };
                 let (t, h) = span.times(self.time_leaf.as_ref());
                 let out = rk_step(self.field, tab, &t, &h, &y, self.k1.take(), &mut self.counters)?;
-                if !out.y.finiteness_probe().is_finite() {
+                if !out.y.finiteness_probe()?.is_finite() {
                     return Err(Error::NonFiniteState {
                         t: t1,
                         step: self.counters.accepted + 1,
@@ -774,6 +774,7 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
                 .err
                 .as_ref()
                 .map(|e| rms_error(e, &y, &out.y, tol.rtol, tol.atol))
+                .transpose()?
                 .unwrap_or(0.0);
             let (accept, h_next) = self.controller.adapt(err, h_try);
             last_bad = !err.is_finite();
@@ -821,7 +822,7 @@ pub(crate) fn integrate<B: Backend, V: VectorField<B>>(
     on_step: &mut dyn FnMut(Span, &V::State),
 ) -> Result<Vec<V::State>> {
     let times = grid.times();
-    if !y0.finiteness_probe().is_finite() {
+    if !y0.finiteness_probe()?.is_finite() {
         return Err(Error::NonFiniteState { t: times[0], step: 0 });
     }
     let last = times.len() - 1;

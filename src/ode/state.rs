@@ -4,9 +4,9 @@
 //! user's state tensor and the augmented adjoint state of [`crate::ode::adjoint`] (diffrax's
 //! "the adjoint system is just another term").
 
-use burn::tensor::{backend::Backend, ElementConversion, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
-use crate::error::Result;
+use crate::error::{read_scalar, Result};
 
 /// A time or step size: a plain number when solving, a tensor when a step is replayed to
 /// differentiate with respect to the output times.
@@ -63,7 +63,7 @@ pub trait OdeState<B: Backend>: Clone + Sized {
     /// their number; the step controller takes the root mean square.
     fn error_sq_sum(&self, y0: &Self, y1: &Self, rtol: f64, atol: f64) -> (Tensor<B, 1>, usize);
     /// A number that is finite exactly when every component is (one reduction, one read).
-    fn finiteness_probe(&self) -> f64;
+    fn finiteness_probe(&self) -> Result<f64>;
     /// The state as the vector field reads it. The stepper builds the stage states
     /// `y + h Σ a_ij k_j`, which only the field sees, from these views, so a component that no
     /// derivative depends on (a quadrature, such as the adjoint's a_θ and a_t) can be left out
@@ -125,7 +125,7 @@ impl<B: Backend, const D: usize> OdeState<B> for Tensor<B, D> {
         tensor_error_sq_sum(self, y0, y1, rtol, atol)
     }
 
-    fn finiteness_probe(&self) -> f64 {
-        self.clone().sum().into_scalar().elem()
+    fn finiteness_probe(&self) -> Result<f64> {
+        read_scalar(self.clone().sum(), "a state's finiteness probe")
     }
 }

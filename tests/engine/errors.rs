@@ -145,3 +145,23 @@ fn a_failing_backward_pass_poisons_gradients_and_says_why() {
     assert!(g.iter().all(|x| x.is_nan()));
     assert!(matches!(sol.backward_error(), Some(Error::Backward(e)) if matches!(*e, Error::MaxStepsExceeded { .. })));
 }
+
+/// A device failure met at one of the solver's host reads is returned, naming the read and
+/// carrying the backend's reason. No CPU backend fails a read, so only the message is checked
+/// here; the reads themselves go through `try_into_scalar` / `try_into_data`.
+#[test]
+fn backend_error_names_the_read_and_the_reason() {
+    let e = Error::Backend {
+        reading: "a step's error norm",
+        reason: "Invalid vector size. Got 16 which should not be >8".into(),
+    };
+    let message = e.to_string();
+    assert!(
+        message.contains("read a step's error norm back to the host"),
+        "{message}"
+    );
+    assert!(
+        message.ends_with("Invalid vector size. Got 16 which should not be >8"),
+        "{message}"
+    );
+}
