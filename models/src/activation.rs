@@ -21,9 +21,18 @@ pub fn gelu_exact<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x * cdf
 }
 
-/// `1 / (1 + e^(−x))` in the tensor's precision.
+/// `1 / (1 + e^(−x))` in the tensor's precision, from `e^(−|x|)`, which cannot overflow.
+///
+/// Written as `recip(1 + exp(−x))`, `e^(−x)` overflows for x < −88 in f32 (−11 in f16, where
+/// UNet activations go) and the gradient is then `−0 · ∞` = NaN. Here σ(x) is σ(|x|) for x ≥ 0
+/// and `e^(−|x|) σ(|x|)` below, accurate to the last bit either way. `|x|` is a select rather than
+/// `abs`, whose derivative at 0 is 0 in burn, so σ'(0) = 1/4 exactly.
 pub fn sigmoid_exact<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.neg().exp().add_scalar(1.0).recip()
+    let negative = x.clone().lower_elem(0.0);
+    let magnitude = x.clone().mask_where(negative.clone(), x.neg());
+    let decay = magnitude.neg().exp();
+    let upper = decay.clone().add_scalar(1.0).recip();
+    upper.clone().mask_where(negative, decay * upper)
 }
 
 /// SiLU (swish), `x · σ(x)`, in the tensor's precision.
@@ -63,6 +72,50 @@ mod tests {
                 "gelu({v}) {} vs {g}",
                 gelu[i]
             );
+        }
+    }
+
+    /// σ' = σ(1 − σ) and SiLU' = σ + x σ(1 − σ), finite where e^(−x) overflows: x = −100 in f32,
+    /// −800 in f64 (the former `recip(1 + exp(−x))` gave NaN there), and exact at 0.
+    #[test]
+    fn activation_gradients_stay_finite_where_exp_overflows() {
+        use crate::testing::TestAutodiffBackend as AD;
+        let device = Default::default();
+        // Relative tolerance, and an absolute floor at the smallest normal number (f32's
+        // subnormals keep few digits).
+        for (dtype, xs, tol, floor) in [
+            (
+                DType::F64,
+                vec![-800.0f64, -100.0, -30.0, -0.5, 0.0, 0.7, 30.0, 800.0],
+                1e-15,
+                f64::MIN_POSITIVE,
+            ),
+            (
+                DType::F32,
+                vec![-100.0, -20.0, -0.5, 0.0, 0.7, 20.0, 100.0],
+                1e-6,
+                f32::MIN_POSITIVE as f64,
+            ),
+        ] {
+            let x = Tensor::<AD, 1>::from_data(TensorData::from(xs.as_slice()), (&device, dtype)).require_grad();
+            let grads = (sigmoid_exact(x.clone()) + silu_exact(x.clone())).sum().backward();
+            let g: Vec<f64> = x.grad(&grads).unwrap().into_data().convert::<f64>().to_vec().unwrap();
+            for (&v, &got) in xs.iter().zip(&g) {
+                // σ without overflow, in f64; σ(1 − σ) as σ(v) σ(−v), without cancellation.
+                let sig = |v: f64| {
+                    if v >= 0.0 {
+                        1.0 / (1.0 + (-v).exp())
+                    } else {
+                        v.exp() / (1.0 + v.exp())
+                    }
+                };
+                let slope = sig(v) * sig(-v);
+                let want = slope + sig(v) + v * slope;
+                assert!(
+                    got.is_finite() && (got - want).abs() <= tol * want.abs() + floor,
+                    "{dtype:?} x = {v}: {got} vs {want}"
+                );
+            }
         }
     }
 
