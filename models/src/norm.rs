@@ -7,18 +7,32 @@
 //! per-group statistics and the affine parameters are first folded into one per-(sample,
 //! channel) scale `[B, C, 1]` (a tiny tensor, materialised), and the activation sees two
 //! row-broadcast passes (`(x − μ) · scale + β`), which every backend vectorises. Same
-//! parameters, same keys, same result up to rounding.
+//! parameters, same keys, same result up to rounding. f16 and bf16 are normalised in f32, as
+//! PyTorch's autocast does.
 
+use burn::module::Param;
 use burn::nn::GroupNorm;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, FloatDType, Tensor};
 
 /// `norm.forward(x)` for `x` of shape `[B, C, …]` (rank ≥ 3), with the same parameters and
 /// result as burn's `GroupNorm::forward`.
 ///
+/// f16 and bf16 inputs are normalised in f32 and the result cast back, as PyTorch's autocast
+/// runs `group_norm`: in f16 a centred value above 256 squares past 65504 (the group's 1/σ
+/// becomes 0), and the backward pass sums products over whole feature maps.
+///
 /// # Panics
 /// If `x`'s channel count is not `norm.num_channels` (a model-construction bug, as in burn).
 pub fn group_norm<B: Backend, const D: usize>(norm: &GroupNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    match x.dtype() {
+        dtype @ (DType::F16 | DType::BF16) => normalize(norm, x.cast(FloatDType::F32), true).cast(dtype),
+        _ => normalize(norm, x, false),
+    }
+}
+
+/// The normalisation itself; `widen` casts γ and β to f32 to meet a widened `x`.
+fn normalize<B: Backend, const D: usize>(norm: &GroupNorm<B>, x: Tensor<B, D>, widen: bool) -> Tensor<B, D> {
     let shape = x.shape();
     let dims = shape.dims::<D>();
     let (batch, channels, groups) = (dims[0], dims[1], norm.num_groups);
@@ -42,10 +56,18 @@ pub fn group_norm<B: Backend, const D: usize>(norm: &GroupNorm<B>, x: Tensor<B, 
     // [B, G, 1] → [B, C, 1]: each group's factor repeated over its channels.
     let mut scale = inv_std.repeat_dim(2, channels / groups).reshape([batch, channels, 1]);
     let centered = centered.reshape([batch, channels, spatial]);
+    let param = |p: &Param<Tensor<B, 1>>| {
+        let t = p.val().reshape([1, channels, 1]).repeat_dim(0, batch);
+        if widen {
+            t.cast(FloatDType::F32)
+        } else {
+            t
+        }
+    };
     let out = match (&norm.gamma, &norm.beta) {
         (Some(gamma), Some(beta)) if norm.affine => {
-            scale = scale * gamma.val().reshape([1, channels, 1]).repeat_dim(0, batch);
-            centered * scale + beta.val().reshape([1, channels, 1]).repeat_dim(0, batch)
+            scale = scale * param(gamma);
+            centered * scale + param(beta)
         }
         _ => centered * scale,
     };
@@ -55,9 +77,36 @@ pub fn group_norm<B: Backend, const D: usize>(norm: &GroupNorm<B>, x: Tensor<B, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{rel_err, TestAutodiffBackend as B};
+    use crate::testing::{rel_err, TestAutodiffBackend as B, TestBackend};
     use burn::nn::GroupNormConfig;
-    use burn::tensor::Distribution;
+    use burn::tensor::{DType, Distribution, FloatDType};
+
+    /// f16 is normalised in f32: with values of a few hundred (their squares pass f16's 65504)
+    /// the output and the input's gradient stay within f16 rounding of f32's, where f16
+    /// statistics gave an output of zeros and a NaN gradient.
+    #[test]
+    fn half_precision_statistics_do_not_overflow() {
+        let device = Default::default();
+        let norm = GroupNormConfig::new(4, 8).with_affine(false).init::<B>(&device);
+        let data = Tensor::<B, 4>::random([2, 8, 6, 6], Distribution::Normal(0.0, 300.0), &device).into_data();
+        let w = Tensor::<B, 4>::random([2, 8, 6, 6], Distribution::Normal(0.0, 1.0), &device).into_data();
+        let run = |dtype: DType| {
+            let x = Tensor::<B, 4>::from_data(data.clone(), (&device, dtype)).require_grad();
+            let out = group_norm(&norm, x.clone());
+            let w = Tensor::<B, 4>::from_data(w.clone(), (&device, dtype));
+            let grads = (out.clone() * w).sum().backward();
+            let host = |t: Tensor<TestBackend, 4>| t.cast(FloatDType::F32).into_data();
+            (host(out.inner()), host(x.grad(&grads).unwrap()))
+        };
+        let (out32, grad32) = run(DType::F32);
+        let (out16, grad16) = run(DType::F16);
+        assert!(rel_err(&out16, &out32) < 2e-3, "output {}", rel_err(&out16, &out32));
+        assert!(
+            rel_err(&grad16, &grad32) < 5e-3,
+            "gradient {}",
+            rel_err(&grad16, &grad32)
+        );
+    }
 
     /// Same values and the same gradients (input, γ, β) as burn's GroupNorm, affine or not.
     #[test]
