@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # GPU smoke test and bench, for a lent CUDA machine (which has no Rust toolchain).
 #
-#   scripts/gpu-check.sh build            # here: stripped release binaries (--features cuda, and
-#                                         # bench_unet/bench_diffusion with --features
-#                                         # cuda-untuned), gzipped into .gpu-bin/ (the device tool
-#                                         # carries 64 MiB)
+#   scripts/gpu-check.sh build [tuned]    # here: stripped release binaries (bench_ode with
+#                                         # --features cuda; bench_unet, bench_diffusion and
+#                                         # check_ops with --features cuda-untuned; `tuned` adds
+#                                         # bench_unet with --features cuda, for unet-f32, unet-f16
+#                                         # and unet-tiny), gzipped into .gpu-bin/ (the device tool
+#                                         # carries 64 MiB: the default set is about 50 MB)
 #   scripts/gpu-check.sh run [STEP...]    # there (carry .gpu-bin): the steps named, or all
 #
 # .gpu-bin and .gpu-cache are git-ignored, and a session's checkout starts without them: a
@@ -13,6 +15,10 @@
 #
 # Steps, in the order `run` takes them, each under its own time limit (a failure or a timeout
 # does not stop the rest), each followed by its peak device memory and wall time:
+#   op-check    each kind of op the UNet runs (convolutions, matmul, attention, GroupNorm,
+#               LayerNorm, softmax, GELU, SiLU) at SD-1.5 shapes on CUDA without autotune, f16 then
+#               f32, forward and input gradients against ndarray's f32: which kernel makes the
+#               UNet non-finite in f16 on CUDA (H100, 2026-11-27), where flex and lavapipe are not
 #   attn-check  the small UNet at a 64×64 and a 40×40 latent on flex (this machine's CPU path),
 #               then on CUDA without autotune against it (convolutions, matmuls and attention,
 #               forward and VJP): burn's native attention through wgpu/lavapipe was 15% off
@@ -23,6 +29,8 @@
 #               autotune (`cuda-untuned`): kernels are only JIT-compiled, a warm-up of 17–36 s
 #   p2          P2 (RK4-100 and Dopri5) in every gradient mode, each with its relative difference
 #               from Backprop's gradient
+#   p2-backsolve  P2's Backsolve rows alone (RK4-100 and Dopri5, with --check), the mode whose
+#               augmented dynamics changed after the last full p2 run
 #   ddim        the exact discrete adjoint of 20 DDIM steps on the SD-1.5 UNet without autotune,
 #               gradient to x_T (DESIGN.md §7: PyTorch 1.84 s)
 #   unet-f32    the SD-1.5 UNet forward and VJP in f32 with autotune; keeps its weights and
@@ -54,14 +62,21 @@ case "${1:-}" in
   build)
     mkdir -p .gpu-bin
     CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda-untuned \
-      --example bench_unet --example bench_diffusion
+      --example bench_unet --example bench_diffusion --example check_ops
     cp target/release/examples/bench_unet .gpu-bin/bench_unet_untuned
     cp target/release/examples/bench_diffusion .gpu-bin/bench_diffusion_untuned
-    CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda \
-      --example bench_ode --example bench_unet
-    cp target/release/examples/bench_ode target/release/examples/bench_unet .gpu-bin/
+    cp target/release/examples/check_ops .gpu-bin/check_ops_untuned
+    bins=(bench_ode bench_unet_untuned bench_diffusion_untuned check_ops_untuned)
+    tuned=(--example bench_ode)
+    if [ "${2:-}" = tuned ]; then
+      tuned+=(--example bench_unet)
+      bins+=(bench_unet)
+    fi
+    CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda "${tuned[@]}"
+    for b in "${bins[@]}"; do
+      [ -f ".gpu-bin/$b" ] || cp "target/release/examples/$b" .gpu-bin/
+    done
     # No autotuned bench_diffusion: the tree, these and the cubecl cache must fit in 64 MiB.
-    bins=(bench_ode bench_unet bench_unet_untuned bench_diffusion_untuned)
     tar czf .gpu-bin/bins.tar.gz -C .gpu-bin "${bins[@]}"
     (cd .gpu-bin && rm "${bins[@]}")
     ls -la .gpu-bin
@@ -69,13 +84,13 @@ case "${1:-}" in
     ;;
   run) shift ;;
   *)
-    echo "usage: $0 build | run [attn-check unet-untuned p2 ddim unet-f32 unet-f16 torch unet-tiny]" >&2
+    echo "usage: $0 build | run [op-check attn-check unet-untuned p2 p2-backsolve ddim unet-f32 unet-f16 torch unet-tiny]" >&2
     exit 2
     ;;
 esac
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(attn-check unet-untuned p2 ddim unet-f32 unet-f16 torch unet-tiny)
+[ ${#steps[@]} -gt 0 ] || steps=(op-check attn-check unet-untuned p2 ddim unet-f32 unet-f16 torch unet-tiny)
 
 export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
 if [ ! -d "$CUDA_PATH" ] && command -v nvcc >/dev/null; then
@@ -145,6 +160,13 @@ peak() {
 sd=/tmp/sd15
 for step in "${steps[@]}"; do
   case $step in
+    # Op by op against ndarray's f32 on the same seeded data: the UNet's ε and VJP are not
+    # finite in f16 on CUDA, but are on flex and lavapipe (README, On a GPU).
+    op-check)
+      for dtype in f16 f32; do
+        peak 150 .gpu-bin/check_ops_untuned --backend cuda --dtype $dtype
+      done
+      ;;
     # The tiny UNet at a 64×64 latent (4096-token self-attention) and at 40×40 (1600 tokens,
     # not a multiple of a kernel tile) on CUDA against flex on the same weights, ε and VJP:
     # through wgpu on lavapipe, burn's native attention at 1600 tokens gave an ε 15% off
@@ -157,11 +179,18 @@ for step in "${steps[@]}"; do
           skipped "attn-check at $size"
           continue
         fi
-        timeout "$ref_limit" .gpu-bin/bench_unet --config tiny --size $size --reps 1 --save-dir /tmp/attn-ref-$size &&
+        timeout "$ref_limit" .gpu-bin/bench_unet_untuned --config tiny --size $size --reps 1 \
+          --save-dir /tmp/attn-ref-$size &&
           peak 180 .gpu-bin/bench_unet_untuned --config tiny --size $size --backend cuda --reps 1 \
             --compare-dir /tmp/attn-ref-$size
       done
       ;;
+    unet-f32 | unet-f16 | unet-tiny)
+      if [ ! -x .gpu-bin/bench_unet ]; then
+        echo "{\"skipped\": \"$step\", \"why\": \"no autotuned bench_unet: run build tuned\"}"
+        continue
+      fi
+      ;;&
     unet-tiny) peak 120 .gpu-bin/bench_unet --config tiny --backend cuda --reps 10 ;;
     unet-untuned)
       peak 150 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 10 --save-dir $sd-untuned
@@ -194,6 +223,11 @@ for step in "${steps[@]}"; do
         peak 90 .gpu-bin/bench_ode $p2 --solver rk4 --steps 100 --gradient $mode
         peak 90 .gpu-bin/bench_ode $p2 --solver dopri5 --rtol 1e-6 --atol 1e-6 --gradient $mode
       done
+      ;;
+    p2-backsolve)
+      p2="--widths 64,256,256,64 --batch 256 --backend cuda --check --reps 10 --gradient backsolve"
+      peak 90 .gpu-bin/bench_ode $p2 --solver rk4 --steps 100
+      peak 90 .gpu-bin/bench_ode $p2 --solver dopri5 --rtol 1e-6 --atol 1e-6
       ;;
     *) echo "{\"unknown_step\": \"$step\"}" ;;
   esac
