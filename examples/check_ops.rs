@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use adjoint_dpm_models::activation::{gelu_exact, silu_exact};
-use adjoint_dpm_models::norm::group_norm;
+use adjoint_dpm_models::norm::{group_norm, layer_norm};
 use burn::backend::{Autodiff, NdArray};
 use burn::nn::{GroupNormConfig, LayerNormConfig};
 use burn::prelude::*;
@@ -61,7 +61,7 @@ enum Op {
     Attention,
     /// The models' GroupNorm (32 groups, affine at its initial γ = 1, β = 0).
     GroupNorm,
-    /// burn's LayerNorm over the last axis.
+    /// The models' LayerNorm (burn's, widened to f32 for half precision) over the last axis.
     LayerNorm,
     /// Softmax over the last axis.
     Softmax,
@@ -215,7 +215,7 @@ impl Op {
                 let channels = first.dims()[1];
                 group_norm(&GroupNormConfig::new(32, channels).init(device), first)
             }
-            Op::LayerNorm => LayerNormConfig::new(first.dims()[3]).init(device).forward(first),
+            Op::LayerNorm => layer_norm(&LayerNormConfig::new(first.dims()[3]).init(device), first),
             Op::Softmax => softmax(first, 3),
             Op::Gelu => gelu_exact(first),
             Op::Silu => silu_exact(first),

@@ -7,7 +7,7 @@
 //! Python list indices; [`unet_key_map`](crate::unet::unet_key_map) renames them to the fields
 //! below.
 
-use crate::norm::group_norm;
+use crate::norm::{group_norm, layer_norm};
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -259,9 +259,9 @@ impl<B: Backend> BasicTransformerBlock<B> {
     /// - output: `[batch, tokens, dim]`
     pub fn forward(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
         let ctx1 = self.only_cross_attention.then(|| context.clone());
-        let x = self.attn1.forward(self.norm1.forward(x.clone()), ctx1) + x;
-        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context)) + x;
-        self.ff.forward(self.norm3.forward(x.clone())) + x
+        let x = self.attn1.forward(layer_norm(&self.norm1, x.clone()), ctx1) + x;
+        let x = self.attn2.forward(layer_norm(&self.norm2, x.clone()), Some(context)) + x;
+        self.ff.forward(layer_norm(&self.norm3, x.clone())) + x
     }
 }
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attention::multi_head_attention;
 use crate::load::{find_weights, load_safetensors, read_config, KeyMap, LoadError};
+use crate::norm::layer_norm;
 
 /// transformers' `CLIPTextConfig`, deserialised from `text_encoder/config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -207,7 +208,7 @@ impl<B: Backend> ClipTextModel<B> {
         // 2. causal pre-norm transformer layers.
         for layer in &self.encoder.layers {
             let a = &layer.self_attn;
-            let x = layer.layer_norm1.forward(h.clone());
+            let x = layer_norm(&layer.layer_norm1, h.clone());
             let attn = multi_head_attention(
                 a.q_proj.forward(x.clone()),
                 a.k_proj.forward(x.clone()),
@@ -216,7 +217,7 @@ impl<B: Backend> ClipTextModel<B> {
                 true,
             );
             h = h + a.out_proj.forward(attn);
-            let x = layer.mlp.fc1.forward(layer.layer_norm2.forward(h.clone()));
+            let x = layer.mlp.fc1.forward(layer_norm(&layer.layer_norm2, h.clone()));
             let x = if layer.mlp.quick_gelu {
                 x.clone() * sigmoid_exact(x * 1.702)
             } else {
@@ -226,7 +227,7 @@ impl<B: Backend> ClipTextModel<B> {
         }
         // 3. final norm and pooled output at the first end-of-text token (transformers' rule
         //    for configs whose eos_token_id is not the legacy 2).
-        let last = self.final_layer_norm.forward(h);
+        let last = layer_norm(&self.final_layer_norm, h);
         let ids = input_ids
             .into_data()
             .convert::<i64>()

@@ -1,4 +1,5 @@
-//! GroupNorm's forward pass, computed so that CPU backends stay on their fast paths.
+//! GroupNorm's forward pass, computed so that CPU backends stay on their fast paths, and
+//! LayerNorm's in f32 for half-precision inputs.
 //!
 //! burn's own `GroupNorm::forward` ends with `x * γ[1, C, 1, 1] + β[1, C, 1, 1]`: a broadcast
 //! that burn-flex has no vectorised kernel for (the batch axis is broadcast *and* the channel
@@ -11,7 +12,7 @@
 //! PyTorch's autocast does.
 
 use burn::module::Param;
-use burn::nn::GroupNorm;
+use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor};
 
@@ -74,6 +75,22 @@ fn normalize<B: Backend, const D: usize>(norm: &GroupNorm<B>, x: Tensor<B, D>, w
     out.reshape(shape)
 }
 
+/// `norm.forward(x)`, with f16 and bf16 normalised in f32 and cast back, as for
+/// [`group_norm`]: burn's `LayerNorm` takes the variance in the tensor's own dtype, and in f16 a
+/// token whose centred values pass 256 came out wrong (`examples/check_ops.rs`).
+pub fn layer_norm<B: Backend, const D: usize>(norm: &LayerNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let dtype @ (DType::F16 | DType::BF16) = x.dtype() else {
+        return norm.forward(x);
+    };
+    // γ and β cast in the graph, so their gradients reach `norm`'s own parameters; the clone
+    // only carries over the private epsilon.
+    let widen = |p: &Param<Tensor<B, 1>>| Param::initialized(p.id, p.val().cast(FloatDType::F32));
+    let mut wide = norm.clone();
+    wide.gamma = widen(&norm.gamma);
+    wide.beta = norm.beta.as_ref().map(widen);
+    wide.forward(x.cast(FloatDType::F32)).cast(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +123,34 @@ mod tests {
             "gradient {}",
             rel_err(&grad16, &grad32)
         );
+    }
+
+    /// f16 LayerNorm in f32: within f16 rounding of f32's at values of a few hundred, and γ's
+    /// gradient reaches the module's own parameter.
+    #[test]
+    fn half_precision_layer_norm_in_f32() {
+        let device = Default::default();
+        let norm = burn::nn::LayerNormConfig::new(64).init::<B>(&device);
+        let data = Tensor::<B, 3>::random([2, 5, 64], Distribution::Normal(0.0, 300.0), &device).into_data();
+        let w = Tensor::<B, 3>::random([2, 5, 64], Distribution::Normal(0.0, 1.0), &device).into_data();
+        let run = |dtype: DType| {
+            let x = Tensor::<B, 3>::from_data(data.clone(), (&device, dtype)).require_grad();
+            let out = layer_norm(&norm, x.clone());
+            let w = Tensor::<B, 3>::from_data(w.clone(), (&device, dtype));
+            let grads = (out.clone() * w).sum().backward();
+            let host = |t: Tensor<TestBackend, 3>| t.cast(FloatDType::F32).into_data();
+            let gamma = norm.gamma.val().grad(&grads).expect("γ's gradient reaches the module");
+            (host(out.inner()), host(x.grad(&grads).unwrap()), gamma.into_data())
+        };
+        let (out32, grad32, gamma32) = run(DType::F32);
+        let (out16, grad16, gamma16) = run(DType::F16);
+        assert!(rel_err(&out16, &out32) < 2e-3, "output {}", rel_err(&out16, &out32));
+        assert!(
+            rel_err(&grad16, &grad32) < 5e-3,
+            "gradient {}",
+            rel_err(&grad16, &grad32)
+        );
+        assert!(rel_err(&gamma16, &gamma32) < 5e-3, "γ {}", rel_err(&gamma16, &gamma32));
     }
 
     /// Same values and the same gradients (input, γ, β) as burn's GroupNorm, affine or not.
