@@ -1,4 +1,5 @@
-//! One error type for everything a user's input can break.
+//! One error type for everything a user's input can break (and the device failures the engine
+//! meets when it reads values back).
 //!
 //! Every variant names its culprit (the value, the index, the time and step) and its message says
 //! what to change, so a CLI can print it unchanged.
@@ -10,7 +11,7 @@ use thiserror::Error;
 /// Result alias used throughout the crate.
 pub type Result<T> = core::result::Result<T, Error>;
 
-/// Every failure reachable from user input.
+/// Every failure reachable from user input, and the backend's own at the engine's host reads.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum Error {
     /// The time grid has fewer than two points.
