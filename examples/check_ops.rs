@@ -65,6 +65,8 @@ enum Op {
     LayerNorm,
     /// Softmax over the last axis.
     Softmax,
+    /// `mean(x²)` over the last axis: a bare reduction, as the norms' statistics are.
+    MeanSquare,
     /// The models' exact GELU (erf).
     Gelu,
     /// The models' SiLU, `x / (1 + e^(−x))` written as `x · recip(1 + exp(−x))`.
@@ -175,6 +177,19 @@ const CASES: &[Case] = &[
         shapes: &[[1, 8, 4096, 77]],
         scale: 1.0,
     },
+    // Through wgpu/lavapipe, f16 means over rows this long came out 2.5× too small.
+    Case {
+        name: "mean square over 655 360",
+        op: Op::MeanSquare,
+        shapes: &[[1, 1, 1, 655_360]],
+        scale: 1.0,
+    },
+    Case {
+        name: "mean square over 40 960",
+        op: Op::MeanSquare,
+        shapes: &[[1, 32, 1, 40_960]],
+        scale: 1.0,
+    },
     Case {
         name: "gelu 320×64×64",
         op: Op::Gelu,
@@ -217,6 +232,7 @@ impl Op {
             }
             Op::LayerNorm => layer_norm(&LayerNormConfig::new(first.dims()[3]).init(device), first),
             Op::Softmax => softmax(first, 3),
+            Op::MeanSquare => first.square().mean_dim(3),
             Op::Gelu => gelu_exact(first),
             Op::Silu => silu_exact(first),
         }

@@ -15,7 +15,7 @@
 #
 # Steps, in the order `run` takes them, each under its own time limit (a failure or a timeout
 # does not stop the rest), each followed by its peak device memory and wall time:
-#   op-check    each kind of op the UNet runs (convolutions, matmul, attention, GroupNorm,
+#   op-check    each kind of op the UNet runs (convolutions, matmul, attention, GroupNorm, long mean reductions,
 #               LayerNorm, softmax, GELU, SiLU) at SD-1.5 shapes on CUDA without autotune, f16 then
 #               f32, forward and input gradients against ndarray's f32: which kernel makes the
 #               UNet non-finite in f16 on CUDA (H100, 2026-11-27), where flex and lavapipe are not
