@@ -15,10 +15,11 @@
 #
 # Steps, in the order `run` takes them, each under its own time limit (a failure or a timeout
 # does not stop the rest), each followed by its peak device memory and wall time:
-#   op-check    each kind of op the UNet runs (convolutions, matmul, attention, GroupNorm, long mean reductions,
-#               LayerNorm, softmax, GELU, SiLU) at SD-1.5 shapes on CUDA without autotune, f16 then
-#               f32, forward and input gradients against ndarray's f32: which kernel makes the
-#               UNet non-finite in f16 on CUDA (H100, 2026-11-27), where flex and lavapipe are not
+#   op-check    each kind of op the UNet runs (convolutions, matmul, attention, GroupNorm,
+#               LayerNorm, softmax, GELU, SiLU, long mean reductions) at SD-1.5 shapes on CUDA
+#               without autotune, f16 then f32, forward and input gradients against ndarray's
+#               f32: which kernel made the UNet non-finite in f16 on CUDA (H100, 2026-11-27),
+#               where flex and lavapipe were not
 #   attn-check  the small UNet at a 64×64 and a 40×40 latent on flex (this machine's CPU path),
 #               then on CUDA without autotune against it (convolutions, matmuls and attention,
 #               forward and VJP): burn's native attention through wgpu/lavapipe was 15% off
