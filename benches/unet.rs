@@ -8,9 +8,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 
 type B = Autodiff<Flex>;
 
-// The examples' shared UNet configs (the backend choice there is unused here).
+// The examples' shared UNet configs (the rest of that module is unused here).
 #[path = "../examples/common/mod.rs"]
-#[allow(dead_code, unused_imports, unused_macros)]
+#[allow(unused_imports, unused_macros)]
 mod common;
 
 fn unet(c: &mut Criterion) {

@@ -24,17 +24,11 @@ use std::path::PathBuf;
 use adjoint_dpm_models::load::{load_safetensors, save_safetensors, KeyMap};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::{FloatDType, IntDType, TensorData};
-use clap::{Parser, ValueEnum};
+use burn::tensor::TensorData;
+use clap::Parser;
 
 mod common;
-use common::{BackendName, UnetSize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Precision {
-    F32,
-    F16,
-}
+use common::{rel_diff, set_precision, BackendName, Precision, UnetSize};
 
 #[derive(Parser, Debug)]
 #[command(about = "UNet forward and VJP timing; prints one JSON line")]
@@ -76,10 +70,7 @@ fn seeded_normal<const D: usize>(shape: [usize; D], seed: u64) -> TensorData {
 
 fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let device = B::Device::default();
-    if args.dtype == Precision::F16 {
-        let int: IntDType = <B::IntElem as burn::tensor::Element>::dtype().into();
-        burn::tensor::set_default_dtypes::<B>(&device, FloatDType::F16, int).map_err(|e| format!("f16: {e:?}"))?;
-    }
+    set_precision::<B>(&device, args.dtype)?;
     let (config, size, context_dim) = args.config.config()?;
     let size = args.size.unwrap_or(size);
     let tokens = match args.config {
@@ -177,16 +168,4 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
 struct Outputs {
     eps: Vec<f32>,
     grad_x: Vec<f32>,
-}
-
-/// ‖a − b‖ / ‖b‖ in f64.
-fn rel_diff(a: &[f32], b: &[f32]) -> Result<f64, String> {
-    if a.len() != b.len() {
-        return Err(format!("{} values here, {} saved", a.len(), b.len()));
-    }
-    let (num, den) = a.iter().zip(b).fold((0.0, 0.0), |(n, d), (&x, &y)| {
-        let (x, y) = (f64::from(x), f64::from(y));
-        (n + (x - y).powi(2), d + y * y)
-    });
-    Ok((num / den).sqrt())
 }

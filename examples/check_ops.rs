@@ -23,18 +23,11 @@ use burn::nn::{GroupNormConfig, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::module::{attention, conv2d};
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
-use burn::tensor::{activation::softmax, FloatDType, IntDType, TensorData};
-use clap::{Parser, ValueEnum};
+use burn::tensor::{activation::softmax, TensorData};
+use clap::Parser;
 
-#[allow(dead_code)] // the UNet configs there are for the bench examples
 mod common;
-use common::BackendName;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Precision {
-    F32,
-    F16,
-}
+use common::{rel_diff, set_precision, BackendName, Precision};
 
 #[derive(Parser, Debug)]
 #[command(about = "UNet ops against ndarray f32; one JSON line per op")]
@@ -80,134 +73,40 @@ struct Case {
     scale: f64,
 }
 
+const fn case(name: &'static str, op: Op, shapes: &'static [[usize; 4]], scale: f64) -> Case {
+    Case {
+        name,
+        op,
+        shapes,
+        scale,
+    }
+}
+
+// One case a line: a table reads better unwrapped.
+#[rustfmt::skip]
 const CASES: &[Case] = &[
-    Case {
-        name: "conv3x3 320→320 64×64",
-        op: Op::Conv3x3 { stride: 1 },
-        shapes: &[[1, 320, 64, 64], [320, 320, 3, 3]],
-        scale: 1.0,
-    },
-    Case {
-        name: "conv3x3 4→320 64×64 (conv_in)",
-        op: Op::Conv3x3 { stride: 1 },
-        shapes: &[[1, 4, 64, 64], [320, 4, 3, 3]],
-        scale: 1.0,
-    },
-    Case {
-        name: "conv3x3 stride 2 320→320 64×64",
-        op: Op::Conv3x3 { stride: 2 },
-        shapes: &[[1, 320, 64, 64], [320, 320, 3, 3]],
-        scale: 1.0,
-    },
-    Case {
-        name: "conv3x3 1280→1280 8×8",
-        op: Op::Conv3x3 { stride: 1 },
-        shapes: &[[1, 1280, 8, 8], [1280, 1280, 3, 3]],
-        scale: 1.0,
-    },
-    Case {
-        name: "conv1x1 640→320 32×32",
-        op: Op::Conv1x1,
-        shapes: &[[1, 640, 32, 32], [320, 640, 1, 1]],
-        scale: 1.0,
-    },
-    Case {
-        name: "matmul 4096×320 · 320×1280",
-        op: Op::Matmul,
-        shapes: &[[1, 1, 4096, 320], [1, 1, 320, 1280]],
-        scale: 1.0,
-    },
-    Case {
-        name: "self-attention 8 heads 4096×40",
-        op: Op::Attention,
-        shapes: &[[1, 8, 4096, 40], [1, 8, 4096, 40], [1, 8, 4096, 40]],
-        scale: 1.0,
-    },
-    Case {
-        name: "self-attention 8 heads 1600×40",
-        op: Op::Attention,
-        shapes: &[[1, 8, 1600, 40], [1, 8, 1600, 40], [1, 8, 1600, 40]],
-        scale: 1.0,
-    },
-    Case {
-        name: "cross-attention 8 heads 4096×40, 77 keys",
-        op: Op::Attention,
-        shapes: &[[1, 8, 4096, 40], [1, 8, 77, 40], [1, 8, 77, 40]],
-        scale: 1.0,
-    },
-    Case {
-        name: "self-attention, scores ×8",
-        op: Op::Attention,
-        shapes: &[[1, 8, 1024, 40], [1, 8, 1024, 40], [1, 8, 1024, 40]],
-        scale: 8.0,
-    },
-    Case {
-        name: "group norm 320 ch 64×64",
-        op: Op::GroupNorm,
-        shapes: &[[1, 320, 64, 64]],
-        scale: 1.0,
-    },
-    Case {
-        name: "group norm 320 ch 64×64, x×100",
-        op: Op::GroupNorm,
-        shapes: &[[1, 320, 64, 64]],
-        scale: 100.0,
-    },
-    Case {
-        name: "group norm 320 ch 64×64, x×300",
-        op: Op::GroupNorm,
-        shapes: &[[1, 320, 64, 64]],
-        scale: 300.0,
-    },
-    Case {
-        name: "layer norm 4096×320",
-        op: Op::LayerNorm,
-        shapes: &[[1, 1, 4096, 320]],
-        scale: 1.0,
-    },
-    Case {
-        name: "layer norm 4096×320, x×300",
-        op: Op::LayerNorm,
-        shapes: &[[1, 1, 4096, 320]],
-        scale: 300.0,
-    },
-    Case {
-        name: "softmax 8×4096×77",
-        op: Op::Softmax,
-        shapes: &[[1, 8, 4096, 77]],
-        scale: 1.0,
-    },
+    case("conv3x3 320→320 64×64", Op::Conv3x3 { stride: 1 }, &[[1, 320, 64, 64], [320, 320, 3, 3]], 1.0),
+    case("conv3x3 4→320 64×64 (conv_in)", Op::Conv3x3 { stride: 1 }, &[[1, 4, 64, 64], [320, 4, 3, 3]], 1.0),
+    case("conv3x3 stride 2 320→320 64×64", Op::Conv3x3 { stride: 2 }, &[[1, 320, 64, 64], [320, 320, 3, 3]], 1.0),
+    case("conv3x3 1280→1280 8×8", Op::Conv3x3 { stride: 1 }, &[[1, 1280, 8, 8], [1280, 1280, 3, 3]], 1.0),
+    case("conv1x1 640→320 32×32", Op::Conv1x1, &[[1, 640, 32, 32], [320, 640, 1, 1]], 1.0),
+    case("matmul 4096×320 · 320×1280", Op::Matmul, &[[1, 1, 4096, 320], [1, 1, 320, 1280]], 1.0),
+    case("self-attention 8 heads 4096×40", Op::Attention, &[[1, 8, 4096, 40], [1, 8, 4096, 40], [1, 8, 4096, 40]], 1.0),
+    case("self-attention 8 heads 1600×40", Op::Attention, &[[1, 8, 1600, 40], [1, 8, 1600, 40], [1, 8, 1600, 40]], 1.0),
+    case("cross-attention 8 heads 4096×40, 77 keys", Op::Attention, &[[1, 8, 4096, 40], [1, 8, 77, 40], [1, 8, 77, 40]], 1.0),
+    case("self-attention, scores ×8", Op::Attention, &[[1, 8, 1024, 40], [1, 8, 1024, 40], [1, 8, 1024, 40]], 8.0),
+    case("group norm 320 ch 64×64", Op::GroupNorm, &[[1, 320, 64, 64]], 1.0),
+    case("group norm 320 ch 64×64, x×100", Op::GroupNorm, &[[1, 320, 64, 64]], 100.0),
+    case("group norm 320 ch 64×64, x×300", Op::GroupNorm, &[[1, 320, 64, 64]], 300.0),
+    case("layer norm 4096×320", Op::LayerNorm, &[[1, 1, 4096, 320]], 1.0),
+    case("layer norm 4096×320, x×300", Op::LayerNorm, &[[1, 1, 4096, 320]], 300.0),
+    case("softmax 8×4096×77", Op::Softmax, &[[1, 8, 4096, 77]], 1.0),
     // Through wgpu/lavapipe, f16 means over rows this long came out 2.5× too small.
-    Case {
-        name: "mean square over 655 360",
-        op: Op::MeanSquare,
-        shapes: &[[1, 1, 1, 655_360]],
-        scale: 1.0,
-    },
-    Case {
-        name: "mean square over 40 960",
-        op: Op::MeanSquare,
-        shapes: &[[1, 32, 1, 40_960]],
-        scale: 1.0,
-    },
-    Case {
-        name: "gelu 320×64×64",
-        op: Op::Gelu,
-        shapes: &[[1, 320, 64, 64]],
-        scale: 1.0,
-    },
-    Case {
-        name: "silu 320×64×64",
-        op: Op::Silu,
-        shapes: &[[1, 320, 64, 64]],
-        scale: 1.0,
-    },
-    Case {
-        name: "silu 320×64×64, x×20",
-        op: Op::Silu,
-        shapes: &[[1, 320, 64, 64]],
-        scale: 20.0,
-    },
+    case("mean square over 655 360", Op::MeanSquare, &[[1, 1, 1, 655_360]], 1.0),
+    case("mean square over 40 960", Op::MeanSquare, &[[1, 32, 1, 40_960]], 1.0),
+    case("gelu 320×64×64", Op::Gelu, &[[1, 320, 64, 64]], 1.0),
+    case("silu 320×64×64", Op::Silu, &[[1, 320, 64, 64]], 1.0),
+    case("silu 320×64×64, x×20", Op::Silu, &[[1, 320, 64, 64]], 20.0),
 ];
 
 impl Op {
@@ -290,12 +189,6 @@ fn evaluate<B: Backend>(case: &Case, device: &B::Device) -> Result<Outcome, Stri
     })
 }
 
-fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
-}
-
 fn finite(v: &[f32]) -> bool {
     v.iter().all(|x| x.is_finite())
 }
@@ -316,10 +209,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         .map(|c| evaluate::<NdArray<f32>>(c, &cpu))
         .collect::<Result<Vec<_>, _>>()?;
     let device = B::Device::default();
-    if args.dtype == Precision::F16 {
-        let int: IntDType = <B::IntElem as burn::tensor::Element>::dtype().into();
-        burn::tensor::set_default_dtypes::<B>(&device, FloatDType::F16, int).map_err(|e| format!("f16: {e:?}"))?;
-    }
+    set_precision::<B>(&device, args.dtype)?;
     for (case, reference) in cases.iter().zip(&references) {
         let start = Instant::now();
         let got = evaluate::<B>(case, &device)?;
@@ -327,8 +217,8 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
             "op": case.name, "backend": format!("{:?}", args.backend).to_lowercase(),
             "dtype": format!("{:?}", args.dtype).to_lowercase(),
             "finite": finite(&got.out), "grads_finite": got.grads.iter().map(|g| finite(g)).collect::<Vec<_>>(),
-            "rel_diff": rel_diff(&got.out, &reference.out),
-            "grad_rel_diffs": got.grads.iter().zip(&reference.grads).map(|(g, r)| rel_diff(g, r)).collect::<Vec<_>>(),
+            "rel_diff": rel_diff(&got.out, &reference.out)?,
+            "grad_rel_diffs": got.grads.iter().zip(&reference.grads).map(|(g, r)| rel_diff(g, r)).collect::<Result<Vec<_>, _>>()?,
             "reference_finite": finite(&reference.out) && reference.grads.iter().all(|g| finite(g)),
             "seconds_with_warmup": start.elapsed().as_secs_f64(),
         });

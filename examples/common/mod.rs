@@ -1,5 +1,7 @@
-//! What the bench examples share: which UNet and which backend to run, picked on the command
-//! line. Not an example itself (cargo builds only `examples/*.rs` and `examples/*/main.rs`).
+//! What the bench examples share: which UNet, backend and float dtype to run, picked on the
+//! command line, and how far two results are apart. Not an example itself (cargo builds only
+//! `examples/*.rs` and `examples/*/main.rs`); each example uses part of it.
+#![allow(dead_code)]
 
 use adjoint_dpm_models::unet::UNet2DConditionConfig;
 use clap::ValueEnum;
@@ -70,3 +72,36 @@ macro_rules! run_on {
     }};
 }
 pub(crate) use run_on;
+
+/// The device's float dtype for weights, activations and gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    F32,
+    F16,
+}
+
+/// Makes `precision` the default float dtype of `device`; burn refuses once the device has run
+/// anything, so call it first.
+pub fn set_precision<B: burn::tensor::backend::Backend>(
+    device: &B::Device,
+    precision: Precision,
+) -> Result<(), String> {
+    if precision == Precision::F16 {
+        let int: burn::tensor::IntDType = <B::IntElem as burn::tensor::Element>::dtype().into();
+        burn::tensor::set_default_dtypes::<B>(device, burn::tensor::FloatDType::F16, int)
+            .map_err(|e| format!("f16: {e:?}"))?;
+    }
+    Ok(())
+}
+
+/// ‖a − b‖ / ‖b‖ in f64.
+pub fn rel_diff(a: &[f32], b: &[f32]) -> Result<f64, String> {
+    if a.len() != b.len() {
+        return Err(format!("{} values here, {} in the reference", a.len(), b.len()));
+    }
+    let (num, den) = a.iter().zip(b).fold((0.0, 0.0), |(n, d), (&x, &y)| {
+        let (x, y) = (f64::from(x), f64::from(y));
+        (n + (x - y).powi(2), d + y * y)
+    });
+    Ok((num / den).sqrt())
+}
