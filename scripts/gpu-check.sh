@@ -67,16 +67,12 @@ case "${1:-}" in
     cp target/release/examples/bench_unet .gpu-bin/bench_unet_untuned
     cp target/release/examples/bench_diffusion .gpu-bin/bench_diffusion_untuned
     cp target/release/examples/check_ops .gpu-bin/check_ops_untuned
-    bins=(bench_ode bench_unet_untuned bench_diffusion_untuned check_ops_untuned)
-    tuned=(--example bench_ode)
-    if [ "${2:-}" = tuned ]; then
-      tuned+=(--example bench_unet)
-      bins+=(bench_unet)
-    fi
-    CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda "${tuned[@]}"
-    for b in "${bins[@]}"; do
-      [ -f ".gpu-bin/$b" ] || cp "target/release/examples/$b" .gpu-bin/
-    done
+    tuned=(bench_ode)
+    if [ "${2:-}" = tuned ]; then tuned+=(bench_unet); fi
+    CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda \
+      $(printf -- '--example %s ' "${tuned[@]}")
+    for b in "${tuned[@]}"; do cp "target/release/examples/$b" .gpu-bin/; done
+    bins=(bench_unet_untuned bench_diffusion_untuned check_ops_untuned "${tuned[@]}")
     # No autotuned bench_diffusion: the tree, these and the cubecl cache must fit in 64 MiB.
     tar czf .gpu-bin/bins.tar.gz -C .gpu-bin "${bins[@]}"
     (cd .gpu-bin && rm "${bins[@]}")
