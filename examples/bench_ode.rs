@@ -119,7 +119,7 @@ fn main() {
         (BackendName::Flex, DType::F64) => Err("flex is f32 only here; use --backend ndarray --dtype f64".into()),
         (BackendName::Ndarray, DType::F32) => run::<NdArray<f32>>(&args),
         (BackendName::Ndarray, DType::F64) => run::<NdArray<f64>>(&args),
-        #[cfg(feature = "cuda-untuned")]
+        #[cfg(feature = "cuda-base")]
         (BackendName::Cuda, DType::F32) => run::<burn::backend::Cuda>(&args),
         (BackendName::Cuda, _) => Err("cuda needs --features cuda and --dtype f32".into()),
         #[cfg(feature = "wgpu-untuned")]

@@ -158,6 +158,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         "forward_s": forward_s, "vjp_s": vjp_s, "forward_warmup_s": forward_warmup_s, "vjp_warmup_s": vjp_warmup_s,
         "peak_rss_mib": adjoint_dpm::bench::peak_rss_mib(),
         "autotune": cfg!(any(feature = "cuda", feature = "wgpu")),
+        "fusion": !matches!(args.backend, BackendName::Flex) && cfg!(any(feature = "cuda-untuned", feature = "wgpu-untuned")),
     });
     println!("{line}");
     Ok(())

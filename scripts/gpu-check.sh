@@ -3,14 +3,15 @@
 #
 #   scripts/gpu-check.sh build [tuned]    # here: stripped release binaries (bench_ode with
 #                                         # --features cuda; bench_unet, bench_diffusion and
-#                                         # check_ops with --features cuda-untuned; `tuned` adds
+#                                         # check_ops with --features cuda-untuned; bench_unet
+#                                         # with --features cuda-base, for unfused; `tuned` adds
 #                                         # bench_unet with --features cuda, for unet-f32, unet-f16
 #                                         # and unet-tiny), gzipped into .gpu-bin/ (the device tool
-#                                         # carries 64 MiB: the default set is about 50 MB)
+#                                         # carries 64 MiB: the default set is about 58 MB)
 #   scripts/gpu-check.sh run [STEP...]    # there (carry .gpu-bin): the steps named, or all
 #
 # .gpu-bin and .gpu-cache are git-ignored, and a session's checkout starts without them: a
-# session lent a GPU runs `build` first (two release builds, 15–20 minutes on the 2-core machine),
+# session lent a GPU runs `build` first (three release builds, about 25 minutes on the 2-core machine),
 # before its first device call.
 #
 # Steps, in the order `run` takes them, each under its own time limit (a failure or a timeout
@@ -22,9 +23,13 @@
 #               where flex and lavapipe were not
 #   attn-check  the small UNet at a 64×64 and a 40×40 latent on flex (this machine's CPU path),
 #               then on CUDA without autotune against it (convolutions, matmuls and attention,
-#               forward and VJP): burn's native attention through wgpu/lavapipe was 15% off
-#               flex's at 1600 tokens, so check CUDA's before trusting any UNet figure (H100,
-#               2026-11-27, 64×64 only: 1.7e-4 apart)
+#               forward and VJP): the autotuned wgpu/lavapipe build was 15% off flex's at
+#               40×40, so check CUDA's before trusting any UNet figure (H100, 2026-11-27:
+#               9.7e-4 / 1.3e-3 at 64×64, 8.6e-4 / 1.4e-3 at 40×40)
+#   unfused     the small UNet at a 32×32 latent in f16 on CUDA against flex's f32, with fusion
+#               (`cuda-untuned`) and without (`cuda-base`: every op its own kernel), then the
+#               SD-1.5 UNet in f16 without fusion: if op-check finds every op finite and accurate
+#               but the UNet is not, this tells whether burn's fused kernels are the fault
 #   unet-untuned  the Stable Diffusion 1.5 UNet (random weights, 64×64×4 latent, 77×768 context),
 #               forward and VJP, f32 then f16 (with its difference from f32), built without
 #               autotune (`cuda-untuned`): kernels are only JIT-compiled, a warm-up of 17–36 s
@@ -41,7 +46,8 @@
 #   torch       PyTorch + diffusers on the same card (scripts/bench_unet_torch.py); diffusers is
 #               not in the device image: download its wheel and importlib_metadata's into a
 #               git-ignored .whl/ (see /work/.library/device/README.md) and carry it too
-#   unet-tiny   the small UNet's forward/VJP with autotune: how long its warm-up takes
+#   unet-tiny   the small UNet's forward/VJP with autotune at 64×64 and 40×40, against flex:
+#               how long its warm-up takes, and whether autotune's kernels agree
 #
 # Warm-up: burn's CUDA backend compiles every kernel at first use and autotunes every new matmul,
 # convolution and reduction shape, reported as *warmup_s apart from the medians. For a UNet that is
@@ -67,12 +73,14 @@ case "${1:-}" in
     cp target/release/examples/bench_unet .gpu-bin/bench_unet_untuned
     cp target/release/examples/bench_diffusion .gpu-bin/bench_diffusion_untuned
     cp target/release/examples/check_ops .gpu-bin/check_ops_untuned
+    CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda-base --example bench_unet
+    cp target/release/examples/bench_unet .gpu-bin/bench_unet_unfused
     tuned=(bench_ode)
     if [ "${2:-}" = tuned ]; then tuned+=(bench_unet); fi
     CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda \
       $(printf -- '--example %s ' "${tuned[@]}")
     for b in "${tuned[@]}"; do cp "target/release/examples/$b" .gpu-bin/; done
-    bins=(bench_unet_untuned bench_diffusion_untuned check_ops_untuned "${tuned[@]}")
+    bins=(bench_unet_untuned bench_unet_unfused bench_diffusion_untuned check_ops_untuned "${tuned[@]}")
     # No autotuned bench_diffusion: the tree, these and the cubecl cache must fit in 64 MiB.
     tar czf .gpu-bin/bins.tar.gz -C .gpu-bin "${bins[@]}"
     (cd .gpu-bin && rm "${bins[@]}")
@@ -81,13 +89,13 @@ case "${1:-}" in
     ;;
   run) shift ;;
   *)
-    echo "usage: $0 build | run [op-check attn-check unet-untuned p2 p2-backsolve ddim unet-f32 unet-f16 torch unet-tiny]" >&2
+    echo "usage: $0 build | run [op-check attn-check unfused unet-untuned p2 p2-backsolve ddim unet-f32 unet-f16 torch unet-tiny]" >&2
     exit 2
     ;;
 esac
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(op-check attn-check unet-untuned p2 ddim unet-f32 unet-f16 torch unet-tiny)
+[ ${#steps[@]} -gt 0 ] || steps=(op-check attn-check unfused unet-untuned p2 ddim unet-f32 unet-f16 torch unet-tiny)
 
 export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
 if [ ! -d "$CUDA_PATH" ] && command -v nvcc >/dev/null; then
@@ -166,9 +174,9 @@ for step in "${steps[@]}"; do
       ;;
     # The tiny UNet at a 64×64 latent (4096-token self-attention) and at 40×40 (1600 tokens,
     # not a multiple of a kernel tile) on CUDA against flex on the same weights, ε and VJP:
-    # through wgpu on lavapipe, burn's native attention at 1600 tokens gave an ε 15% off
-    # flex's (README, Benchmarks), so the CUDA timings mean nothing until this agrees. Since
-    # 2026-11-27 differentiated attention runs that native kernel in its forward too.
+    # the autotuned wgpu/lavapipe build gave an ε 15% off flex's at 40×40 (README,
+    # Benchmarks), so the CUDA timings mean nothing until this agrees. Without autotune,
+    # attention on CUDA is burn-cubecl's composed fallback, in the VJP's forward too.
     attn-check)
       for size in 64 40; do
         ref_limit=$(budget 120)
@@ -182,13 +190,39 @@ for step in "${steps[@]}"; do
             --compare-dir /tmp/attn-ref-$size
       done
       ;;
+    # f16 on CUDA held NaN or Inf in the tiny UNet at 32×32 and the SD-1.5 UNet (H100,
+    # 2026-11-27, with fusion). The same binary set, with and without burn's fusion.
+    unfused)
+      ref=/tmp/tiny-ref-32
+      ref_limit=$(budget 60)
+      if [ "$ref_limit" -eq 0 ]; then
+        skipped unfused
+        continue
+      fi
+      timeout "$ref_limit" .gpu-bin/bench_unet_untuned --config tiny --size 32 --reps 1 --save-dir $ref || true
+      for bin in bench_unet_untuned bench_unet_unfused; do
+        peak 120 .gpu-bin/$bin --config tiny --size 32 --backend cuda --reps 3 --dtype f16 --compare-dir $ref
+      done
+      peak 200 .gpu-bin/bench_unet_unfused --config sd15 --backend cuda --reps 2 --dtype f16
+      ;;
     unet-f32 | unet-f16 | unet-tiny)
       if [ ! -x .gpu-bin/bench_unet ]; then
         echo "{\"skipped\": \"$step\", \"why\": \"no autotuned bench_unet: run build tuned\"}"
         continue
       fi
       ;;&
-    unet-tiny) peak 120 .gpu-bin/bench_unet --config tiny --backend cuda --reps 10 ;;
+    # Autotuned, against flex on the same weights: the autotuned wgpu/lavapipe build is 15% off
+    # at 40×40 where the untuned one agrees (README, Benchmarks).
+    unet-tiny)
+      for size in 64 40; do
+        ref=/tmp/attn-ref-$size ref_limit=$(budget 120)
+        if [ ! -d $ref ] && [ "$ref_limit" -gt 0 ]; then
+          timeout "$ref_limit" .gpu-bin/bench_unet_untuned --config tiny --size $size --reps 1 \
+            --save-dir $ref || true
+        fi
+        peak 120 .gpu-bin/bench_unet --config tiny --backend cuda --size $size --reps 10 --compare-dir $ref
+      done
+      ;;
     unet-untuned)
       peak 150 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 10 --save-dir $sd-untuned
       peak 150 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 10 --dtype f16 \

@@ -56,9 +56,9 @@ pub mod backend {
     pub type Cpu = burn::backend::Flex;
     /// The f64 CPU backend used for gradient checks.
     pub type CpuF64 = burn::backend::NdArray<f64>;
-    /// The CUDA backend (with fusion; with autotune under the `cuda` feature, without under
-    /// `cuda-untuned`).
-    #[cfg(feature = "cuda-untuned")]
+    /// The CUDA backend: fusion and autotune under the `cuda` feature, fusion alone under
+    /// `cuda-untuned`, neither under `cuda-base`.
+    #[cfg(feature = "cuda-base")]
     pub type Cuda = burn::backend::Cuda;
 }
 

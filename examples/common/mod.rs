@@ -56,9 +56,9 @@ macro_rules! run_on {
         use $crate::common::BackendName;
         let result: Result<(), String> = match $backend {
             BackendName::Flex => $run::<burn::backend::Flex>($args),
-            #[cfg(feature = "cuda-untuned")]
+            #[cfg(feature = "cuda-base")]
             BackendName::Cuda => $run::<burn::backend::Cuda>($args),
-            #[cfg(not(feature = "cuda-untuned"))]
+            #[cfg(not(feature = "cuda-base"))]
             BackendName::Cuda => Err("cuda needs --features cuda".into()),
             #[cfg(feature = "wgpu-untuned")]
             BackendName::Wgpu => $run::<burn::backend::Wgpu>($args),

@@ -357,7 +357,7 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     let config = task.config();
     // burn's CUDA backend compiles every kernel at first use and, built with autotune, times
     // candidate kernels for every new shape; the first UNet call waits on that, silently.
-    #[cfg(feature = "cuda-untuned")]
+    #[cfg(feature = "cuda-base")]
     const CUDA_WARMUP: &str = if cfg!(feature = "cuda") {
         "CUDA: the first UNet calls compile and autotune kernels, which took over 6 minutes for \
          the SD-1.5 UNet on an H100 (kept in cubecl's cache for later runs; a build with \
@@ -369,12 +369,12 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     if config.weights.as_deref().is_some_and(is_pipeline_dir) {
         return match task.device {
             DeviceArg::Cpu => run_sd_task::<Flex>(command, &config, &Default::default()),
-            #[cfg(feature = "cuda-untuned")]
+            #[cfg(feature = "cuda-base")]
             DeviceArg::Cuda => {
                 eprintln!("{CUDA_WARMUP}");
                 run_sd_task::<burn::backend::Cuda>(command, &config, &Default::default())
             }
-            #[cfg(not(feature = "cuda-untuned"))]
+            #[cfg(not(feature = "cuda-base"))]
             DeviceArg::Cuda => Err("this binary was built without CUDA: rebuild with `--features cuda`".into()),
         };
     }
