@@ -91,6 +91,9 @@ const CASES: &[Case] = &[
     case("conv3x3 1280→1280 8×8", Op::Conv3x3 { stride: 1 }, &[[1, 1280, 8, 8], [1280, 1280, 3, 3]], 1.0),
     case("conv1x1 640→320 32×32", Op::Conv1x1, &[[1, 640, 32, 32], [320, 640, 1, 1]], 1.0),
     case("matmul 4096×320 · 320×1280", Op::Matmul, &[[1, 1, 4096, 320], [1, 1, 320, 1280]], 1.0),
+    // Batched with k = 8 or 40: cubek's double-buffered unit matmul got these wrong (vendor/README.md).
+    case("batched matmul 4×1024×8 · 8×8", Op::Matmul, &[[1, 4, 1024, 8], [1, 4, 8, 8]], 1.0),
+    case("batched matmul 8×4096×40 · 40×77", Op::Matmul, &[[1, 8, 4096, 40], [1, 8, 40, 77]], 1.0),
     case("self-attention 8 heads 4096×40", Op::Attention, &[[1, 8, 4096, 40], [1, 8, 4096, 40], [1, 8, 4096, 40]], 1.0),
     case("self-attention 8 heads 1600×40", Op::Attention, &[[1, 8, 1600, 40], [1, 8, 1600, 40], [1, 8, 1600, 40]], 1.0),
     case("cross-attention 8 heads 4096×40, 77 keys", Op::Attention, &[[1, 8, 4096, 40], [1, 8, 77, 40], [1, 8, 77, 40]], 1.0),

@@ -23,9 +23,8 @@
 #               where flex and lavapipe were not
 #   attn-check  the small UNet at a 64×64 and a 40×40 latent on flex (this machine's CPU path),
 #               then on CUDA without autotune against it (convolutions, matmuls and attention,
-#               forward and VJP): the autotuned wgpu/lavapipe build was 15% off flex's at
-#               40×40, so check CUDA's before trusting any UNet figure (H100, 2026-11-27:
-#               9.7e-4 / 1.3e-3 at 64×64, 8.6e-4 / 1.4e-3 at 40×40)
+#               forward and VJP), to check CUDA's kernels before trusting any UNet figure
+#               (H100, 2026-11-27: 9.7e-4 / 1.3e-3 at 64×64, 8.6e-4 / 1.4e-3 at 40×40)
 #   unfused     the small UNet at a 32×32 latent in f16 on CUDA against flex's f32, with fusion
 #               (`cuda-untuned`) and without (`cuda-base`: every op its own kernel), then the
 #               SD-1.5 UNet in f16 without fusion: if op-check finds every op finite and accurate
@@ -174,9 +173,8 @@ for step in "${steps[@]}"; do
       ;;
     # The tiny UNet at a 64×64 latent (4096-token self-attention) and at 40×40 (1600 tokens,
     # not a multiple of a kernel tile) on CUDA against flex on the same weights, ε and VJP:
-    # the autotuned wgpu/lavapipe build gave an ε 15% off flex's at 40×40 (README,
-    # Benchmarks), so the CUDA timings mean nothing until this agrees. Without autotune,
-    # attention on CUDA is burn-cubecl's composed fallback, in the VJP's forward too.
+    # the CUDA timings mean nothing until this agrees. Without autotune, attention on CUDA is
+    # burn-cubecl's composed fallback, in the VJP's forward too.
     attn-check)
       for size in 64 40; do
         ref_limit=$(budget 120)
@@ -211,8 +209,9 @@ for step in "${steps[@]}"; do
         continue
       fi
       ;;&
-    # Autotuned, against flex on the same weights: the autotuned wgpu/lavapipe build is 15% off
-    # at 40×40 where the untuned one agrees (README, Benchmarks).
+    # Autotuned, against flex on the same weights: through wgpu/lavapipe, autotune's pick of
+    # cubek's double-buffered unit matmul made the tiny UNet 15% wrong at 40×40 until the vendored
+    # burn-cubecl stopped offering it (README, Benchmarks); CUDA's autotuned kernels unchecked.
     unet-tiny)
       for size in 64 40; do
         ref=/tmp/attn-ref-$size ref_limit=$(budget 120)

@@ -14,8 +14,8 @@ use cubek::matmul::{
     launch::{MatmulAutotuneKey, MatmulGlobalScale, Strategy, should_tune_double_buffering},
     routines::{
         BlueprintStrategy, TileSizeSelection, double_buffering::DoubleBufferingArgs,
-        double_unit::DoubleUnitSelectionArgs, ordered_double_buffering::OrderedSelectionArgs,
-        simple::SimpleArgs, simple_unit::SimpleUnitSelectionArgs,
+        ordered_double_buffering::OrderedSelectionArgs, simple::SimpleArgs,
+        simple_unit::SimpleUnitSelectionArgs,
     },
 };
 
@@ -212,20 +212,17 @@ pub fn matmul_autotune<R: CubeRuntime>(
             TileSizeSelection::MaxTileSize,
             TileSizeSelection::MinTileSize,
         ] {
-            for (strategy, double_buf) in [
-                (
-                    Strategy::SimpleUnit(BlueprintStrategy::Inferred(SimpleUnitSelectionArgs {
-                        tile_size,
-                    })),
-                    false,
-                ),
-                (
-                    Strategy::DoubleUnit(BlueprintStrategy::Inferred(DoubleUnitSelectionArgs {
-                        tile_size,
-                    })),
-                    true,
-                ),
-            ] {
+            // adjoint-dpm patch 2: no `DoubleUnit`. cubek 0.2's double-buffered unit matmul
+            // returns wrong products for batched problems with m >= 512 and k in {8, 24, 40}
+            // (through wgpu/lavapipe, 2026-11-27: 0.85 relative error, every such shape; k = 4,
+            // 12, 16 right), the shape of a UNet's cross-attention scores over 8 context tokens
+            // and of SD-1.5's q·kᵀ (head dim 40). Autotune picked it for some of them.
+            for (strategy, double_buf) in [(
+                Strategy::SimpleUnit(BlueprintStrategy::Inferred(SimpleUnitSelectionArgs {
+                    tile_size,
+                })),
+                false,
+            )] {
                 set = set.with(
                     Tunable::new(&strategy.to_string(), move |(lhs, rhs, out)| {
                         launch_matmul::<R>(&strategy, lhs, rhs, out)
