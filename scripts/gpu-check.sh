@@ -25,13 +25,14 @@
 #               then on CUDA without autotune against it (convolutions, matmuls and attention,
 #               forward and VJP), to check CUDA's kernels before trusting any UNet figure
 #               (H100, 2026-11-27: 9.7e-4 / 1.3e-3 at 64×64, 8.6e-4 / 1.4e-3 at 40×40)
-#   unfused     the small UNet at a 32×32 latent in f16 on CUDA against flex's f32, with fusion
-#               (`cuda-untuned`) and without (`cuda-base`: every op its own kernel), then the
-#               SD-1.5 UNet in f16 without fusion: if op-check finds every op finite and accurate
-#               but the UNet is not, this tells whether burn's fused kernels are the fault
 #   unet-untuned  the Stable Diffusion 1.5 UNet (random weights, 64×64×4 latent, 77×768 context),
 #               forward and VJP, f32 then f16 (with its difference from f32), built without
 #               autotune (`cuda-untuned`): kernels are only JIT-compiled, a warm-up of 17–36 s
+#   unfused     the small UNet at a 32×32 latent in f16 on CUDA against flex's f32, with fusion
+#               (`cuda-untuned`) and without (`cuda-base`: every op its own kernel), then the
+#               SD-1.5 UNet in f16 without fusion (against unet-untuned's f32): if op-check
+#               finds every op finite and accurate but the UNet is not, this tells whether
+#               burn's fused kernels are the fault
 #   p2          P2 (RK4-100 and Dopri5) in every gradient mode, each with its relative difference
 #               from Backprop's gradient
 #   p2-backsolve  P2's Backsolve rows alone (RK4-100 and Dopri5, with --check), the mode whose
@@ -88,13 +89,13 @@ case "${1:-}" in
     ;;
   run) shift ;;
   *)
-    echo "usage: $0 build | run [op-check attn-check unfused unet-untuned p2 p2-backsolve ddim unet-f32 unet-f16 torch unet-tiny]" >&2
+    echo "usage: $0 build | run [op-check attn-check unet-untuned unfused p2 p2-backsolve ddim unet-f32 unet-f16 torch unet-tiny]" >&2
     exit 2
     ;;
 esac
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(op-check attn-check unfused unet-untuned p2 ddim unet-f32 unet-f16 torch unet-tiny)
+[ ${#steps[@]} -gt 0 ] || steps=(op-check attn-check unet-untuned unfused p2 ddim unet-f32 unet-f16 torch unet-tiny)
 
 export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
 if [ ! -d "$CUDA_PATH" ] && command -v nvcc >/dev/null; then
@@ -161,6 +162,20 @@ peak() {
   save_cache
 }
 
+# The tiny UNet's weights, ε and VJP on flex (this machine's CPU path) at a $1×$1 latent, saved
+# once per run in /tmp/tiny-ref-$1 for --compare-dir; status 1 when there is no time left.
+tiny_ref() {
+  local ref=/tmp/tiny-ref-$1 limit
+  [ -d "$ref" ] && return 0
+  limit=$(budget 120)
+  if [ "$limit" -eq 0 ]; then
+    skipped "flex reference at $1×$1"
+    return 1
+  fi
+  timeout "$limit" .gpu-bin/bench_unet_untuned --config tiny --size "$1" --reps 1 --save-dir "$ref" ||
+    { rm -rf "$ref"; return 1; }
+}
+
 sd=/tmp/sd15
 for step in "${steps[@]}"; do
   case $step in
@@ -177,31 +192,23 @@ for step in "${steps[@]}"; do
     # burn-cubecl's composed fallback, in the VJP's forward too.
     attn-check)
       for size in 64 40; do
-        ref_limit=$(budget 120)
-        if [ "$ref_limit" -eq 0 ]; then
-          skipped "attn-check at $size"
-          continue
-        fi
-        timeout "$ref_limit" .gpu-bin/bench_unet_untuned --config tiny --size $size --reps 1 \
-          --save-dir /tmp/attn-ref-$size &&
-          peak 180 .gpu-bin/bench_unet_untuned --config tiny --size $size --backend cuda --reps 1 \
-            --compare-dir /tmp/attn-ref-$size
+        tiny_ref $size && peak 180 .gpu-bin/bench_unet_untuned --config tiny --size $size \
+          --backend cuda --reps 1 --compare-dir /tmp/tiny-ref-$size
       done
       ;;
     # f16 on CUDA held NaN or Inf in the tiny UNet at 32×32 and the SD-1.5 UNet (H100,
     # 2026-11-27, with fusion). The same binary set, with and without burn's fusion.
     unfused)
-      ref=/tmp/tiny-ref-32
-      ref_limit=$(budget 60)
-      if [ "$ref_limit" -eq 0 ]; then
-        skipped unfused
-        continue
+      if tiny_ref 32; then
+        for bin in bench_unet_untuned bench_unet_unfused; do
+          peak 120 .gpu-bin/$bin --config tiny --size 32 --backend cuda --reps 3 --dtype f16 \
+            --compare-dir /tmp/tiny-ref-32
+        done
       fi
-      timeout "$ref_limit" .gpu-bin/bench_unet_untuned --config tiny --size 32 --reps 1 --save-dir $ref || true
-      for bin in bench_unet_untuned bench_unet_unfused; do
-        peak 120 .gpu-bin/$bin --config tiny --size 32 --backend cuda --reps 3 --dtype f16 --compare-dir $ref
-      done
-      peak 200 .gpu-bin/bench_unet_unfused --config sd15 --backend cuda --reps 2 --dtype f16
+      # With unet-untuned's f32 run before it, also its difference from f32.
+      sd_ref=()
+      if [ -d $sd-untuned ]; then sd_ref=(--compare-dir $sd-untuned); fi
+      peak 200 .gpu-bin/bench_unet_unfused --config sd15 --backend cuda --reps 2 --dtype f16 "${sd_ref[@]}"
       ;;
     unet-f32 | unet-f16 | unet-tiny)
       if [ ! -x .gpu-bin/bench_unet ]; then
@@ -214,12 +221,8 @@ for step in "${steps[@]}"; do
     # burn-cubecl stopped offering it (README, Benchmarks); CUDA's autotuned kernels unchecked.
     unet-tiny)
       for size in 64 40; do
-        ref=/tmp/attn-ref-$size ref_limit=$(budget 120)
-        if [ ! -d $ref ] && [ "$ref_limit" -gt 0 ]; then
-          timeout "$ref_limit" .gpu-bin/bench_unet_untuned --config tiny --size $size --reps 1 \
-            --save-dir $ref || true
-        fi
-        peak 120 .gpu-bin/bench_unet --config tiny --backend cuda --size $size --reps 10 --compare-dir $ref
+        tiny_ref $size && peak 120 .gpu-bin/bench_unet --config tiny --backend cuda --size $size \
+          --reps 10 --compare-dir /tmp/tiny-ref-$size
       done
       ;;
     unet-untuned)
