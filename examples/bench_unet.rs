@@ -54,6 +54,11 @@ struct Args {
     /// Load the weights from a `--save-dir` folder and report the difference from its ε and VJP.
     #[arg(long)]
     compare_dir: Option<PathBuf>,
+    /// Before the summary, one JSON line per layer of one more forward (`forward_observed`):
+    /// its largest |value| and how many values are not finite, to see where activations
+    /// outgrow the dtype or turn NaN.
+    #[arg(long)]
+    trace: bool,
 }
 
 fn main() {
@@ -131,6 +136,26 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let grad_x = to_vec(x.grad(&grads).ok_or("no gradient reached the latent")?.into_data())?;
     let outputs = Outputs { eps, grad_x };
     let finite = outputs.eps.iter().chain(&outputs.grad_x).all(|v| v.is_finite());
+    if args.trace {
+        let (x, t, c) = (sample.clone().inner(), t.clone().inner(), context.clone().inner());
+        inner.forward_observed(x, t, c, None, &mut |site, h| {
+            let values = h
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .unwrap_or_default();
+            let max_abs = values
+                .iter()
+                .filter(|v| v.is_finite())
+                .fold(0f32, |m, v| m.max(v.abs()));
+            let non_finite = values.iter().filter(|v| !v.is_finite()).count();
+            let line = serde_json::json!({
+                "layer": site.to_string(), "max_abs_finite": max_abs, "non_finite": non_finite, "of": values.len(),
+            });
+            println!("{line}");
+        });
+    }
     if let Some(dir) = &args.save_dir {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         save_safetensors(&inner, dir.join("unet.safetensors")).map_err(|e| e.to_string())?;

@@ -7,7 +7,8 @@
 #                                         # with --features cuda-base, for unfused; `tuned` adds
 #                                         # bench_unet with --features cuda, for unet-f32, unet-f16
 #                                         # and unet-tiny), gzipped into .gpu-bin/ (the device tool
-#                                         # carries 64 MiB: the default set is about 58 MB)
+#                                         # carries 64 MiB: the default set, 44 MiB, and the
+#                                         # tree, 16 MiB, leave 4)
 #   scripts/gpu-check.sh run [STEP...]    # there (carry .gpu-bin): the steps named, or all
 #
 # .gpu-bin and .gpu-cache are git-ignored, and a session's checkout starts without them: a
@@ -26,8 +27,10 @@
 #               forward and VJP), to check CUDA's kernels before trusting any UNet figure
 #               (H100, 2026-11-27: 9.7e-4 / 1.3e-3 at 64×64, 8.6e-4 / 1.4e-3 at 40×40)
 #   unet-untuned  the Stable Diffusion 1.5 UNet (random weights, 64×64×4 latent, 77×768 context),
-#               forward and VJP, f32 then f16 (with its difference from f32), built without
-#               autotune (`cuda-untuned`): kernels are only JIT-compiled, a warm-up of 17–36 s
+#               forward and VJP, f32 then f16 (with its difference from f32 and, layer by
+#               layer, its largest activation and count of non-finite values: `--trace`), built
+#               without autotune (`cuda-untuned`): kernels are only JIT-compiled, a warm-up of
+#               17–36 s
 #   unfused     the small UNet at a 32×32 latent in f16 on CUDA against flex's f32, with fusion
 #               (`cuda-untuned`) and without (`cuda-base`: every op its own kernel), then the
 #               SD-1.5 UNet in f16 without fusion (against unet-untuned's f32): if op-check
@@ -202,13 +205,14 @@ for step in "${steps[@]}"; do
       if tiny_ref 32; then
         for bin in bench_unet_untuned bench_unet_unfused; do
           peak 120 .gpu-bin/$bin --config tiny --size 32 --backend cuda --reps 3 --dtype f16 \
-            --compare-dir /tmp/tiny-ref-32
+            --compare-dir /tmp/tiny-ref-32 --trace
         done
       fi
       # With unet-untuned's f32 run before it, also its difference from f32.
       sd_ref=()
       if [ -d $sd-untuned ]; then sd_ref=(--compare-dir $sd-untuned); fi
-      peak 200 .gpu-bin/bench_unet_unfused --config sd15 --backend cuda --reps 2 --dtype f16 "${sd_ref[@]}"
+      peak 200 .gpu-bin/bench_unet_unfused --config sd15 --backend cuda --reps 2 --dtype f16 --trace \
+        "${sd_ref[@]}"
       ;;
     unet-f32 | unet-f16 | unet-tiny)
       if [ ! -x .gpu-bin/bench_unet ]; then
@@ -228,7 +232,7 @@ for step in "${steps[@]}"; do
     unet-untuned)
       peak 150 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 10 --save-dir $sd-untuned
       peak 150 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 10 --dtype f16 \
-        --compare-dir $sd-untuned
+        --compare-dir $sd-untuned --trace
       ;;
     unet-f32) peak 540 .gpu-bin/bench_unet --config sd15 --backend cuda --reps 10 --save-dir $sd ;;
     unet-f16)

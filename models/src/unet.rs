@@ -6,6 +6,7 @@
 //! checkpoint's own `unet/config.json`; options outside that set are rejected with
 //! [`LoadError::Unsupported`] instead of being silently ignored.
 
+use std::fmt;
 use std::path::Path;
 
 use crate::activation::silu_exact as silu;
@@ -21,7 +22,59 @@ use crate::attention::Transformer2DConfig;
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
 use crate::load::{find_weights, load_safetensors, read_config, KeyMap, LoadError};
 use crate::resnet_block::{conv2d, ResnetBlock2DConfig, TimeScaleShift};
-use crate::unet_blocks::{BlockSettings, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D};
+use crate::unet_blocks::{BlockSettings, DownBlock2D, Layer, UNetMidBlock2DCrossAttn, UpBlock2D};
+
+/// The part of the UNet's feature path a [`UnetSite`] is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// `conv_in`.
+    In,
+    /// `down_blocks`.
+    Down,
+    /// `mid_block`.
+    Mid,
+    /// `up_blocks`.
+    Up,
+    /// `conv_out`.
+    Out,
+}
+
+/// Where an activation shown by [`UNet2DConditionModel::forward_observed`] comes from. Displays
+/// as its module path in diffusers, e.g. `down_blocks.1.attentions.0` or `conv_in`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnetSite {
+    /// The part of the feature path.
+    pub stage: Stage,
+    /// The block's index in `down_blocks` or `up_blocks` (0 elsewhere).
+    pub block: usize,
+    /// The layer.
+    pub layer: Layer,
+    /// The layer's index in its block (0 for samplers and convolutions).
+    pub index: usize,
+}
+
+impl fmt::Display for UnetSite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = match self.layer {
+            Layer::Conv => {
+                return f.write_str(if self.stage == Stage::Out {
+                    "conv_out"
+                } else {
+                    "conv_in"
+                })
+            }
+            Layer::Resnet => "resnets",
+            Layer::Attention => "attentions",
+            Layer::Downsample => "downsamplers",
+            Layer::Upsample => "upsamplers",
+        };
+        match self.stage {
+            Stage::Mid => write!(f, "mid_block.{list}.{}", self.index),
+            Stage::Down => write!(f, "down_blocks.{}.{list}.{}", self.block, self.index),
+            Stage::Up | Stage::In | Stage::Out => write!(f, "up_blocks.{}.{list}.{}", self.block, self.index),
+        }
+    }
+}
 
 /// A config value that is either one value for every block or one per block (diffusers accepts
 /// both for `attention_head_dim`, `layers_per_block`, `cross_attention_dim`...).
@@ -465,6 +518,52 @@ impl<B: Backend> UNet2DConditionModel<B> {
         encoder_hidden_states: Tensor<B, 3>,
         class_labels: Option<Tensor<B, 1, Int>>,
     ) -> Tensor<B, 4> {
+        self.forward_observed(sample, timestep, encoder_hidden_states, class_labels, &mut |_, _| {})
+    }
+
+    /// [`forward`](Self::forward), showing `observe` the output of every layer of the feature
+    /// path (`conv_in`, each resnet, transformer, down- and upsampler, `conv_out`) with where it
+    /// comes from, in the order computed: to see where activations grow past a dtype's range or
+    /// turn non-finite (`examples/bench_unet.rs --trace`).
+    ///
+    /// # Panics
+    /// As [`forward`](Self::forward).
+    ///
+    /// # Example
+    /// ```
+    /// use adjoint_dpm_models::unet::UNet2DConditionConfig;
+    /// use burn::backend::Flex;
+    /// use burn::tensor::Tensor;
+    ///
+    /// let config: UNet2DConditionConfig = serde_json::from_str(
+    ///     r#"{"block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 32,
+    ///         "attention_head_dim": 4, "norm_num_groups": 8,
+    ///         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    ///         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}"#,
+    /// )?;
+    /// let device = Default::default();
+    /// let unet = config.init::<Flex>(&device)?;
+    /// let mut largest = Vec::new();
+    /// unet.forward_observed(
+    ///     Tensor::ones([1, 4, 16, 16], &device),
+    ///     Tensor::from_floats([500.0], &device),
+    ///     Tensor::ones([1, 8, 32], &device),
+    ///     None,
+    ///     &mut |site, h| largest.push((site.to_string(), h.clone().abs().max().into_scalar())),
+    /// );
+    /// assert_eq!(largest.first().map(|(site, _)| site.as_str()), Some("conv_in"));
+    /// assert_eq!(largest.last().map(|(site, _)| site.as_str()), Some("conv_out"));
+    /// assert!(largest.iter().all(|(_, max)| max.is_finite()));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward_observed(
+        &self,
+        sample: Tensor<B, 4>,
+        timestep: Tensor<B, 1>,
+        encoder_hidden_states: Tensor<B, 3>,
+        class_labels: Option<Tensor<B, 1, Int>>,
+        observe: &mut dyn FnMut(UnetSite, &Tensor<B, 4>),
+    ) -> Tensor<B, 4> {
         // 0. center the input if the config asks for it.
         let sample = if self.center_input_sample {
             sample * 2.0 - 1.0
@@ -492,25 +591,40 @@ impl<B: Backend> UNet2DConditionModel<B> {
             (None, Some(_)) => panic!("this UNet has no class embedding: class_labels must be None"),
         }
         let context = encoder_hidden_states;
+        let site = |stage, block, layer, index| UnetSite {
+            stage,
+            block,
+            layer,
+            index,
+        };
         // 2. pre-process.
         let mut h = self.conv_in.forward(sample);
+        observe(site(Stage::In, 0, Layer::Conv, 0), &h);
         // 3. down.
         let mut skips = vec![h.clone()];
-        for block in &self.down_blocks {
-            let (out, res) = block.forward(h, &emb, &context);
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            let (out, res) = block.forward_observed(h, &emb, &context, &mut |layer, index, t| {
+                observe(site(Stage::Down, i, layer, index), t)
+            });
             h = out;
             skips.extend(res);
         }
         // 4. mid.
         if let Some(mid) = &self.mid_block {
-            h = mid.forward(h, &emb, &context);
+            h = mid.forward_observed(h, &emb, &context, &mut |layer, index, t| {
+                observe(site(Stage::Mid, 0, layer, index), t)
+            });
         }
         // 5. up, consuming the skips in reverse.
-        for block in &self.up_blocks {
-            h = block.forward(h, &mut skips, &emb, &context);
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            h = block.forward_observed(h, &mut skips, &emb, &context, &mut |layer, index, t| {
+                observe(site(Stage::Up, i, layer, index), t)
+            });
         }
         // 6. post-process.
-        self.conv_out.forward(silu(group_norm(&self.conv_norm_out, h)))
+        let out = self.conv_out.forward(silu(group_norm(&self.conv_norm_out, h)));
+        observe(site(Stage::Out, 0, Layer::Conv, 0), &out);
+        out
     }
 }
 
@@ -576,6 +690,49 @@ mod tests {
             rel_err(&out.into_data(), &io.data("out")),
             rel_err(&grad.into_data(), &io.data("grad_sample")),
         )
+    }
+
+    /// `forward_observed` shows every layer of the feature path, in order, under diffusers'
+    /// names, and its last activation is the output.
+    #[test]
+    fn forward_observed_shows_every_layer_in_order() {
+        type B = crate::testing::TestBackend;
+        let device = Default::default();
+        let (_, unet) = load_unet::<B>(fixture("unet_tiny"), &device).expect("fixture loads");
+        let io = Io::open("unet_tiny");
+        let mut seen = Vec::new();
+        let mut last = None;
+        let out = unet.forward_observed(
+            io.float("sample", &device),
+            io.float("timestep", &device),
+            io.float("encoder_hidden_states", &device),
+            Some(io.int("class_labels", &device)),
+            &mut |site, t| {
+                seen.push(site.to_string());
+                last = Some(t.clone());
+            },
+        );
+        let expected = [
+            "conv_in",
+            "down_blocks.0.resnets.0",
+            "down_blocks.0.attentions.0",
+            "down_blocks.0.downsamplers.0",
+            "down_blocks.1.resnets.0",
+            "mid_block.resnets.0",
+            "mid_block.attentions.0",
+            "mid_block.resnets.1",
+            "up_blocks.0.resnets.0",
+            "up_blocks.0.resnets.1",
+            "up_blocks.0.upsamplers.0",
+            "up_blocks.1.resnets.0",
+            "up_blocks.1.attentions.0",
+            "up_blocks.1.resnets.1",
+            "up_blocks.1.attentions.1",
+            "conv_out",
+        ];
+        assert_eq!(seen, expected);
+        let last = last.expect("conv_out was shown");
+        assert_eq!(last.into_data(), out.into_data());
     }
 
     #[test]

@@ -12,6 +12,23 @@ use burn::tensor::Tensor;
 use crate::attention::{Transformer2DConfig, Transformer2DModel};
 use crate::resnet_block::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 
+/// Which layer of a UNet produced an activation that
+/// [`UNet2DConditionModel::forward_observed`](crate::unet::UNet2DConditionModel::forward_observed)
+/// shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// `conv_in`, or `conv_out` (after the final GroupNorm and SiLU).
+    Conv,
+    /// A block's `resnets.{i}`.
+    Resnet,
+    /// A block's `attentions.{i}` (a [`Transformer2DModel`]).
+    Attention,
+    /// A down block's `downsamplers.0`.
+    Downsample,
+    /// An up block's `upsamplers.0`.
+    Upsample,
+}
+
 /// What every block of one UNet shares.
 #[derive(Debug, Clone)]
 pub(crate) struct BlockSettings {
@@ -89,17 +106,32 @@ impl<B: Backend> DownBlock2D<B> {
         temb: &Tensor<B, 2>,
         context: &Tensor<B, 3>,
     ) -> (Tensor<B, 4>, Vec<Tensor<B, 4>>) {
+        self.forward_observed(x, temb, context, &mut |_, _, _| {})
+    }
+
+    /// [`forward`](Self::forward), showing `observe` each layer's output with the layer's kind
+    /// and index in the block.
+    pub fn forward_observed(
+        &self,
+        x: Tensor<B, 4>,
+        temb: &Tensor<B, 2>,
+        context: &Tensor<B, 3>,
+        observe: &mut dyn FnMut(Layer, usize, &Tensor<B, 4>),
+    ) -> (Tensor<B, 4>, Vec<Tensor<B, 4>>) {
         let mut h = x;
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(h, Some(temb.clone()));
+            observe(Layer::Resnet, i, &h);
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(h, context.clone());
+                observe(Layer::Attention, i, &h);
             }
             skips.push(h.clone());
         }
         if let Some(down) = &self.downsamplers {
             h = down.forward(h);
+            observe(Layer::Downsample, 0, &h);
             skips.push(h.clone());
         }
         (h, skips)
@@ -127,10 +159,25 @@ impl<B: Backend> UNetMidBlock2DCrossAttn<B> {
     /// # Shapes
     /// - x: `[batch, c, h, w]` → output: `[batch, c, h, w]`
     pub fn forward(&self, x: Tensor<B, 4>, temb: &Tensor<B, 2>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
+        self.forward_observed(x, temb, context, &mut |_, _, _| {})
+    }
+
+    /// [`forward`](Self::forward), showing `observe` each layer's output with the layer's kind
+    /// and index in the block.
+    pub fn forward_observed(
+        &self,
+        x: Tensor<B, 4>,
+        temb: &Tensor<B, 2>,
+        context: &Tensor<B, 3>,
+        observe: &mut dyn FnMut(Layer, usize, &Tensor<B, 4>),
+    ) -> Tensor<B, 4> {
         let mut h = self.resnets[0].forward(x, Some(temb.clone()));
-        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
+        observe(Layer::Resnet, 0, &h);
+        for (i, (attn, resnet)) in self.attentions.iter().zip(&self.resnets[1..]).enumerate() {
             h = attn.forward(h, context.clone());
+            observe(Layer::Attention, i, &h);
             h = resnet.forward(h, Some(temb.clone()));
+            observe(Layer::Resnet, i + 1, &h);
         }
         h
     }
@@ -190,17 +237,33 @@ impl<B: Backend> UpBlock2D<B> {
         temb: &Tensor<B, 2>,
         context: &Tensor<B, 3>,
     ) -> Tensor<B, 4> {
+        self.forward_observed(x, skips, temb, context, &mut |_, _, _| {})
+    }
+
+    /// [`forward`](Self::forward), showing `observe` each layer's output with the layer's kind
+    /// and index in the block.
+    pub fn forward_observed(
+        &self,
+        x: Tensor<B, 4>,
+        skips: &mut Vec<Tensor<B, 4>>,
+        temb: &Tensor<B, 2>,
+        context: &Tensor<B, 3>,
+        observe: &mut dyn FnMut(Layer, usize, &Tensor<B, 4>),
+    ) -> Tensor<B, 4> {
         let mut h = x;
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("the UNet keeps one skip per up-block resnet");
             h = resnet.forward(Tensor::cat(vec![h, skip], 1), Some(temb.clone()));
+            observe(Layer::Resnet, i, &h);
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(h, context.clone());
+                observe(Layer::Attention, i, &h);
             }
         }
-        match &self.upsamplers {
-            Some(up) => up.forward(h),
-            None => h,
+        if let Some(up) = &self.upsamplers {
+            h = up.forward(h);
+            observe(Layer::Upsample, 0, &h);
         }
+        h
     }
 }
