@@ -55,7 +55,7 @@ struct Args {
     #[arg(long)]
     compare_dir: Option<PathBuf>,
     /// Before the summary, one JSON line per layer of one more forward (`forward_observed`):
-    /// its largest |value| and how many values are not finite, to see where activations
+    /// its largest finite |value| and how many values are not finite, to see where activations
     /// outgrow the dtype or turn NaN.
     #[arg(long)]
     trace: bool,

@@ -56,22 +56,18 @@ pub struct UnetSite {
 impl fmt::Display for UnetSite {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let list = match self.layer {
-            Layer::Conv => {
-                return f.write_str(if self.stage == Stage::Out {
-                    "conv_out"
-                } else {
-                    "conv_in"
-                })
-            }
+            Layer::Conv => "conv",
             Layer::Resnet => "resnets",
             Layer::Attention => "attentions",
             Layer::Downsample => "downsamplers",
             Layer::Upsample => "upsamplers",
         };
         match self.stage {
+            Stage::In => f.write_str("conv_in"),
+            Stage::Out => f.write_str("conv_out"),
             Stage::Mid => write!(f, "mid_block.{list}.{}", self.index),
             Stage::Down => write!(f, "down_blocks.{}.{list}.{}", self.block, self.index),
-            Stage::Up | Stage::In | Stage::Out => write!(f, "up_blocks.{}.{list}.{}", self.block, self.index),
+            Stage::Up => write!(f, "up_blocks.{}.{list}.{}", self.block, self.index),
         }
     }
 }
