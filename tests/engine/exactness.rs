@@ -50,8 +50,18 @@ prop_compose! {
     }
 }
 
+/// `PROPTEST_CASES` when set, else `default`: an explicit `cases` overrides proptest's own
+/// reading of that variable.
+fn cases_from_env(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    // 24 cases by default; PROPTEST_CASES=N runs N (a longer search, outside CI).
+    #![proptest_config(ProptestConfig { cases: cases_from_env(24), .. ProptestConfig::default() })]
 
     #[test]
     fn checkpointed_equals_backprop_f64(
