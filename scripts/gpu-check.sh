@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # GPU smoke test and bench, for a lent CUDA machine (which has no Rust toolchain).
 #
-#   scripts/gpu-check.sh build [tuned]    # here: stripped release binaries (bench_ode with
-#                                         # --features cuda; bench_unet, bench_diffusion and
-#                                         # check_ops with --features cuda-untuned; bench_unet
-#                                         # with --features cuda-base, for unfused; `tuned` adds
-#                                         # bench_unet with --features cuda, for unet-f32, unet-f16
-#                                         # and unet-tiny), gzipped into .gpu-bin/ (the device tool
-#                                         # carries 64 MiB: the default set, 44 MiB, and the
-#                                         # tree, 16 MiB, leave 4)
+#   scripts/gpu-check.sh build            # here: stripped release binaries (bench_ode and
+#                                         # bench_unet with --features cuda; bench_unet,
+#                                         # bench_diffusion and check_ops with --features
+#                                         # cuda-untuned; bench_unet with --features cuda-base,
+#                                         # for unfused) in one xz archive in .gpu-bin/: xz -9
+#                                         # keeps a 64 MiB window, so what the six binaries
+#                                         # share (most of their code) is stored once, 225 MB
+#                                         # in about 23 MiB, where gzip made five of them
+#                                         # 44 MiB (the device tool carries 64 MiB, the tree
+#                                         # 16 of them)
 #   scripts/gpu-check.sh run [STEP...]    # there (carry .gpu-bin): the steps named, or all
 #
 # .gpu-bin and .gpu-cache are git-ignored, and a session's checkout starts without them: a
@@ -78,15 +80,16 @@ case "${1:-}" in
     cp target/release/examples/check_ops .gpu-bin/check_ops_untuned
     CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda-base --example bench_unet
     cp target/release/examples/bench_unet .gpu-bin/bench_unet_unfused
-    tuned=(bench_ode)
-    if [ "${2:-}" = tuned ]; then tuned+=(bench_unet); fi
     CARGO_PROFILE_RELEASE_STRIP=true cargo build --release --features cuda \
-      $(printf -- '--example %s ' "${tuned[@]}")
-    for b in "${tuned[@]}"; do cp "target/release/examples/$b" .gpu-bin/; done
-    bins=(bench_unet_untuned bench_unet_unfused bench_diffusion_untuned check_ops_untuned "${tuned[@]}")
-    # No autotuned bench_diffusion: the tree, these and the cubecl cache must fit in 64 MiB.
-    tar czf .gpu-bin/bins.tar.gz -C .gpu-bin "${bins[@]}"
-    (cd .gpu-bin && rm "${bins[@]}")
+      --example bench_ode --example bench_unet
+    cp target/release/examples/bench_ode target/release/examples/bench_unet .gpu-bin/
+    # Like binaries side by side, so that each finds the last in xz's window.
+    bins=(bench_unet_untuned bench_unet bench_unet_unfused bench_diffusion_untuned check_ops_untuned bench_ode)
+    tar cf - -C .gpu-bin "${bins[@]}" | xz -9 -T1 >.gpu-bin/bins.tar.xz
+    (cd .gpu-bin && rm -f "${bins[@]}" bins.tar.gz)
+    # What they were built from: rebuild when the sources have changed since.
+    git log -1 --format='%h %cd' --date=iso >.gpu-bin/built-from
+    git status --porcelain -- src models examples vendor Cargo.toml Cargo.lock >>.gpu-bin/built-from
     ls -la .gpu-bin
     exit 0
     ;;
@@ -108,7 +111,13 @@ export LD_LIBRARY_PATH="$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}"
 export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 echo "{\"steps\": \"${steps[*]}\", \"autotune_level\": \"$CUBECL_AUTOTUNE_LEVEL\"}"
-tar xzf .gpu-bin/bins.tar.gz -C .gpu-bin
+echo "binaries built from: $(cat .gpu-bin/built-from 2>/dev/null || echo unknown)"
+# The device image may lack xz; Python's tarfile reads the archive too.
+if command -v xz >/dev/null; then
+  tar xJf .gpu-bin/bins.tar.xz -C .gpu-bin
+else
+  python3 -m tarfile -e .gpu-bin/bins.tar.xz .gpu-bin
+fi
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-540}))
@@ -214,12 +223,6 @@ for step in "${steps[@]}"; do
       peak 200 .gpu-bin/bench_unet_unfused --config sd15 --backend cuda --reps 2 --dtype f16 --trace \
         "${sd_ref[@]}"
       ;;
-    unet-f32 | unet-f16 | unet-tiny)
-      if [ ! -x .gpu-bin/bench_unet ]; then
-        echo "{\"skipped\": \"$step\", \"why\": \"no autotuned bench_unet: run build tuned\"}"
-        continue
-      fi
-      ;;&
     # Autotuned, against flex on the same weights: through wgpu/lavapipe, autotune's pick of
     # cubek's double-buffered unit matmul made the tiny UNet 15% wrong at 40×40 until the vendored
     # burn-cubecl stopped offering it (README, Benchmarks); CUDA's autotuned kernels unchecked.
