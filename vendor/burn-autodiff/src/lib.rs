@@ -32,7 +32,7 @@ pub use graph::NodeId;
 /// that repository). adjoint-dpm refuses to compile against a burn-autodiff without it, which is
 /// what a crate that depends on adjoint-dpm gets unless it repeats the `[patch.crates-io]` entry.
 #[doc(hidden)]
-pub const ADJOINT_DPM_PATCHES: u32 = 5;
+pub const ADJOINT_DPM_PATCHES: u32 = 6;
 pub(crate) mod tensor;
 pub(crate) mod utils;
 
@@ -44,9 +44,8 @@ pub use backend::*;
 
 /// A facade around for HashMap and HashSet.
 /// This avoids elaborate import wrangling having to happen in every module.
+// adjoint-dpm (patch 6): hashbrown's foldhash with `std` too, not std's SipHash; the keys are
+// node ids this crate counts out, so no input chooses them.
 mod collections {
-    #[cfg(not(feature = "std"))]
     pub use hashbrown::{HashMap, HashSet};
-    #[cfg(feature = "std")]
-    pub use std::collections::{HashMap, HashSet};
 }
