@@ -8,7 +8,7 @@
 #                                         # for unfused) in one xz archive in .gpu-bin/: xz -9
 #                                         # keeps a 64 MiB window, so what the six binaries
 #                                         # share (most of their code) is stored once, 225 MB
-#                                         # in about 23 MiB, where gzip made five of them
+#                                         # in about 22 MiB, where gzip made five of them
 #                                         # 44 MiB (the device tool carries 64 MiB, the tree
 #                                         # 16 of them)
 #   scripts/gpu-check.sh run [STEP...]    # there (carry .gpu-bin): the steps named, or all
