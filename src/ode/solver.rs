@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::error::{read_scalar, Error, Result};
 use crate::ode::controller::PiController;
 use crate::ode::grid::TimeGrid;
-use crate::ode::state::{OdeState, Time, VectorField};
+use crate::ode::state::{weighted_sum, OdeState, Time, VectorField};
 use crate::ode::tableau::{self, ButcherTableau};
 
 /// How a solver chooses its steps.
@@ -421,34 +421,27 @@ pub(crate) struct StepOut<S> {
     pub ks: Vec<S>,
 }
 
-/// `Σ (coef_i · factor) · k_i` over the non-zero coefficients, `None` when all are zero.
-fn weighted_sum<B: Backend, S: OdeState<B>>(coefs: &[f64], ks: &[S], factor: f64) -> Option<S> {
-    coefs
-        .iter()
-        .zip(ks)
-        .filter(|(c, _)| **c != 0.0)
-        .fold(None, |acc: Option<S>, (c, k)| {
-            let term = k.scale(*c * factor);
-            Some(match acc {
-                None => term,
-                Some(acc) => acc.add(&term),
-            })
-        })
-}
-
 /// `h · Σ coef_i · k_i` over the non-zero coefficients, `None` when all are zero. `h`'s value is
 /// folded into the coefficients (one pass over the state fewer than scaling the sum); a tracked
 /// `h` adds `(h − h̄)·Σ coef_i k_i`, zero in value, for its gradient, so that the value is the
 /// plain solve's to the bit.
 fn combine<B: Backend, S: OdeState<B>>(coefs: &[f64], ks: &[S], h: &Time<B>) -> Option<S> {
     let sum = weighted_sum(coefs, ks, h.value())?;
-    Some(match h {
-        Time::Value(_) => sum,
-        Time::Tensor(t, _) => {
-            let slope = weighted_sum(coefs, ks, 1.0)?;
+    let slope = matches!(h, Time::Tensor(..))
+        .then(|| weighted_sum(coefs, ks, 1.0))
+        .flatten();
+    Some(with_tracked_h(sum, slope, h))
+}
+
+/// `sum` (h's value folded in) plus `(h − h̄)·slope` when h is tracked: zero in value, h's
+/// gradient in the graph.
+fn with_tracked_h<B: Backend, S: OdeState<B>>(sum: S, slope: Option<S>, h: &Time<B>) -> S {
+    match (slope, h) {
+        (Some(slope), Time::Tensor(t, _)) => {
             sum.add(&slope.scale_time(&Time::Tensor(t.clone() - t.clone().detach(), 0.0)))
         }
-    })
+        _ => sum,
+    }
 }
 
 /// `y + h · Σ coef_i · k_i` (just `y` when every coefficient is zero).
@@ -539,10 +532,37 @@ pub(crate) fn dense_states<B: Backend, S: OdeState<B>>(
     h: &Time<B>,
     times: Option<&Tensor<B, 1>>,
 ) -> Vec<S> {
-    (span.dense.0..span.dense.1)
-        .map(|k| {
-            let theta = (grid[k] - span.t0) / (span.t1 - span.t0);
-            let mut state = interpolate(tab, y, ks, h, theta);
+    let outputs = span.dense.0..span.dense.1;
+    let thetas: Vec<f64> = outputs
+        .clone()
+        .map(|k| (grid[k] - span.t0) / (span.t1 - span.t0))
+        .collect();
+    let weights = |factor: f64| -> Vec<Vec<f64>> {
+        thetas
+            .iter()
+            .map(|&theta| {
+                let w = tab
+                    .dense_weights(theta)
+                    .expect("only methods with a dense output interpolate");
+                w.iter().map(|c| c * factor).collect()
+            })
+            .collect()
+    };
+    // `y + h Σ b_i(θ) k_i` for every output at once, h's value folded into the weights as in
+    // `combine`; a tracked h adds `(h − h̄) Σ b_i(θ) k_i`, zero in value.
+    let sums = S::weighted_sums(ks, &weights(h.value()));
+    let slopes_h = match h {
+        Time::Tensor(..) => S::weighted_sums(ks, &weights(1.0)),
+        Time::Value(_) => vec![None; thetas.len()],
+    };
+    outputs
+        .zip(thetas.iter())
+        .zip(sums.into_iter().zip(slopes_h))
+        .map(|((k, &theta), (sum, slope_h))| {
+            let mut state = match sum {
+                Some(sum) => y.add(&with_tracked_h(sum, slope_h, h)),
+                None => y.clone(),
+            };
             if let (Some(times), Time::Tensor(t, _), Time::Tensor(h_t, _)) = (times, t, h) {
                 let theta_t = (times.clone().narrow(0, k, 1) - t.clone()) / h_t.clone();
                 let moved = theta_t.clone() - theta_t.detach();

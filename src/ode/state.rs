@@ -77,6 +77,28 @@ pub trait OdeState<B: Backend>: Clone + Sized {
     fn error_view(&self) -> Self {
         self.clone()
     }
+    /// `Σ_i c_i k_i` over the stages `ks` for each row `c` of `rows` (`None` for a row of
+    /// zeros): the dense outputs inside one step. Term by term by default; a tensor state stacks
+    /// its stages once and takes each row as one product, a few ops per output instead of two
+    /// per stage.
+    fn weighted_sums(ks: &[Self], rows: &[Vec<f64>]) -> Vec<Option<Self>> {
+        rows.iter().map(|row| weighted_sum(row, ks, 1.0)).collect()
+    }
+}
+
+/// `Σ (coef_i · factor) · k_i` over the non-zero coefficients, `None` when all are zero.
+pub(crate) fn weighted_sum<B: Backend, S: OdeState<B>>(coefs: &[f64], ks: &[S], factor: f64) -> Option<S> {
+    coefs
+        .iter()
+        .zip(ks)
+        .filter(|(c, _)| **c != 0.0)
+        .fold(None, |acc: Option<S>, (c, k)| {
+            let term = k.scale(*c * factor);
+            Some(match acc {
+                None => term,
+                Some(acc) => acc.add(&term),
+            })
+        })
 }
 
 /// A vector field over some state type: the user's dynamics, or the augmented adjoint system.
@@ -127,5 +149,28 @@ impl<B: Backend, const D: usize> OdeState<B> for Tensor<B, D> {
 
     fn finiteness_probe(&self) -> Result<f64> {
         read_scalar(self.clone().sum(), "a state's finiteness probe")
+    }
+
+    fn weighted_sums(ks: &[Self], rows: &[Vec<f64>]) -> Vec<Option<Self>> {
+        // One output per step gains nothing from stacking.
+        if rows.len() < 2 || ks.is_empty() {
+            return rows.iter().map(|row| weighted_sum(row, ks, 1.0)).collect();
+        }
+        let dims = ks[0].dims();
+        let n = ks[0].shape().num_elements();
+        let (device, dtype) = (ks[0].device(), ks[0].dtype());
+        let stages = Tensor::cat(ks.iter().map(|k| k.clone().reshape([1, n])).collect(), 0);
+        rows.iter()
+            .map(|row| {
+                if row.iter().all(|c| *c == 0.0) {
+                    return None;
+                }
+                let coefs = Tensor::<B, 2>::from_data(
+                    burn::tensor::TensorData::new(row.clone(), [1, ks.len()]),
+                    (&device, dtype),
+                );
+                Some(coefs.matmul(stages.clone()).reshape(dims))
+            })
+            .collect()
     }
 }
