@@ -511,10 +511,14 @@ pub(crate) fn interpolate<B: Backend, S: OdeState<B>>(
     h: &Time<B>,
     theta: f64,
 ) -> S {
-    let weights = tab
-        .dense_weights(theta)
-        .expect("only methods with a dense output interpolate");
-    advance(y, &weights, ks, h)
+    advance(y, &interpolant_weights(tab, theta), ks, h)
+}
+
+/// The dense output's weights `b_i(θ)`; a solver interpolates only with a tableau that has them
+/// ([`Solver::interpolates`]).
+fn interpolant_weights(tab: &ButcherTableau, theta: f64) -> Vec<f64> {
+    tab.dense_weights(theta)
+        .expect("only methods with a dense output interpolate")
 }
 
 /// The states at the output times `span.dense` inside an accepted step from `y` with stages `ks`
@@ -540,12 +544,7 @@ pub(crate) fn dense_states<B: Backend, S: OdeState<B>>(
     let weights = |factor: f64| -> Vec<Vec<f64>> {
         thetas
             .iter()
-            .map(|&theta| {
-                let w = tab
-                    .dense_weights(theta)
-                    .expect("only methods with a dense output interpolate");
-                w.iter().map(|c| c * factor).collect()
-            })
+            .map(|&theta| interpolant_weights(tab, theta).iter().map(|c| c * factor).collect())
             .collect()
     };
     // `y + h Σ b_i(θ) k_i` for every output at once, h's value folded into the weights as in
