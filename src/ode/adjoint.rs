@@ -100,6 +100,10 @@ impl<B: Backend, const D: usize> OdeState<B> for AugState<B, D> {
         Ok(self.z.finiteness_probe()? + self.a_z.finiteness_probe()?)
     }
 
+    fn time_dtype(&self) -> burn::tensor::DType {
+        self.z.dtype()
+    }
+
     /// `[z, a_z]`: a_θ and a_t are quadratures (no derivative reads them), so the stages skip
     /// them; with the parameters of P2 that is 6 of the 8 tensors of every stage sum.
     fn field_view(&self) -> Self {
@@ -182,6 +186,20 @@ fn dot_f<B: Backend, I: Dynamics<B, D>, const D: usize>(
     Ok((f * g.clone()).sum())
 }
 
+/// `a · (f(t⁺, z) − f(t⁻, z))` at a jump time t, f seen from just after and just before it: the
+/// jump of `a·f` there, which the quadrature of `a_t` (`∫ a·∂f/∂t`) does not see.
+fn jump_of_a_dot_f<B: Backend, I: Dynamics<B, D>, const D: usize>(
+    inner: &I,
+    t: f64,
+    z: &Tensor<B, D>,
+    a: &Tensor<B, D>,
+) -> Result<Tensor<B, 1>> {
+    let field = DynamicsField { module: inner };
+    let side = |toward: f64| field.eval(&Time::<B>::Value(t).nudged(toward, z.dtype()), z);
+    let (after, before) = (side(f64::INFINITY)?, side(f64::NEG_INFINITY)?);
+    Ok(((after - before) * a.clone()).sum())
+}
+
 /// Gradients by the continuous adjoint. `outputs[k]` is the forward state at `T_k`,
 /// `cotangents[k]` is dL/dz(T_k). Returns the cotangents, VJP count and reverse steps taken.
 pub(crate) fn backsolve<AD, M, const D: usize>(
@@ -213,7 +231,7 @@ where
         _ => problem.solver,
     };
     reverse_solver.validate()?;
-    let mut stepper = Stepper::new(&field, reverse_solver);
+    let mut stepper = Stepper::new(&field, reverse_solver).with_jumps(&problem.jumps);
 
     let a_theta = if problem.want.theta {
         params::trainable_zeros(&params::fresh::<AD, M>(&problem.inner, &problem.trainable, true))
@@ -245,6 +263,8 @@ where
     let is_zero = |g: &Tensor<AD::InnerBackend, D>| -> Result<bool> {
         Ok(read_scalar(g.clone().abs().max(), "an output's cotangent")? == 0.0)
     };
+    // The states at jump times the reverse solve passes, for dL/dT_0.
+    let mut at_jumps: Vec<(f64, AugState<AD::InnerBackend, D>)> = Vec::new();
     let mut k = last;
     while k > 0 {
         let mut j = k - 1;
@@ -253,12 +273,24 @@ where
         }
         let n = problem.solver.fixed_steps(&problem.grid, j);
         stepper.reset_state();
-        state = stepper.leg(grid, k, j, state, n, &mut Vec::new(), &mut |_, _| {})?;
+        let mut on_step = |span: crate::ode::solver::Span, y: &AugState<AD::InnerBackend, D>| {
+            if problem.want.times && span.jumps.0 {
+                at_jumps.push((span.t0, y.clone()));
+            }
+        };
+        state = stepper.leg(grid, k, j, state, n, &mut Vec::new(), &mut on_step)?;
         state.z = outputs[j].clone();
         state.a_z = state.a_z + cotangents[j].clone();
         k = j;
     }
     let times = if problem.want.times {
+        // d(a·f)/dt = a·∂f/∂t between jumps (and outputs); across a jump a·f jumps too.
+        let mut jumps_sum = 0.0;
+        for (t, y) in &at_jumps {
+            let jump = jump_of_a_dot_f(&problem.inner, *t, &y.z, &y.a_z)?;
+            jumps_sum += read_scalar(jump, "a jump of a·f")?;
+            extra_fe += 2;
+        }
         let sum_later: f64 = time_grads
             .iter()
             .map(|g| read_scalar(g.clone(), "a time gradient"))
@@ -267,7 +299,7 @@ where
             .a_t
             .clone()
             .expect("a_t is carried when times are wanted")
-            .sub_scalar(sum_later);
+            .add_scalar(jumps_sum - sum_later);
         let mut all = vec![a_t0];
         all.extend(time_grads);
         Some(Tensor::cat(all, 0))

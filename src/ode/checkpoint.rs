@@ -99,6 +99,7 @@ where
             &h,
             y,
             None,
+            span.jumps,
             &mut self.counters,
         )?;
         Ok(out.y)
@@ -127,7 +128,7 @@ where
         let (t0, h) = span.times(times.as_ref());
         let field = DynamicsField { module: &module };
         let tab = p.solver.tableau;
-        let out = rk_step(&field, tab, &t0, &h, &z, None, &mut self.counters)?;
+        let out = rk_step(&field, tab, &t0, &h, &z, None, span.jumps, &mut self.counters)?;
         let mut pullback = (out.y * Tensor::from_inner(a)).sum();
         let grid = p.grid.times();
         let leaf = times.as_ref().map(|(t, _)| t);

@@ -223,7 +223,15 @@ impl<M> NeuralOde<M> {
             }
         };
         let inner = self.dynamics.valid();
-        let located = locate(&inner, solver, z0.clone().inner(), (t0, t_max), crossing, &value)?;
+        let jumps = self.jumps_in(&[t0, t_max])?;
+        let located = locate(
+            &inner,
+            (solver, &jumps),
+            z0.clone().inner(),
+            (t0, t_max),
+            crossing,
+            &value,
+        )?;
         let Some((t_star, index)) = located else {
             return Ok(None);
         };
@@ -287,7 +295,7 @@ type EventValues<'a, B, const D: usize> = dyn Fn(f64, &Tensor<B, D>) -> Result<V
 /// which component, found on the dense output of the step where it does; `None` when none does.
 fn locate<B: Backend, I: Dynamics<B, D>, const D: usize>(
     inner: &I,
-    solver: Solver,
+    (solver, jumps): (Solver, &[f64]),
     z0: Tensor<B, D>,
     (t0, t_max): (f64, f64),
     crossing: Crossing,
@@ -331,7 +339,9 @@ fn locate<B: Backend, I: Dynamics<B, D>, const D: usize>(
             *found = Some((span.t0 + theta * h, i));
             Ok(true)
         };
-        let mut stepper = Stepper::new(&field, solver).with_watch(Box::new(watch));
+        let mut stepper = Stepper::new(&field, solver)
+            .with_jumps(jumps)
+            .with_watch(Box::new(watch));
         stepper.leg(&[t0, t_max], 0, 1, z0, None, &mut Vec::new(), &mut |_, _| {})?;
     }
     match found {

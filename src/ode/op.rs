@@ -138,6 +138,7 @@ pub(crate) fn solve_op<B, C, M, const D: usize>(
     solver: Solver,
     mode: GradientMode,
     grid: TimeGrid,
+    jumps: Vec<f64>,
     z0: Tensor<Autodiff<B, C>, D>,
     times: Tensor<Autodiff<B, C>, 1>,
 ) -> Result<TrackedSolve<B, C, D>>
@@ -160,7 +161,7 @@ where
     let report = Arc::new(Mutex::new(Report::default()));
 
     let field = DynamicsField { module: &inner };
-    let mut stepper = Stepper::new(&field, solver);
+    let mut stepper = Stepper::new(&field, solver).with_jumps(&jumps);
     let prep = SolveBackward::<B, C, M, D>(PhantomData)
         .prepare::<C>([z0.node.clone(), theta.node.clone(), times.node.clone()])
         .compute_bound()
@@ -193,6 +194,7 @@ where
                 trainable: params::trainable_mask(module),
                 solver,
                 grid,
+                jumps,
                 times: times_inner,
                 want: Wants {
                     z0: true,

@@ -22,6 +22,8 @@ pub(crate) struct Problem<B: Backend, I, const D: usize> {
     pub trainable: Vec<bool>,
     pub solver: Solver,
     pub grid: TimeGrid,
+    /// The jump times inside the grid's span.
+    pub jumps: Vec<f64>,
     /// The grid as a tensor (the leaf of time gradients).
     pub times: Tensor<B, 1>,
     pub want: Wants,

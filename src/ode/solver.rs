@@ -379,20 +379,35 @@ pub(crate) struct Span {
     pub t1: f64,
     /// Grid indices `dense.0..dense.1` of the output times interpolated inside this step.
     pub dense: (usize, usize),
+    /// Whether the step starts / ends on a jump time of the dynamics: its stage there sees f
+    /// from the step's side ([`Time::nudged`]).
+    pub jumps: (bool, bool),
+    /// The jump times, if any, that bound the stretch of the leg this step lies in (`None`: the
+    /// leg's own end): the step keeps its place between them when the output times move.
+    pub anchors: (Option<f64>, Option<f64>),
 }
 
 impl Span {
     /// Start time and size of this step. With `times` (the grid as a tracked tensor) they are
     /// tensors that move with the grid: `T_from + s·(T_to − T_from)` with the step's fractions `s`
-    /// of its leg fixed, which is how output times are differentiated.
+    /// of its leg fixed, which is how output times are differentiated. Jump times stay where
+    /// they are: a step between jumps is a fraction of the stretch between them.
     pub(crate) fn times<B: Backend>(&self, times: Option<&(Tensor<B, 1>, Vec<f64>)>) -> (Time<B>, Time<B>) {
-        let Some((times, grid)) = times else {
-            return (Time::Value(self.t0), Time::Value(self.t1 - self.t0));
+        let plain = (Time::Value(self.t0), Time::Value(self.t1 - self.t0));
+        let (Some((times, grid)), (None, _) | (_, None)) = (times, self.anchors) else {
+            // Untracked, or between two jumps, which do not move.
+            return plain;
         };
-        let (ta, tb) = (grid[self.from], grid[self.to]);
+        let end = |anchor: Option<f64>, k: usize| match anchor {
+            Some(jump) => (
+                jump,
+                Tensor::from_data(burn::tensor::TensorData::from([jump]), (&times.device(), times.dtype())),
+            ),
+            None => (grid[k], times.clone().narrow(0, k, 1)),
+        };
+        let ((ta, start), (tb, stop)) = (end(self.anchors.0, self.from), end(self.anchors.1, self.to));
         let (s0, s1) = ((self.t0 - ta) / (tb - ta), (self.t1 - ta) / (tb - ta));
-        let start = times.clone().narrow(0, self.from, 1);
-        let length = times.clone().narrow(0, self.to, 1) - start.clone();
+        let length = stop - start.clone();
         // The values of the plain solve, exactly, with the expressions' derivatives attached.
         let exact = |value: f64, expr: Tensor<B, 1>| {
             let base = Tensor::from_data(burn::tensor::TensorData::from([value]), (&expr.device(), expr.dtype()));
@@ -453,6 +468,8 @@ fn advance<B: Backend, S: OdeState<B>>(y: &S, coefs: &[f64], ks: &[S], h: &Time<
 }
 
 /// One explicit Runge–Kutta step of size `h` from `(t, y)`. `k1`, when given, is f(t, y).
+/// `jumps` says whether the step starts / ends on a jump time ([`Span::jumps`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn rk_step<B: Backend, V: VectorField<B>>(
     field: &V,
     tab: &ButcherTableau,
@@ -460,15 +477,31 @@ pub(crate) fn rk_step<B: Backend, V: VectorField<B>>(
     h: &Time<B>,
     y: &V::State,
     k1: Option<V::State>,
+    jumps: (bool, bool),
     counters: &mut Counters,
 ) -> Result<StepOut<V::State>> {
     let s = tab.stages();
+    let (t0, t1) = (t.value(), t.value() + h.value());
+    // A stage on a jump time (c = 0 at the start, c = 1 at the end) sees f from inside the step.
+    let stage_time = |c: f64| {
+        if c == 0.0 {
+            if jumps.0 {
+                t.nudged(t1, y.time_dtype())
+            } else {
+                t.clone()
+            }
+        } else if c == 1.0 && jumps.1 {
+            t.offset(1.0, h).nudged(t0, y.time_dtype())
+        } else {
+            t.offset(c, h)
+        }
+    };
     let mut ks: Vec<V::State> = Vec::with_capacity(s);
     let k1 = match k1 {
         Some(k) => k,
         None => {
             counters.nfe += 1;
-            field.eval(t, y)?
+            field.eval(&stage_time(0.0), y)?
         }
     };
     // Stage states are built from the field's view of the state, except the last stage of an
@@ -485,7 +518,7 @@ pub(crate) fn rk_step<B: Backend, V: VectorField<B>>(
             advance(&y_view, tab.a[i - 1], &views, h)
         };
         counters.nfe += 1;
-        let k = field.eval(&t.offset(tab.c[i], h), &yi)?;
+        let k = field.eval(&stage_time(tab.c[i]), &yi)?;
         views.push(k.field_view());
         ks.push(k);
         if fsal_last {
@@ -562,8 +595,9 @@ pub(crate) fn dense_states<B: Backend, S: OdeState<B>>(
                 Some(sum) => y.add(&with_tracked_h(sum, slope_h, h)),
                 None => y.clone(),
             };
-            if let (Some(times), Time::Tensor(t, _), Time::Tensor(h_t, _)) = (times, t, h) {
-                let theta_t = (times.clone().narrow(0, k, 1) - t.clone()) / h_t.clone();
+            if let Some(times) = times {
+                // t and h are plain numbers in a stretch between two jump times.
+                let theta_t = (times.clone().narrow(0, k, 1) - t.to_tensor(times)) / h.to_tensor(times);
                 let moved = theta_t.clone() - theta_t.detach();
                 let slopes = tab.dense_weight_slopes(theta).expect("a dense output has slopes");
                 if let Some(dy_dtheta) = combine(&slopes, ks, h) {
@@ -626,6 +660,8 @@ pub(crate) struct Stepper<'a, B: Backend, V: VectorField<B>> {
     time_leaf: Option<(Tensor<B, 1>, Vec<f64>)>,
     /// Sees every accepted adaptive step and may end the leg there (terminal events).
     watch: Option<Box<Watch<'a, V::State>>>,
+    /// Times where the dynamics jump, ascending: steps end on them and reuse no stage across.
+    jumps: Vec<f64>,
 }
 
 /// Looks at an accepted step (its span, start state, new state and stages) and returns whether
@@ -647,6 +683,30 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
             k1: None,
             time_leaf: None,
             watch: None,
+            jumps: Vec::new(),
+        }
+    }
+
+    /// Steps end on each of `jumps` (finite, any order) and take no stage across one.
+    pub(crate) fn with_jumps(mut self, jumps: &[f64]) -> Self {
+        self.jumps = jumps.to_vec();
+        self.jumps.sort_by(f64::total_cmp);
+        self.jumps.dedup();
+        self
+    }
+
+    fn is_jump(&self, t: f64) -> bool {
+        self.jumps.binary_search_by(|j| j.total_cmp(&t)).is_ok()
+    }
+
+    /// The first jump time strictly between `t` and `tb`, going from `t` towards `tb`.
+    fn next_jump(&self, t: f64, tb: f64) -> Option<f64> {
+        if tb > t {
+            let i = self.jumps.partition_point(|&j| j <= t);
+            self.jumps.get(i).copied().filter(|&j| j < tb)
+        } else {
+            let i = self.jumps.partition_point(|&j| j < t);
+            i.checked_sub(1).map(|i| self.jumps[i]).filter(|&j| j > tb)
         }
     }
 
@@ -706,9 +766,20 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
                     t0,
                     t1,
                     dense: (next_dense, dense_end),
+                    jumps: (self.is_jump(t0), self.is_jump(t1)),
+                    anchors: (None, None),
                 };
                 let (t, h) = span.times(self.time_leaf.as_ref());
-                let out = rk_step(self.field, tab, &t, &h, &y, self.k1.take(), &mut self.counters)?;
+                let out = rk_step(
+                    self.field,
+                    tab,
+                    &t,
+                    &h,
+                    &y,
+                    self.k1.take(),
+                    span.jumps,
+                    &mut self.counters,
+                )?;
                 if !out.y.finiteness_probe()?.is_finite() {
                     return Err(Error::NonFiniteState {
                         t: t1,
@@ -721,7 +792,7 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
                 on_step(span, &y);
                 self.counters.accepted += 1;
                 let mut ks = out.ks;
-                self.k1 = if tab.is_fsal() { ks.pop() } else { None };
+                self.k1 = if tab.is_fsal() && !span.jumps.1 { ks.pop() } else { None };
                 y = out.y;
             }
             return Ok(y);
@@ -744,6 +815,8 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
         };
         let mut t = ta;
         let mut last_bad = false;
+        // The last jump time passed in this leg.
+        let mut after_jump = None;
         while (tb - t) * direction > 0.0 {
             h = h.signum() * h.abs().min(tol.dt_max);
             if self.counters.accepted + self.counters.rejected >= tol.max_steps {
@@ -766,11 +839,14 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
                     }
                 });
             }
-            let remaining = tb - t;
-            // Land exactly on the leg's end; stretch a step that would leave a sliver.
+            let next_jump = self.next_jump(t, tb);
+            let target = next_jump.unwrap_or(tb);
+            let remaining = target - t;
+            // Land exactly on the leg's end or the next jump; stretch a step that would leave a
+            // sliver.
             let last = h.abs() >= remaining.abs() * (1.0 - 1e-10);
             let h_try = if last { remaining } else { h };
-            let t1 = if last { tb } else { t + h_try };
+            let t1 = if last { target } else { t + h_try };
             let dense_end = dense_until(next_dense, t1);
             let span = Span {
                 from,
@@ -778,6 +854,8 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
                 t0: t,
                 t1,
                 dense: (next_dense, dense_end),
+                jumps: (self.is_jump(t), self.is_jump(t1)),
+                anchors: (after_jump, next_jump),
             };
             let (t_step, h_step) = span.times(self.time_leaf.as_ref());
             let out = rk_step(
@@ -787,6 +865,7 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
                 &h_step,
                 &y,
                 self.k1.take(),
+                span.jumps,
                 &mut self.counters,
             )?;
             let err = out
@@ -816,7 +895,10 @@ impl<'a, B: Backend, V: VectorField<B>> Stepper<'a, B, V> {
                         return Ok(out.y);
                     }
                 }
-                self.k1 = if tab.is_fsal() { ks.pop() } else { None };
+                self.k1 = if tab.is_fsal() && !span.jumps.1 { ks.pop() } else { None };
+                if span.jumps.1 {
+                    after_jump = Some(t1);
+                }
                 y = out.y;
                 t = t1;
                 next_dense = dense_end;

@@ -4,7 +4,7 @@
 //! user's state tensor and the augmented adjoint state of [`crate::ode::adjoint`] (diffrax's
 //! "the adjoint system is just another term").
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, bf16, f16, DType, Tensor};
 
 use crate::error::{read_scalar, Result};
 
@@ -40,6 +40,20 @@ impl<B: Backend> Time<B> {
         }
     }
 
+    /// The time one representable step of `dtype` past this one, towards `toward`: where a
+    /// stage sits on a jump time, the dynamics see it from the side of the step's interior
+    /// (diffrax's `prevbefore`/`nextafter` at `jump_ts`), in the float type they read times in
+    /// (one f64 step would round away in f32).
+    pub fn nudged(&self, toward: f64, dtype: DType) -> Time<B> {
+        let value = self.value();
+        let from = round_to(value, dtype);
+        let to = next_toward(from, toward, dtype);
+        match self {
+            Time::Value(_) => Time::Value(to),
+            Time::Tensor(t, _) => Time::Tensor(t.clone().add_scalar(to - from), to),
+        }
+    }
+
     /// The time as a `[1]` tensor, as the dynamics take it, on the device and in the float type
     /// of the state `like` (never the device's default float type, which burn shares between
     /// backends that share a device).
@@ -47,6 +61,48 @@ impl<B: Backend> Time<B> {
         match self {
             Time::Value(t) => Tensor::from_data(burn::tensor::TensorData::from([*t]), (&like.device(), like.dtype())),
             Time::Tensor(t, _) => t.clone(),
+        }
+    }
+}
+
+/// `t` rounded to `dtype` (as an f64).
+fn round_to(t: f64, dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => t,
+        DType::F16 => f16::from_f64(t).to_f64(),
+        DType::BF16 => bf16::from_f64(t).to_f64(),
+        _ => f64::from(t as f32),
+    }
+}
+
+/// The value of `dtype` next to `t` (a value of `dtype`) in the direction of `toward`.
+fn next_toward(t: f64, toward: f64, dtype: DType) -> f64 {
+    let up = toward > t;
+    match dtype {
+        DType::F64 => match up {
+            true => t.next_up(),
+            false => t.next_down(),
+        },
+        DType::F16 | DType::BF16 => {
+            // Double a step from at most half the spacing at t (a quarter of the type's machine
+            // epsilon, relative; its smallest subnormal near 0) until t ± step rounds to another
+            // value: the neighbour, since the step before rounded to t.
+            let (eps, tiniest) = match dtype {
+                DType::F16 => (2f64.powi(-10), 2f64.powi(-24)),
+                _ => (2f64.powi(-7), 2f64.powi(-133)),
+            };
+            let mut step = (t.abs() * eps / 4.0).max(tiniest);
+            loop {
+                let next = round_to(if up { t + step } else { t - step }, dtype);
+                if next != t {
+                    return next;
+                }
+                step *= 2.0;
+            }
+        }
+        _ => {
+            let t = t as f32;
+            f64::from(if up { t.next_up() } else { t.next_down() })
         }
     }
 }
@@ -64,6 +120,11 @@ pub trait OdeState<B: Backend>: Clone + Sized {
     fn error_sq_sum(&self, y0: &Self, y1: &Self, rtol: f64, atol: f64) -> (Tensor<B, 1>, usize);
     /// A number that is finite exactly when every component is (one reduction, one read).
     fn finiteness_probe(&self) -> Result<f64>;
+    /// The float type the vector field reads times in, for stages on a jump time
+    /// ([`Time::nudged`]); f32 unless said.
+    fn time_dtype(&self) -> DType {
+        DType::F32
+    }
     /// The state as the vector field reads it. The stepper builds the stage states
     /// `y + h Σ a_ij k_j`, which only the field sees, from these views, so a component that no
     /// derivative depends on (a quadrature, such as the adjoint's a_θ and a_t) can be left out
@@ -151,6 +212,10 @@ impl<B: Backend, const D: usize> OdeState<B> for Tensor<B, D> {
         read_scalar(self.clone().sum(), "a state's finiteness probe")
     }
 
+    fn time_dtype(&self) -> DType {
+        self.dtype()
+    }
+
     fn weighted_sums(ks: &[Self], rows: &[Vec<f64>]) -> Vec<Option<Self>> {
         // One output per step gains nothing from stacking.
         if rows.len() < 2 || ks.is_empty() {
@@ -172,5 +237,45 @@ impl<B: Backend, const D: usize> OdeState<B> for Tensor<B, D> {
                 Some(coefs.matmul(stages.clone()).reshape(dims))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    type B = NdArray<f64>;
+
+    #[test]
+    fn a_nudged_time_is_the_next_value_of_the_dtype() {
+        let t = Time::<B>::Value(1.0);
+        assert_eq!(t.nudged(0.0, DType::F64).value(), 1.0f64.next_down());
+        assert_eq!(t.nudged(2.0, DType::F64).value(), 1.0f64.next_up());
+        assert_eq!(t.nudged(0.0, DType::F32).value(), f64::from(1.0f32.next_down()));
+        assert_eq!(t.nudged(2.0, DType::F32).value(), f64::from(1.0f32.next_up()));
+        // f16 has 10 fraction bits, bf16 7: 1 − 2^−11 below 1, 1 + 2^−10 above.
+        assert_eq!(t.nudged(0.0, DType::F16).value(), 1.0 - 2f64.powi(-11));
+        assert_eq!(t.nudged(2.0, DType::F16).value(), 1.0 + 2f64.powi(-10));
+        assert_eq!(t.nudged(2.0, DType::BF16).value(), 1.0 + 2f64.powi(-7));
+        assert_eq!(Time::<B>::Value(0.0).nudged(1.0, DType::F16).value(), 2f64.powi(-24));
+        // A time that f32 cannot hold rounds first: its neighbour, not itself, is what f32 sees.
+        let tenth = Time::<B>::Value(0.1);
+        assert_eq!(tenth.nudged(1.0, DType::F32).value(), f64::from(0.1f32.next_up()));
+        let device = Default::default();
+        let like = Tensor::<B, 1>::zeros([1], &device).cast(DType::F32);
+        let seen = tenth
+            .nudged(0.0, DType::F32)
+            .to_tensor(&like)
+            .into_data()
+            .convert::<f32>();
+        assert_eq!(seen.as_slice::<f32>().unwrap(), &[0.1f32.next_down()]);
+        // A tracked time moves by exactly one step of its type.
+        let tracked = Time::<B>::Tensor(Tensor::from_data([0.1f32], (&device, DType::F32)), 0.1);
+        let Time::Tensor(moved, _) = tracked.nudged(1.0, DType::F32) else {
+            unreachable!("a tensor stays a tensor")
+        };
+        let moved = moved.into_data().convert::<f32>();
+        assert_eq!(moved.as_slice::<f32>().unwrap(), &[0.1f32.next_up()]);
     }
 }

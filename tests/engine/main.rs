@@ -6,6 +6,7 @@ mod errors;
 mod events;
 mod exactness;
 mod fields;
+mod jumps;
 mod p1;
 mod patches;
 mod solvers;
