@@ -85,7 +85,8 @@ impl<M> NeuralOde<M> {
     /// not told finds a jump by rejecting steps around it, and steps across it with an error
     /// estimate the jump spoils. Every gradient mode handles them; jump times themselves are
     /// fixed (not differentiated), and a step between two of them stays there when the output
-    /// times move. A fixed-step solver lands only on output times, so each jump inside the
+    /// times move (the derivative with respect to an output time that sits on a jump is
+    /// one-sided). A fixed-step solver lands only on output times, so each jump inside the
     /// solve must be one of them. Jumps outside the solve's open time span are ignored.
     ///
     /// ```

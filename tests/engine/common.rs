@@ -403,3 +403,12 @@ pub fn backsolve_errors(
         })
         .collect()
 }
+
+/// `PROPTEST_CASES` when set, else `default`: an explicit `cases` overrides proptest's own
+/// reading of that variable.
+pub fn cases_from_env(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

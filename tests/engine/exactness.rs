@@ -5,7 +5,7 @@ use adjoint_dpm::ode::{tableau, StepControl};
 use adjoint_dpm::prelude::*;
 use proptest::prelude::*;
 
-use crate::common::{backsolve_errors, check_central_differences, grads_of, rel_err, Act, Ad, Mlp};
+use crate::common::{backsolve_errors, cases_from_env, check_central_differences, grads_of, rel_err, Act, Ad, Mlp};
 
 fn solver_strategy() -> impl Strategy<Value = Solver> {
     prop_oneof![
@@ -48,15 +48,6 @@ prop_compose! {
         if backward { times.iter_mut().for_each(|t| *t = 1.0 - *t); }
         (widths, act, timed, dim, z0, times)
     }
-}
-
-/// `PROPTEST_CASES` when set, else `default`: an explicit `cases` overrides proptest's own
-/// reading of that variable.
-fn cases_from_env(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 proptest! {

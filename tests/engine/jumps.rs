@@ -8,9 +8,9 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use proptest::prelude::*;
 
-use crate::common::{rel_err, to_vec, Ad, F64};
+use crate::common::{cases_from_env, rel_err, to_vec, Ad, F64};
 
-/// dz/dt = a·u(t) − k z + c z², where the forcing u is +1 before the first switch time and
+/// dz/dt = a·u(t) − k z + c sin z (bounded: no blow-up either way in time), where the forcing u is +1 before the first switch time and
 /// changes sign at each one.
 #[derive(Module, Debug)]
 pub struct Switched<B: Backend> {
@@ -40,7 +40,7 @@ impl<B: Backend> Dynamics<B, 2> for Switched<B> {
             u = u * t.clone().greater_equal_elem(s).float().mul_scalar(-2.0).add_scalar(1.0);
         }
         let forcing = (u * self.a.val()).unsqueeze::<2>();
-        forcing - z.clone() * self.k.val().unsqueeze::<2>() + z.powi_scalar(2).mul_scalar(self.c)
+        forcing - z.clone() * self.k.val().unsqueeze::<2>() + z.sin().mul_scalar(self.c)
     }
 }
 
@@ -250,7 +250,7 @@ prop_compose! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(16))]
+    #![proptest_config(ProptestConfig { cases: cases_from_env(16), ..ProptestConfig::default() })]
 
     /// Checkpointed (every schedule) equals Backprop across random jumps, times included.
     #[test]
@@ -271,5 +271,49 @@ proptest! {
         let (reference, exact) = (grads(GradientMode::Backprop), grads(GradientMode::Checkpointed(schedule)));
         let e = rel_err(&exact, &reference);
         prop_assert!(e <= 1e-10, "{exact:?} vs {reference:?} ({e:e})");
+    }
+}
+
+#[test]
+fn an_event_after_a_jump_and_its_gradients_match_the_closed_form() {
+    // z rises towards a/k until the switch at 1, then falls towards −a/k and crosses 0 at
+    // t* = 1 + ln((z1 + a/k)/(a/k))/k, with z1 = z(1).
+    let t_star = |z0: f64, a: f64, k: f64| {
+        let z1 = exact(0.0, z0, a, k, SWITCH, SWITCH);
+        SWITCH + ((z1 + a / k) / (a / k)).ln() / k
+    };
+    let (z0, a, k) = (0.2, 0.8, 1.3);
+    let eps = 1e-6;
+    let fd = |d: [f64; 3]| {
+        (t_star(z0 + eps * d[0], a + eps * d[1], k + eps * d[2])
+            - t_star(z0 - eps * d[0], a - eps * d[1], k - eps * d[2]))
+            / (2.0 * eps)
+    };
+    let want = [fd([1.0, 0.0, 0.0]), fd([0.0, 1.0, 0.0]), fd([0.0, 0.0, 1.0])];
+    let device = Default::default();
+    for mode in modes() {
+        let ode = NeuralOde::new(Switched::<Ad>::new(a, k, 0.0, &[SWITCH], &device))
+            .solver(Solver::tsit5(1e-10, 1e-10))
+            .gradient(mode)
+            .jump_times(&[SWITCH]);
+        let z = Tensor::<Ad, 2>::from_data(TensorData::from([[z0]]), &device).require_grad();
+        let hit = ode
+            .solve_until(z.clone(), 0.0, 5.0, |_t, z: Tensor<Ad, 2>| z.reshape([1]))
+            .unwrap()
+            .expect("z crosses 0 after the switch");
+        let t = to_vec(hit.time.clone())[0];
+        assert!((t - t_star(z0, a, k)).abs() < 1e-8, "{mode:?}: t* = {t}");
+        let grads = hit.time.backward();
+        let got = [
+            to_vec(z.grad(&grads).unwrap())[0],
+            to_vec(ode.dynamics.a.grad(&grads).unwrap())[0],
+            to_vec(ode.dynamics.k.grad(&grads).unwrap())[0],
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() < 1e-7,
+                "{mode:?}: dt*/d(z0, a, k) = {got:?}, want {want:?}"
+            );
+        }
     }
 }
