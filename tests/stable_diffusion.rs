@@ -46,7 +46,7 @@ fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 fn tiny_pipeline_matches_diffusers_end_to_end() {
     let device = Default::default();
     let dir = fixtures().join("sd_tiny");
-    let sd = StableDiffusion::<B>::load(&dir, &device).unwrap();
+    let mut sd = StableDiffusion::<B>::load(&dir, &device).unwrap();
     let bytes = std::fs::read(dir.join("io.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("io.json")).unwrap()).unwrap();
@@ -73,6 +73,14 @@ fn tiny_pipeline_matches_diffusers_end_to_end() {
         .map(|t| t.as_u64().unwrap() as usize)
         .collect();
     assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), expected_t);
+    // A pipeline saved with a Karras scheduler samples on Karras' levels, whatever `--solver`.
+    assert!(!sampler.karras_sigmas);
+    sd.scheduler.use_karras_sigmas = true;
+    assert!(
+        sd.sampler(SolverChoice::Ddim, steps, GradientChoice::Exact)
+            .karras_sigmas
+    );
+    sd.scheduler.use_karras_sigmas = false;
     let model = Cfg::new(sd.eps_model(Tensor::cat(vec![uncond, cond], 0)), guidance).unwrap();
     let (latents, shape) = read(&st, "latents");
     let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape.clone()), &device);

@@ -157,6 +157,8 @@ enum SolverArg {
     Ddim,
     /// DPM-Solver++(2M) (with --gradient exact or backprop).
     Dpmpp2m,
+    /// DPM-Solver++(2M) on Karras' noise levels, "DPM++ 2M Karras" (exact or backprop).
+    Dpmpp2mKarras,
     /// Heun in ρ.
     Heun,
 }
@@ -233,6 +235,7 @@ impl TaskArgs {
             solver: match self.solver {
                 SolverArg::Ddim => SolverChoice::Ddim,
                 SolverArg::Dpmpp2m => SolverChoice::Dpmpp2m,
+                SolverArg::Dpmpp2mKarras => SolverChoice::Dpmpp2mKarras,
                 SolverArg::Heun => SolverChoice::Heun,
             },
             steps: self.steps,

@@ -9,7 +9,6 @@ use serde::Serialize;
 
 use crate::diffusion::eps_model::EpsModel;
 use crate::diffusion::error::DiffusionError;
-use crate::diffusion::pf_ode::PfOde;
 use crate::diffusion::sampler::Sampler;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::ode::{BacksolveOptions, GradientMode, NeuralOde, Schedule};
@@ -64,7 +63,7 @@ impl Sampler {
         let x0 = self.sample_inference(&inner, schedule, x_t.clone())?;
         let grid = self.rho_grid(schedule)?;
         let reversed: Vec<f64> = grid.iter().rev().copied().collect();
-        let ode = NeuralOde::new(PfOde::new(inner, schedule.clone())).solver(self.solver());
+        let ode = NeuralOde::new(self.pf_ode(inner, schedule)?).solver(self.solver());
         let y0 = x0.div_scalar(NoiseSchedule::alpha_of_rho(reversed[0]));
         let y_t = ode.integrate(y0, &reversed)?.last();
         let x_t_hat = y_t.mul_scalar(NoiseSchedule::alpha_of_rho(grid[0]));

@@ -34,6 +34,9 @@ pub struct DpmSolverPP2M<B: Backend, M: Module<B>> {
     schedule: NoiseSchedule,
     #[module(skip)]
     grid: Vec<f64>,
+    /// The network's timestep at each knot, when not the schedule's t(ρ) (Karras' levels).
+    #[module(skip)]
+    timesteps: Option<Vec<f64>>,
     _backend: core::marker::PhantomData<B>,
 }
 
@@ -44,8 +47,16 @@ impl<B: Backend, M: Module<B>> DpmSolverPP2M<B, M> {
             model: crate::ode::materialized(model),
             schedule,
             grid,
+            timesteps: None,
             _backend: core::marker::PhantomData,
         }
+    }
+
+    /// The network sees `timesteps[i]` at knot i instead of the schedule's t(ρ_i) (see
+    /// [`PfOde::with_timesteps`](crate::diffusion::pf_ode::PfOde::with_timesteps)).
+    pub fn with_timesteps(mut self, timesteps: Vec<f64>) -> Self {
+        self.timesteps = Some(timesteps);
+        self
     }
 
     /// The step starting at `rho`: the grid knot nearest to it (the engine hands the field the
@@ -77,7 +88,10 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for DpmSolver
         let b = z.dims()[0] / 2;
         let y = z.clone().narrow(0, 0, b);
         let x0_prev = z.narrow(0, b, b);
-        let t = self.schedule.t_of_rho(rho_s);
+        let t = match &self.timesteps {
+            Some(ts) => ts[i],
+            None => self.schedule.t_of_rho(rho_s),
+        };
         let t = Tensor::from_data(TensorData::from([t]), (&y.device(), y.dtype()));
         let eps = self
             .model

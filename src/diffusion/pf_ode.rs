@@ -24,6 +24,9 @@ pub struct PfOde<B: Backend, M: Module<B>> {
     pub model: M,
     #[module(skip)]
     schedule: NoiseSchedule,
+    /// Knots in ρ and the network's timestep at each ([`PfOde::with_timesteps`]).
+    #[module(skip)]
+    knots: Option<(Vec<f64>, Vec<f64>)>,
     _backend: core::marker::PhantomData<B>,
 }
 
@@ -34,8 +37,28 @@ impl<B: Backend, M: Module<B>> PfOde<B, M> {
         Self {
             model: crate::ode::materialized(model),
             schedule,
+            knots: None,
             _backend: core::marker::PhantomData,
         }
+    }
+
+    /// At ρ = `rhos[k]` (to 1e-6, relative: the solver's times pass through the state's float
+    /// type) the network sees timestep `timesteps[k]` instead of the schedule's own t(ρ): noise
+    /// levels that are not the schedule's at integer steps (Karras'), with the rounded timesteps
+    /// diffusers gives the network there.
+    pub fn with_timesteps(mut self, rhos: Vec<f64>, timesteps: Vec<f64>) -> Self {
+        self.knots = Some((rhos, timesteps));
+        self
+    }
+
+    /// The timestep the network sees at ρ.
+    pub(crate) fn t_at(&self, rho: f64) -> f64 {
+        let knot = self.knots.as_ref().and_then(|(rhos, ts)| {
+            rhos.iter()
+                .position(|&k| (k - rho).abs() <= 1e-6 * k.abs())
+                .map(|i| ts[i])
+        });
+        knot.unwrap_or_else(|| self.schedule.t_of_rho(rho.max(0.0)))
     }
 
     /// The schedule.
@@ -46,8 +69,7 @@ impl<B: Backend, M: Module<B>> PfOde<B, M> {
 
 impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for PfOde<B, M> {
     fn f(&self, rho: Tensor<B, 1>, y: Tensor<B, D>) -> Tensor<B, D> {
-        let r: f64 = rho.clone().into_scalar().elem();
-        let t = self.schedule.t_of_rho(r.max(0.0));
+        let t = self.t_at(rho.clone().into_scalar().elem());
         // α(ρ) as a tensor op on ρ, so that gradients w.r.t. the sampling times pass through it.
         let alpha = rho.powi_scalar(2).add_scalar(1.0).powf_scalar(-0.5);
         let x = y * alpha.reshape([1; D]);

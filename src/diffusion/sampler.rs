@@ -62,6 +62,9 @@ pub struct Sampler {
     pub steps_offset: usize,
     /// The last step lands on ᾱ = 1 (ρ = 0, diffusers' `set_alpha_to_one`) rather than on ᾱ_0.
     pub final_alpha_one: bool,
+    /// Karras et al.'s noise levels instead of `spacing` (diffusers' `use_karras_sigmas`; see
+    /// [`Sampler::karras_sigmas`]).
+    pub karras_sigmas: bool,
     /// How gradients flow through sampling.
     pub gradient: GradientMode,
 }
@@ -75,6 +78,7 @@ impl Sampler {
             spacing: TimestepSpacing::Leading,
             steps_offset: 0,
             final_alpha_one: true,
+            karras_sigmas: false,
             gradient: GradientMode::default(),
         }
     }
@@ -97,6 +101,28 @@ impl Sampler {
         }
     }
 
+    /// Steps on Karras et al. (2022)'s noise levels: ρ from ρ(N−1) down to ρ(0) evenly spaced in
+    /// ρ^(1/7), dense at low noise, the network told the rounded training timestep nearest each
+    /// one (diffusers' `use_karras_sigmas = True`; "DPM++ 2M Karras" is
+    /// `Sampler::dpm_solver_pp_2m(n).karras_sigmas(true)`), as `DPMSolverMultistepScheduler`
+    /// spreads them (its `EulerDiscreteScheduler` instead spans its spaced timesteps and does
+    /// not round). `spacing` and `steps_offset` are then unused. Every sampler and gradient mode
+    /// takes them.
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
+    /// let schedule = NoiseSchedule::sd_scaled_linear();
+    /// let karras = Sampler::dpm_solver_pp_2m(10).karras_sigmas(true);
+    /// let rhos = karras.rho_grid(&schedule).unwrap();
+    /// assert_eq!((rhos.len(), rhos[10]), (11, 0.0)); // ten levels, then ρ = 0
+    /// assert!((rhos[0] - schedule.rho(999.0)).abs() < 1e-12);
+    /// assert_eq!(karras.timesteps(&schedule).unwrap()[0], 999);
+    /// ```
+    pub fn karras_sigmas(mut self, on: bool) -> Self {
+        self.karras_sigmas = on;
+        self
+    }
+
     /// Sets the gradient mode.
     pub fn gradient(mut self, gradient: GradientMode) -> Self {
         self.gradient = gradient;
@@ -105,6 +131,9 @@ impl Sampler {
 
     /// The inference timesteps, descending.
     pub fn timesteps(&self, schedule: &NoiseSchedule) -> Result<Vec<usize>, DiffusionError> {
+        if self.karras_sigmas {
+            return Ok(schedule.karras(self.steps)?.1);
+        }
         let pick = match self.kind {
             SamplerKind::DpmSolverPP2M => dpm_solver_timesteps,
             _ => timesteps,
@@ -114,16 +143,50 @@ impl Sampler {
 
     /// The ρ grid, decreasing: ρ at each timestep, then the final ρ (0, or ρ at ᾱ_0).
     pub fn rho_grid(&self, schedule: &NoiseSchedule) -> Result<Vec<f64>, DiffusionError> {
-        let mut grid: Vec<f64> = self
-            .timesteps(schedule)?
-            .iter()
-            .map(|&t| schedule.rho(t as f64))
-            .collect();
+        let mut grid: Vec<f64> = match self.karras_sigmas {
+            true => schedule.karras(self.steps)?.0,
+            false => self
+                .timesteps(schedule)?
+                .iter()
+                .map(|&t| schedule.rho(t as f64))
+                .collect(),
+        };
         let last = if self.final_alpha_one { 0.0 } else { schedule.rho(0.0) };
         if grid[grid.len() - 1] > last {
             grid.push(last);
         }
         Ok(grid)
+    }
+
+    /// The PF-ODE of `model`, told the network's timestep at each Karras level.
+    pub(crate) fn pf_ode<B: Backend, M: burn::module::Module<B>>(
+        &self,
+        model: M,
+        schedule: &NoiseSchedule,
+    ) -> Result<PfOde<B, M>, DiffusionError> {
+        let ode = PfOde::new(model, schedule.clone());
+        Ok(match self.karras_sigmas {
+            true => {
+                let (rhos, ts) = schedule.karras(self.steps)?;
+                ode.with_timesteps(rhos, ts.into_iter().map(|t| t as f64).collect())
+            }
+            false => ode,
+        })
+    }
+
+    /// The DPM-Solver++(2M) map of `model` on `grid`, told the network's timestep at each
+    /// Karras level.
+    fn dpm_map<B: Backend, M: burn::module::Module<B>>(
+        &self,
+        model: M,
+        schedule: &NoiseSchedule,
+        grid: &[f64],
+    ) -> Result<DpmSolverPP2M<B, M>, DiffusionError> {
+        let map = DpmSolverPP2M::new(model, schedule.clone(), grid.to_vec());
+        Ok(match self.karras_sigmas {
+            true => map.with_timesteps(self.timesteps(schedule)?.into_iter().map(|t| t as f64).collect()),
+            false => map,
+        })
     }
 
     pub(crate) fn solver(&self) -> Solver {
@@ -158,7 +221,7 @@ impl Sampler {
                           Backprop, or DDIM/Heun for AdjointDPM",
                 });
             }
-            let map = DpmSolverPP2M::new(model.clone(), schedule.clone(), grid.clone());
+            let map = self.dpm_map(model.clone(), schedule, &grid)?;
             let ode = NeuralOde::new(map).solver(self.solver()).gradient(self.gradient);
             let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
             let z_0 = ode
@@ -168,7 +231,7 @@ impl Sampler {
             let y_0 = DpmSolverPP2M::<_, M>::y_of(z_0);
             return Ok(y_0.mul_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1])));
         }
-        let ode = NeuralOde::new(PfOde::new(model.clone(), schedule.clone()))
+        let ode = NeuralOde::new(self.pf_ode(model.clone(), schedule)?)
             .solver(self.solver())
             .gradient(self.gradient);
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
@@ -211,7 +274,7 @@ impl Sampler {
         model.check_batch(x_t.dims()[0])?;
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
         let ys = if self.kind == SamplerKind::DpmSolverPP2M {
-            let map = DpmSolverPP2M::new(model.clone(), schedule.clone(), grid.clone());
+            let map = self.dpm_map(model.clone(), schedule, &grid)?;
             let ode = NeuralOde::new(map).solver(self.solver());
             let z_t = DpmSolverPP2M::<B, M>::initial_state(y_t);
             let solution = ode.integrate(z_t, &grid).map_err(|e| name_step(e, schedule, &grid))?;
@@ -221,7 +284,7 @@ impl Sampler {
                 .map(DpmSolverPP2M::<B, M>::y_of)
                 .collect::<Vec<_>>()
         } else {
-            let ode = NeuralOde::new(PfOde::new(model.clone(), schedule.clone())).solver(self.solver());
+            let ode = NeuralOde::new(self.pf_ode(model.clone(), schedule)?).solver(self.solver());
             let solution = ode.integrate(y_t, &grid).map_err(|e| name_step(e, schedule, &grid))?;
             solution.states()
         };

@@ -171,6 +171,41 @@ impl NoiseSchedule {
         k as f64 + (target - a) / (b - a)
     }
 
+    /// Karras et al. (2022)'s `steps` noise levels, decreasing from ρ(N−1) to ρ(0), evenly
+    /// spaced in ρ^(1/7) (diffusers' `use_karras_sigmas`; ρ is their σ), and the training
+    /// timestep the network sees at each: the step whose log ρ is nearest, interpolated
+    /// linearly in log ρ and rounded half to even, as diffusers' `_sigma_to_t` and `round()`.
+    pub fn karras(&self, steps: usize) -> Result<(Vec<f64>, Vec<usize>), DiffusionError> {
+        let n = self.train_steps();
+        if steps == 0 || steps > n || n < 2 {
+            return Err(DiffusionError::BadStepCount { steps, train_steps: n });
+        }
+        const SHAPE: f64 = 7.0;
+        let (lo, hi) = (
+            self.rho(0.0).powf(1.0 / SHAPE),
+            self.rho((n - 1) as f64).powf(1.0 / SHAPE),
+        );
+        let rhos: Vec<f64> = (0..steps)
+            .map(|i| {
+                let ramp = if steps == 1 { 0.0 } else { i as f64 / (steps - 1) as f64 };
+                (hi + ramp * (lo - hi)).powf(SHAPE)
+            })
+            .collect();
+        let log_rhos: Vec<f64> = (0..n).map(|k| self.rho(k as f64).ln()).collect();
+        let timesteps = rhos
+            .iter()
+            .map(|rho| {
+                let target = rho.ln();
+                // The last step at or below the target, at most N−2; its neighbour above.
+                let low = log_rhos.partition_point(|&l| l <= target).saturating_sub(1).min(n - 2);
+                let (a, b) = (log_rhos[low], log_rhos[low + 1]);
+                let w = ((a - target) / (a - b)).clamp(0.0, 1.0);
+                (low as f64 + w).round_ties_even() as usize
+            })
+            .collect();
+        Ok((rhos, timesteps))
+    }
+
     /// α as a function of ρ: 1/√(1 + ρ²).
     pub fn alpha_of_rho(rho: f64) -> f64 {
         1.0 / (1.0 + rho * rho).sqrt()

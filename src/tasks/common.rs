@@ -182,6 +182,9 @@ pub enum SolverChoice {
     Ddim,
     /// DPM-Solver++(2M): exact or Backprop gradients (no AdjointDPM).
     Dpmpp2m,
+    /// DPM-Solver++(2M) on Karras' noise levels ("DPM++ 2M Karras").
+    #[serde(rename = "dpmpp2m-karras")]
+    Dpmpp2mKarras,
     /// Heun in ρ.
     Heun,
 }
@@ -192,6 +195,7 @@ impl SolverChoice {
         let base = match self {
             SolverChoice::Ddim => Sampler::ddim(steps),
             SolverChoice::Dpmpp2m => Sampler::dpm_solver_pp_2m(steps),
+            SolverChoice::Dpmpp2mKarras => Sampler::dpm_solver_pp_2m(steps).karras_sigmas(true),
             SolverChoice::Heun => Sampler::heun(steps),
         };
         base.gradient(gradient.mode())

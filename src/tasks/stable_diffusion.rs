@@ -83,6 +83,9 @@ pub struct SchedulerConfig {
     /// How the inference timesteps are spread.
     #[serde(default = "defaults::spacing")]
     pub timestep_spacing: TimestepSpacing,
+    /// Karras' noise levels instead (a pipeline saved with a "Karras" scheduler).
+    #[serde(default)]
+    pub use_karras_sigmas: bool,
 }
 
 mod defaults {
@@ -292,6 +295,7 @@ impl<B: Backend> StableDiffusion<B> {
         if sampler.kind != SamplerKind::DpmSolverPP2M {
             sampler.final_alpha_one = self.scheduler.set_alpha_to_one.unwrap_or(true);
         }
+        sampler.karras_sigmas |= self.scheduler.use_karras_sigmas;
         sampler
     }
 

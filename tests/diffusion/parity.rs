@@ -1,5 +1,5 @@
-//! DDIM and DPM-Solver++(2M) step by step against diffusers' own schedulers
-//! (fixtures from scripts/make_sampler_fixtures.py).
+//! DDIM and DPM-Solver++(2M) (also on Karras' noise levels) step by step against diffusers' own
+//! schedulers (fixtures from scripts/make_sampler_fixtures.py).
 
 use adjoint_dpm::diffusion::{EpsModel, NoiseSchedule, Sampler, TimestepSpacing};
 use burn::module::Param;
@@ -74,6 +74,16 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
             &linear,
             with(Sampler::dpm_solver_pp_2m(20), TimestepSpacing::Leading, 1, true),
         ),
+        (
+            "dpmpp2m_sd_karras",
+            &sd,
+            Sampler::dpm_solver_pp_2m(10).karras_sigmas(true),
+        ),
+        (
+            "dpmpp2m_linear_karras",
+            &linear,
+            Sampler::dpm_solver_pp_2m(25).karras_sigmas(true),
+        ),
     ];
     for (name, schedule, sampler) in cases {
         let case = &meta["cases"][name];
@@ -93,4 +103,47 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
             assert!(e <= 1e-6, "{name}: sample after step {k} off by {e:e}");
         }
     }
+}
+
+#[test]
+fn karras_levels_reach_the_network_as_rounded_timesteps() {
+    // DDIM is Euler in ρ: y ← y + (ρ_{i+1} − ρ_i) ε(α_i y, t_i), with t_i the rounded timestep
+    // of Karras level i (fractional t(ρ_i) would move c·t/1000 by up to 5e-4).
+    let device = Default::default();
+    let a: Vec<f64> = (0..16).map(|i| 0.05 * ((i * 7 % 11) as f64 - 5.0)).collect();
+    let model = LinearEps {
+        a_t: Param::from_tensor(Tensor::<F64, 2>::from_data(TensorData::new(a.clone(), [4, 4]), &device)),
+        c: Param::from_tensor(Tensor::from_data(TensorData::from([0.5, -0.3, 0.2, 0.9]), &device)),
+    };
+    let x_t = Tensor::<F64, 2>::from_data(
+        TensorData::new((0..8).map(|i| (i as f64 * 0.37).sin()).collect(), [2, 4]),
+        &device,
+    );
+    let schedule = NoiseSchedule::sd_scaled_linear();
+    let sampler = Sampler::ddim(8).karras_sigmas(true);
+    let rhos = sampler.rho_grid(&schedule).unwrap();
+    let ts = sampler.timesteps(&schedule).unwrap();
+    assert_eq!((rhos.len(), ts.len(), ts[0], ts[7]), (9, 8, 999, 0));
+    let mut y = values(x_t.clone())
+        .into_iter()
+        .map(|x| x / NoiseSchedule::alpha_of_rho(rhos[0]))
+        .collect::<Vec<_>>();
+    for i in 0..8 {
+        let alpha = NoiseSchedule::alpha_of_rho(rhos[i]);
+        let eps: Vec<f64> = (0..8)
+            .map(|j| {
+                let (row, col) = (j / 4, j % 4);
+                let xa: f64 = (0..4).map(|k| alpha * y[row * 4 + k] * a[k * 4 + col]).sum();
+                xa + [0.5, -0.3, 0.2, 0.9][col] * ts[i] as f64 / 1000.0
+            })
+            .collect();
+        y = y
+            .iter()
+            .zip(&eps)
+            .map(|(y, e)| y + (rhos[i + 1] - rhos[i]) * e)
+            .collect();
+    }
+    let x0 = values(sampler.sample_inference(&model, &schedule, x_t).unwrap());
+    let e = rel_err(&x0, &y);
+    assert!(e < 1e-12, "{x0:?} vs {y:?} ({e:e})");
 }
