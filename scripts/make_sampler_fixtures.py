@@ -3,7 +3,8 @@
 tests (tests/fixtures/samplers.safetensors + samplers.json).
 
 The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
-seeded random; x_T is seeded random of shape (2, 4). For each scheduler configuration we record
+seeded random; x_T is seeded random of shape (2, 4), and so is x_0, which the img2img cases
+(`strength` < 1) noise to their first kept timestep. For each scheduler configuration we record
 the timesteps and the sample after every step. CI never runs this script; regenerate with
 
     python3 -m venv /tmp/fxenv && /tmp/fxenv/bin/pip install torch diffusers safetensors
@@ -24,6 +25,7 @@ torch.manual_seed(7)
 A = (torch.randn(4, 4, dtype=torch.float64) * 0.3)
 c = torch.randn(4, dtype=torch.float64) * 0.5
 x_T = torch.randn(2, 4, dtype=torch.float64)
+x_0 = torch.randn(2, 4, dtype=torch.float64)  # the clean sample of the img2img cases
 
 
 def eps(x, t):
@@ -47,7 +49,19 @@ CASES = {
     "dpmpp2m_sd_karras": (DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
                                                             beta_end=0.012, use_karras_sigmas=True), 10),
     "dpmpp2m_linear_karras": (DPMSolverMultistepScheduler, dict(beta_schedule="linear", use_karras_sigmas=True), 25),
+    # img2img (`strength`): x_0 noised to the first kept timestep, then the last steps.
+    "ddim_sd_img2img": (DDIMScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                             clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                             timestep_spacing="leading"), 10),
+    "dpmpp2m_sd_karras_img2img": (DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear",
+                                                                    beta_start=0.00085, beta_end=0.012,
+                                                                    use_karras_sigmas=True), 20),
+    # 12 of 20 steps ending on sigma_min: diffusers' last step is second order (it counts all 20).
+    "dpmpp2m_sd_img2img_sigma_min": (DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear",
+                                                                       beta_start=0.00085, beta_end=0.012,
+                                                                       final_sigmas_type="sigma_min"), 20),
 }
+STRENGTH = {"ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6}
 
 
 
@@ -68,21 +82,30 @@ def karras_sigmas_f64(config, steps):
     return np.concatenate([(hi + ramp * (lo - hi)) ** 7, [0.0]])
 
 
-tensors = {"A": A, "c": c, "x_T": x_T}
+tensors = {"A": A, "c": c, "x_T": x_T, "x_0": x_0}
 meta = {"diffusers": diffusers.__version__, "torch": torch.__version__, "cases": {}}
 for name, (cls, config, steps) in CASES.items():
     sched = cls(num_train_timesteps=1000, **config)
     sched.set_timesteps(steps)
     if config.get("use_karras_sigmas"):
         sched.sigmas = torch.from_numpy(karras_sigmas_f64(config, steps))
+    timesteps = sched.timesteps
     x = x_T.clone()
+    if name in STRENGTH:
+        # As diffusers' StableDiffusionImg2ImgPipeline.get_timesteps and prepare_latents.
+        kept = min(int(steps * STRENGTH[name]), steps)
+        t_start = max(steps - kept, 0)
+        timesteps = timesteps[t_start:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(t_start)
+        x = sched.add_noise(x_0, x_T, timesteps[:1])
     trajectory = [x.clone()]
-    for t in sched.timesteps:
+    for t in timesteps:
         x = sched.step(eps(x, t), t, x).prev_sample
         trajectory.append(x.clone())
     tensors[name] = torch.stack(trajectory)
     meta["cases"][name] = {"scheduler": cls.__name__, "config": config, "steps": steps,
-                           "timesteps": [int(t) for t in sched.timesteps]}
+                           "strength": STRENGTH.get(name, 1.0), "timesteps": [int(t) for t in timesteps]}
 
 os.makedirs(OUT, exist_ok=True)
 save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "samplers.safetensors"))

@@ -37,6 +37,9 @@ pub struct DpmSolverPP2M<B: Backend, M: Module<B>> {
     /// The network's timestep at each knot, when not the schedule's t(ρ) (Karras' levels).
     #[module(skip)]
     timesteps: Option<Vec<f64>>,
+    /// Steps of the whole run when the grid is its tail (img2img), for the last step's order.
+    #[module(skip)]
+    total_steps: Option<usize>,
     _backend: core::marker::PhantomData<B>,
 }
 
@@ -48,6 +51,7 @@ impl<B: Backend, M: Module<B>> DpmSolverPP2M<B, M> {
             schedule,
             grid,
             timesteps: None,
+            total_steps: None,
             _backend: core::marker::PhantomData,
         }
     }
@@ -56,6 +60,13 @@ impl<B: Backend, M: Module<B>> DpmSolverPP2M<B, M> {
     /// [`PfOde::with_timesteps`](crate::diffusion::pf_ode::PfOde::with_timesteps)).
     pub fn with_timesteps(mut self, timesteps: Vec<f64>) -> Self {
         self.timesteps = Some(timesteps);
+        self
+    }
+
+    /// The grid is the tail of a run of `steps` steps (img2img): the last step is first order
+    /// when that run has fewer than 15, as in diffusers, which counts them all.
+    pub(crate) fn with_total_steps(mut self, steps: usize) -> Self {
+        self.total_steps = Some(steps);
         self
     }
 
@@ -97,7 +108,8 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for DpmSolver
             .model
             .eps(y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(rho_s)), t);
         let x0 = y.clone() - eps.mul_scalar(rho_s);
-        let first_order = i == 0 || (i + 1 == steps && (rho_t == 0.0 || steps < 15));
+        let run = self.total_steps.unwrap_or(steps);
+        let first_order = i == 0 || (i + 1 == steps && (rho_t == 0.0 || run < 15));
         let d = if first_order {
             x0.clone()
         } else {

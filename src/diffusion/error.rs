@@ -19,6 +19,24 @@ pub enum DiffusionError {
         /// Training steps of the schedule.
         train_steps: usize,
     },
+    /// An img2img `strength` outside (0, 1], or too small to keep a step.
+    #[error("strength {strength} keeps no step of {steps}: use a value in [1/{steps}, 1]")]
+    BadStrength {
+        /// The strength given.
+        strength: f64,
+        /// The sampler's steps.
+        steps: usize,
+    },
+    /// Two tensors that must have one shape do not.
+    #[error("{name} has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// Which tensor.
+        name: &'static str,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Given shape.
+        got: Vec<usize>,
+    },
     /// A conditioning tensor of the wrong shape.
     #[error("conditioning {name} has shape {got:?}, expected {expected:?}")]
     ConditioningShape {

@@ -65,6 +65,8 @@ pub struct Sampler {
     /// Karras et al.'s noise levels instead of `spacing` (diffusers' `use_karras_sigmas`; see
     /// [`Sampler::karras_sigmas`]).
     pub karras_sigmas: bool,
+    /// The fraction of the steps run, the last ones (img2img; see [`Sampler::strength`]).
+    pub strength: f64,
     /// How gradients flow through sampling.
     pub gradient: GradientMode,
 }
@@ -79,6 +81,7 @@ impl Sampler {
             steps_offset: 0,
             final_alpha_one: true,
             karras_sigmas: false,
+            strength: 1.0,
             gradient: GradientMode::default(),
         }
     }
@@ -123,14 +126,72 @@ impl Sampler {
         self
     }
 
+    /// Runs only the last `⌊strength · steps⌋` steps, from a clean sample noised to the first
+    /// of them ([`Sampler::noised`]): diffusers' img2img `strength`, SDEdit, DiffPure's
+    /// purification. Every gradient mode then differentiates down to the clean sample and the
+    /// noise. The timesteps are those of the whole run (what diffusers' `get_timesteps` keeps),
+    /// and DPM-Solver++(2M)'s last step is of the order the whole run would give it.
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
+    /// let schedule = NoiseSchedule::sd_scaled_linear();
+    /// let full = Sampler::ddim(10).timesteps(&schedule).unwrap();
+    /// let edit = Sampler::ddim(10).strength(0.6);
+    /// assert_eq!(edit.timesteps(&schedule).unwrap(), full[4..]);
+    /// assert!(Sampler::ddim(10).strength(0.05).timesteps(&schedule).is_err()); // no step left
+    /// ```
+    pub fn strength(mut self, strength: f64) -> Self {
+        self.strength = strength;
+        self
+    }
+
+    /// How many of the first steps `strength` skips.
+    fn skipped(&self) -> Result<usize, DiffusionError> {
+        let kept = (self.steps as f64 * self.strength) as usize;
+        if !(self.strength > 0.0 && self.strength <= 1.0) || kept == 0 {
+            return Err(DiffusionError::BadStrength {
+                strength: self.strength,
+                steps: self.steps,
+            });
+        }
+        Ok(self.steps - kept.min(self.steps))
+    }
+
+    /// Where sampling starts from a clean sample `x_0` and noise ε of its shape: `α x_0 + σ ε`
+    /// at the first noise level run (diffusers' `scheduler.add_noise` at the first kept
+    /// timestep). Tensor ops, so gradients reach `x_0` and ε.
+    pub fn noised<B: Backend, const D: usize>(
+        &self,
+        schedule: &NoiseSchedule,
+        x_0: Tensor<B, D>,
+        noise: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>, DiffusionError> {
+        if noise.dims() != x_0.dims() {
+            return Err(DiffusionError::ShapeMismatch {
+                name: "the noise",
+                expected: x_0.dims().to_vec(),
+                got: noise.dims().to_vec(),
+            });
+        }
+        let rho = self.rho_grid(schedule)?[0];
+        let alpha = NoiseSchedule::alpha_of_rho(rho);
+        Ok(x_0.mul_scalar(alpha) + noise.mul_scalar(rho * alpha))
+    }
+
     /// Sets the gradient mode.
     pub fn gradient(mut self, gradient: GradientMode) -> Self {
         self.gradient = gradient;
         self
     }
 
-    /// The inference timesteps, descending.
+    /// The inference timesteps run, descending: the last ⌊strength · steps⌋ of the run.
     pub fn timesteps(&self, schedule: &NoiseSchedule) -> Result<Vec<usize>, DiffusionError> {
+        let mut all = self.all_timesteps(schedule)?;
+        Ok(all.split_off(self.skipped()?))
+    }
+
+    /// The timesteps of the whole run, `strength` aside.
+    fn all_timesteps(&self, schedule: &NoiseSchedule) -> Result<Vec<usize>, DiffusionError> {
         if self.karras_sigmas {
             return Ok(schedule.karras(self.steps)?.1);
         }
@@ -144,7 +205,7 @@ impl Sampler {
     /// The ρ grid, decreasing: ρ at each timestep, then the final ρ (0, or ρ at ᾱ_0).
     pub fn rho_grid(&self, schedule: &NoiseSchedule) -> Result<Vec<f64>, DiffusionError> {
         let mut grid: Vec<f64> = match self.karras_sigmas {
-            true => schedule.karras(self.steps)?.0,
+            true => schedule.karras(self.steps)?.0.split_off(self.skipped()?),
             false => self
                 .timesteps(schedule)?
                 .iter()
@@ -182,7 +243,7 @@ impl Sampler {
         schedule: &NoiseSchedule,
         grid: &[f64],
     ) -> Result<DpmSolverPP2M<B, M>, DiffusionError> {
-        let map = DpmSolverPP2M::new(model, schedule.clone(), grid.to_vec());
+        let map = DpmSolverPP2M::new(model, schedule.clone(), grid.to_vec()).with_total_steps(self.steps);
         Ok(match self.karras_sigmas {
             true => map.with_timesteps(self.timesteps(schedule)?.into_iter().map(|t| t as f64).collect()),
             false => map,

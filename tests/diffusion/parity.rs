@@ -1,5 +1,5 @@
-//! DDIM and DPM-Solver++(2M) (also on Karras' noise levels) step by step against diffusers' own
-//! schedulers (fixtures from scripts/make_sampler_fixtures.py).
+//! DDIM and DPM-Solver++(2M) (also on Karras' noise levels, and img2img's last steps) step by
+//! step against diffusers' own schedulers (fixtures from scripts/make_sampler_fixtures.py).
 
 use adjoint_dpm::diffusion::{EpsModel, NoiseSchedule, Sampler, TimestepSpacing};
 use burn::module::Param;
@@ -48,6 +48,7 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
         c: Param::from_tensor(Tensor::from_data(TensorData::new(c, [4]), &device)),
     };
     let x_t = Tensor::<F64, 2>::from_data(TensorData::new(x_t, [2, 4]), &device);
+    let x_0 = Tensor::<F64, 2>::from_data(TensorData::new(read(&st, "x_0").0, [2, 4]), &device);
 
     let sd = NoiseSchedule::sd_scaled_linear();
     let linear = NoiseSchedule::ddpm_linear();
@@ -84,6 +85,21 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
             &linear,
             Sampler::dpm_solver_pp_2m(25).karras_sigmas(true),
         ),
+        (
+            "ddim_sd_img2img",
+            &sd,
+            with(Sampler::ddim(10), TimestepSpacing::Leading, 1, false).strength(0.6),
+        ),
+        (
+            "dpmpp2m_sd_karras_img2img",
+            &sd,
+            Sampler::dpm_solver_pp_2m(20).karras_sigmas(true).strength(0.55),
+        ),
+        (
+            "dpmpp2m_sd_img2img_sigma_min",
+            &sd,
+            with(Sampler::dpm_solver_pp_2m(20), TimestepSpacing::Linspace, 0, false).strength(0.6),
+        ),
     ];
     for (name, schedule, sampler) in cases {
         let case = &meta["cases"][name];
@@ -95,7 +111,12 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
             .collect();
         assert_eq!(sampler.timesteps(schedule).unwrap(), expected_ts, "{name}: timesteps");
         let (reference, shape) = read(&st, name);
-        let trajectory = sampler.trajectory_inference(&model, schedule, x_t.clone()).unwrap();
+        // img2img cases start from x_0 noised to their first timestep with x_T as the noise.
+        let start = match sampler.strength < 1.0 {
+            true => sampler.noised(schedule, x_0.clone(), x_t.clone()).unwrap(),
+            false => x_t.clone(),
+        };
+        let trajectory = sampler.trajectory_inference(&model, schedule, start).unwrap();
         assert_eq!(trajectory.len(), shape[0], "{name}: number of samples");
         for (k, x) in trajectory.into_iter().enumerate() {
             let expected = &reference[k * 8..(k + 1) * 8];
