@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference trajectories of diffusers' DDIM and DPM-Solver++(2M) schedulers for the diffusion
+"""Reference trajectories of diffusers' DDIM and DPM-Solver++(2M, 3M) schedulers for the diffusion
 tests (tests/fixtures/samplers.safetensors + samplers.json).
 
 The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
@@ -60,8 +60,20 @@ CASES = {
     "dpmpp2m_sd_img2img_sigma_min": (DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear",
                                                                        beta_start=0.00085, beta_end=0.012,
                                                                        final_sigmas_type="sigma_min"), 20),
+    # DPM-Solver++(3M): fewer than 15 steps (lower order at the last two), more, Karras, img2img.
+    "dpmpp3m_sd": (DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                     beta_end=0.012, solver_order=3), 10),
+    "dpmpp3m_sd_20": (DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                        beta_end=0.012, solver_order=3), 20),
+    "dpmpp3m_linear_karras": (DPMSolverMultistepScheduler, dict(beta_schedule="linear", use_karras_sigmas=True,
+                                                                solver_order=3), 25),
+    "dpmpp3m_sd_img2img_sigma_min": (DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear",
+                                                                       beta_start=0.00085, beta_end=0.012,
+                                                                       final_sigmas_type="sigma_min",
+                                                                       solver_order=3), 20),
 }
-STRENGTH = {"ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6}
+STRENGTH = {"ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6,
+            "dpmpp3m_sd_img2img_sigma_min": 0.6}
 
 
 

@@ -159,6 +159,8 @@ enum SolverArg {
     Dpmpp2m,
     /// DPM-Solver++(2M) on Karras' noise levels, "DPM++ 2M Karras" (exact or backprop).
     Dpmpp2mKarras,
+    /// DPM-Solver++(3M) (exact or backprop).
+    Dpmpp3m,
     /// Heun in ρ.
     Heun,
 }
@@ -236,6 +238,7 @@ impl TaskArgs {
                 SolverArg::Ddim => SolverChoice::Ddim,
                 SolverArg::Dpmpp2m => SolverChoice::Dpmpp2m,
                 SolverArg::Dpmpp2mKarras => SolverChoice::Dpmpp2mKarras,
+                SolverArg::Dpmpp3m => SolverChoice::Dpmpp3m,
                 SolverArg::Heun => SolverChoice::Heun,
             },
             steps: self.steps,

@@ -10,7 +10,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::diffusion::dpm_solver::DpmSolverPP2M;
+use crate::diffusion::dpm_solver::DpmSolverPP;
 use crate::diffusion::eps_model::EpsModel;
 use crate::diffusion::error::DiffusionError;
 use crate::diffusion::pf_ode::PfOde;
@@ -30,9 +30,12 @@ pub enum SamplerKind {
     /// DPM-Solver++(2M) (Lu et al. 2022): the multistep exponential integrator in data-prediction
     /// form, `y_{i+1} = (ρ_{i+1}/ρ_i) y_i + (1 − ρ_{i+1}/ρ_i) D_i` with `D_i` a second-order
     /// combination of the last two x̂_0. Run as a one-step method on `[y; x̂0_prev]` (see
-    /// [`DpmSolverPP2M`]), so `Checkpointed` gives its exact gradient; it has no continuous
+    /// [`DpmSolverPP`]), so `Checkpointed` gives its exact gradient; it has no continuous
     /// adjoint (`Backsolve` is refused).
     DpmSolverPP2M,
+    /// DPM-Solver++(3M): the same with a third-order combination of the last three x̂_0 from
+    /// the third step on (diffusers' `solver_order = 3`), state `[y; x̂0_prev; x̂0_prev2]`.
+    DpmSolverPP3M,
 }
 
 impl SamplerKind {
@@ -41,8 +44,13 @@ impl SamplerKind {
             SamplerKind::Ddim => &tableau::EULER,
             SamplerKind::Heun => &tableau::HEUN,
             SamplerKind::Rk4 => &tableau::RK4,
-            SamplerKind::DpmSolverPP2M => &tableau::EULER,
+            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M => &tableau::EULER,
         }
+    }
+
+    /// Whether it is a multistep method (DPM-Solver++), which has no continuous adjoint.
+    pub fn is_multistep(self) -> bool {
+        matches!(self, SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M)
     }
 }
 
@@ -93,6 +101,14 @@ impl Sampler {
             kind: SamplerKind::DpmSolverPP2M,
             spacing: TimestepSpacing::Linspace,
             ..Self::ddim(steps)
+        }
+    }
+
+    /// DPM-Solver++(3M) with `steps` steps, otherwise as [`Sampler::dpm_solver_pp_2m`].
+    pub fn dpm_solver_pp_3m(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::DpmSolverPP3M,
+            ..Self::dpm_solver_pp_2m(steps)
         }
     }
 
@@ -196,7 +212,7 @@ impl Sampler {
             return Ok(schedule.karras(self.steps)?.1);
         }
         let pick = match self.kind {
-            SamplerKind::DpmSolverPP2M => dpm_solver_timesteps,
+            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M => dpm_solver_timesteps,
             _ => timesteps,
         };
         pick(schedule.train_steps(), self.steps, self.spacing, self.steps_offset)
@@ -242,8 +258,12 @@ impl Sampler {
         model: M,
         schedule: &NoiseSchedule,
         grid: &[f64],
-    ) -> Result<DpmSolverPP2M<B, M>, DiffusionError> {
-        let map = DpmSolverPP2M::new(model, schedule.clone(), grid.to_vec()).with_total_steps(self.steps);
+    ) -> Result<DpmSolverPP<B, M>, DiffusionError> {
+        let map = DpmSolverPP::new(model, schedule.clone(), grid.to_vec()).with_total_steps(self.steps);
+        let map = match self.kind {
+            SamplerKind::DpmSolverPP3M => map.third_order(),
+            _ => map,
+        };
         Ok(match self.karras_sigmas {
             true => map.with_timesteps(self.timesteps(schedule)?.into_iter().map(|t| t as f64).collect()),
             false => map,
@@ -273,10 +293,10 @@ impl Sampler {
     {
         let grid = self.rho_grid(schedule)?;
         model.check_batch(x_t.dims()[0])?;
-        if self.kind == SamplerKind::DpmSolverPP2M {
+        if self.kind.is_multistep() {
             if let GradientMode::Backsolve(_) = self.gradient {
                 return Err(DiffusionError::UnsupportedGradient {
-                    sampler: "DPM-Solver++(2M)",
+                    sampler: "DPM-Solver++",
                     mode: self.gradient,
                     why: "a multistep method has no continuous adjoint; use Checkpointed (exact) or \
                           Backprop, or DDIM/Heun for AdjointDPM",
@@ -286,10 +306,10 @@ impl Sampler {
             let ode = NeuralOde::new(map).solver(self.solver()).gradient(self.gradient);
             let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
             let z_0 = ode
-                .solve(DpmSolverPP2M::<_, M>::initial_state(y_t), &grid)
+                .solve(ode.dynamics.initial_state(y_t), &grid)
                 .map_err(|e| name_step(e, schedule, &grid))?
                 .last();
-            let y_0 = DpmSolverPP2M::<_, M>::y_of(z_0);
+            let y_0 = ode.dynamics.y_of(z_0);
             return Ok(y_0.mul_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1])));
         }
         let ode = NeuralOde::new(self.pf_ode(model.clone(), schedule)?)
@@ -311,7 +331,7 @@ impl Sampler {
         B: Backend,
         M: EpsModel<B, D>,
         PfOde<B, M>: Dynamics<B, D>,
-        DpmSolverPP2M<B, M>: Dynamics<B, D>,
+        DpmSolverPP<B, M>: Dynamics<B, D>,
     {
         let mut trajectory = self.trajectory_inference(model, schedule, x_t)?;
         Ok(trajectory.pop().expect("a trajectory holds x_T and x_0"))
@@ -329,20 +349,20 @@ impl Sampler {
         B: Backend,
         M: EpsModel<B, D>,
         PfOde<B, M>: Dynamics<B, D>,
-        DpmSolverPP2M<B, M>: Dynamics<B, D>,
+        DpmSolverPP<B, M>: Dynamics<B, D>,
     {
         let grid = self.rho_grid(schedule)?;
         model.check_batch(x_t.dims()[0])?;
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
-        let ys = if self.kind == SamplerKind::DpmSolverPP2M {
+        let ys = if self.kind.is_multistep() {
             let map = self.dpm_map(model.clone(), schedule, &grid)?;
             let ode = NeuralOde::new(map).solver(self.solver());
-            let z_t = DpmSolverPP2M::<B, M>::initial_state(y_t);
+            let z_t = ode.dynamics.initial_state(y_t);
             let solution = ode.integrate(z_t, &grid).map_err(|e| name_step(e, schedule, &grid))?;
             solution
                 .states()
                 .into_iter()
-                .map(DpmSolverPP2M::<B, M>::y_of)
+                .map(|z| ode.dynamics.y_of(z))
                 .collect::<Vec<_>>()
         } else {
             let ode = NeuralOde::new(self.pf_ode(model.clone(), schedule)?).solver(self.solver());

@@ -185,6 +185,8 @@ pub enum SolverChoice {
     /// DPM-Solver++(2M) on Karras' noise levels ("DPM++ 2M Karras").
     #[serde(rename = "dpmpp2m-karras")]
     Dpmpp2mKarras,
+    /// DPM-Solver++(3M): exact or Backprop gradients.
+    Dpmpp3m,
     /// Heun in ρ.
     Heun,
 }
@@ -196,6 +198,7 @@ impl SolverChoice {
             SolverChoice::Ddim => Sampler::ddim(steps),
             SolverChoice::Dpmpp2m => Sampler::dpm_solver_pp_2m(steps),
             SolverChoice::Dpmpp2mKarras => Sampler::dpm_solver_pp_2m(steps).karras_sigmas(true),
+            SolverChoice::Dpmpp3m => Sampler::dpm_solver_pp_3m(steps),
             SolverChoice::Heun => Sampler::heun(steps),
         };
         base.gradient(gradient.mode())

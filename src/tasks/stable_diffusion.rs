@@ -13,7 +13,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::Deserialize;
 
-use crate::diffusion::{BetaSchedule, DiffusionError, NoiseSchedule, Sampler, SamplerKind, TimestepSpacing};
+use crate::diffusion::{BetaSchedule, DiffusionError, NoiseSchedule, Sampler, TimestepSpacing};
 use crate::tasks::common::{Decoder, GradientChoice, SolverChoice};
 use crate::tasks::unet_eps::{UnetEps, UnetPrediction};
 
@@ -292,7 +292,7 @@ impl<B: Backend> StableDiffusion<B> {
         let mut sampler = solver.sampler(steps, gradient);
         sampler.spacing = self.scheduler.timestep_spacing;
         sampler.steps_offset = self.scheduler.steps_offset;
-        if sampler.kind != SamplerKind::DpmSolverPP2M {
+        if !sampler.kind.is_multistep() {
             sampler.final_alpha_one = self.scheduler.set_alpha_to_one.unwrap_or(true);
         }
         sampler.karras_sigmas |= self.scheduler.use_karras_sigmas;

@@ -139,8 +139,14 @@ fn checkpointed_equals_backprop_through_sampling() {
     let device = Default::default();
     let model = TinyEps::<Ad>::new(2, &device);
     let schedule = NoiseSchedule::ddpm_linear();
-    // 16 DPM-Solver++(2M) steps: first-order first and last steps, second order in between.
-    for sampler in [Sampler::ddim(8), Sampler::heun(4), Sampler::dpm_solver_pp_2m(16)] {
+    // 16 DPM-Solver++(2M) steps: first-order first and last steps, second order in between;
+    // 3M with 12: first, second, then third order, second and first at the end.
+    for sampler in [
+        Sampler::ddim(8),
+        Sampler::heun(4),
+        Sampler::dpm_solver_pp_2m(16),
+        Sampler::dpm_solver_pp_3m(12),
+    ] {
         let reference = grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
         for schedule_kind in [Schedule::All, Schedule::Every(3), Schedule::Recursive] {
             let exact = grads(
@@ -166,7 +172,11 @@ fn checkpointed_equals_backprop_through_sampling() {
 
 #[test]
 fn conditioning_gradient_with_frozen_network_matches_finite_differences() {
-    for sampler in [Sampler::ddim(5), Sampler::dpm_solver_pp_2m(6)] {
+    for sampler in [
+        Sampler::ddim(5),
+        Sampler::dpm_solver_pp_2m(6),
+        Sampler::dpm_solver_pp_3m(6),
+    ] {
         conditioning_gradient_matches_finite_differences(sampler);
     }
 }
@@ -436,7 +446,7 @@ fn a_non_finite_network_output_names_the_step_and_time() {
 }
 
 #[test]
-fn dpm_solver_pp_2m_is_second_order_and_refuses_backsolve() {
+fn dpm_solver_pp_is_better_than_ddim_and_refuses_backsolve() {
     let device = Default::default();
     let model = TinyEps::<F64>::new(2, &device);
     let schedule = NoiseSchedule::sd_scaled_linear();
@@ -459,13 +469,15 @@ fn dpm_solver_pp_2m_is_second_order_and_refuses_backsolve() {
 
     let model = TinyEps::<Ad>::new(2, &device);
     let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 7), SHAPE), &device).require_grad();
-    let refused = Sampler::dpm_solver_pp_2m(10)
-        .gradient(GradientMode::Backsolve(BacksolveOptions::default()))
-        .sample(&model, &schedule, x_t);
-    assert!(matches!(
-        refused,
-        Err(adjoint_dpm::diffusion::DiffusionError::UnsupportedGradient { .. })
-    ));
+    for sampler in [Sampler::dpm_solver_pp_2m(10), Sampler::dpm_solver_pp_3m(10)] {
+        let refused = sampler
+            .gradient(GradientMode::Backsolve(BacksolveOptions::default()))
+            .sample(&model, &schedule, x_t.clone());
+        assert!(matches!(
+            refused,
+            Err(adjoint_dpm::diffusion::DiffusionError::UnsupportedGradient { .. })
+        ));
+    }
 }
 
 #[test]

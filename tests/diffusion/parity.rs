@@ -1,4 +1,4 @@
-//! DDIM and DPM-Solver++(2M) (also on Karras' noise levels, and img2img's last steps) step by
+//! DDIM and DPM-Solver++(2M, 3M) (also on Karras' noise levels, and img2img's last steps) step by
 //! step against diffusers' own schedulers (fixtures from scripts/make_sampler_fixtures.py).
 
 use adjoint_dpm::diffusion::{EpsModel, NoiseSchedule, Sampler, TimestepSpacing};
@@ -99,6 +99,18 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
             "dpmpp2m_sd_img2img_sigma_min",
             &sd,
             with(Sampler::dpm_solver_pp_2m(20), TimestepSpacing::Linspace, 0, false).strength(0.6),
+        ),
+        ("dpmpp3m_sd", &sd, Sampler::dpm_solver_pp_3m(10)),
+        ("dpmpp3m_sd_20", &sd, Sampler::dpm_solver_pp_3m(20)),
+        (
+            "dpmpp3m_linear_karras",
+            &linear,
+            Sampler::dpm_solver_pp_3m(25).karras_sigmas(true),
+        ),
+        (
+            "dpmpp3m_sd_img2img_sigma_min",
+            &sd,
+            with(Sampler::dpm_solver_pp_3m(20), TimestepSpacing::Linspace, 0, false).strength(0.6),
         ),
     ];
     for (name, schedule, sampler) in cases {
