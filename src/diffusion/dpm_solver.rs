@@ -75,15 +75,16 @@ impl<B: Backend, M: Module<B>> DpmSolverPP<B, M> {
         self
     }
 
-    /// The network sees `timesteps[i]` at knot i instead of the schedule's t(ρ_i) (see
+    /// The network sees `timesteps[i]` at knot i instead of the schedule's t(ρ_i) (a knot
+    /// without one keeps t(ρ_i); see
     /// [`PfOde::with_timesteps`](crate::diffusion::pf_ode::PfOde::with_timesteps)).
     pub fn with_timesteps(mut self, timesteps: Vec<f64>) -> Self {
         self.timesteps = Some(timesteps);
         self
     }
 
-    /// The grid is the tail of a run of `steps` steps (img2img): the last step is first order
-    /// when that run has fewer than 15, as in diffusers, which counts them all.
+    /// The grid is the tail of a run of `steps` steps (img2img): the orders of the last steps
+    /// follow that run's length (under 15: lower), as in diffusers, which counts them all.
     pub(crate) fn with_total_steps(mut self, steps: usize) -> Self {
         self.total_steps = Some(steps);
         self
@@ -135,8 +136,8 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for DpmSolver
         let y = z.clone().narrow(0, 0, b);
         let m1 = z.clone().narrow(0, b, b);
         let m2 = (self.order == 3).then(|| z.narrow(0, 2 * b, b));
-        let t = match &self.timesteps {
-            Some(ts) => ts[i],
+        let t = match self.timesteps.as_ref().and_then(|ts| ts.get(i)) {
+            Some(&t) => t,
             None => self.schedule.t_of_rho(rho_s),
         };
         let t = Tensor::from_data(TensorData::from([t]), (&y.device(), y.dtype()));

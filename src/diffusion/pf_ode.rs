@@ -45,7 +45,7 @@ impl<B: Backend, M: Module<B>> PfOde<B, M> {
     /// At ρ = `rhos[k]` (to 1e-6, relative: the solver's times pass through the state's float
     /// type) the network sees timestep `timesteps[k]` instead of the schedule's own t(ρ): noise
     /// levels that are not the schedule's at integer steps (Karras'), with the rounded timesteps
-    /// diffusers gives the network there.
+    /// diffusers gives the network there (a knot without a timestep keeps t(ρ)).
     pub fn with_timesteps(mut self, rhos: Vec<f64>, timesteps: Vec<f64>) -> Self {
         self.knots = Some((rhos, timesteps));
         self
@@ -56,7 +56,7 @@ impl<B: Backend, M: Module<B>> PfOde<B, M> {
         let knot = self.knots.as_ref().and_then(|(rhos, ts)| {
             rhos.iter()
                 .position(|&k| (k - rho).abs() <= 1e-6 * k.abs())
-                .map(|i| ts[i])
+                .and_then(|i| ts.get(i).copied())
         });
         knot.unwrap_or_else(|| self.schedule.t_of_rho(rho.max(0.0)))
     }

@@ -146,7 +146,7 @@ impl Sampler {
     /// of them ([`Sampler::noised`]): diffusers' img2img `strength`, SDEdit, DiffPure's
     /// purification. Every gradient mode then differentiates down to the clean sample and the
     /// noise. The timesteps are those of the whole run (what diffusers' `get_timesteps` keeps),
-    /// and DPM-Solver++(2M)'s last step is of the order the whole run would give it.
+    /// and DPM-Solver++'s last steps are of the order the whole run would give them.
     ///
     /// ```
     /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
@@ -211,14 +211,15 @@ impl Sampler {
         if self.karras_sigmas {
             return Ok(schedule.karras(self.steps)?.1);
         }
-        let pick = match self.kind {
-            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M => dpm_solver_timesteps,
-            _ => timesteps,
+        let pick = match self.kind.is_multistep() {
+            true => dpm_solver_timesteps,
+            false => timesteps,
         };
         pick(schedule.train_steps(), self.steps, self.spacing, self.steps_offset)
     }
 
-    /// The ρ grid, decreasing: ρ at each timestep, then the final ρ (0, or ρ at ᾱ_0).
+    /// The ρ grid, decreasing: ρ at each step run (the schedule's at its timestep, or Karras'
+    /// level), then the final ρ (0, or ρ at ᾱ_0).
     pub fn rho_grid(&self, schedule: &NoiseSchedule) -> Result<Vec<f64>, DiffusionError> {
         let mut grid: Vec<f64> = match self.karras_sigmas {
             true => schedule.karras(self.steps)?.0.split_off(self.skipped()?),
@@ -251,8 +252,8 @@ impl Sampler {
         })
     }
 
-    /// The DPM-Solver++(2M) map of `model` on `grid`, told the network's timestep at each
-    /// Karras level.
+    /// The DPM-Solver++ map (2M or 3M) of `model` on `grid`, told the network's timestep at
+    /// each Karras level.
     fn dpm_map<B: Backend, M: burn::module::Module<B>>(
         &self,
         model: M,

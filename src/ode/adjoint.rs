@@ -177,27 +177,13 @@ where
 /// `g · f(t, z)` as a `[1]` tensor, f on the inner backend.
 fn dot_f<B: Backend, I: Dynamics<B, D>, const D: usize>(
     inner: &I,
-    t: f64,
+    t: &Time<B>,
     z: &Tensor<B, D>,
     g: &Tensor<B, D>,
 ) -> Result<Tensor<B, 1>> {
     let field = DynamicsField { module: inner };
-    let f = field.eval(&Time::Value(t), z)?;
+    let f = field.eval(t, z)?;
     Ok((f * g.clone()).sum())
-}
-
-/// `a · (f(t⁺, z) − f(t⁻, z))` at a jump time t, f seen from just after and just before it: the
-/// jump of `a·f` there, which the quadrature of `a_t` (`∫ a·∂f/∂t`) does not see.
-fn jump_of_a_dot_f<B: Backend, I: Dynamics<B, D>, const D: usize>(
-    inner: &I,
-    t: f64,
-    z: &Tensor<B, D>,
-    a: &Tensor<B, D>,
-) -> Result<Tensor<B, 1>> {
-    let field = DynamicsField { module: inner };
-    let side = |toward: f64| field.eval(&Time::<B>::Value(t).nudged(toward, z.dtype()), z);
-    let (after, before) = (side(f64::INFINITY)?, side(f64::NEG_INFINITY)?);
-    Ok(((after - before) * a.clone()).sum())
 }
 
 /// Gradients by the continuous adjoint. `outputs[k]` is the forward state at `T_k`,
@@ -253,7 +239,12 @@ where
     let mut extra_fe = 0;
     if problem.want.times {
         for k in 1..=last {
-            time_grads.push(dot_f(&problem.inner, grid[k], &outputs[k], &cotangents[k])?);
+            time_grads.push(dot_f(
+                &problem.inner,
+                &Time::Value(grid[k]),
+                &outputs[k],
+                &cotangents[k],
+            )?);
             extra_fe += 1;
         }
     }
@@ -284,10 +275,19 @@ where
         k = j;
     }
     let times = if problem.want.times {
-        // d(a·f)/dt = a·∂f/∂t between jumps (and outputs); across a jump a·f jumps too.
+        // d(a·f)/dt = a·∂f/∂t between jumps (and outputs), which the quadrature of a_t sees;
+        // across a jump time a·f jumps too, by a·(f(t⁺) − f(t⁻)), f from just after and before.
         let mut jumps_sum = 0.0;
         for (t, y) in &at_jumps {
-            let jump = jump_of_a_dot_f(&problem.inner, *t, &y.z, &y.a_z)?;
+            let side = |toward: f64| {
+                dot_f(
+                    &problem.inner,
+                    &Time::Value(*t).nudged(toward, y.z.dtype()),
+                    &y.z,
+                    &y.a_z,
+                )
+            };
+            let jump = side(f64::INFINITY)? - side(f64::NEG_INFINITY)?;
             jumps_sum += read_scalar(jump, "a jump of a·f")?;
             extra_fe += 2;
         }
