@@ -132,10 +132,11 @@ impl Sampler {
     /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
     /// let schedule = NoiseSchedule::sd_scaled_linear();
     /// let karras = Sampler::dpm_solver_pp_2m(10).karras_sigmas(true);
-    /// let rhos = karras.rho_grid(&schedule).unwrap();
+    /// let rhos = karras.rho_grid(&schedule)?;
     /// assert_eq!((rhos.len(), rhos[10]), (11, 0.0)); // ten levels, then ρ = 0
     /// assert!((rhos[0] - schedule.rho(999.0)).abs() < 1e-12);
-    /// assert_eq!(karras.timesteps(&schedule).unwrap()[0], 999);
+    /// assert_eq!(karras.timesteps(&schedule)?[0], 999);
+    /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
     /// ```
     pub fn karras_sigmas(mut self, on: bool) -> Self {
         self.karras_sigmas = on;
@@ -151,10 +152,11 @@ impl Sampler {
     /// ```
     /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
     /// let schedule = NoiseSchedule::sd_scaled_linear();
-    /// let full = Sampler::ddim(10).timesteps(&schedule).unwrap();
+    /// let full = Sampler::ddim(10).timesteps(&schedule)?;
     /// let edit = Sampler::ddim(10).strength(0.6);
-    /// assert_eq!(edit.timesteps(&schedule).unwrap(), full[4..]);
+    /// assert_eq!(edit.timesteps(&schedule)?, full[4..]);
     /// assert!(Sampler::ddim(10).strength(0.05).timesteps(&schedule).is_err()); // no step left
+    /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
     /// ```
     pub fn strength(mut self, strength: f64) -> Self {
         self.strength = strength;

@@ -244,6 +244,7 @@ impl<B: Backend, const D: usize> OdeState<B> for Tensor<B, D> {
 mod tests {
     use super::*;
     use burn::backend::NdArray;
+    use burn::tensor::TensorData;
 
     type B = NdArray<f64>;
 
@@ -264,18 +265,13 @@ mod tests {
         assert_eq!(tenth.nudged(1.0, DType::F32).value(), f64::from(0.1f32.next_up()));
         let device = Default::default();
         let like = Tensor::<B, 1>::zeros([1], &device).cast(DType::F32);
-        let seen = tenth
-            .nudged(0.0, DType::F32)
-            .to_tensor(&like)
-            .into_data()
-            .convert::<f32>();
-        assert_eq!(seen.as_slice::<f32>().unwrap(), &[0.1f32.next_down()]);
+        let seen = tenth.nudged(0.0, DType::F32).to_tensor(&like).into_data();
+        assert_eq!(seen, TensorData::from([0.1f32.next_down()]));
         // A tracked time moves by exactly one step of its type.
         let tracked = Time::<B>::Tensor(Tensor::from_data([0.1f32], (&device, DType::F32)), 0.1);
         let Time::Tensor(moved, _) = tracked.nudged(1.0, DType::F32) else {
             unreachable!("a tensor stays a tensor")
         };
-        let moved = moved.into_data().convert::<f32>();
-        assert_eq!(moved.as_slice::<f32>().unwrap(), &[0.1f32.next_up()]);
+        assert_eq!(moved.into_data(), TensorData::from([0.1f32.next_up()]));
     }
 }
