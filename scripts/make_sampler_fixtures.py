@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference trajectories of diffusers' DDIM and DPM-Solver++(2M, 3M) schedulers for the diffusion
+"""Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M) and UniPC schedulers for the diffusion
 tests (tests/fixtures/samplers.safetensors + samplers.json).
 
 The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
@@ -17,7 +17,7 @@ import os
 import diffusers
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from safetensors.torch import save_file
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
@@ -71,8 +71,16 @@ CASES = {
                                                                        beta_start=0.00085, beta_end=0.012,
                                                                        final_sigmas_type="sigma_min",
                                                                        solver_order=3), 20),
+    # UniPC (bh2, order 2, corrector on): under and over 15 steps, Karras, img2img.
+    "unipc_sd": (UniPCMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                               beta_end=0.012), 10),
+    "unipc_linear_20": (UniPCMultistepScheduler, dict(beta_schedule="linear"), 20),
+    "unipc_sd_karras": (UniPCMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                      beta_end=0.012, use_karras_sigmas=True), 12),
+    "unipc_sd_img2img": (UniPCMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                       beta_end=0.012), 20),
 }
-STRENGTH = {"ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6,
+STRENGTH = {"unipc_sd_img2img": 0.6, "ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6,
             "dpmpp3m_sd_img2img_sigma_min": 0.6}
 
 

@@ -161,6 +161,8 @@ enum SolverArg {
     Dpmpp2mKarras,
     /// DPM-Solver++(3M) (exact or backprop).
     Dpmpp3m,
+    /// UniPC, diffusers' defaults (exact or backprop).
+    Unipc,
     /// Heun in ρ.
     Heun,
 }
@@ -239,6 +241,7 @@ impl TaskArgs {
                 SolverArg::Dpmpp2m => SolverChoice::Dpmpp2m,
                 SolverArg::Dpmpp2mKarras => SolverChoice::Dpmpp2mKarras,
                 SolverArg::Dpmpp3m => SolverChoice::Dpmpp3m,
+                SolverArg::Unipc => SolverChoice::Unipc,
                 SolverArg::Heun => SolverChoice::Heun,
             },
             steps: self.steps,

@@ -1,4 +1,5 @@
-//! DPM-Solver++(2M) and (3M) as one-step methods, so that the engine's exact adjoint covers them.
+//! DPM-Solver++(2M), (3M) and UniPC as one-step methods, so that the engine's exact adjoint
+//! covers them.
 //!
 //! A multistep method is a one-step method on a state that carries its history. Here the state
 //! is `z_i = [y_i; x̂0_{i−1}]` for 2M and `[y_i; x̂0_{i−1}; x̂0_{i−2}]` for 3M (y = x/α and the
@@ -17,7 +18,15 @@
 //!     ((e^{−h} − 1 + h)/h² − ½) D2` with diffusers' `D0 = x̂0_i`, `D1`, `D2` from the divided
 //!     differences of the last three x̂0 (`r_1 = h_{i−2}/h_i`).
 //!
-//! That map is written as one Euler step `z + h f(ρ_i, z)` with `h = ρ_{i+1} − ρ_i` of the field
+//! UniPC (Zhao et al. 2023; diffusers' `UniPCMultistepScheduler` with its defaults:
+//! `solver_order = 2`, `predict_x0`, `solver_type = "bh2"`, `lower_order_final`) also corrects
+//! the sample it evaluated, with the network output there, before predicting the next one. Its
+//! state is `[y_i (predicted); x̂0_{i−1}; x̂0_{i−2}; y_{i−1} (corrected)]`, and step i is: the
+//! corrector UniC from the corrected `y_{i−1}` to `y_i^c` (of the order the predictor into step i
+//! had; none at the first step), then the predictor UniP from `y_i^c` (first order at the first
+//! and last steps, second between), both with `B(h) = e^{−h} − 1`.
+//!
+//! Each map is written as one Euler step `z + h f(ρ_i, z)` with `h = ρ_{i+1} − ρ_i` of the field
 //! `f = [(y − D)/ρ_i; (x̂0_i − x̂0_{i−1})/h; (x̂0_{i−1} − x̂0_{i−2})/h]`, which knows the grid. The
 //! engine then stores, replays and differentiates whole steps (`Checkpointed`, exact) or records
 //! them (`Backprop`). There is no continuous adjoint: the field is not an ODE's, so `Backsolve`
@@ -30,10 +39,11 @@ use crate::diffusion::eps_model::EpsModel;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::ode::Dynamics;
 
-/// The DPM-Solver++ multistep map (2M, or 3M with [`third_order`](Self::third_order)) of
-/// `model` on a fixed decreasing ρ grid, as an Euler field on the stacked state `[y; history]`.
+/// A multistep sampler's step map: DPM-Solver++(2M) by default, 3M with
+/// [`third_order`](Self::third_order), UniPC with [`unipc`](Self::unipc); of `model` on a fixed
+/// decreasing ρ grid, as an Euler field on the stacked state `[y; history]`.
 #[derive(Module, Debug)]
-pub struct DpmSolverPP<B: Backend, M: Module<B>> {
+pub struct MultistepMap<B: Backend, M: Module<B>> {
     /// The ε-network.
     pub model: M,
     #[module(skip)]
@@ -46,16 +56,34 @@ pub struct DpmSolverPP<B: Backend, M: Module<B>> {
     /// Steps of the whole run when the grid is its tail (img2img), for the last step's order.
     #[module(skip)]
     total_steps: Option<usize>,
-    /// 2 or 3.
     #[module(skip)]
-    order: usize,
+    method: Method,
     _backend: core::marker::PhantomData<B>,
 }
 
-/// DPM-Solver++(2M): [`DpmSolverPP`] as [`DpmSolverPP::new`] makes it.
-pub type DpmSolverPP2M<B, M> = DpmSolverPP<B, M>;
+/// Which multistep method a [`MultistepMap`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    DpmPP2,
+    DpmPP3,
+    UniPc,
+}
 
-impl<B: Backend, M: Module<B>> DpmSolverPP<B, M> {
+impl Method {
+    /// Tensors of the stacked state.
+    fn blocks(self) -> usize {
+        match self {
+            Method::DpmPP2 => 2,
+            Method::DpmPP3 => 3,
+            Method::UniPc => 4,
+        }
+    }
+}
+
+/// DPM-Solver++(2M): [`MultistepMap`] as [`MultistepMap::new`] makes it.
+pub type DpmSolverPP2M<B, M> = MultistepMap<B, M>;
+
+impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
     /// The 2M map of `model` on `grid` (decreasing ρ, at least two knots, all but the last > 0).
     pub fn new(model: M, schedule: NoiseSchedule, grid: Vec<f64>) -> Self {
         Self {
@@ -64,14 +92,20 @@ impl<B: Backend, M: Module<B>> DpmSolverPP<B, M> {
             grid,
             timesteps: None,
             total_steps: None,
-            order: 2,
+            method: Method::DpmPP2,
             _backend: core::marker::PhantomData,
         }
     }
 
     /// DPM-Solver++(3M): a history of two data predictions, third order from the third step.
     pub fn third_order(mut self) -> Self {
-        self.order = 3;
+        self.method = Method::DpmPP3;
+        self
+    }
+
+    /// UniPC (bh2, second order, with its corrector): see the module's doc.
+    pub fn unipc(mut self) -> Self {
+        self.method = Method::UniPc;
         self
     }
 
@@ -102,14 +136,63 @@ impl<B: Backend, M: Module<B>> DpmSolverPP<B, M> {
     /// The initial stacked state `[y_T; 0…]` (no history yet).
     pub fn initial_state<const D: usize>(&self, y_t: Tensor<B, D>) -> Tensor<B, D> {
         let mut parts = vec![y_t.clone()];
-        parts.extend((1..self.order).map(|_| y_t.zeros_like()));
+        parts.extend((1..self.method.blocks()).map(|_| y_t.zeros_like()));
         Tensor::cat(parts, 0)
     }
 
     /// The `y` part of a stacked state.
     pub fn y_of<const D: usize>(&self, z: Tensor<B, D>) -> Tensor<B, D> {
-        let b = z.dims()[0] / self.order;
+        let b = z.dims()[0] / self.method.blocks();
         z.narrow(0, 0, b)
+    }
+
+    /// UniPC's step i: the corrected sample at ρ_i and the predicted one at ρ_{i+1}, from the
+    /// predicted `y` at ρ_i with its data prediction `x0`, the earlier data predictions `m1`,
+    /// `m2` and the corrected sample `y_c_prev` at ρ_{i−1}.
+    #[allow(clippy::too_many_arguments)]
+    fn unipc_step<const D: usize>(
+        &self,
+        i: usize,
+        steps: usize,
+        y: &Tensor<B, D>,
+        x0: &Tensor<B, D>,
+        m1: &Tensor<B, D>,
+        m2: &Tensor<B, D>,
+        y_c_prev: &Tensor<B, D>,
+    ) -> (Tensor<B, D>, Tensor<B, D>) {
+        let g = &self.grid;
+        // UniC from ρ_{i−1} to ρ_i, of the order the predictor into step i had (1 after the
+        // first step, 2 after), with B(h) = e^{−h} − 1 (bh2); none at the first step.
+        let y_c = if i == 0 {
+            y.clone()
+        } else {
+            let h = (g[i - 1] / g[i]).ln();
+            let em1 = g[i] / g[i - 1] - 1.0;
+            let base = y_c_prev.clone().mul_scalar(g[i] / g[i - 1]) - m1.clone().mul_scalar(em1);
+            let d1_t = x0.clone() - m1.clone();
+            let correction = if i == 1 {
+                d1_t.mul_scalar(0.5)
+            } else {
+                // rhos_c solve [[1, 1], [r, 1]] ρ = [b1, b2], with diffusers' b_k.
+                let r = (g[i - 1] / g[i - 2]).ln() / h;
+                let phi = em1 / -h - 1.0;
+                let b1 = phi / em1;
+                let b2 = (phi / -h - 0.5) * 2.0 / em1;
+                let rho0 = (b1 - b2) / (1.0 - r);
+                let d1 = (m2.clone() - m1.clone()).div_scalar(r);
+                d1.mul_scalar(rho0) + d1_t.mul_scalar(b1 - rho0)
+            };
+            base - correction.mul_scalar(em1)
+        };
+        // UniP from ρ_i to ρ_{i+1}: first order at the first and the last step.
+        let em1 = g[i + 1] / g[i] - 1.0;
+        let mut y_next = y_c.clone().mul_scalar(g[i + 1] / g[i]) - x0.clone().mul_scalar(em1);
+        if i > 0 && i + 1 < steps {
+            let r = (g[i] / g[i - 1]).ln() / (g[i] / g[i + 1]).ln();
+            let d1 = (m1.clone() - x0.clone()).div_scalar(r);
+            y_next = y_next - d1.mul_scalar(0.5 * em1);
+        }
+        (y_next, y_c)
     }
 
     /// The order of step i of `steps` (diffusers' warm-up and `lower_order_final`/`_second`).
@@ -119,7 +202,7 @@ impl<B: Backend, M: Module<B>> DpmSolverPP<B, M> {
         let last_but_one = i + 2 == steps && run < 15;
         if i == 0 || last {
             1
-        } else if self.order == 2 || i == 1 || last_but_one {
+        } else if self.method != Method::DpmPP3 || i == 1 || last_but_one {
             2
         } else {
             3
@@ -127,15 +210,15 @@ impl<B: Backend, M: Module<B>> DpmSolverPP<B, M> {
     }
 }
 
-impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for DpmSolverPP<B, M> {
+impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for MultistepMap<B, M> {
     fn f(&self, rho: Tensor<B, 1>, z: Tensor<B, D>) -> Tensor<B, D> {
         let steps = self.grid.len() - 1;
         let i = self.step_at(rho.into_scalar().elem());
         let (rho_s, rho_t) = (self.grid[i], self.grid[i + 1]);
-        let b = z.dims()[0] / self.order;
+        let b = z.dims()[0] / self.method.blocks();
         let y = z.clone().narrow(0, 0, b);
         let m1 = z.clone().narrow(0, b, b);
-        let m2 = (self.order == 3).then(|| z.narrow(0, 2 * b, b));
+        let m2 = (self.method.blocks() >= 3).then(|| z.clone().narrow(0, 2 * b, b));
         let t = match self.timesteps.as_ref().and_then(|ts| ts.get(i)) {
             Some(&t) => t,
             None => self.schedule.t_of_rho(rho_s),
@@ -145,6 +228,13 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for DpmSolver
             .model
             .eps(y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(rho_s)), t);
         let x0 = y.clone() - eps.mul_scalar(rho_s);
+        let step = rho_t - rho_s;
+        if let (Method::UniPc, Some(m2)) = (self.method, m2.clone()) {
+            let y_c_prev = z.narrow(0, 3 * b, b);
+            let (y_next, y_c) = self.unipc_step(i, steps, &y, &x0, &m1, &m2, &y_c_prev);
+            let parts = vec![y_next - y, x0 - m1.clone(), m1 - m2, y_c - y_c_prev];
+            return Tensor::cat(parts, 0).div_scalar(step);
+        }
         let h = (rho_s / rho_t).ln();
         let d = match (self.order_at(i, steps, rho_t == 0.0), &m2) {
             (1, _) => x0.clone(),
@@ -165,7 +255,6 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for DpmSolver
                 x0.clone() + d1.mul_scalar(c1 / c0) - d2.mul_scalar(c2 / c0)
             }
         };
-        let step = rho_t - rho_s;
         let dy = (y - d).div_scalar(rho_s);
         let mut parts = vec![dy, (x0 - m1.clone()).div_scalar(step)];
         if let Some(m2) = m2 {

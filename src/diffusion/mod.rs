@@ -10,7 +10,7 @@ pub mod sampler;
 pub mod schedule;
 
 pub use diagnostic::AdjointReport;
-pub use dpm_solver::{DpmSolverPP, DpmSolverPP2M};
+pub use dpm_solver::{DpmSolverPP2M, MultistepMap};
 pub use eps_model::{Cfg, EpsModel, GuidanceEmbeddings, Predictor, SamplePrediction, VPrediction};
 pub use error::DiffusionError;
 pub use pf_ode::PfOde;

@@ -10,7 +10,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::diffusion::dpm_solver::DpmSolverPP;
+use crate::diffusion::dpm_solver::MultistepMap;
 use crate::diffusion::eps_model::EpsModel;
 use crate::diffusion::error::DiffusionError;
 use crate::diffusion::pf_ode::PfOde;
@@ -30,12 +30,17 @@ pub enum SamplerKind {
     /// DPM-Solver++(2M) (Lu et al. 2022): the multistep exponential integrator in data-prediction
     /// form, `y_{i+1} = (ρ_{i+1}/ρ_i) y_i + (1 − ρ_{i+1}/ρ_i) D_i` with `D_i` a second-order
     /// combination of the last two x̂_0. Run as a one-step method on `[y; x̂0_prev]` (see
-    /// [`DpmSolverPP`]), so `Checkpointed` gives its exact gradient; it has no continuous
+    /// [`MultistepMap`]), so `Checkpointed` gives its exact gradient; it has no continuous
     /// adjoint (`Backsolve` is refused).
     DpmSolverPP2M,
     /// DPM-Solver++(3M): the same with a third-order combination of the last three x̂_0 from
     /// the third step on (diffusers' `solver_order = 3`), state `[y; x̂0_prev; x̂0_prev2]`.
     DpmSolverPP3M,
+    /// UniPC (Zhao et al. 2023) as diffusers' `UniPCMultistepScheduler` defaults to: a
+    /// second-order multistep predictor (UniP) and a corrector (UniC) that refines each sample
+    /// with the network output already computed there, so no extra network call; state
+    /// `[y; x̂0_prev; x̂0_prev2; y_corrected_prev]`. Exact and Backprop gradients, like DPM-Solver++.
+    UniPc,
 }
 
 impl SamplerKind {
@@ -44,13 +49,16 @@ impl SamplerKind {
             SamplerKind::Ddim => &tableau::EULER,
             SamplerKind::Heun => &tableau::HEUN,
             SamplerKind::Rk4 => &tableau::RK4,
-            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M => &tableau::EULER,
+            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc => &tableau::EULER,
         }
     }
 
-    /// Whether it is a multistep method (DPM-Solver++), which has no continuous adjoint.
+    /// Whether it is a multistep method (DPM-Solver++, UniPC), which has no continuous adjoint.
     pub fn is_multistep(self) -> bool {
-        matches!(self, SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M)
+        matches!(
+            self,
+            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc
+        )
     }
 }
 
@@ -108,6 +116,15 @@ impl Sampler {
     pub fn dpm_solver_pp_3m(steps: usize) -> Self {
         Self {
             kind: SamplerKind::DpmSolverPP3M,
+            ..Self::dpm_solver_pp_2m(steps)
+        }
+    }
+
+    /// UniPC with `steps` steps, otherwise as [`Sampler::dpm_solver_pp_2m`] (diffusers'
+    /// `UniPCMultistepScheduler` picks the same timesteps).
+    pub fn unipc(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::UniPc,
             ..Self::dpm_solver_pp_2m(steps)
         }
     }
@@ -254,17 +271,18 @@ impl Sampler {
         })
     }
 
-    /// The DPM-Solver++ map (2M or 3M) of `model` on `grid`, told the network's timestep at
-    /// each Karras level.
+    /// The multistep map (DPM-Solver++ 2M or 3M, UniPC) of `model` on `grid`, told the
+    /// network's timestep at each Karras level.
     fn dpm_map<B: Backend, M: burn::module::Module<B>>(
         &self,
         model: M,
         schedule: &NoiseSchedule,
         grid: &[f64],
-    ) -> Result<DpmSolverPP<B, M>, DiffusionError> {
-        let map = DpmSolverPP::new(model, schedule.clone(), grid.to_vec()).with_total_steps(self.steps);
+    ) -> Result<MultistepMap<B, M>, DiffusionError> {
+        let map = MultistepMap::new(model, schedule.clone(), grid.to_vec()).with_total_steps(self.steps);
         let map = match self.kind {
             SamplerKind::DpmSolverPP3M => map.third_order(),
+            SamplerKind::UniPc => map.unipc(),
             _ => map,
         };
         Ok(match self.karras_sigmas {
@@ -299,7 +317,10 @@ impl Sampler {
         if self.kind.is_multistep() {
             if let GradientMode::Backsolve(_) = self.gradient {
                 return Err(DiffusionError::UnsupportedGradient {
-                    sampler: "DPM-Solver++",
+                    sampler: match self.kind {
+                        SamplerKind::UniPc => "UniPC",
+                        _ => "DPM-Solver++",
+                    },
                     mode: self.gradient,
                     why: "a multistep method has no continuous adjoint; use Checkpointed (exact) or \
                           Backprop, or DDIM/Heun for AdjointDPM",
@@ -334,7 +355,7 @@ impl Sampler {
         B: Backend,
         M: EpsModel<B, D>,
         PfOde<B, M>: Dynamics<B, D>,
-        DpmSolverPP<B, M>: Dynamics<B, D>,
+        MultistepMap<B, M>: Dynamics<B, D>,
     {
         let mut trajectory = self.trajectory_inference(model, schedule, x_t)?;
         Ok(trajectory.pop().expect("a trajectory holds x_T and x_0"))
@@ -352,7 +373,7 @@ impl Sampler {
         B: Backend,
         M: EpsModel<B, D>,
         PfOde<B, M>: Dynamics<B, D>,
-        DpmSolverPP<B, M>: Dynamics<B, D>,
+        MultistepMap<B, M>: Dynamics<B, D>,
     {
         let grid = self.rho_grid(schedule)?;
         model.check_batch(x_t.dims()[0])?;

@@ -187,6 +187,8 @@ pub enum SolverChoice {
     Dpmpp2mKarras,
     /// DPM-Solver++(3M): exact or Backprop gradients.
     Dpmpp3m,
+    /// UniPC (predictor-corrector, no extra network call): exact or Backprop gradients.
+    Unipc,
     /// Heun in ρ.
     Heun,
 }
@@ -199,6 +201,7 @@ impl SolverChoice {
             SolverChoice::Dpmpp2m => Sampler::dpm_solver_pp_2m(steps),
             SolverChoice::Dpmpp2mKarras => Sampler::dpm_solver_pp_2m(steps).karras_sigmas(true),
             SolverChoice::Dpmpp3m => Sampler::dpm_solver_pp_3m(steps),
+            SolverChoice::Unipc => Sampler::unipc(steps),
             SolverChoice::Heun => Sampler::heun(steps),
         };
         base.gradient(gradient.mode())

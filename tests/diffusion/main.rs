@@ -140,12 +140,14 @@ fn checkpointed_equals_backprop_through_sampling() {
     let model = TinyEps::<Ad>::new(2, &device);
     let schedule = NoiseSchedule::ddpm_linear();
     // 16 DPM-Solver++(2M) steps: first-order first and last steps, second order in between;
-    // 3M with 12: first, second, then third order, second and first at the end.
+    // 3M with 12: first, second, then third order, second and first at the end; UniPC's
+    // corrector of first, then second order.
     for sampler in [
         Sampler::ddim(8),
         Sampler::heun(4),
         Sampler::dpm_solver_pp_2m(16),
         Sampler::dpm_solver_pp_3m(12),
+        Sampler::unipc(10),
     ] {
         let reference = grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
         for schedule_kind in [Schedule::All, Schedule::Every(3), Schedule::Recursive] {
@@ -176,6 +178,7 @@ fn conditioning_gradient_with_frozen_network_matches_finite_differences() {
         Sampler::ddim(5),
         Sampler::dpm_solver_pp_2m(6),
         Sampler::dpm_solver_pp_3m(6),
+        Sampler::unipc(6),
     ] {
         conditioning_gradient_matches_finite_differences(sampler);
     }
@@ -469,7 +472,11 @@ fn dpm_solver_pp_is_better_than_ddim_and_refuses_backsolve() {
 
     let model = TinyEps::<Ad>::new(2, &device);
     let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 7), SHAPE), &device).require_grad();
-    for sampler in [Sampler::dpm_solver_pp_2m(10), Sampler::dpm_solver_pp_3m(10)] {
+    for sampler in [
+        Sampler::dpm_solver_pp_2m(10),
+        Sampler::dpm_solver_pp_3m(10),
+        Sampler::unipc(10),
+    ] {
         let refused = sampler
             .gradient(GradientMode::Backsolve(BacksolveOptions::default()))
             .sample(&model, &schedule, x_t.clone());

@@ -1,4 +1,4 @@
-//! DDIM and DPM-Solver++(2M, 3M) (also on Karras' noise levels, and img2img's last steps) step by
+//! DDIM, DPM-Solver++(2M, 3M) and UniPC (also on Karras' noise levels, and img2img's last steps) step by
 //! step against diffusers' own schedulers (fixtures from scripts/make_sampler_fixtures.py).
 
 use adjoint_dpm::diffusion::{EpsModel, NoiseSchedule, Sampler, TimestepSpacing};
@@ -112,6 +112,10 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
             &sd,
             with(Sampler::dpm_solver_pp_3m(20), TimestepSpacing::Linspace, 0, false).strength(0.6),
         ),
+        ("unipc_sd", &sd, Sampler::unipc(10)),
+        ("unipc_linear_20", &linear, Sampler::unipc(20)),
+        ("unipc_sd_karras", &sd, Sampler::unipc(12).karras_sigmas(true)),
+        ("unipc_sd_img2img", &sd, Sampler::unipc(20).strength(0.6)),
     ];
     for (name, schedule, sampler) in cases {
         let case = &meta["cases"][name];
