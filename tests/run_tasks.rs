@@ -45,9 +45,17 @@ fn every_task_runs_end_to_end_and_writes_its_outputs() {
     let r = run_audit(&adjoint, 0.2, &mut |_, _| {}).unwrap();
     assert!(r.mean_image_rms.is_finite());
     outputs_exist(&dir("audit"));
-    let r = run_invert(&config(&dir("invert")), "square", &mut |_, _| {}).unwrap();
+    // UniPC on Karras' levels (`--solver unipc --karras`), recorded in the metrics.
+    let mut unipc = config(&dir("invert"));
+    (unipc.solver, unipc.karras) = (SolverChoice::Unipc, true);
+    let r = run_invert(&unipc, "square", &mut |_, _| {}).unwrap();
     assert!(r.loss_before.is_finite() && r.loss_after.is_finite());
     outputs_exist(&dir("invert"));
+    let metrics = std::fs::read_to_string(dir("invert").join("metrics.json")).unwrap();
+    assert!(
+        metrics.contains(r#""karras": true"#) && metrics.contains(r#""solver": "unipc""#),
+        "{metrics}"
+    );
     let r = run_finetune(&config(&dir("finetune")), "cross", 2, &mut |_, _| {}).unwrap();
     assert!(r.loss_before.is_finite() && r.loss_after.is_finite());
     outputs_exist(&dir("finetune"));

@@ -205,6 +205,9 @@ struct TaskArgs {
     /// Sampler.
     #[arg(long, value_enum, default_value = "ddim")]
     solver: SolverArg,
+    /// Sample on Karras et al.'s noise levels (diffusers' use_karras_sigmas), whatever the sampler.
+    #[arg(long)]
+    karras: bool,
     /// Learning rate.
     #[arg(long, default_value_t = 0.05)]
     lr: f64,
@@ -244,6 +247,7 @@ impl TaskArgs {
                 SolverArg::Unipc => SolverChoice::Unipc,
                 SolverArg::Heun => SolverChoice::Heun,
             },
+            karras: self.karras,
             steps: self.steps,
             lr: self.lr,
             iters: self.iters,

@@ -38,6 +38,8 @@ pub struct RunConfig {
     pub gradient: GradientChoice,
     /// Sampler.
     pub solver: SolverChoice,
+    /// Sample on Karras' noise levels, whatever the sampler (`--karras`).
+    pub karras: bool,
     /// Sampling steps.
     pub steps: usize,
     /// Learning rate.
@@ -120,6 +122,7 @@ impl Default for RunConfig {
             weights: None,
             gradient: GradientChoice::Exact,
             solver: SolverChoice::Ddim,
+            karras: false,
             steps: 20,
             lr: 0.05,
             iters: 30,
@@ -205,11 +208,13 @@ fn setup(config: &RunConfig) -> Result<Setup, RunError> {
         Some(dir) => toy::load_from_dir::<Ad>(dir, &device)?,
         None => toy::load_default::<Ad>(&device)?,
     };
+    let mut sampler = config.solver.sampler(config.steps, config.gradient);
+    sampler.karras_sigmas |= config.karras;
     Ok(Setup {
         denoiser,
         classifier,
         schedule,
-        sampler: config.solver.sampler(config.steps, config.gradient),
+        sampler,
     })
 }
 

@@ -50,7 +50,8 @@ fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>,
             source,
         })?
         .no_grad();
-    let sampler = sd.sampler(config.solver, config.steps, config.gradient);
+    let mut sampler = sd.sampler(config.solver, config.steps, config.gradient);
+    sampler.karras_sigmas |= config.karras;
     Ok(Setup {
         sd,
         classifier,
