@@ -26,8 +26,9 @@
 //! had; none at the first step), then the predictor UniP from `y_i^c` (first order at the first
 //! and last steps, second between), both with `B(h) = e^{−h} − 1`.
 //!
-//! Each map is written as one Euler step `z + h f(ρ_i, z)` with `h = ρ_{i+1} − ρ_i` of the field
-//! `f = [(y − D)/ρ_i; (x̂0_i − x̂0_{i−1})/h; (x̂0_{i−1} − x̂0_{i−2})/h]`, which knows the grid. The
+//! Each map is written as one Euler step `z + h f(ρ_i, z)` with `h = ρ_{i+1} − ρ_i` of a field
+//! that knows the grid: `f = (z_{i+1} − z_i)/h` block by block, e.g. for DPM-Solver++
+//! `[(y − D)/ρ_i; (x̂0_i − x̂0_{i−1})/h; (x̂0_{i−1} − x̂0_{i−2})/h]`. The
 //! engine then stores, replays and differentiates whole steps (`Checkpointed`, exact) or records
 //! them (`Backprop`). There is no continuous adjoint: the field is not an ODE's, so `Backsolve`
 //! does not apply.
