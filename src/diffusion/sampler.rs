@@ -241,7 +241,7 @@ impl Sampler {
     /// level), then the final ρ (0, or ρ at ᾱ_0).
     pub fn rho_grid(&self, schedule: &NoiseSchedule) -> Result<Vec<f64>, DiffusionError> {
         let mut grid: Vec<f64> = match self.karras_sigmas {
-            true => schedule.karras(self.steps)?.0.split_off(self.skipped()?),
+            true => self.karras_run(schedule)?.0,
             false => self
                 .timesteps(schedule)?
                 .iter()
@@ -264,11 +264,22 @@ impl Sampler {
         let ode = PfOde::new(model, schedule.clone());
         Ok(match self.karras_sigmas {
             true => {
-                let (rhos, ts) = schedule.karras(self.steps)?;
-                ode.with_timesteps(rhos, ts.into_iter().map(|t| t as f64).collect())
+                let (rhos, ts) = self.karras_run(schedule)?;
+                ode.with_timesteps(rhos, ts)
             }
             false => ode,
         })
+    }
+
+    /// Karras' levels and the network's timesteps at them, for the steps run (`strength`
+    /// applied).
+    fn karras_run(&self, schedule: &NoiseSchedule) -> Result<(Vec<f64>, Vec<f64>), DiffusionError> {
+        let (mut rhos, ts) = schedule.karras(self.steps)?;
+        let skipped = self.skipped()?;
+        Ok((
+            rhos.split_off(skipped),
+            ts[skipped..].iter().map(|&t| t as f64).collect(),
+        ))
     }
 
     /// The multistep map (DPM-Solver++ 2M or 3M, UniPC) of `model` on `grid`, told the
@@ -286,7 +297,7 @@ impl Sampler {
             _ => map,
         };
         Ok(match self.karras_sigmas {
-            true => map.with_timesteps(self.timesteps(schedule)?.into_iter().map(|t| t as f64).collect()),
+            true => map.with_timesteps(self.karras_run(schedule)?.1),
             false => map,
         })
     }

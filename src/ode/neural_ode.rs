@@ -121,8 +121,8 @@ impl<M> NeuralOde<M> {
         self
     }
 
-    /// The jump times inside `grid`'s open span, checked against the solver
-    /// ([`jump_times`](Self::jump_times)).
+    /// The jump times inside the open span of `grid` (a validated grid: monotone, two times or
+    /// more), checked against the solver ([`jump_times`](Self::jump_times)).
     pub(crate) fn jumps_in(&self, grid: &[f64]) -> Result<Vec<f64>> {
         let bad = |value: f64, rule| Error::InvalidOption {
             name: "jump_times",
@@ -132,9 +132,9 @@ impl<M> NeuralOde<M> {
         if let Some(&t) = self.jumps.iter().find(|t| !t.is_finite()) {
             return Err(bad(t, "must be finite"));
         }
-        let (lo, hi) = grid.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &t| {
-            (lo.min(t), hi.max(t))
-        });
+        // A grid is monotone: its ends bound it.
+        let (first, last) = (grid[0], grid[grid.len() - 1]);
+        let (lo, hi) = (first.min(last), first.max(last));
         let inside: Vec<f64> = self.jumps.iter().copied().filter(|&t| t > lo && t < hi).collect();
         match (self.solver.control, inside.first()) {
             (StepControl::Adaptive(_), _) | (_, None) => Ok(inside),
