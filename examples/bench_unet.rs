@@ -155,6 +155,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
             });
             println!("{line}");
         });
+        conv_in_probe(&inner, sample.clone().inner())?;
     }
     if let Some(dir) = &args.save_dir {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -184,6 +185,59 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         "peak_rss_mib": adjoint_dpm::bench::peak_rss_mib(),
         "autotune": cfg!(any(feature = "cuda", feature = "wgpu")),
         "fusion": !matches!(args.backend, BackendName::Flex) && cfg!(any(feature = "cuda-untuned", feature = "wgpu-untuned")),
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// `conv_in` three ways on the same tensors: as the module runs it, without its bias and the
+/// bias added after, and on ndarray in f32 from the same values; plus how many of its weights
+/// and bias values are not finite. One JSON line. (The UNet's first layer held NaN in f16 on
+/// CUDA, H100 2026-11-28: cubek's convolution added an f16 bias wrongly, and burn-cubecl's
+/// patch 3 now adds it after the convolution itself, so the first two agree.)
+fn conv_in_probe<B: Backend>(
+    unet: &adjoint_dpm_models::unet::UNet2DConditionModel<B>,
+    x: Tensor<B, 4>,
+) -> Result<(), String> {
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+    let conv = &unet.conv_in;
+    let (w, b) = (conv.weight.val(), conv.bias.as_ref().map(|b| b.val()));
+    let pad = w.dims()[2] / 2;
+    let options = ConvOptions::new([1, 1], [pad, pad], [1, 1], 1);
+    let host = |d: TensorData| d.convert::<f32>().to_vec::<f32>().map_err(|e| format!("{e:?}"));
+    let non_finite = |v: &[f32]| v.iter().filter(|v| !v.is_finite()).count();
+    let module = host(conv.forward(x.clone()).into_data())?;
+    let split = {
+        let y = conv2d(x.clone(), w.clone(), None, options.clone());
+        let y = match &b {
+            Some(b) => y + b.clone().reshape([1, -1, 1, 1]),
+            None => y,
+        };
+        host(y.into_data())?
+    };
+    let cpu = Default::default();
+    let reference = {
+        type Cpu = burn::backend::NdArray<f32>;
+        let wc = Tensor::<Cpu, 4>::from_data(w.to_data().convert::<f32>(), &cpu);
+        let xc = Tensor::<Cpu, 4>::from_data(x.to_data().convert::<f32>(), &cpu);
+        let bc = b
+            .as_ref()
+            .map(|b| Tensor::<Cpu, 1>::from_data(b.to_data().convert::<f32>(), &cpu));
+        host(conv2d(xc, wc, bc, options).into_data())?
+    };
+    let weights = host(w.into_data())?;
+    let bias = match b {
+        Some(b) => host(b.into_data())?,
+        None => Vec::new(),
+    };
+    let line = serde_json::json!({
+        "conv_in_probe": {
+            "weight_non_finite": non_finite(&weights), "bias_non_finite": non_finite(&bias),
+            "module_non_finite": non_finite(&module), "module_rel_diff": rel_diff(&module, &reference)?,
+            "bias_after_non_finite": non_finite(&split), "bias_after_rel_diff": rel_diff(&split, &reference)?,
+            "reference_non_finite": non_finite(&reference), "of": reference.len(),
+        }
     });
     println!("{line}");
     Ok(())

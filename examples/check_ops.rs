@@ -44,8 +44,9 @@ struct Args {
 /// One op with the shapes of its inputs; `scale` multiplies the first input.
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    /// 3×3 convolution, padding 1, weights scaled by 1/√fan_in.
-    Conv3x3 { stride: usize },
+    /// 3×3 convolution, padding 1, weights scaled by 1/√fan_in; with `bias`, a third input of
+    /// shape `[1, 1, 1, out]` is the bias (the UNet's convolutions all have one).
+    Conv3x3 { stride: usize, bias: bool },
     /// 1×1 convolution (ResNet shortcuts, `proj_in`/`proj_out` as convolutions).
     Conv1x1,
     /// A linear layer's product (attention projections, feed-forward).
@@ -85,10 +86,15 @@ const fn case(name: &'static str, op: Op, shapes: &'static [[usize; 4]], scale: 
 // One case a line: a table reads better unwrapped.
 #[rustfmt::skip]
 const CASES: &[Case] = &[
-    case("conv3x3 320→320 64×64", Op::Conv3x3 { stride: 1 }, &[[1, 320, 64, 64], [320, 320, 3, 3]], 1.0),
-    case("conv3x3 4→320 64×64 (conv_in)", Op::Conv3x3 { stride: 1 }, &[[1, 4, 64, 64], [320, 4, 3, 3]], 1.0),
-    case("conv3x3 stride 2 320→320 64×64", Op::Conv3x3 { stride: 2 }, &[[1, 320, 64, 64], [320, 320, 3, 3]], 1.0),
-    case("conv3x3 1280→1280 8×8", Op::Conv3x3 { stride: 1 }, &[[1, 1280, 8, 8], [1280, 1280, 3, 3]], 1.0),
+    // With a bias: the UNet's first layer (conv_in) held NaN in f16 on CUDA, fused or not, where
+    // the same convolution without bias was finite (H100, 2026-11-28).
+    case("conv3x3 4→320 64×64 + bias (conv_in)", Op::Conv3x3 { stride: 1, bias: true }, &[[1, 4, 64, 64], [320, 4, 3, 3], [1, 1, 1, 320]], 1.0),
+    case("conv3x3 4→32 32×32 + bias (tiny conv_in)", Op::Conv3x3 { stride: 1, bias: true }, &[[1, 4, 32, 32], [32, 4, 3, 3], [1, 1, 1, 32]], 1.0),
+    case("conv3x3 320→320 64×64 + bias", Op::Conv3x3 { stride: 1, bias: true }, &[[1, 320, 64, 64], [320, 320, 3, 3], [1, 1, 1, 320]], 1.0),
+    case("conv3x3 320→320 64×64", Op::Conv3x3 { stride: 1, bias: false }, &[[1, 320, 64, 64], [320, 320, 3, 3]], 1.0),
+    case("conv3x3 4→320 64×64 (conv_in)", Op::Conv3x3 { stride: 1, bias: false }, &[[1, 4, 64, 64], [320, 4, 3, 3]], 1.0),
+    case("conv3x3 stride 2 320→320 64×64", Op::Conv3x3 { stride: 2, bias: false }, &[[1, 320, 64, 64], [320, 320, 3, 3]], 1.0),
+    case("conv3x3 1280→1280 8×8", Op::Conv3x3 { stride: 1, bias: false }, &[[1, 1280, 8, 8], [1280, 1280, 3, 3]], 1.0),
     case("conv1x1 640→320 32×32", Op::Conv1x1, &[[1, 640, 32, 32], [320, 640, 1, 1]], 1.0),
     case("matmul 4096×320 · 320×1280", Op::Matmul, &[[1, 1, 4096, 320], [1, 1, 320, 1280]], 1.0),
     // Batched with k = 8 or 40: cubek's double-buffered unit matmul got these wrong (vendor/README.md).
@@ -116,12 +122,11 @@ impl Op {
     fn apply<B: Backend>(self, mut x: Vec<Tensor<B, 4>>, device: &B::Device) -> Tensor<B, 4> {
         let first = x.remove(0);
         match self {
-            Op::Conv3x3 { stride } => conv2d(
-                first,
-                x.remove(0),
-                None,
-                ConvOptions::new([stride; 2], [1, 1], [1, 1], 1),
-            ),
+            Op::Conv3x3 { stride, bias } => {
+                let weight = x.remove(0);
+                let bias = bias.then(|| x.remove(0).flatten::<1>(0, 3));
+                conv2d(first, weight, bias, ConvOptions::new([stride; 2], [1, 1], [1, 1], 1))
+            }
             Op::Conv1x1 => conv2d(first, x.remove(0), None, ConvOptions::new([1, 1], [0, 0], [1, 1], 1)),
             Op::Matmul => first.matmul(x.remove(0)),
             Op::Attention => {
@@ -145,7 +150,7 @@ impl Op {
     fn input_scale(self, index: usize, shape: [usize; 4], scale: f64) -> f64 {
         match (self, index) {
             (_, 0) => scale,
-            (Op::Conv3x3 { .. } | Op::Conv1x1, _) => 1.0 / ((shape[1] * shape[2] * shape[3]) as f64).sqrt(),
+            (Op::Conv3x3 { .. } | Op::Conv1x1, 1) => 1.0 / ((shape[1] * shape[2] * shape[3]) as f64).sqrt(),
             (Op::Matmul, _) => 1.0 / (shape[2] as f64).sqrt(),
             _ => 1.0,
         }

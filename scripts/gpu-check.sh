@@ -22,8 +22,9 @@
 #   op-check    each kind of op the UNet runs (convolutions, matmul, attention, GroupNorm,
 #               LayerNorm, softmax, GELU, SiLU, long mean reductions) at SD-1.5 shapes on CUDA
 #               without autotune, f16 then f32, forward and input gradients against ndarray's
-#               f32: which kernel made the UNet non-finite in f16 on CUDA (H100, 2026-11-27),
-#               where flex and lavapipe were not
+#               f32: to find which kernel made the UNet non-finite in f16 on CUDA (H100,
+#               2026-11-27), where flex and lavapipe were not. Every op was right alone; the
+#               fault was a convolution's bias in f16 (bias-check, burn-cubecl's patch 3)
 #   attn-check  the small UNet at a 64×64 and a 40×40 latent on flex (this machine's CPU path),
 #               then on CUDA without autotune against it (convolutions, matmuls and attention,
 #               forward and VJP), to check CUDA's kernels before trusting any UNet figure
@@ -38,6 +39,12 @@
 #               SD-1.5 UNet in f16 without fusion (against unet-untuned's f32): if op-check
 #               finds every op finite and accurate but the UNet is not, this tells whether
 #               burn's fused kernels are the fault
+#   bias-check  op-check's convolutions with a bias alone: in f16 and f32 on check_ops_nofix
+#               when the archive has one (a build without burn-cubecl's patch 3), and in f16 on
+#               this build
+#   op-check-f16, unfused-tiny, unet-f16-trace  the f16 halves alone: op-check in f16 only,
+#               unfused's tiny UNet only, and unet-untuned's f16 SD-1.5 run without its f32
+#               reference (each layer's largest activation and non-finite count), for a short call
 #   p2          P2 (RK4-100 and Dopri5) in every gradient mode, each with its relative difference
 #               from Backprop's gradient
 #   p2-backsolve  P2's Backsolve rows alone (RK4-100 and Dopri5, with --check), the mode whose
@@ -85,6 +92,8 @@ case "${1:-}" in
     cp target/release/examples/bench_ode target/release/examples/bench_unet .gpu-bin/
     # Like binaries side by side, so that each finds the last in xz's window.
     bins=(bench_unet_untuned bench_unet bench_unet_unfused bench_diffusion_untuned check_ops_untuned bench_ode)
+    # A check_ops built before a patch, put here by hand for a before/after, goes in too.
+    if [ -f .gpu-bin/check_ops_nofix ]; then bins+=(check_ops_nofix); fi
     tar cf - -C .gpu-bin "${bins[@]}" | xz -9 -T1 >.gpu-bin/bins.tar.xz
     (cd .gpu-bin && rm -f "${bins[@]}" bins.tar.gz)
     # What they were built from: rebuild when the sources have changed since.
@@ -95,13 +104,13 @@ case "${1:-}" in
     ;;
   run) shift ;;
   *)
-    echo "usage: $0 build | run [op-check attn-check unet-untuned unfused p2 p2-backsolve ddim unet-f32 unet-f16 torch unet-tiny]" >&2
+    echo "usage: $0 build | run [op-check op-check-f16 bias-check attn-check unet-untuned unet-f16-trace unfused unfused-tiny p2 p2-backsolve ddim unet-f32 unet-f16 torch unet-tiny]" >&2
     exit 2
     ;;
 esac
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(op-check attn-check unet-untuned unfused p2 ddim unet-f32 unet-f16 torch unet-tiny)
+[ ${#steps[@]} -gt 0 ] || steps=(bias-check op-check attn-check unet-untuned unfused p2 ddim unet-f32 unet-f16 torch unet-tiny)
 
 export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
 if [ ! -d "$CUDA_PATH" ] && command -v nvcc >/dev/null; then
@@ -193,8 +202,21 @@ for step in "${steps[@]}"; do
   case $step in
     # Op by op against ndarray's f32 on the same seeded data: the UNet's ε and VJP are not
     # finite in f16 on CUDA, but are on flex and lavapipe (README, On a GPU).
-    op-check)
-      for dtype in f16 f32; do
+    # The convolutions with a bias, in f16 and f32, on this build and (when the archive has it)
+    # on `check_ops_nofix`, built without burn-cubecl's patch 3 (vendor/README.md): the bias
+    # inside cubek's implicit GEMM made conv_in NaN in f16 on CUDA (H100, 2026-11-28).
+    bias-check)
+      # Before the patch in f16 and f32 (is the fault f16's alone?), after it in f16.
+      for run in "check_ops_nofix f16" "check_ops_nofix f32" "check_ops_untuned f16"; do
+        set -- $run
+        [ -x .gpu-bin/$1 ] || continue
+        peak 90 .gpu-bin/$1 --backend cuda --dtype $2 --only bias
+      done
+      ;;
+    op-check | op-check-f16)
+      dtypes=(f16 f32)
+      [ "$step" = op-check ] || dtypes=(f16)
+      for dtype in "${dtypes[@]}"; do
         peak 150 .gpu-bin/check_ops_untuned --backend cuda --dtype $dtype
       done
       ;;
@@ -210,13 +232,14 @@ for step in "${steps[@]}"; do
       ;;
     # f16 on CUDA held NaN or Inf in the tiny UNet at 32×32 and the SD-1.5 UNet (H100,
     # 2026-11-27, with fusion). The same binary set, with and without burn's fusion.
-    unfused)
+    unfused | unfused-tiny)
       if tiny_ref 32; then
         for bin in bench_unet_untuned bench_unet_unfused; do
           peak 120 .gpu-bin/$bin --config tiny --size 32 --backend cuda --reps 3 --dtype f16 \
             --compare-dir /tmp/tiny-ref-32 --trace
         done
       fi
+      [ "$step" = unfused ] || continue
       # With unet-untuned's f32 run before it, also its difference from f32.
       sd_ref=()
       if [ -d $sd-untuned ]; then sd_ref=(--compare-dir $sd-untuned); fi
@@ -236,6 +259,9 @@ for step in "${steps[@]}"; do
       peak 150 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 10 --save-dir $sd-untuned
       peak 150 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 10 --dtype f16 \
         --compare-dir $sd-untuned --trace
+      ;;
+    unet-f16-trace)
+      peak 150 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 3 --dtype f16 --trace
       ;;
     unet-f32) peak 540 .gpu-bin/bench_unet --config sd15 --backend cuda --reps 10 --save-dir $sd ;;
     unet-f16)
