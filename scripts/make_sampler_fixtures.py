@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M) and UniPC schedulers for the diffusion
+"""Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M) and UniPC (bh2, bh1) schedulers for the diffusion
 tests (tests/fixtures/samplers.safetensors + samplers.json).
 
 The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
@@ -79,6 +79,14 @@ CASES = {
                                                       beta_end=0.012, use_karras_sigmas=True), 12),
     "unipc_sd_img2img": (UniPCMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
                                                        beta_end=0.012), 20),
+    # UniPC bh1 (B(h) = -h): under 10 steps, as the paper recommends it, and 20. Both end on sigma_min:
+    # ending on 0, diffusers 0.42.1's bh1 returns NaN at the last step (its first-order predictor adds
+    # alpha_t * B_h * 0 with B_h = -h = -inf), where the method's value is the data prediction.
+    "unipc_bh1_sd_8": (UniPCMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                     beta_end=0.012, solver_type="bh1",
+                                                     final_sigmas_type="sigma_min"), 8),
+    "unipc_bh1_linear_20": (UniPCMultistepScheduler, dict(beta_schedule="linear", solver_type="bh1",
+                                                          final_sigmas_type="sigma_min"), 20),
 }
 STRENGTH = {"unipc_sd_img2img": 0.6, "ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6,
             "dpmpp3m_sd_img2img_sigma_min": 0.6}

@@ -163,6 +163,8 @@ enum SolverArg {
     Dpmpp3m,
     /// UniPC, diffusers' defaults (exact or backprop).
     Unipc,
+    /// UniPC with diffusers' `solver_type = "bh1"`, for unconditional sampling in under 10 steps.
+    UnipcBh1,
     /// Heun in ρ.
     Heun,
 }
@@ -245,6 +247,7 @@ impl TaskArgs {
                 SolverArg::Dpmpp2mKarras => SolverChoice::Dpmpp2mKarras,
                 SolverArg::Dpmpp3m => SolverChoice::Dpmpp3m,
                 SolverArg::Unipc => SolverChoice::Unipc,
+                SolverArg::UnipcBh1 => SolverChoice::UnipcBh1,
                 SolverArg::Heun => SolverChoice::Heun,
             },
             karras: self.karras,

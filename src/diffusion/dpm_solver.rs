@@ -19,12 +19,14 @@
 //!     differences of the last three x̂0 (`r_1 = h_{i−2}/h_i`).
 //!
 //! UniPC (Zhao et al. 2023; diffusers' `UniPCMultistepScheduler` with its defaults:
-//! `solver_order = 2`, `predict_x0`, `solver_type = "bh2"`, `lower_order_final`) also corrects
+//! `solver_order = 2`, `predict_x0`, `solver_type = "bh2"`, `lower_order_final`, or with
+//! `solver_type = "bh1"`) also corrects
 //! the sample it evaluated, with the network output there, before predicting the next one. Its
 //! state is `[y_i (predicted); x̂0_{i−1}; x̂0_{i−2}; y_{i−1} (corrected)]`, and step i is: the
 //! corrector UniC from the corrected `y_{i−1}` to `y_i^c` (of the order the predictor into step i
 //! had; none at the first step), then the predictor UniP from `y_i^c` (first order at the first
-//! and last steps, second between), both with `B(h) = e^{−h} − 1`.
+//! and last steps, second between), both with `B(h) = e^{−h} − 1` (bh2) or `B(h) = −h` (bh1,
+//! which the UniPC paper recommends for unconditional sampling in under 10 steps).
 //!
 //! Each map is written as one Euler step `z + h f(ρ_i, z)` with `h = ρ_{i+1} − ρ_i` of a field
 //! that knows the grid: `f = (z_{i+1} − z_i)/h` block by block, e.g. for DPM-Solver++
@@ -67,7 +69,10 @@ pub struct MultistepMap<B: Backend, M: Module<B>> {
 enum Method {
     DpmPP2,
     DpmPP3,
-    UniPc,
+    /// `bh1`: B(h) = −h instead of bh2's e^{−h} − 1.
+    UniPc {
+        bh1: bool,
+    },
 }
 
 impl Method {
@@ -76,7 +81,7 @@ impl Method {
         match self {
             Method::DpmPP2 => 2,
             Method::DpmPP3 => 3,
-            Method::UniPc => 4,
+            Method::UniPc { .. } => 4,
         }
     }
 }
@@ -106,8 +111,22 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
 
     /// UniPC (bh2, second order, with its corrector): see the module's doc.
     pub fn unipc(mut self) -> Self {
-        self.method = Method::UniPc;
+        self.method = Method::UniPc { bh1: false };
         self
+    }
+
+    /// UniPC with `B(h) = −h` (diffusers' `solver_type = "bh1"`).
+    pub fn unipc_bh1(mut self) -> Self {
+        self.method = Method::UniPc { bh1: true };
+        self
+    }
+
+    /// UniPC's `B(h)` for a step of `h = log(ρ_s/ρ_t)`: `e^{−h} − 1` (bh2) or `−h` (bh1).
+    fn b_of(&self, h: f64) -> f64 {
+        match self.method {
+            Method::UniPc { bh1: true } => -h,
+            _ => (-h).exp_m1(),
+        }
     }
 
     /// The network sees `timesteps[i]` at knot i instead of the schedule's t(ρ_i) (a knot
@@ -163,12 +182,13 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
     ) -> (Tensor<B, D>, Tensor<B, D>) {
         let g = &self.grid;
         // UniC from ρ_{i−1} to ρ_i, of the order the predictor into step i had (1 after the
-        // first step, 2 after), with B(h) = e^{−h} − 1 (bh2); none at the first step.
+        // first step, 2 after); none at the first step.
         let y_c = if i == 0 {
             y.clone()
         } else {
             let h = (g[i - 1] / g[i]).ln();
             let em1 = g[i] / g[i - 1] - 1.0;
+            let b_h = self.b_of(h);
             let base = y_c_prev.clone().mul_scalar(g[i] / g[i - 1]) - m1.clone().mul_scalar(em1);
             let d1_t = x0.clone() - m1.clone();
             let correction = if i == 1 {
@@ -177,13 +197,13 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
                 // rhos_c solve [[1, 1], [r, 1]] ρ = [b1, b2], with diffusers' b_k.
                 let r = (g[i - 1] / g[i - 2]).ln() / h;
                 let phi = em1 / -h - 1.0;
-                let b1 = phi / em1;
-                let b2 = (phi / -h - 0.5) * 2.0 / em1;
+                let b1 = phi / b_h;
+                let b2 = (phi / -h - 0.5) * 2.0 / b_h;
                 let rho0 = (b1 - b2) / (1.0 - r);
                 let d1 = (m2.clone() - m1.clone()).div_scalar(r);
                 d1.mul_scalar(rho0) + d1_t.mul_scalar(b1 - rho0)
             };
-            base - correction.mul_scalar(em1)
+            base - correction.mul_scalar(b_h)
         };
         // UniP from ρ_i to ρ_{i+1}: first order at the first and the last step.
         let em1 = g[i + 1] / g[i] - 1.0;
@@ -191,7 +211,7 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         if i > 0 && i + 1 < steps {
             let r = (g[i] / g[i - 1]).ln() / (g[i] / g[i + 1]).ln();
             let d1 = (m1.clone() - x0.clone()).div_scalar(r);
-            y_next = y_next - d1.mul_scalar(0.5 * em1);
+            y_next = y_next - d1.mul_scalar(0.5 * self.b_of((g[i] / g[i + 1]).ln()));
         }
         (y_next, y_c)
     }
@@ -230,7 +250,7 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
             .eps(y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(rho_s)), t);
         let x0 = y.clone() - eps.mul_scalar(rho_s);
         let step = rho_t - rho_s;
-        if let (Method::UniPc, Some(m2)) = (self.method, m2.clone()) {
+        if let (Method::UniPc { .. }, Some(m2)) = (self.method, m2.clone()) {
             let y_c_prev = z.narrow(0, 3 * b, b);
             let (y_next, y_c) = self.unipc_step(i, steps, &y, &x0, &m1, &m2, &y_c_prev);
             let parts = vec![y_next - y, x0 - m1.clone(), m1 - m2, y_c - y_c_prev];

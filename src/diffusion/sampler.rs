@@ -41,6 +41,9 @@ pub enum SamplerKind {
     /// with the network output already computed there, so no extra network call; state
     /// `[y; x̂0_prev; x̂0_prev2; y_corrected_prev]`. Exact and Backprop gradients, like DPM-Solver++.
     UniPc,
+    /// UniPC with `B(h) = −h` (diffusers' `solver_type = "bh1"`, which the paper recommends for
+    /// unconditional sampling in under 10 steps), otherwise as [`UniPc`](Self::UniPc).
+    UniPcBh1,
 }
 
 impl SamplerKind {
@@ -49,7 +52,9 @@ impl SamplerKind {
             SamplerKind::Ddim => &tableau::EULER,
             SamplerKind::Heun => &tableau::HEUN,
             SamplerKind::Rk4 => &tableau::RK4,
-            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc => &tableau::EULER,
+            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc | SamplerKind::UniPcBh1 => {
+                &tableau::EULER
+            }
         }
     }
 
@@ -57,7 +62,7 @@ impl SamplerKind {
     pub fn is_multistep(self) -> bool {
         matches!(
             self,
-            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc
+            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc | SamplerKind::UniPcBh1
         )
     }
 }
@@ -125,6 +130,14 @@ impl Sampler {
     pub fn unipc(steps: usize) -> Self {
         Self {
             kind: SamplerKind::UniPc,
+            ..Self::dpm_solver_pp_2m(steps)
+        }
+    }
+
+    /// UniPC with diffusers' `solver_type = "bh1"`, otherwise as [`Sampler::unipc`].
+    pub fn unipc_bh1(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::UniPcBh1,
             ..Self::dpm_solver_pp_2m(steps)
         }
     }
@@ -294,6 +307,7 @@ impl Sampler {
         let map = match self.kind {
             SamplerKind::DpmSolverPP3M => map.third_order(),
             SamplerKind::UniPc => map.unipc(),
+            SamplerKind::UniPcBh1 => map.unipc_bh1(),
             _ => map,
         };
         Ok(match self.karras_sigmas {
@@ -329,7 +343,7 @@ impl Sampler {
             if let GradientMode::Backsolve(_) = self.gradient {
                 return Err(DiffusionError::UnsupportedGradient {
                     sampler: match self.kind {
-                        SamplerKind::UniPc => "UniPC",
+                        SamplerKind::UniPc | SamplerKind::UniPcBh1 => "UniPC",
                         _ => "DPM-Solver++",
                     },
                     mode: self.gradient,

@@ -189,6 +189,9 @@ pub enum SolverChoice {
     Dpmpp3m,
     /// UniPC (predictor-corrector, no extra network call): exact or Backprop gradients.
     Unipc,
+    /// UniPC with `B(h) = −h` (diffusers' `solver_type = "bh1"`).
+    #[serde(rename = "unipc-bh1")]
+    UnipcBh1,
     /// Heun in ρ.
     Heun,
 }
@@ -202,6 +205,7 @@ impl SolverChoice {
             SolverChoice::Dpmpp2mKarras => Sampler::dpm_solver_pp_2m(steps).karras_sigmas(true),
             SolverChoice::Dpmpp3m => Sampler::dpm_solver_pp_3m(steps),
             SolverChoice::Unipc => Sampler::unipc(steps),
+            SolverChoice::UnipcBh1 => Sampler::unipc_bh1(steps),
             SolverChoice::Heun => Sampler::heun(steps),
         };
         base.gradient(gradient.mode())

@@ -148,6 +148,7 @@ fn checkpointed_equals_backprop_through_sampling() {
         Sampler::dpm_solver_pp_2m(16),
         Sampler::dpm_solver_pp_3m(12),
         Sampler::unipc(10),
+        Sampler::unipc_bh1(10),
     ] {
         let reference = grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
         for schedule_kind in [Schedule::All, Schedule::Every(3), Schedule::Recursive] {
@@ -179,6 +180,7 @@ fn conditioning_gradient_with_frozen_network_matches_finite_differences() {
         Sampler::dpm_solver_pp_2m(6),
         Sampler::dpm_solver_pp_3m(6),
         Sampler::unipc(6),
+        Sampler::unipc_bh1(6),
     ] {
         conditioning_gradient_matches_finite_differences(sampler);
     }

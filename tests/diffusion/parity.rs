@@ -116,6 +116,17 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
         ("unipc_linear_20", &linear, Sampler::unipc(20)),
         ("unipc_sd_karras", &sd, Sampler::unipc(12).karras_sigmas(true)),
         ("unipc_sd_img2img", &sd, Sampler::unipc(20).strength(0.6)),
+        // Ending on sigma_min: diffusers' bh1 returns NaN on a last step to 0 (B(h) = −∞ times 0).
+        (
+            "unipc_bh1_sd_8",
+            &sd,
+            with(Sampler::unipc_bh1(8), TimestepSpacing::Linspace, 0, false),
+        ),
+        (
+            "unipc_bh1_linear_20",
+            &linear,
+            with(Sampler::unipc_bh1(20), TimestepSpacing::Linspace, 0, false),
+        ),
     ];
     for (name, schedule, sampler) in cases {
         let case = &meta["cases"][name];
