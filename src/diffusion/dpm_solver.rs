@@ -209,9 +209,10 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         let em1 = g[i + 1] / g[i] - 1.0;
         let mut y_next = y_c.clone().mul_scalar(g[i + 1] / g[i]) - x0.clone().mul_scalar(em1);
         if i > 0 && i + 1 < steps {
-            let r = (g[i] / g[i - 1]).ln() / (g[i] / g[i + 1]).ln();
+            let h = (g[i] / g[i + 1]).ln();
+            let r = (g[i] / g[i - 1]).ln() / h;
             let d1 = (m1.clone() - x0.clone()).div_scalar(r);
-            y_next = y_next - d1.mul_scalar(0.5 * self.b_of((g[i] / g[i + 1]).ln()));
+            y_next = y_next - d1.mul_scalar(0.5 * self.b_of(h));
         }
         (y_next, y_c)
     }
