@@ -13,9 +13,11 @@
 //! `--dtype f16` makes f16 the device's float dtype (weights, activations, gradients). To see what
 //! f16 costs in accuracy, run f32 with `--save-dir D` (writes the random weights, ε and the VJP to
 //! the latent), then f16 with `--compare-dir D`: it loads the same weights through the checkpoint
-//! loader (f32 → f16 cast) and reports `rel_diff_vs_f32` = ‖ε₁₆ − ε₃₂‖ / ‖ε₃₂‖ and
-//! `grad_rel_diff_vs_f32`, the same for the VJP. Inputs are seeded, so both runs see the same
-//! latent, timestep, context and cotangent.
+//! loader (f32 → f16 cast) and reports `rel_diff_vs_f32` = ‖ε₁₆ − ε₃₂‖ / ‖ε₃₂‖,
+//! `grad_rel_diff_vs_f32`, the same for the VJP to the latent, and `weight_grad_rel_diffs_vs_f32`
+//! for the gradients of five weights (`conv_in`'s and `conv_out`'s weight and bias, the time
+//! MLP's first layer). The same compares two backends on the same dtype. Inputs are seeded, so
+//! both runs see the same latent, timestep, context and cotangent.
 
 use std::time::Instant;
 
@@ -134,8 +136,38 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let eps = to_vec(out.clone().into_data())?;
     let grads = (out * w.clone()).sum().backward();
     let grad_x = to_vec(x.grad(&grads).ok_or("no gradient reached the latent")?.into_data())?;
-    let outputs = Outputs { eps, grad_x };
-    let finite = outputs.eps.iter().chain(&outputs.grad_x).all(|v| v.is_finite());
+    // A few weights' gradients too: the latent's does not pass through a weight gradient, and
+    // conv_in's was wrong in f32 on CUDA unnoticed (H100, 2026-11-28, burn-cubecl's patch 4).
+    let weight_grad = |name: &str, g: Option<TensorData>| -> Result<(String, Vec<f32>), String> {
+        Ok((
+            name.to_string(),
+            to_vec(g.ok_or(format!("no gradient reached {name}"))?)?,
+        ))
+    };
+    let (ci, co, te) = (&unet.conv_in, &unet.conv_out, &unet.time_embedding.linear_1);
+    let bias_grad = |b: &Option<burn::module::Param<Tensor<Autodiff<B>, 1>>>| {
+        b.as_ref().and_then(|b| b.val().grad(&grads)).map(|g| g.into_data())
+    };
+    let weight_grads = vec![
+        weight_grad("conv_in.weight", ci.weight.val().grad(&grads).map(|g| g.into_data()))?,
+        weight_grad("conv_in.bias", bias_grad(&ci.bias))?,
+        weight_grad("conv_out.weight", co.weight.val().grad(&grads).map(|g| g.into_data()))?,
+        weight_grad("conv_out.bias", bias_grad(&co.bias))?,
+        weight_grad(
+            "time_embedding.linear_1.weight",
+            te.weight.val().grad(&grads).map(|g| g.into_data()),
+        )?,
+    ];
+    let outputs = Outputs {
+        eps,
+        grad_x,
+        weight_grads,
+    };
+    let finite = outputs.eps.iter().chain(&outputs.grad_x).all(|v| v.is_finite())
+        && outputs
+            .weight_grads
+            .iter()
+            .all(|(_, g)| g.iter().all(|v| v.is_finite()));
     if args.trace {
         let (x, t, c) = (sample.clone().inner(), t.clone().inner(), context.clone().inner());
         inner.forward_observed(x, t, c, None, &mut |site, h| {
@@ -164,22 +196,31 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         let text = serde_json::to_string(&outputs).map_err(|e| e.to_string())?;
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    let (rel_diff_vs_f32, grad_rel_diff_vs_f32) = match &args.compare_dir {
+    let (rel_diff_vs_f32, grad_rel_diff_vs_f32, weight_grad_rel_diffs) = match &args.compare_dir {
         Some(dir) => {
             let path = dir.join("outputs.json");
             let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let saved: Outputs = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            // Per weight, as the reference has them (a reference saved before it kept none).
+            let mut by_weight = serde_json::Map::new();
+            for (name, reference) in &saved.weight_grads {
+                if let Some((_, got)) = outputs.weight_grads.iter().find(|(n, _)| n == name) {
+                    by_weight.insert(name.clone(), rel_diff(got, reference)?.into());
+                }
+            }
             (
                 Some(rel_diff(&outputs.eps, &saved.eps)?),
                 Some(rel_diff(&outputs.grad_x, &saved.grad_x)?),
+                Some(by_weight),
             )
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let line = serde_json::json!({
         "config": format!("{:?}", args.config).to_lowercase(), "backend": format!("{:?}", args.backend).to_lowercase(),
         "dtype": format!("{:?}", args.dtype).to_lowercase(), "finite": finite,
         "rel_diff_vs_f32": rel_diff_vs_f32, "grad_rel_diff_vs_f32": grad_rel_diff_vs_f32,
+        "weight_grad_rel_diffs_vs_f32": weight_grad_rel_diffs,
         "params": params, "batch": args.batch, "latent": [4, size, size], "context": [tokens, context_dim],
         "forward_s": forward_s, "vjp_s": vjp_s, "forward_warmup_s": forward_warmup_s, "vjp_warmup_s": vjp_warmup_s,
         "peak_rss_mib": adjoint_dpm::bench::peak_rss_mib(),
@@ -248,4 +289,7 @@ fn conv_in_probe<B: Backend>(
 struct Outputs {
     eps: Vec<f32>,
     grad_x: Vec<f32>,
+    /// Gradients of ⟨ε, w⟩ to a few weights, by checkpoint key.
+    #[serde(default)]
+    weight_grads: Vec<(String, Vec<f32>)>,
 }

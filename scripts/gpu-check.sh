@@ -27,7 +27,8 @@
 #               fault was a convolution's bias in f16 (bias-check, burn-cubecl's patch 3)
 #   attn-check  the small UNet at a 64×64 and a 40×40 latent on flex (this machine's CPU path),
 #               then on CUDA without autotune against it (convolutions, matmuls and attention,
-#               forward and VJP), to check CUDA's kernels before trusting any UNet figure
+#               forward, VJP to the latent and five weights' gradients: every `--compare-dir`
+#               reports them), to check CUDA's kernels before trusting any UNet figure
 #               (H100, 2026-11-27: 9.7e-4 / 1.3e-3 at 64×64, 8.6e-4 / 1.4e-3 at 40×40)
 #   unet-untuned  the Stable Diffusion 1.5 UNet (random weights, 64×64×4 latent, 77×768 context),
 #               forward and VJP, f32 then f16 (with its difference from f32 and, layer by
