@@ -8,11 +8,12 @@
 //! cargo run --release --example check_ops -- --dtype f16               # flex itself in f16
 //! cargo run --release --features cuda-untuned --example check_ops -- --backend cuda --dtype f16
 //! ```
-//! It exists to find which kernel makes the UNet's ε and VJP non-finite in f16 on CUDA (H100,
-//! 2026-11-27), where flex and wgpu/lavapipe stay finite: the implicit-GEMM convolutions, the
-//! CMMA matmuls, the native attention, the reductions of GroupNorm and LayerNorm, or the
-//! activations. Cases with `scale` > 1 multiply their input, to see the range of f16
-//! (largest finite value 65504) as well as its rounding.
+//! It was written to find which kernel made the UNet's ε and VJP non-finite in f16 on CUDA (H100,
+//! 2026-11-27), where flex and wgpu/lavapipe stayed finite. Every op alone was right; the cases
+//! with a bias found it (cubek's implicit-GEMM convolution adding an f16 bias, burn-cubecl's
+//! patch 3), and their f32 weight gradients a second fault (4 input channels, patch 4). Cases
+//! with `scale` > 1 multiply their input, to see the range of f16 (largest finite value 65504)
+//! as well as its rounding.
 
 use std::time::Instant;
 
@@ -86,8 +87,8 @@ const fn case(name: &'static str, op: Op, shapes: &'static [[usize; 4]], scale: 
 // One case a line: a table reads better unwrapped.
 #[rustfmt::skip]
 const CASES: &[Case] = &[
-    // With a bias: the UNet's first layer (conv_in) held NaN in f16 on CUDA, fused or not, where
-    // the same convolution without bias was finite (H100, 2026-11-28).
+    // With a bias: in f16 on CUDA these were 0.70 to 5.6 off (H100, 2026-11-28; the UNet's
+    // conv_in held NaN) until burn-cubecl's patch 3 added the bias after the convolution.
     case("conv3x3 4→320 64×64 + bias (conv_in)", Op::Conv3x3 { stride: 1, bias: true }, &[[1, 4, 64, 64], [320, 4, 3, 3], [1, 1, 1, 320]], 1.0),
     case("conv3x3 4→32 32×32 + bias (tiny conv_in)", Op::Conv3x3 { stride: 1, bias: true }, &[[1, 4, 32, 32], [32, 4, 3, 3], [1, 1, 1, 32]], 1.0),
     case("conv3x3 320→320 64×64 + bias", Op::Conv3x3 { stride: 1, bias: true }, &[[1, 320, 64, 64], [320, 320, 3, 3], [1, 1, 1, 320]], 1.0),

@@ -93,10 +93,14 @@ case "${1:-}" in
     cp target/release/examples/bench_ode target/release/examples/bench_unet .gpu-bin/
     # Like binaries side by side, so that each finds the last in xz's window.
     bins=(bench_unet_untuned bench_unet bench_unet_unfused bench_diffusion_untuned check_ops_untuned bench_ode)
-    # A check_ops built before a patch, put here by hand for a before/after, goes in too.
-    if [ -f .gpu-bin/check_ops_nofix ]; then bins+=(check_ops_nofix); fi
-    tar cf - -C .gpu-bin "${bins[@]}" | xz -9 -T1 >.gpu-bin/bins.tar.xz
-    (cd .gpu-bin && rm -f "${bins[@]}" bins.tar.gz)
+    (cd .gpu-bin && rm -f bins.tar.gz)
+    # A check_ops built before a patch, put here by hand for a before/after, goes in too and
+    # stays beside the archive for the next build (a session's checkout starts without either:
+    # take it out of the last archive, `tar xJf .gpu-bin/bins.tar.xz -C .gpu-bin check_ops_nofix`).
+    extra=()
+    if [ -f .gpu-bin/check_ops_nofix ]; then extra=(check_ops_nofix); fi
+    tar cf - -C .gpu-bin "${bins[@]}" "${extra[@]}" | xz -9 -T1 >.gpu-bin/bins.tar.xz
+    (cd .gpu-bin && rm -f "${bins[@]}")
     # What they were built from: rebuild when the sources have changed since.
     git log -1 --format='%h %cd' --date=iso >.gpu-bin/built-from
     git status --porcelain -- src models examples vendor Cargo.toml Cargo.lock >>.gpu-bin/built-from
