@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M) and UniPC (bh2, bh1) schedulers for the diffusion
+"""Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M) and UniPC (bh2, bh1; order 2, 3) schedulers for the diffusion
 tests (tests/fixtures/samplers.safetensors + samplers.json).
 
 The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
@@ -87,8 +87,19 @@ CASES = {
                                                      final_sigmas_type="sigma_min"), 8),
     "unipc_bh1_linear_20": (UniPCMultistepScheduler, dict(beta_schedule="linear", solver_type="bh1",
                                                           final_sigmas_type="sigma_min"), 20),
+    # UniPC of order 3 (solver_order=3): SD 10 steps, linear 20, bh1 on sigma_min, Karras, img2img.
+    "unipc3_sd": (UniPCMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                beta_end=0.012, solver_order=3), 10),
+    "unipc3_linear_20": (UniPCMultistepScheduler, dict(beta_schedule="linear", solver_order=3), 20),
+    "unipc3_bh1_sd_8": (UniPCMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                      beta_end=0.012, solver_type="bh1", solver_order=3,
+                                                      final_sigmas_type="sigma_min"), 8),
+    "unipc3_sd_karras": (UniPCMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                       beta_end=0.012, solver_order=3, use_karras_sigmas=True), 12),
+    "unipc3_sd_img2img": (UniPCMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                        beta_end=0.012, solver_order=3), 20),
 }
-STRENGTH = {"unipc_sd_img2img": 0.6, "ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6,
+STRENGTH = {"unipc3_sd_img2img": 0.6, "unipc_sd_img2img": 0.6, "ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6,
             "dpmpp3m_sd_img2img_sigma_min": 0.6}
 
 

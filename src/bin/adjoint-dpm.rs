@@ -165,6 +165,8 @@ enum SolverArg {
     Unipc,
     /// UniPC with diffusers' `solver_type = "bh1"`, for unconditional sampling in under 10 steps.
     UnipcBh1,
+    /// UniPC of order 3 (diffusers' `solver_order = 3`, for unconditional sampling).
+    Unipc3,
     /// Heun in ρ.
     Heun,
 }
@@ -248,6 +250,7 @@ impl TaskArgs {
                 SolverArg::Dpmpp3m => SolverChoice::Dpmpp3m,
                 SolverArg::Unipc => SolverChoice::Unipc,
                 SolverArg::UnipcBh1 => SolverChoice::UnipcBh1,
+                SolverArg::Unipc3 => SolverChoice::Unipc3,
                 SolverArg::Heun => SolverChoice::Heun,
             },
             karras: self.karras,

@@ -18,15 +18,16 @@
 //!     ((e^{−h} − 1 + h)/h² − ½) D2` with diffusers' `D0 = x̂0_i`, `D1`, `D2` from the divided
 //!     differences of the last three x̂0 (`r_1 = h_{i−2}/h_i`).
 //!
-//! UniPC (Zhao et al. 2023; diffusers' `UniPCMultistepScheduler` with its defaults:
-//! `solver_order = 2`, `predict_x0`, `solver_type = "bh2"`, `lower_order_final`, or with
-//! `solver_type = "bh1"`) also corrects
-//! the sample it evaluated, with the network output there, before predicting the next one. Its
-//! state is `[y_i (predicted); x̂0_{i−1}; x̂0_{i−2}; y_{i−1} (corrected)]`, and step i is: the
-//! corrector UniC from the corrected `y_{i−1}` to `y_i^c` (of the order the predictor into step i
-//! had; none at the first step), then the predictor UniP from `y_i^c` (first order at the first
-//! and last steps, second between), both with `B(h) = e^{−h} − 1` (bh2) or `B(h) = −h` (bh1,
-//! which the UniPC paper recommends for unconditional sampling in under 10 steps).
+//! UniPC (Zhao et al. 2023; diffusers' `UniPCMultistepScheduler` with `predict_x0` and
+//! `lower_order_final`, `solver_order` 2 or 3, `solver_type` "bh2" or "bh1") also corrects the
+//! sample it evaluated, with the network output there, before predicting the next one. Its state
+//! is `[y_i (predicted); x̂0_{i−1}; …; x̂0_{i−p}; y_{i−1} (corrected)]` for order p, and step i
+//! is: the corrector UniC from the corrected `y_{i−1}` to `y_i^c` (of the order the predictor
+//! into step i had; none at the first step), then the predictor UniP from `y_i^c`, of order
+//! `min(p, i + 1, steps − i)` (warm-up, and lower at the last steps). Their coefficients solve
+//! diffusers' small Vandermonde systems in the ratios `r_k` of the log-ρ steps to earlier knots,
+//! with `B(h) = e^{−h} − 1` (bh2) or `B(h) = −h` (bh1, which the UniPC paper recommends for
+//! unconditional sampling in under 10 steps).
 //!
 //! Each map is written as one Euler step `z + h f(ρ_i, z)` with `h = ρ_{i+1} − ρ_i` of a field
 //! that knows the grid: `f = (z_{i+1} − z_i)/h` block by block, e.g. for DPM-Solver++
@@ -69,9 +70,10 @@ pub struct MultistepMap<B: Backend, M: Module<B>> {
 enum Method {
     DpmPP2,
     DpmPP3,
-    /// `bh1`: B(h) = −h instead of bh2's e^{−h} − 1.
+    /// `bh1`: B(h) = −h instead of bh2's e^{−h} − 1; `third_order`: `solver_order = 3`.
     UniPc {
         bh1: bool,
+        third_order: bool,
     },
 }
 
@@ -81,7 +83,7 @@ impl Method {
         match self {
             Method::DpmPP2 => 2,
             Method::DpmPP3 => 3,
-            Method::UniPc { .. } => 4,
+            Method::UniPc { third_order, .. } => 4 + usize::from(third_order),
         }
     }
 }
@@ -109,22 +111,16 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         self
     }
 
-    /// UniPC (bh2, second order, with its corrector): see the module's doc.
-    pub fn unipc(mut self) -> Self {
-        self.method = Method::UniPc { bh1: false };
-        self
-    }
-
-    /// UniPC with `B(h) = −h` (diffusers' `solver_type = "bh1"`).
-    pub fn unipc_bh1(mut self) -> Self {
-        self.method = Method::UniPc { bh1: true };
+    /// UniPC with its corrector: bh1 or bh2, second or third order; see the module's doc.
+    pub fn unipc(mut self, bh1: bool, third_order: bool) -> Self {
+        self.method = Method::UniPc { bh1, third_order };
         self
     }
 
     /// UniPC's `B(h)` for a step of `h = log(ρ_s/ρ_t)`: `e^{−h} − 1` (bh2) or `−h` (bh1).
     fn b_of(&self, h: f64) -> f64 {
         match self.method {
-            Method::UniPc { bh1: true } => -h,
+            Method::UniPc { bh1: true, .. } => -h,
             _ => (-h).exp_m1(),
         }
     }
@@ -167,54 +163,83 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
     }
 
     /// UniPC's step i: the corrected sample at ρ_i and the predicted one at ρ_{i+1}, from the
-    /// predicted `y` at ρ_i with its data prediction `x0`, the earlier data predictions `m1`,
-    /// `m2` and the corrected sample `y_c_prev` at ρ_{i−1}.
-    #[allow(clippy::too_many_arguments)]
+    /// predicted `y` at ρ_i with its data prediction `x0`, the earlier data predictions
+    /// `ms = [x̂0_{i−1}, x̂0_{i−2}, …]` and the corrected sample `y_c_prev` at ρ_{i−1}.
     fn unipc_step<const D: usize>(
         &self,
         i: usize,
         steps: usize,
         y: &Tensor<B, D>,
         x0: &Tensor<B, D>,
-        m1: &Tensor<B, D>,
-        m2: &Tensor<B, D>,
+        ms: &[Tensor<B, D>],
         y_c_prev: &Tensor<B, D>,
     ) -> (Tensor<B, D>, Tensor<B, D>) {
         let g = &self.grid;
-        // UniC from ρ_{i−1} to ρ_i, of the order the predictor into step i had (1 after the
-        // first step, 2 after); none at the first step.
+        // diffusers' order of UniP at step k: warm-up and `lower_order_final`.
+        let order = |k: usize| self.unipc_order().min(steps - k).min(k + 1);
+        // UniC from ρ_{i−1} to ρ_i, of the order the predictor into step i had; none at step 0.
         let y_c = if i == 0 {
             y.clone()
         } else {
+            let p = order(i - 1);
             let h = (g[i - 1] / g[i]).ln();
-            let em1 = g[i] / g[i - 1] - 1.0;
-            let b_h = self.b_of(h);
-            let base = y_c_prev.clone().mul_scalar(g[i] / g[i - 1]) - m1.clone().mul_scalar(em1);
-            let d1_t = x0.clone() - m1.clone();
-            let correction = if i == 1 {
+            let base = y_c_prev.clone().mul_scalar(g[i] / g[i - 1]) - ms[0].clone().mul_scalar((-h).exp_m1());
+            let d1_t = x0.clone() - ms[0].clone();
+            let correction = if p == 1 {
                 d1_t.mul_scalar(0.5)
             } else {
-                // rhos_c solve [[1, 1], [r, 1]] ρ = [b1, b2], with diffusers' b_k.
-                let r = (g[i - 1] / g[i - 2]).ln() / h;
-                let phi = em1 / -h - 1.0;
-                let b1 = phi / b_h;
-                let b2 = (phi / -h - 0.5) * 2.0 / b_h;
-                let rho0 = (b1 - b2) / (1.0 - r);
-                let d1 = (m2.clone() - m1.clone()).div_scalar(r);
-                d1.mul_scalar(rho0) + d1_t.mul_scalar(b1 - rho0)
+                // rhos_c = R⁻¹ b with R's rows r_k^j (and a last column of ones).
+                let rks: Vec<f64> = (1..p).map(|k| (g[i - 1] / g[i - 1 - k]).ln() / h).collect();
+                let rhos = solve(vandermonde(&rks, true), self.unipc_b(h, p));
+                let mut sum = d1_t.mul_scalar(rhos[p - 1]);
+                for (k, rk) in rks.iter().enumerate() {
+                    sum = sum + (ms[k + 1].clone() - ms[0].clone()).mul_scalar(rhos[k] / rk);
+                }
+                sum
             };
-            base - correction.mul_scalar(b_h)
+            base - correction.mul_scalar(self.b_of(h))
         };
         // UniP from ρ_i to ρ_{i+1}: first order at the first and the last step.
         let em1 = g[i + 1] / g[i] - 1.0;
         let mut y_next = y_c.clone().mul_scalar(g[i + 1] / g[i]) - x0.clone().mul_scalar(em1);
-        if i > 0 && i + 1 < steps {
+        let p = order(i);
+        if p > 1 {
             let h = (g[i] / g[i + 1]).ln();
-            let r = (g[i] / g[i - 1]).ln() / h;
-            let d1 = (m1.clone() - x0.clone()).div_scalar(r);
-            y_next = y_next - d1.mul_scalar(0.5 * self.b_of(h));
+            let rks: Vec<f64> = (1..p).map(|k| (g[i] / g[i - k]).ln() / h).collect();
+            let rhos = match p {
+                2 => vec![0.5],
+                _ => solve(vandermonde(&rks, false), self.unipc_b(h, p - 1)),
+            };
+            let mut sum = x0.zeros_like();
+            for (k, rk) in rks.iter().enumerate() {
+                sum = sum + (ms[k].clone() - x0.clone()).mul_scalar(rhos[k] / rk);
+            }
+            y_next = y_next - sum.mul_scalar(self.b_of(h));
         }
         (y_next, y_c)
+    }
+
+    /// UniPC's `solver_order`.
+    fn unipc_order(&self) -> usize {
+        match self.method {
+            Method::UniPc { third_order: true, .. } => 3,
+            _ => 2,
+        }
+    }
+
+    /// UniPC's `b_j = j! h φ_j(h) / B(h)`, j = 1..=n, for a step of `h = log(ρ_s/ρ_t)` (diffusers'
+    /// recurrence on `h_phi_k`, with `hh = −h`).
+    fn unipc_b(&self, h: f64, n: usize) -> Vec<f64> {
+        let (hh, b_h) = (-h, self.b_of(h));
+        let (mut phi, mut factorial) = (hh.exp_m1() / hh - 1.0, 1.0);
+        (1..=n)
+            .map(|j| {
+                let b = phi * factorial / b_h;
+                factorial *= (j + 1) as f64;
+                phi = phi / hh - 1.0 / factorial;
+                b
+            })
+            .collect()
     }
 
     /// The order of step i of `steps` (diffusers' warm-up and `lower_order_final`/`_second`).
@@ -251,10 +276,15 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
             .eps(y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(rho_s)), t);
         let x0 = y.clone() - eps.mul_scalar(rho_s);
         let step = rho_t - rho_s;
-        if let (Method::UniPc { .. }, Some(m2)) = (self.method, m2.clone()) {
-            let y_c_prev = z.narrow(0, 3 * b, b);
-            let (y_next, y_c) = self.unipc_step(i, steps, &y, &x0, &m1, &m2, &y_c_prev);
-            let parts = vec![y_next - y, x0 - m1.clone(), m1 - m2, y_c - y_c_prev];
+        if let Method::UniPc { .. } = self.method {
+            // [y; x̂0_{i−1}, …, x̂0_{i−n}; y_c_prev]: the history shifts in x̂0_i.
+            let blocks = self.method.blocks();
+            let ms: Vec<_> = (1..blocks - 1).map(|k| z.clone().narrow(0, k * b, b)).collect();
+            let y_c_prev = z.narrow(0, (blocks - 1) * b, b);
+            let (y_next, y_c) = self.unipc_step(i, steps, &y, &x0, &ms, &y_c_prev);
+            let mut parts = vec![y_next - y, x0 - ms[0].clone()];
+            parts.extend(ms.windows(2).map(|w| w[0].clone() - w[1].clone()));
+            parts.push(y_c - y_c_prev);
             return Tensor::cat(parts, 0).div_scalar(step);
         }
         let h = (rho_s / rho_t).ln();
@@ -284,4 +314,45 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
         }
         Tensor::cat(parts, 0)
     }
+}
+
+/// UniPC's matrix R: row j holds `r_k^j` for each ratio, then `1` when `ones` (its last
+/// column, the current step's `r = 1`); square either way.
+fn vandermonde(rks: &[f64], ones: bool) -> Vec<Vec<f64>> {
+    let n = rks.len() + usize::from(ones);
+    (0..n)
+        .map(|j| {
+            let mut row: Vec<f64> = rks.iter().map(|r| r.powi(j as i32)).collect();
+            if ones {
+                row.push(1.0);
+            }
+            row
+        })
+        .collect()
+}
+
+/// `a x = b` for a small square system, by Gaussian elimination with partial pivoting.
+fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
+    let n = b.len();
+    for col in 0..n {
+        let pivot = (col..n)
+            .max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))
+            .unwrap_or(col);
+        a.swap(col, pivot);
+        b.swap(col, pivot);
+        for row in col + 1..n {
+            let f = a[row][col] / a[col][col];
+            let (above, below) = a.split_at_mut(row);
+            for (x, p) in below[0][col..].iter_mut().zip(&above[col][col..]) {
+                *x -= f * p;
+            }
+            b[row] -= f * b[col];
+        }
+    }
+    let mut x = vec![0.0; n];
+    for row in (0..n).rev() {
+        let tail: f64 = (row + 1..n).map(|k| a[row][k] * x[k]).sum();
+        x[row] = (b[row] - tail) / a[row][row];
+    }
+    x
 }

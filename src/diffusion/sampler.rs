@@ -40,10 +40,17 @@ pub enum SamplerKind {
     /// second-order multistep predictor (UniP) and a corrector (UniC) that refines each sample
     /// with the network output already computed there, so no extra network call; state
     /// `[y; x̂0_prev; x̂0_prev2; y_corrected_prev]`. Exact and Backprop gradients, like DPM-Solver++.
-    UniPc,
-    /// UniPC with `B(h) = −h` (diffusers' `solver_type = "bh1"`, which the paper recommends for
-    /// unconditional sampling in under 10 steps), otherwise as [`UniPc`](Self::UniPc).
-    UniPcBh1,
+    ///
+    /// `bh1`: `B(h) = −h` instead of `e^{−h} − 1` (diffusers' `solver_type = "bh1"`, which the
+    /// paper recommends for unconditional sampling in under 10 steps). `third_order`: diffusers'
+    /// `solver_order = 3` (the paper's choice for unconditional sampling), with one more data
+    /// prediction in the state.
+    UniPc {
+        /// `solver_type = "bh1"` (else bh2).
+        bh1: bool,
+        /// `solver_order = 3` (else 2).
+        third_order: bool,
+    },
 }
 
 impl SamplerKind {
@@ -52,9 +59,7 @@ impl SamplerKind {
             SamplerKind::Ddim => &tableau::EULER,
             SamplerKind::Heun => &tableau::HEUN,
             SamplerKind::Rk4 => &tableau::RK4,
-            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc | SamplerKind::UniPcBh1 => {
-                &tableau::EULER
-            }
+            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc { .. } => &tableau::EULER,
         }
     }
 
@@ -62,7 +67,7 @@ impl SamplerKind {
     pub fn is_multistep(self) -> bool {
         matches!(
             self,
-            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc | SamplerKind::UniPcBh1
+            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc { .. }
         )
     }
 }
@@ -129,7 +134,10 @@ impl Sampler {
     /// `UniPCMultistepScheduler` picks the same timesteps).
     pub fn unipc(steps: usize) -> Self {
         Self {
-            kind: SamplerKind::UniPc,
+            kind: SamplerKind::UniPc {
+                bh1: false,
+                third_order: false,
+            },
             ..Self::dpm_solver_pp_2m(steps)
         }
     }
@@ -137,7 +145,22 @@ impl Sampler {
     /// UniPC with diffusers' `solver_type = "bh1"`, otherwise as [`Sampler::unipc`].
     pub fn unipc_bh1(steps: usize) -> Self {
         Self {
-            kind: SamplerKind::UniPcBh1,
+            kind: SamplerKind::UniPc {
+                bh1: true,
+                third_order: false,
+            },
+            ..Self::dpm_solver_pp_2m(steps)
+        }
+    }
+
+    /// UniPC with diffusers' `solver_order = 3`, otherwise as [`Sampler::unipc`]. (Both options
+    /// at once: `SamplerKind::UniPc { bh1: true, third_order: true }`.)
+    pub fn unipc_third_order(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::UniPc {
+                bh1: false,
+                third_order: true,
+            },
             ..Self::dpm_solver_pp_2m(steps)
         }
     }
@@ -306,8 +329,7 @@ impl Sampler {
         let map = MultistepMap::new(model, schedule.clone(), grid.to_vec()).with_total_steps(self.steps);
         let map = match self.kind {
             SamplerKind::DpmSolverPP3M => map.third_order(),
-            SamplerKind::UniPc => map.unipc(),
-            SamplerKind::UniPcBh1 => map.unipc_bh1(),
+            SamplerKind::UniPc { bh1, third_order } => map.unipc(bh1, third_order),
             _ => map,
         };
         Ok(match self.karras_sigmas {
@@ -343,7 +365,7 @@ impl Sampler {
             if let GradientMode::Backsolve(_) = self.gradient {
                 return Err(DiffusionError::UnsupportedGradient {
                     sampler: match self.kind {
-                        SamplerKind::UniPc | SamplerKind::UniPcBh1 => "UniPC",
+                        SamplerKind::UniPc { .. } => "UniPC",
                         _ => "DPM-Solver++",
                     },
                     mode: self.gradient,

@@ -192,6 +192,8 @@ pub enum SolverChoice {
     /// UniPC with `B(h) = −h` (diffusers' `solver_type = "bh1"`).
     #[serde(rename = "unipc-bh1")]
     UnipcBh1,
+    /// UniPC of order 3 (diffusers' `solver_order = 3`).
+    Unipc3,
     /// Heun in ρ.
     Heun,
 }
@@ -206,6 +208,7 @@ impl SolverChoice {
             SolverChoice::Dpmpp3m => Sampler::dpm_solver_pp_3m(steps),
             SolverChoice::Unipc => Sampler::unipc(steps),
             SolverChoice::UnipcBh1 => Sampler::unipc_bh1(steps),
+            SolverChoice::Unipc3 => Sampler::unipc_third_order(steps),
             SolverChoice::Heun => Sampler::heun(steps),
         };
         base.gradient(gradient.mode())

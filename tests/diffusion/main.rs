@@ -149,6 +149,7 @@ fn checkpointed_equals_backprop_through_sampling() {
         Sampler::dpm_solver_pp_3m(12),
         Sampler::unipc(10),
         Sampler::unipc_bh1(10),
+        Sampler::unipc_third_order(10),
     ] {
         let reference = grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
         for schedule_kind in [Schedule::All, Schedule::Every(3), Schedule::Recursive] {
@@ -181,6 +182,7 @@ fn conditioning_gradient_with_frozen_network_matches_finite_differences() {
         Sampler::dpm_solver_pp_3m(6),
         Sampler::unipc(6),
         Sampler::unipc_bh1(6),
+        Sampler::unipc_third_order(6),
     ] {
         conditioning_gradient_matches_finite_differences(sampler);
     }

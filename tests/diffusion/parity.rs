@@ -1,7 +1,7 @@
 //! DDIM, DPM-Solver++(2M, 3M) and UniPC (also on Karras' noise levels, and img2img's last steps) step by
 //! step against diffusers' own schedulers (fixtures from scripts/make_sampler_fixtures.py).
 
-use adjoint_dpm::diffusion::{EpsModel, NoiseSchedule, Sampler, TimestepSpacing};
+use adjoint_dpm::diffusion::{EpsModel, NoiseSchedule, Sampler, SamplerKind, TimestepSpacing};
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -127,6 +127,30 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
             &linear,
             with(Sampler::unipc_bh1(20), TimestepSpacing::Linspace, 0, false),
         ),
+        ("unipc3_sd", &sd, Sampler::unipc_third_order(10)),
+        ("unipc3_linear_20", &linear, Sampler::unipc_third_order(20)),
+        (
+            "unipc3_bh1_sd_8",
+            &sd,
+            with(
+                Sampler {
+                    kind: SamplerKind::UniPc {
+                        bh1: true,
+                        third_order: true,
+                    },
+                    ..Sampler::unipc(8)
+                },
+                TimestepSpacing::Linspace,
+                0,
+                false,
+            ),
+        ),
+        (
+            "unipc3_sd_karras",
+            &sd,
+            Sampler::unipc_third_order(12).karras_sigmas(true),
+        ),
+        ("unipc3_sd_img2img", &sd, Sampler::unipc_third_order(20).strength(0.6)),
     ];
     for (name, schedule, sampler) in cases {
         let case = &meta["cases"][name];
