@@ -264,8 +264,6 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
         let (rho_s, rho_t) = (self.grid[i], self.grid[i + 1]);
         let b = z.dims()[0] / self.method.blocks();
         let y = z.clone().narrow(0, 0, b);
-        let m1 = z.clone().narrow(0, b, b);
-        let m2 = (self.method.blocks() >= 3).then(|| z.clone().narrow(0, 2 * b, b));
         let t = match self.timesteps.as_ref().and_then(|ts| ts.get(i)) {
             Some(&t) => t,
             None => self.schedule.t_of_rho(rho_s),
@@ -287,6 +285,8 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
             parts.push(y_c - y_c_prev);
             return Tensor::cat(parts, 0).div_scalar(step);
         }
+        let m1 = z.clone().narrow(0, b, b);
+        let m2 = (self.method.blocks() >= 3).then(|| z.narrow(0, 2 * b, b));
         let h = (rho_s / rho_t).ln();
         let d = match (self.order_at(i, steps, rho_t == 0.0), &m2) {
             (1, _) => x0.clone(),
