@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M) and UniPC (bh2, bh1; order 2, 3) schedulers for the diffusion
-tests (tests/fixtures/samplers.safetensors + samplers.json).
+"""Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M), UniPC (bh2, bh1; order 2, 3),
+Euler and Heun schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
+samplers.json).
 
 The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
 seeded random; x_T is seeded random of shape (2, 4), and so is x_0, which the img2img cases
 (`strength` < 1) noise to their first kept timestep. For each scheduler configuration we record
-the timesteps and the sample after every step. CI never runs this script; regenerate with
+the timesteps and the sample after every step. Euler and Heun (k-diffusion's samplers) step the
+variance-exploding sample x/alpha and feed the network its scaled input, as their pipelines do;
+their trajectories are recorded as x = alpha * sample after every whole step (Heun's two
+calls), like the others. CI never runs this script; regenerate with
 
     python3 -m venv /tmp/fxenv && /tmp/fxenv/bin/pip install torch diffusers safetensors
     /tmp/fxenv/bin/python scripts/make_sampler_fixtures.py
@@ -17,7 +21,8 @@ import os
 import diffusers
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                       UniPCMultistepScheduler)
 from safetensors.torch import save_file
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
@@ -99,7 +104,39 @@ CASES = {
     "unipc3_sd_img2img": (UniPCMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
                                                         beta_end=0.012, solver_order=3), 20),
 }
-STRENGTH = {"unipc3_sd_img2img": 0.6, "unipc_sd_img2img": 0.6, "ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6,
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+# Cases whose noise levels come from float64 alphas_cumprod (diffusers keeps them in float32, which
+# moves levels by ~1e-6): every case added with Euler, Heun and the exponential levels.
+F64_CASES = {
+    # Exponential (log-sigma) and Lu (lambda) levels of the multistep schedulers: the same levels,
+    # timesteps truncated (exponential) or rounded (Lu) to integers.
+    "dpmpp2m_sd_exponential": (DPMSolverMultistepScheduler, dict(SD, use_exponential_sigmas=True), 12),
+    "dpmpp2m_sd_lu": (DPMSolverMultistepScheduler, dict(SD, use_lu_lambdas=True), 12),
+    "unipc_linear_exponential": (UniPCMultistepScheduler, dict(beta_schedule="linear", use_exponential_sigmas=True), 15),
+    # EulerDiscreteScheduler: "linspace" on whole timesteps (10) and fractional ones (20), SDXL's
+    # "leading" with steps_offset 1, Karras (on the spaced levels, fractional timesteps), exponential,
+    # ending on sigma_min, img2img.
+    "euler_sd_10": (EulerDiscreteScheduler, SD, 10),
+    "euler_sd_20": (EulerDiscreteScheduler, SD, 20),
+    "euler_linear_leading": (EulerDiscreteScheduler, dict(beta_schedule="linear", timestep_spacing="leading",
+                                                          steps_offset=1), 25),
+    "euler_sd_karras": (EulerDiscreteScheduler, dict(SD, use_karras_sigmas=True), 15),
+    "euler_sd_leading_karras": (EulerDiscreteScheduler, dict(SD, timestep_spacing="leading", steps_offset=1,
+                                                             use_karras_sigmas=True), 12),
+    "euler_sd_exponential": (EulerDiscreteScheduler, dict(SD, use_exponential_sigmas=True), 12),
+    # Ending on sigma_min after "leading" timesteps (the last is 1). On "linspace" the last timestep is 0
+    # and diffusers' last step goes from sigma_min to sigma_min: a network call that moves nothing.
+    "euler_sd_sigma_min": (EulerDiscreteScheduler, dict(SD, timestep_spacing="leading", steps_offset=1,
+                                                        final_sigmas_type="sigma_min"), 14),
+    "euler_sd_img2img": (EulerDiscreteScheduler, SD, 20),
+    # HeunDiscreteScheduler: the last step (to sigma = 0) is Euler.
+    "heun_sd_10": (HeunDiscreteScheduler, SD, 10),
+    "heun_linear_15": (HeunDiscreteScheduler, dict(beta_schedule="linear"), 15),
+    "heun_sd_trailing_8": (HeunDiscreteScheduler, dict(SD, timestep_spacing="trailing"), 8),
+    "heun_sd_karras": (HeunDiscreteScheduler, dict(SD, use_karras_sigmas=True), 12),
+    "heun_sd_img2img": (HeunDiscreteScheduler, SD, 20),
+}
+STRENGTH = {"euler_sd_img2img": 0.6, "heun_sd_img2img": 0.55, "unipc3_sd_img2img": 0.6, "unipc_sd_img2img": 0.6, "ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6,
             "dpmpp3m_sd_img2img_sigma_min": 0.6}
 
 
@@ -123,9 +160,49 @@ def karras_sigmas_f64(config, steps):
 
 tensors = {"A": A, "c": c, "x_T": x_T, "x_0": x_0}
 meta = {"diffusers": diffusers.__version__, "torch": torch.__version__, "cases": {}}
-for name, (cls, config, steps) in CASES.items():
+def abar_f64(config):
+    start, end = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
+    if config["beta_schedule"] == "scaled_linear":
+        betas = np.linspace(start ** 0.5, end ** 0.5, 1000) ** 2
+    else:
+        betas = np.linspace(start, end, 1000)
+    return torch.from_numpy(np.cumprod(1.0 - betas))
+
+
+def k_diffusion_run(name, sched, steps):
+    """Euler or Heun as their pipelines run them: the sample is x / alpha, the network sees
+    scale_model_input's x. Returns x = alpha * sample at each level, and the levels' timesteps."""
+    timesteps, begin = sched.timesteps, 0
+    sigma = lambda i: float(sched.sigmas[i])
+    to_x = lambda sample, i: sample / (sigma(i) ** 2 + 1) ** 0.5
+    if name in STRENGTH:
+        kept = min(int(steps * STRENGTH[name]), steps)
+        begin = max(steps - kept, 0) * sched.order
+        timesteps = timesteps[begin:]
+        sched.set_begin_index(begin)
+        sample = sched.add_noise(x_0, x_T, timesteps[:1])
+    else:
+        sample = x_T * (sigma(0) ** 2 + 1) ** 0.5
+    trajectory = [to_x(sample, begin)]
+    for k, t in enumerate(timesteps):
+        x_in = sched.scale_model_input(sample, t)
+        sample = sched.step(eps(x_in, t), t, sample).prev_sample
+        whole = getattr(sched, "state_in_first_order", True) or k == len(timesteps) - 1
+        if whole:
+            trajectory.append(to_x(sample, sched.step_index))
+    return torch.stack(trajectory), [float(t) for t in timesteps[::sched.order]]
+
+
+for name, (cls, config, steps) in {**CASES, **F64_CASES}.items():
     sched = cls(num_train_timesteps=1000, **config)
+    if name in F64_CASES:
+        sched.alphas_cumprod = abar_f64(config)
     sched.set_timesteps(steps)
+    if cls in (EulerDiscreteScheduler, HeunDiscreteScheduler):
+        tensors[name], ts = k_diffusion_run(name, sched, steps)
+        meta["cases"][name] = {"scheduler": cls.__name__, "config": config, "steps": steps,
+                               "strength": STRENGTH.get(name, 1.0), "timesteps": ts}
+        continue
     if config.get("use_karras_sigmas"):
         sched.sigmas = torch.from_numpy(karras_sigmas_f64(config, steps))
     timesteps = sched.timesteps
@@ -144,7 +221,7 @@ for name, (cls, config, steps) in CASES.items():
         trajectory.append(x.clone())
     tensors[name] = torch.stack(trajectory)
     meta["cases"][name] = {"scheduler": cls.__name__, "config": config, "steps": steps,
-                           "strength": STRENGTH.get(name, 1.0), "timesteps": [int(t) for t in timesteps]}
+                           "strength": STRENGTH.get(name, 1.0), "timesteps": [float(t) for t in timesteps]}
 
 os.makedirs(OUT, exist_ok=True)
 save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "samplers.safetensors"))

@@ -5,10 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use adjoint_dpm::diffusion::Cfg;
+use adjoint_dpm::diffusion::{Cfg, NoiseLevels};
 use adjoint_dpm::tasks::run::{RunConfig, RunError};
 use adjoint_dpm::tasks::run_sd::{run_audit, run_finetune, run_guide, run_invert, sample};
-use adjoint_dpm::tasks::{GradientChoice, SdError, SolverChoice, StableDiffusion};
+use adjoint_dpm::tasks::{FinalSigmas, GradientChoice, SdError, SolverChoice, StableDiffusion};
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 
@@ -66,21 +66,34 @@ fn tiny_pipeline_matches_diffusers_end_to_end() {
 
     // Guided DDIM with the pipeline's scheduler settings, then the VAE.
     let sampler = sd.sampler(SolverChoice::Ddim, steps, GradientChoice::Exact);
-    let expected_t: Vec<usize> = meta["timesteps"]
+    let expected_t: Vec<f64> = meta["timesteps"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| t.as_u64().unwrap() as usize)
+        .map(|t| t.as_f64().unwrap())
         .collect();
     assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), expected_t);
-    // A pipeline saved with a Karras scheduler samples on Karras' levels, whatever `--solver`.
-    assert!(!sampler.karras_sigmas);
+    // A pipeline saved with a Karras (exponential, Lu) scheduler samples on those levels,
+    // whatever `--solver`; `final_sigmas_type` moves the end of every sampler but DDIM.
+    assert_eq!(sampler.noise_levels, NoiseLevels::Spaced);
     sd.scheduler.use_karras_sigmas = true;
-    assert!(
-        sd.sampler(SolverChoice::Ddim, steps, GradientChoice::Exact)
-            .karras_sigmas
-    );
+    let levels = |sd: &StableDiffusion<B>, solver| sd.sampler(solver, steps, GradientChoice::Exact).noise_levels;
+    assert_eq!(levels(&sd, SolverChoice::Ddim), NoiseLevels::Karras);
     sd.scheduler.use_karras_sigmas = false;
+    sd.scheduler.use_lu_lambdas = true;
+    assert_eq!(levels(&sd, SolverChoice::Dpmpp2m), NoiseLevels::LuLambdas);
+    sd.scheduler.use_lu_lambdas = false;
+    assert_eq!(levels(&sd, SolverChoice::Dpmpp2mKarras), NoiseLevels::Karras);
+    assert!(
+        sd.sampler(SolverChoice::Euler, steps, GradientChoice::Exact)
+            .final_alpha_one
+    );
+    sd.scheduler.final_sigmas_type = Some(FinalSigmas::SigmaMin);
+    assert!(
+        !sd.sampler(SolverChoice::Heun, steps, GradientChoice::Exact)
+            .final_alpha_one
+    );
+    sd.scheduler.final_sigmas_type = None;
     let model = Cfg::new(sd.eps_model(Tensor::cat(vec![uncond, cond], 0)), guidance).unwrap();
     let (latents, shape) = read(&st, "latents");
     let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape.clone()), &device);

@@ -167,8 +167,10 @@ enum SolverArg {
     UnipcBh1,
     /// UniPC of order 3 (diffusers' `solver_order = 3`, for unconditional sampling).
     Unipc3,
-    /// Heun in ρ.
+    /// Heun in ρ, diffusers' HeunDiscreteScheduler (EDM's sampler; its last step is Euler).
     Heun,
+    /// Euler in ρ on diffusers' EulerDiscreteScheduler levels (DDIM's map, its timesteps).
+    Euler,
 }
 
 /// `--device`.
@@ -212,6 +214,10 @@ struct TaskArgs {
     /// Sample on Karras et al.'s noise levels (diffusers' use_karras_sigmas), whatever the sampler.
     #[arg(long)]
     karras: bool,
+    /// Sample on noise levels evenly spaced in log σ (diffusers' use_exponential_sigmas), whatever
+    /// the sampler.
+    #[arg(long, conflicts_with = "karras")]
+    exponential_sigmas: bool,
     /// Learning rate.
     #[arg(long, default_value_t = 0.05)]
     lr: f64,
@@ -252,8 +258,10 @@ impl TaskArgs {
                 SolverArg::UnipcBh1 => SolverChoice::UnipcBh1,
                 SolverArg::Unipc3 => SolverChoice::Unipc3,
                 SolverArg::Heun => SolverChoice::Heun,
+                SolverArg::Euler => SolverChoice::Euler,
             },
             karras: self.karras,
+            exponential: self.exponential_sigmas,
             steps: self.steps,
             lr: self.lr,
             iters: self.iters,

@@ -62,11 +62,17 @@ impl Sampler {
         let x_t = x_t.inner();
         let x0 = self.sample_inference(&inner, schedule, x_t.clone())?;
         let grid = self.rho_grid(schedule)?;
-        let reversed: Vec<f64> = grid.iter().rev().copied().collect();
-        let ode = NeuralOde::new(self.pf_ode(inner, schedule)?).solver(self.solver());
-        let y0 = x0.div_scalar(NoiseSchedule::alpha_of_rho(reversed[0]));
-        let y_t = ode.integrate(y0, &reversed)?.last();
-        let x_t_hat = y_t.mul_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
+        let pf_ode = self.pf_ode(inner, schedule)?;
+        // The run's solves backward, last first.
+        let mut y = x0.div_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1]));
+        for (solver, knots) in self.segments(&grid).into_iter().rev() {
+            let reversed: Vec<f64> = knots.iter().rev().copied().collect();
+            y = NeuralOde::new(pf_ode.clone())
+                .solver(solver)
+                .integrate(y, &reversed)?
+                .last();
+        }
+        let x_t_hat = y.mul_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
         let reconstruction_rel_err = norm(x_t_hat - x_t.clone()) / norm(x_t).max(f64::MIN_POSITIVE);
         Ok(AdjointReport {
             gradient_rel_diff,

@@ -14,5 +14,5 @@ pub use dpm_solver::{DpmSolverPP2M, MultistepMap};
 pub use eps_model::{Cfg, EpsModel, GuidanceEmbeddings, Predictor, SamplePrediction, VPrediction};
 pub use error::DiffusionError;
 pub use pf_ode::PfOde;
-pub use sampler::{Sampler, SamplerKind};
+pub use sampler::{NoiseLevels, Sampler, SamplerKind, TimestepConvention};
 pub use schedule::{BetaSchedule, NoiseSchedule, TimestepSpacing};

@@ -14,7 +14,10 @@ use crate::diffusion::dpm_solver::MultistepMap;
 use crate::diffusion::eps_model::EpsModel;
 use crate::diffusion::error::DiffusionError;
 use crate::diffusion::pf_ode::PfOde;
-use crate::diffusion::schedule::{dpm_solver_timesteps, timesteps, NoiseSchedule, TimestepSpacing};
+use crate::diffusion::schedule::{
+    dpm_solver_timesteps, exponential_levels, fractional_timesteps, karras_levels, timesteps, NoiseSchedule,
+    TimestepSpacing,
+};
 use crate::ode::tableau::{self, ButcherTableau};
 use crate::ode::{Dynamics, GradientMode, NeuralOde, Solver, StepControl};
 
@@ -23,7 +26,9 @@ use crate::ode::{Dynamics, GradientMode, NeuralOde, Solver, StepControl};
 pub enum SamplerKind {
     /// Euler in ρ: DDIM with η = 0 (Song et al. 2021), exactly.
     Ddim,
-    /// Heun in ρ: the second-order sampler of EDM / AdjointDPM (one extra network call per step).
+    /// Heun in ρ: the second-order sampler of EDM (Karras et al. 2022, Algorithm 1) and
+    /// AdjointDPM, one extra network call per step; a last step to ρ = 0 is an Euler step, so
+    /// the network is never evaluated at ρ = 0 (as EDM and diffusers' `HeunDiscreteScheduler`).
     Heun,
     /// Classical RK4 in ρ.
     Rk4,
@@ -72,6 +77,39 @@ impl SamplerKind {
     }
 }
 
+/// Where the noise levels of a run lie: diffusers' `use_karras_sigmas`,
+/// `use_exponential_sigmas` and `use_lu_lambdas`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NoiseLevels {
+    /// The schedule's levels at the spaced timesteps ([`Sampler::spacing`]).
+    #[default]
+    Spaced,
+    /// Karras et al. (2022): evenly spaced in ρ^(1/7), dense at low noise.
+    Karras,
+    /// Evenly spaced in log ρ, that is in λ (`use_exponential_sigmas`).
+    Exponential,
+    /// The levels of `Exponential`, the network told rounded timesteps there:
+    /// `DPMSolverMultistepScheduler`'s `use_lu_lambdas` (Lu et al.'s uniform-λ steps, which
+    /// diffusers spaces in λ between the same ends).
+    LuLambdas,
+}
+
+/// How a run turns timesteps into noise levels: the two conventions of diffusers' schedulers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimestepConvention {
+    /// `DDIMScheduler`, `DPMSolverMultistepScheduler`, `UniPCMultistepScheduler`: integer
+    /// timesteps, the schedule's ρ at each. Karras' and exponential levels span the whole
+    /// schedule, ρ(N−1) to ρ(0); the network is told their timesteps rounded (Karras, Lu) or
+    /// truncated (exponential), as those schedulers store them as integers.
+    #[default]
+    Integer,
+    /// `EulerDiscreteScheduler`, `HeunDiscreteScheduler`: "linspace" timesteps are not
+    /// rounded, and ρ is interpolated linearly between training steps
+    /// ([`NoiseSchedule::rho_lerp`]). Karras' and exponential levels span the spaced levels,
+    /// and the network is told their fractional timesteps.
+    Fractional,
+}
+
 /// A sampler: method, timesteps as diffusers picks them, and how it is differentiated.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampler {
@@ -88,9 +126,10 @@ pub struct Sampler {
     pub steps_offset: usize,
     /// The last step lands on ᾱ = 1 (ρ = 0, diffusers' `set_alpha_to_one`) rather than on ᾱ_0.
     pub final_alpha_one: bool,
-    /// Karras et al.'s noise levels instead of `spacing` (diffusers' `use_karras_sigmas`; see
-    /// [`Sampler::karras_sigmas`]).
-    pub karras_sigmas: bool,
+    /// Where the noise levels lie ([`Sampler::noise_levels`], [`Sampler::karras_sigmas`]).
+    pub noise_levels: NoiseLevels,
+    /// Which of diffusers' conventions turns timesteps into noise levels.
+    pub convention: TimestepConvention,
     /// The fraction of the steps run, the last ones (img2img; see [`Sampler::strength`]).
     pub strength: f64,
     /// How gradients flow through sampling.
@@ -106,7 +145,8 @@ impl Sampler {
             spacing: TimestepSpacing::Leading,
             steps_offset: 0,
             final_alpha_one: true,
-            karras_sigmas: false,
+            noise_levels: NoiseLevels::Spaced,
+            convention: TimestepConvention::Integer,
             strength: 1.0,
             gradient: GradientMode::default(),
         }
@@ -165,21 +205,45 @@ impl Sampler {
         }
     }
 
-    /// Heun in ρ with `steps` steps.
-    pub fn heun(steps: usize) -> Self {
+    /// Euler in ρ with `steps` steps as diffusers' `EulerDiscreteScheduler` defaults:
+    /// unrounded "linspace" timesteps, ρ interpolated linearly between training steps, last
+    /// step to ρ = 0. The same map as DDIM (Euler in ρ is DDIM), on that scheduler's levels.
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
+    /// let schedule = NoiseSchedule::sd_scaled_linear();
+    /// let ts = Sampler::euler(20).timesteps(&schedule)?;
+    /// assert!((ts[1] - 946.421_052_631_578_9).abs() < 1e-9); // 999 · 18/19, not rounded
+    /// assert_eq!(Sampler::euler(20).rho_grid(&schedule)?[20], 0.0);
+    /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
+    /// ```
+    pub fn euler(steps: usize) -> Self {
         Self {
-            kind: SamplerKind::Heun,
+            spacing: TimestepSpacing::Linspace,
+            convention: TimestepConvention::Fractional,
             ..Self::ddim(steps)
         }
     }
 
-    /// Steps on Karras et al. (2022)'s noise levels: ρ from ρ(N−1) down to ρ(0) evenly spaced in
-    /// ρ^(1/7), dense at low noise, the network told the rounded training timestep nearest each
-    /// one (diffusers' `use_karras_sigmas = True`; "DPM++ 2M Karras" is
-    /// `Sampler::dpm_solver_pp_2m(n).karras_sigmas(true)`), as `DPMSolverMultistepScheduler`
-    /// spreads them (its `EulerDiscreteScheduler` instead spans its spaced timesteps and does
-    /// not round). `spacing` and `steps_offset` are then unused. Every sampler and gradient mode
-    /// takes them.
+    /// Heun in ρ with `steps` steps (2·steps − 1 network calls) as diffusers'
+    /// `HeunDiscreteScheduler` defaults, on [`Sampler::euler`]'s levels; the last step, to
+    /// ρ = 0, is an Euler step (EDM's Algorithm 1).
+    pub fn heun(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::Heun,
+            ..Self::euler(steps)
+        }
+    }
+
+    /// Steps on Karras et al. (2022)'s noise levels: ρ evenly spaced in ρ^(1/7), dense at low
+    /// noise (diffusers' `use_karras_sigmas = True`; "DPM++ 2M Karras" is
+    /// `Sampler::dpm_solver_pp_2m(n).karras_sigmas(true)`). In the
+    /// [`TimestepConvention::Integer`] of `DPMSolverMultistepScheduler` they span ρ(N−1) to
+    /// ρ(0), the network told the rounded training timestep of each, and `spacing` and
+    /// `steps_offset` are unused; in the [`TimestepConvention::Fractional`] of
+    /// [`Sampler::euler`] and [`Sampler::heun`] they span the spaced levels, timesteps not
+    /// rounded. Every sampler and gradient mode takes them. `false` returns to
+    /// [`NoiseLevels::Spaced`].
     ///
     /// ```
     /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
@@ -188,11 +252,29 @@ impl Sampler {
     /// let rhos = karras.rho_grid(&schedule)?;
     /// assert_eq!((rhos.len(), rhos[10]), (11, 0.0)); // ten levels, then ρ = 0
     /// assert!((rhos[0] - schedule.rho(999.0)).abs() < 1e-12);
-    /// assert_eq!(karras.timesteps(&schedule)?[0], 999);
+    /// assert_eq!(karras.timesteps(&schedule)?[0], 999.0);
     /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
     /// ```
     pub fn karras_sigmas(mut self, on: bool) -> Self {
-        self.karras_sigmas = on;
+        self.noise_levels = match on {
+            true => NoiseLevels::Karras,
+            false => NoiseLevels::Spaced,
+        };
+        self
+    }
+
+    /// Where the noise levels lie ([`NoiseLevels`]).
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::{NoiseLevels, NoiseSchedule, Sampler};
+    /// let schedule = NoiseSchedule::sd_scaled_linear();
+    /// let rhos = Sampler::dpm_solver_pp_2m(10).noise_levels(NoiseLevels::Exponential).rho_grid(&schedule)?;
+    /// let ratio = rhos[1] / rhos[0];
+    /// assert!((1..9).all(|i| (rhos[i + 1] / rhos[i] - ratio).abs() < 1e-12)); // even in log ρ
+    /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
+    /// ```
+    pub fn noise_levels(mut self, levels: NoiseLevels) -> Self {
+        self.noise_levels = levels;
         self
     }
 
@@ -255,35 +337,73 @@ impl Sampler {
         self
     }
 
-    /// The inference timesteps run, descending: the last ⌊strength · steps⌋ of the run.
-    pub fn timesteps(&self, schedule: &NoiseSchedule) -> Result<Vec<usize>, DiffusionError> {
-        let mut all = self.all_timesteps(schedule)?;
-        Ok(all.split_off(self.skipped()?))
+    /// The timesteps the network is told at the levels run, descending: the last
+    /// ⌊strength · steps⌋ of the run (fractional in [`TimestepConvention::Fractional`]).
+    pub fn timesteps(&self, schedule: &NoiseSchedule) -> Result<Vec<f64>, DiffusionError> {
+        Ok(self.run_levels(schedule)?.1)
     }
 
-    /// The timesteps of the whole run, `strength` aside.
-    fn all_timesteps(&self, schedule: &NoiseSchedule) -> Result<Vec<usize>, DiffusionError> {
-        if self.karras_sigmas {
-            return Ok(schedule.karras(self.steps)?.1);
+    /// The noise levels and the network's timesteps of the whole run, `strength` aside.
+    fn all_levels(&self, schedule: &NoiseSchedule) -> Result<(Vec<f64>, Vec<f64>), DiffusionError> {
+        let n = schedule.train_steps();
+        if self.steps == 0 || self.steps > n {
+            return Err(DiffusionError::BadStepCount {
+                steps: self.steps,
+                train_steps: n,
+            });
         }
-        let pick = match self.kind.is_multistep() {
-            true => dpm_solver_timesteps,
-            false => timesteps,
+        let fractional = self.convention == TimestepConvention::Fractional;
+        let spaced = || -> Result<Vec<f64>, DiffusionError> {
+            let integer = match (fractional, self.kind.is_multistep()) {
+                (true, _) => return fractional_timesteps(n, self.steps, self.spacing, self.steps_offset),
+                (false, true) => dpm_solver_timesteps(n, self.steps, self.spacing, self.steps_offset)?,
+                (false, false) => timesteps(n, self.steps, self.spacing, self.steps_offset)?,
+            };
+            Ok(integer.into_iter().map(|t| t as f64).collect())
         };
-        pick(schedule.train_steps(), self.steps, self.spacing, self.steps_offset)
+        let level = |t: f64| match fractional {
+            true => schedule.rho_lerp(t),
+            false => schedule.rho(t),
+        };
+        let (rho_max, rho_min) = match (self.noise_levels, fractional) {
+            (NoiseLevels::Spaced, _) => {
+                let ts = spaced()?;
+                return Ok((ts.iter().map(|&t| level(t)).collect(), ts));
+            }
+            (_, true) => {
+                let ts = spaced()?;
+                (level(ts[0]), level(ts[ts.len() - 1]))
+            }
+            (_, false) => (schedule.rho((n - 1) as f64), schedule.rho(0.0)),
+        };
+        let rhos = match self.noise_levels {
+            NoiseLevels::Karras => karras_levels(rho_max, rho_min, self.steps),
+            _ => exponential_levels(rho_max, rho_min, self.steps),
+        };
+        let ts = rhos
+            .iter()
+            .map(|&rho| {
+                let t = schedule.t_of_rho_log_lerp(rho);
+                match (self.noise_levels, fractional) {
+                    (NoiseLevels::LuLambdas, _) | (NoiseLevels::Karras, false) => t.round_ties_even(),
+                    (NoiseLevels::Exponential, false) => t.trunc(),
+                    _ => t,
+                }
+            })
+            .collect();
+        Ok((rhos, ts))
     }
 
-    /// The ρ grid, decreasing: ρ at each step run (the schedule's at its timestep, or Karras'
-    /// level), then the final ρ (0, or ρ at ᾱ_0).
+    /// The noise levels and the network's timesteps of the steps run (`strength` applied).
+    fn run_levels(&self, schedule: &NoiseSchedule) -> Result<(Vec<f64>, Vec<f64>), DiffusionError> {
+        let (mut rhos, mut ts) = self.all_levels(schedule)?;
+        let skipped = self.skipped()?;
+        Ok((rhos.split_off(skipped), ts.split_off(skipped)))
+    }
+
+    /// The ρ grid, decreasing: the level of each step run, then the final ρ (0, or ρ at ᾱ_0).
     pub fn rho_grid(&self, schedule: &NoiseSchedule) -> Result<Vec<f64>, DiffusionError> {
-        let mut grid: Vec<f64> = match self.karras_sigmas {
-            true => self.karras_run(schedule)?.0,
-            false => self
-                .timesteps(schedule)?
-                .iter()
-                .map(|&t| schedule.rho(t as f64))
-                .collect(),
-        };
+        let mut grid = self.run_levels(schedule)?.0;
         let last = if self.final_alpha_one { 0.0 } else { schedule.rho(0.0) };
         if grid[grid.len() - 1] > last {
             grid.push(last);
@@ -291,51 +411,50 @@ impl Sampler {
         Ok(grid)
     }
 
-    /// The PF-ODE of `model`, told the network's timestep at each Karras level.
+    /// The PF-ODE of `model`, told the run's timestep at each level.
     pub(crate) fn pf_ode<B: Backend, M: burn::module::Module<B>>(
         &self,
         model: M,
         schedule: &NoiseSchedule,
     ) -> Result<PfOde<B, M>, DiffusionError> {
-        let ode = PfOde::new(model, schedule.clone());
-        Ok(match self.karras_sigmas {
-            true => {
-                let (rhos, ts) = self.karras_run(schedule)?;
-                ode.with_timesteps(rhos, ts)
-            }
-            false => ode,
-        })
+        let (rhos, ts) = self.run_levels(schedule)?;
+        Ok(PfOde::new(model, schedule.clone()).with_timesteps(rhos, ts))
     }
 
-    /// Karras' levels and the network's timesteps at them, for the steps run (`strength`
-    /// applied).
-    fn karras_run(&self, schedule: &NoiseSchedule) -> Result<(Vec<f64>, Vec<f64>), DiffusionError> {
-        let (mut rhos, ts) = schedule.karras(self.steps)?;
-        let skipped = self.skipped()?;
-        Ok((
-            rhos.split_off(skipped),
-            ts[skipped..].iter().map(|&t| t as f64).collect(),
-        ))
-    }
-
-    /// The multistep map (DPM-Solver++ 2M or 3M, UniPC) of `model` on `grid`, told the
-    /// network's timestep at each Karras level.
+    /// The multistep map (DPM-Solver++ 2M or 3M, UniPC) of `model` on `grid`, told the run's
+    /// timestep at each level.
     fn dpm_map<B: Backend, M: burn::module::Module<B>>(
         &self,
         model: M,
         schedule: &NoiseSchedule,
         grid: &[f64],
     ) -> Result<MultistepMap<B, M>, DiffusionError> {
-        let map = MultistepMap::new(model, schedule.clone(), grid.to_vec()).with_total_steps(self.steps);
-        let map = match self.kind {
+        let map = MultistepMap::new(model, schedule.clone(), grid.to_vec())
+            .with_total_steps(self.steps)
+            .with_timesteps(self.timesteps(schedule)?);
+        Ok(match self.kind {
             SamplerKind::DpmSolverPP3M => map.third_order(),
             SamplerKind::UniPc { bh1, third_order } => map.unipc(bh1, third_order),
             _ => map,
-        };
-        Ok(match self.karras_sigmas {
-            true => map.with_timesteps(self.karras_run(schedule)?.1),
-            false => map,
         })
+    }
+
+    /// The engine solves a run on `grid` is made of, in order: one, except that Heun's step to
+    /// ρ = 0 is an Euler step (Karras et al. 2022, Algorithm 1; diffusers'
+    /// `HeunDiscreteScheduler`), so ε is never asked at ρ = 0, below every training level.
+    pub(crate) fn segments<'g>(&self, grid: &'g [f64]) -> Vec<(Solver, &'g [f64])> {
+        let n = grid.len();
+        if self.kind == SamplerKind::Heun && n >= 2 && grid[n - 1] == 0.0 {
+            let euler = Solver {
+                tableau: &tableau::EULER,
+                control: StepControl::PerInterval(1),
+            };
+            return match n {
+                2 => vec![(euler, grid)],
+                _ => vec![(self.solver(), &grid[..n - 1]), (euler, &grid[n - 2..])],
+            };
+        }
+        vec![(self.solver(), grid)]
     }
 
     pub(crate) fn solver(&self) -> Solver {
@@ -378,17 +497,23 @@ impl Sampler {
             let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
             let z_0 = ode
                 .solve(ode.dynamics.initial_state(y_t), &grid)
-                .map_err(|e| name_step(e, schedule, &grid))?
+                .map_err(|e| name_step(e, schedule, &grid, 0))?
                 .last();
             let y_0 = ode.dynamics.y_of(z_0);
             return Ok(y_0.mul_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1])));
         }
-        let ode = NeuralOde::new(self.pf_ode(model.clone(), schedule)?)
-            .solver(self.solver())
-            .gradient(self.gradient);
-        let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
-        let y_0 = ode.solve(y_t, &grid).map_err(|e| name_step(e, schedule, &grid))?.last();
-        Ok(y_0.mul_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1])))
+        let pf_ode = self.pf_ode(model.clone(), schedule)?;
+        let mut y = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
+        let mut done = 0;
+        for (solver, knots) in self.segments(&grid) {
+            let ode = NeuralOde::new(pf_ode.clone()).solver(solver).gradient(self.gradient);
+            y = ode
+                .solve(y, knots)
+                .map_err(|e| name_step(e, schedule, knots, done))?
+                .last();
+            done += knots.len() - 1;
+        }
+        Ok(y.mul_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1])))
     }
 
     /// Generates `x_0` from `x_T` on any backend, without a graph (inference).
@@ -429,16 +554,28 @@ impl Sampler {
             let map = self.dpm_map(model.clone(), schedule, &grid)?;
             let ode = NeuralOde::new(map).solver(self.solver());
             let z_t = ode.dynamics.initial_state(y_t);
-            let solution = ode.integrate(z_t, &grid).map_err(|e| name_step(e, schedule, &grid))?;
+            let solution = ode
+                .integrate(z_t, &grid)
+                .map_err(|e| name_step(e, schedule, &grid, 0))?;
             solution
                 .states()
                 .into_iter()
                 .map(|z| ode.dynamics.y_of(z))
                 .collect::<Vec<_>>()
         } else {
-            let ode = NeuralOde::new(self.pf_ode(model.clone(), schedule)?).solver(self.solver());
-            let solution = ode.integrate(y_t, &grid).map_err(|e| name_step(e, schedule, &grid))?;
-            solution.states()
+            let pf_ode = self.pf_ode(model.clone(), schedule)?;
+            let mut ys = vec![y_t];
+            let mut done = 0;
+            for (solver, knots) in self.segments(&grid) {
+                let ode = NeuralOde::new(pf_ode.clone()).solver(solver);
+                let start = ys.pop().expect("the state the segment starts from");
+                let solution = ode
+                    .integrate(start, knots)
+                    .map_err(|e| name_step(e, schedule, knots, done))?;
+                ys.extend(solution.states());
+                done += knots.len() - 1;
+            }
+            ys
         };
         Ok(ys
             .into_iter()
@@ -448,13 +585,14 @@ impl Sampler {
     }
 }
 
-/// Names the sampling step and timestep of a non-finite network output.
-fn name_step(e: crate::Error, schedule: &NoiseSchedule, grid: &[f64]) -> DiffusionError {
+/// Names the sampling step and timestep of a non-finite network output in a solve on `grid`
+/// that starts after `done` steps of the run.
+fn name_step(e: crate::Error, schedule: &NoiseSchedule, grid: &[f64], done: usize) -> DiffusionError {
     match e {
         // The engine reports the state after step `step` (1-based); the network was evaluated
         // at the step's start.
         crate::Error::NonFiniteState { step, .. } if step >= 1 => DiffusionError::NonFiniteEps {
-            step: step - 1,
+            step: done + step - 1,
             t: schedule.t_of_rho(grid[step - 1]),
         },
         e => DiffusionError::Solver(e),

@@ -171,44 +171,59 @@ impl NoiseSchedule {
         k as f64 + (target - a) / (b - a)
     }
 
-    /// Karras et al. (2022)'s `steps` noise levels, decreasing from ρ(N−1) to ρ(0), evenly
-    /// spaced in ρ^(1/7) (diffusers' `use_karras_sigmas`; ρ is their σ), and the training
-    /// timestep the network sees at each: the step whose log ρ is nearest, interpolated
-    /// linearly in log ρ and rounded half to even, as diffusers' `_sigma_to_t` and `round()`.
-    pub fn karras(&self, steps: usize) -> Result<(Vec<f64>, Vec<usize>), DiffusionError> {
-        let n = self.train_steps();
-        if steps == 0 || steps > n || n < 2 {
-            return Err(DiffusionError::BadStepCount { steps, train_steps: n });
-        }
-        const SHAPE: f64 = 7.0;
-        let (lo, hi) = (
-            self.rho(0.0).powf(1.0 / SHAPE),
-            self.rho((n - 1) as f64).powf(1.0 / SHAPE),
-        );
-        let rhos: Vec<f64> = (0..steps)
-            .map(|i| {
-                let ramp = if steps == 1 { 0.0 } else { i as f64 / (steps - 1) as f64 };
-                (hi + ramp * (lo - hi)).powf(SHAPE)
-            })
-            .collect();
-        let log_rhos: Vec<f64> = (0..n).map(|k| self.rho(k as f64).ln()).collect();
-        let timesteps = rhos
-            .iter()
-            .map(|rho| {
-                let target = rho.ln();
-                // The last step at or below the target, at most N−2; its neighbour above.
-                let low = log_rhos.partition_point(|&l| l <= target).saturating_sub(1).min(n - 2);
-                let (a, b) = (log_rhos[low], log_rhos[low + 1]);
-                let w = ((a - target) / (a - b)).clamp(0.0, 1.0);
-                (low as f64 + w).round_ties_even() as usize
-            })
-            .collect();
-        Ok((rhos, timesteps))
+    /// ρ at a fractional timestep as diffusers' `EulerDiscreteScheduler` and
+    /// `HeunDiscreteScheduler` take it: linear in ρ (their σ) between the integer steps
+    /// (`np.interp`), rather than [`NoiseSchedule::rho`]'s linear log α. Clamped to [0, N−1].
+    pub fn rho_lerp(&self, t: f64) -> f64 {
+        let n = self.log_alpha.len();
+        let t = t.clamp(0.0, (n - 1) as f64);
+        let k = (t.floor() as usize).min(n - 2);
+        let f = t - k as f64;
+        self.rho(k as f64) * (1.0 - f) + self.rho((k + 1) as f64) * f
+    }
+
+    /// The fractional timestep of a noise level as diffusers' `_sigma_to_t` finds it: the
+    /// integer step at or below `rho` in log ρ (at most N−2) and its neighbour, interpolated
+    /// linearly in log ρ, clamped to [0, N−1]. The timestep a network is told at Karras' or
+    /// exponential levels.
+    pub fn t_of_rho_log_lerp(&self, rho: f64) -> f64 {
+        let n = self.log_alpha.len();
+        let rho = rho.max(1e-10);
+        // ρ increases with t, so the integer step at or below ρ is the floor of its exact t.
+        let low = (self.t_of_rho(rho).floor() as usize).min(n - 2);
+        let (a, b, target) = (self.rho(low as f64).ln(), self.rho((low + 1) as f64).ln(), rho.ln());
+        low as f64 + ((a - target) / (a - b)).clamp(0.0, 1.0)
     }
 
     /// α as a function of ρ: 1/√(1 + ρ²).
     pub fn alpha_of_rho(rho: f64) -> f64 {
         1.0 / (1.0 + rho * rho).sqrt()
+    }
+}
+
+/// Karras et al. (2022)'s `steps` noise levels from `rho_max` down to `rho_min`, evenly spaced
+/// in ρ^(1/7), dense at low noise (diffusers' `_convert_to_karras`; ρ is their σ).
+pub fn karras_levels(rho_max: f64, rho_min: f64, steps: usize) -> Vec<f64> {
+    const SHAPE: f64 = 7.0;
+    let (hi, lo) = (rho_max.powf(1.0 / SHAPE), rho_min.powf(1.0 / SHAPE));
+    (0..steps)
+        .map(|i| (hi + ramp(i, steps) * (lo - hi)).powf(SHAPE))
+        .collect()
+}
+
+/// `steps` noise levels from `rho_max` down to `rho_min`, evenly spaced in log ρ, that is in
+/// λ = −log ρ (diffusers' `_convert_to_exponential`, and its `use_lu_lambdas`, which spaces
+/// the same levels evenly in λ).
+pub fn exponential_levels(rho_max: f64, rho_min: f64, steps: usize) -> Vec<f64> {
+    let (hi, lo) = (rho_max.ln(), rho_min.ln());
+    (0..steps).map(|i| (hi + ramp(i, steps) * (lo - hi)).exp()).collect()
+}
+
+/// `np.linspace(0, 1, steps)[i]`.
+fn ramp(i: usize, steps: usize) -> f64 {
+    match steps {
+        1 => 0.0,
+        _ => i as f64 / (steps - 1) as f64,
     }
 }
 
@@ -263,6 +278,30 @@ pub fn timesteps(
         });
     }
     Ok(ts)
+}
+
+/// The S inference timesteps, descending, of diffusers' `EulerDiscreteScheduler` and
+/// `HeunDiscreteScheduler`: as [`timesteps`], but "linspace" is not rounded
+/// (`linspace(0, N − 1, S)`, fractional unless S − 1 divides N − 1).
+pub fn fractional_timesteps(
+    train_steps: usize,
+    steps: usize,
+    spacing: TimestepSpacing,
+    steps_offset: usize,
+) -> Result<Vec<f64>, DiffusionError> {
+    if spacing != TimestepSpacing::Linspace {
+        return Ok(timesteps(train_steps, steps, spacing, steps_offset)?
+            .into_iter()
+            .map(|t| t as f64)
+            .collect());
+    }
+    if steps == 0 || steps > train_steps {
+        return Err(DiffusionError::BadStepCount { steps, train_steps });
+    }
+    Ok((0..steps)
+        .rev()
+        .map(|k| ramp(k, steps) * (train_steps - 1) as f64)
+        .collect())
 }
 
 /// The S inference timesteps of diffusers' `DPMSolverMultistepScheduler.set_timesteps`
@@ -391,6 +430,32 @@ mod tests {
             dpm_solver_timesteps(1000, 10, TimestepSpacing::Leading, 1).unwrap(),
             [901, 811, 721, 631, 541, 451, 361, 271, 181, 91]
         );
+    }
+
+    #[test]
+    fn euler_levels_interpolate_as_diffusers() {
+        // EulerDiscreteScheduler(num_train_timesteps=1000).set_timesteps(20).timesteps[:3]
+        let ts = fractional_timesteps(1000, 20, TimestepSpacing::Linspace, 0).unwrap();
+        assert_eq!((ts[0], ts[19]), (999.0, 0.0));
+        assert!((ts[1] - 946.421_052_631_578_9).abs() < 1e-9 && (ts[2] - 893.842_105_263_157_9).abs() < 1e-9);
+        for s in schedules() {
+            for k in [0usize, 1, 500, 998, 999] {
+                let t = k as f64;
+                assert!((s.rho_lerp(t) - s.rho(t)).abs() <= 1e-12 * s.rho(t));
+                assert!((s.t_of_rho_log_lerp(s.rho(t)) - t).abs() < 1e-9, "k = {k}");
+            }
+            // Between steps: linear in ρ, and its log-ρ timestep lies between them.
+            let (a, b) = (s.rho(400.0), s.rho(401.0));
+            assert!((s.rho_lerp(400.25) - (0.75 * a + 0.25 * b)).abs() < 1e-12 * b);
+            let t = s.t_of_rho_log_lerp((a * b).sqrt());
+            assert!((t - 400.5).abs() < 1e-12, "{t}");
+            // Clamped outside the schedule.
+            assert_eq!(s.t_of_rho_log_lerp(0.0), 0.0);
+            assert_eq!(s.t_of_rho_log_lerp(1e6), 999.0);
+        }
+        let levels = exponential_levels(10.0, 0.1, 3);
+        assert!((levels[1] - 1.0).abs() < 1e-12 && (levels[2] - 0.1).abs() < 1e-12);
+        assert!((karras_levels(10.0, 0.1, 1)[0] - 10.0).abs() < 1e-12);
     }
 
     #[test]

@@ -194,8 +194,10 @@ pub enum SolverChoice {
     UnipcBh1,
     /// UniPC of order 3 (diffusers' `solver_order = 3`).
     Unipc3,
-    /// Heun in ρ.
+    /// Heun in ρ (diffusers' `HeunDiscreteScheduler`; EDM's sampler).
     Heun,
+    /// Euler in ρ on diffusers' `EulerDiscreteScheduler` levels (the map of DDIM).
+    Euler,
 }
 
 impl SolverChoice {
@@ -210,6 +212,7 @@ impl SolverChoice {
             SolverChoice::UnipcBh1 => Sampler::unipc_bh1(steps),
             SolverChoice::Unipc3 => Sampler::unipc_third_order(steps),
             SolverChoice::Heun => Sampler::heun(steps),
+            SolverChoice::Euler => Sampler::euler(steps),
         };
         base.gradient(gradient.mode())
     }

@@ -12,7 +12,7 @@ use burn::tensor::{Distribution, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::diffusion::NoiseSchedule;
-use crate::diffusion::{Cfg, Sampler};
+use crate::diffusion::{Cfg, NoiseLevels, Sampler};
 use crate::tasks::common::{
     lora_rank, scalar, to_f64, Classifier, Decoder, GradientChoice, PixelSpace, SolverChoice, TaskClassifier,
     TaskDecoder, TaskError, TaskModel,
@@ -40,6 +40,8 @@ pub struct RunConfig {
     pub solver: SolverChoice,
     /// Sample on Karras' noise levels, whatever the sampler (`--karras`).
     pub karras: bool,
+    /// Sample on levels evenly spaced in log ρ, whatever the sampler (`--exponential-sigmas`).
+    pub exponential: bool,
     /// Sampling steps.
     pub steps: usize,
     /// Learning rate.
@@ -114,6 +116,17 @@ pub(crate) fn files_fingerprint(path: &Path) -> u64 {
     h.finish()
 }
 
+impl RunConfig {
+    /// `sampler` on the noise levels `--karras` or `--exponential-sigmas` asks for (else its own).
+    pub fn apply_levels(&self, sampler: Sampler) -> Sampler {
+        match (self.karras, self.exponential) {
+            (true, _) => sampler.noise_levels(NoiseLevels::Karras),
+            (_, true) => sampler.noise_levels(NoiseLevels::Exponential),
+            _ => sampler,
+        }
+    }
+}
+
 impl Default for RunConfig {
     /// The CLI's defaults.
     fn default() -> Self {
@@ -123,6 +136,7 @@ impl Default for RunConfig {
             gradient: GradientChoice::Exact,
             solver: SolverChoice::Ddim,
             karras: false,
+            exponential: false,
             steps: 20,
             lr: 0.05,
             iters: 30,
@@ -208,8 +222,7 @@ fn setup(config: &RunConfig) -> Result<Setup, RunError> {
         Some(dir) => toy::load_from_dir::<Ad>(dir, &device)?,
         None => toy::load_default::<Ad>(&device)?,
     };
-    let mut sampler = config.solver.sampler(config.steps, config.gradient);
-    sampler.karras_sigmas |= config.karras;
+    let sampler = config.apply_levels(config.solver.sampler(config.steps, config.gradient));
     Ok(Setup {
         denoiser,
         classifier,

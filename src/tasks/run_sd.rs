@@ -50,8 +50,7 @@ fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>,
             source,
         })?
         .no_grad();
-    let mut sampler = sd.sampler(config.solver, config.steps, config.gradient);
-    sampler.karras_sigmas |= config.karras;
+    let sampler = config.apply_levels(sd.sampler(config.solver, config.steps, config.gradient));
     Ok(Setup {
         sd,
         classifier,

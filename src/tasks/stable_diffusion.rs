@@ -13,7 +13,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::Deserialize;
 
-use crate::diffusion::{BetaSchedule, DiffusionError, NoiseSchedule, Sampler, TimestepSpacing};
+use crate::diffusion::{BetaSchedule, DiffusionError, NoiseLevels, NoiseSchedule, Sampler, TimestepSpacing};
 use crate::tasks::common::{Decoder, GradientChoice, SolverChoice};
 use crate::tasks::unet_eps::{UnetEps, UnetPrediction};
 
@@ -86,6 +86,26 @@ pub struct SchedulerConfig {
     /// Karras' noise levels instead (a pipeline saved with a "Karras" scheduler).
     #[serde(default)]
     pub use_karras_sigmas: bool,
+    /// Levels evenly spaced in log σ instead.
+    #[serde(default)]
+    pub use_exponential_sigmas: bool,
+    /// DPM-Solver's levels evenly spaced in λ instead (those of `use_exponential_sigmas`, with
+    /// rounded timesteps).
+    #[serde(default)]
+    pub use_lu_lambdas: bool,
+    /// Where the schedulers other than DDIM end: `zero` (σ = 0, the default) or `sigma_min`.
+    #[serde(default)]
+    pub final_sigmas_type: Option<FinalSigmas>,
+}
+
+/// diffusers' `final_sigmas_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalSigmas {
+    /// The last step lands on σ = 0.
+    Zero,
+    /// The last step lands on the schedule's smallest noise level, σ at ᾱ_0.
+    SigmaMin,
 }
 
 mod defaults {
@@ -286,17 +306,28 @@ impl<B: Backend> StableDiffusion<B> {
         crate::ode::materialized(UnetEps::new(self.unet.clone(), context).with_prediction(prediction))
     }
 
-    /// The sampler with the pipeline's timestep settings (spacing, `steps_offset`, and for
-    /// DDIM/Heun `set_alpha_to_one`), as diffusers' `Scheduler.from_config(pipe.scheduler.config)`.
+    /// The sampler with the pipeline's timestep settings (spacing, `steps_offset`, noise
+    /// levels, and where the last step lands: `set_alpha_to_one` for DDIM,
+    /// `final_sigmas_type` for the others), as diffusers'
+    /// `Scheduler.from_config(pipe.scheduler.config)`.
     pub fn sampler(&self, solver: SolverChoice, steps: usize, gradient: GradientChoice) -> Sampler {
         let mut sampler = solver.sampler(steps, gradient);
-        sampler.spacing = self.scheduler.timestep_spacing;
-        sampler.steps_offset = self.scheduler.steps_offset;
-        if !sampler.kind.is_multistep() {
-            sampler.final_alpha_one = self.scheduler.set_alpha_to_one.unwrap_or(true);
+        let config = &self.scheduler;
+        sampler.spacing = config.timestep_spacing;
+        sampler.steps_offset = config.steps_offset;
+        sampler.final_alpha_one = match solver {
+            SolverChoice::Ddim => config.set_alpha_to_one.unwrap_or(true),
+            _ => config.final_sigmas_type != Some(FinalSigmas::SigmaMin),
+        };
+        let levels = [
+            (config.use_karras_sigmas, NoiseLevels::Karras),
+            (config.use_exponential_sigmas, NoiseLevels::Exponential),
+            (config.use_lu_lambdas, NoiseLevels::LuLambdas),
+        ];
+        match levels.into_iter().find(|(on, _)| *on) {
+            Some((_, levels)) => sampler.noise_levels(levels),
+            None => sampler,
         }
-        sampler.karras_sigmas |= self.scheduler.use_karras_sigmas;
-        sampler
     }
 
     /// The pipeline with every network frozen (the tasks unfreeze what they train).

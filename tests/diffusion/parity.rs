@@ -1,7 +1,8 @@
-//! DDIM, DPM-Solver++(2M, 3M) and UniPC (also on Karras' noise levels, and img2img's last steps) step by
-//! step against diffusers' own schedulers (fixtures from scripts/make_sampler_fixtures.py).
+//! DDIM, DPM-Solver++(2M, 3M), UniPC, Euler and Heun (also on Karras', exponential and Lu's noise
+//! levels, and img2img's last steps) step by step against diffusers' own schedulers (fixtures from
+//! scripts/make_sampler_fixtures.py).
 
-use adjoint_dpm::diffusion::{EpsModel, NoiseSchedule, Sampler, SamplerKind, TimestepSpacing};
+use adjoint_dpm::diffusion::{EpsModel, NoiseLevels, NoiseSchedule, Sampler, SamplerKind, TimestepSpacing};
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -151,16 +152,72 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
             Sampler::unipc_third_order(12).karras_sigmas(true),
         ),
         ("unipc3_sd_img2img", &sd, Sampler::unipc_third_order(20).strength(0.6)),
+        (
+            "dpmpp2m_sd_exponential",
+            &sd,
+            Sampler::dpm_solver_pp_2m(12).noise_levels(NoiseLevels::Exponential),
+        ),
+        (
+            "dpmpp2m_sd_lu",
+            &sd,
+            Sampler::dpm_solver_pp_2m(12).noise_levels(NoiseLevels::LuLambdas),
+        ),
+        (
+            "unipc_linear_exponential",
+            &linear,
+            Sampler::unipc(15).noise_levels(NoiseLevels::Exponential),
+        ),
+        ("euler_sd_10", &sd, Sampler::euler(10)),
+        ("euler_sd_20", &sd, Sampler::euler(20)),
+        (
+            "euler_linear_leading",
+            &linear,
+            with(Sampler::euler(25), TimestepSpacing::Leading, 1, true),
+        ),
+        ("euler_sd_karras", &sd, Sampler::euler(15).karras_sigmas(true)),
+        (
+            "euler_sd_leading_karras",
+            &sd,
+            with(Sampler::euler(12), TimestepSpacing::Leading, 1, true).karras_sigmas(true),
+        ),
+        (
+            "euler_sd_exponential",
+            &sd,
+            Sampler::euler(12).noise_levels(NoiseLevels::Exponential),
+        ),
+        (
+            "euler_sd_sigma_min",
+            &sd,
+            with(Sampler::euler(14), TimestepSpacing::Leading, 1, false),
+        ),
+        ("euler_sd_img2img", &sd, Sampler::euler(20).strength(0.6)),
+        ("heun_sd_10", &sd, Sampler::heun(10)),
+        ("heun_linear_15", &linear, Sampler::heun(15)),
+        (
+            "heun_sd_trailing_8",
+            &sd,
+            with(Sampler::heun(8), TimestepSpacing::Trailing, 0, true),
+        ),
+        ("heun_sd_karras", &sd, Sampler::heun(12).karras_sigmas(true)),
+        ("heun_sd_img2img", &sd, Sampler::heun(20).strength(0.55)),
     ];
     for (name, schedule, sampler) in cases {
         let case = &meta["cases"][name];
-        let expected_ts: Vec<usize> = case["timesteps"]
+        // Euler's and Heun's fractional timesteps are float32 in diffusers.
+        let expected_ts: Vec<f64> = case["timesteps"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|t| t.as_u64().unwrap() as usize)
+            .map(|t| t.as_f64().unwrap())
             .collect();
-        assert_eq!(sampler.timesteps(schedule).unwrap(), expected_ts, "{name}: timesteps");
+        let ts = sampler.timesteps(schedule).unwrap();
+        assert_eq!(ts.len(), expected_ts.len(), "{name}: number of timesteps");
+        for (t, expected) in ts.iter().zip(&expected_ts) {
+            assert!(
+                (t - expected).abs() <= 1e-4,
+                "{name}: timestep {t} against diffusers' {expected}"
+            );
+        }
         let (reference, shape) = read(&st, name);
         // img2img cases start from x_0 noised to their first timestep with x_T as the noise.
         let start = match sampler.strength < 1.0 {
@@ -195,7 +252,7 @@ fn karras_levels_reach_the_network_as_rounded_timesteps() {
     let sampler = Sampler::ddim(8).karras_sigmas(true);
     let rhos = sampler.rho_grid(&schedule).unwrap();
     let ts = sampler.timesteps(&schedule).unwrap();
-    assert_eq!((rhos.len(), ts.len(), ts[0], ts[7]), (9, 8, 999, 0));
+    assert_eq!((rhos.len(), ts.len(), ts[0], ts[7]), (9, 8, 999.0, 0.0));
     let mut y = values(x_t.clone())
         .into_iter()
         .map(|x| x / NoiseSchedule::alpha_of_rho(rhos[0]))
@@ -206,7 +263,7 @@ fn karras_levels_reach_the_network_as_rounded_timesteps() {
             .map(|j| {
                 let (row, col) = (j / 4, j % 4);
                 let xa: f64 = (0..4).map(|k| alpha * y[row * 4 + k] * a[k * 4 + col]).sum();
-                xa + [0.5, -0.3, 0.2, 0.9][col] * ts[i] as f64 / 1000.0
+                xa + [0.5, -0.3, 0.2, 0.9][col] * ts[i] / 1000.0
             })
             .collect();
         y = y
