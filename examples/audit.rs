@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         lr: 0.05,
         closeness_weight: 1.0,
         sampler: Sampler::ddim(20).gradient(GradientMode::Backsolve(BacksolveOptions::default())),
+        step_noise_seed: 0,
         resume: None,
     };
     let run = audit(

@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         iters: 20,
         lr: 0.01,
         sampler: Sampler::ddim(10),
+        step_noise_seed: 0,
         resume: None,
     };
     // One fixed batch of noise, so the curve shows the optimisation rather than the draws.

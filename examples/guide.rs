@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         lr: 0.05,
         prior_weight: 0.1,
         sampler: Sampler::ddim(20),
+        step_noise_seed: 0,
         resume: None,
     };
     let run = guided_sampling(

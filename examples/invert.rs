@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         iters: 20,
         lr: 0.2,
         sampler: Sampler::ddim(10),
+        step_noise_seed: 0,
         resume: None,
     };
     let appearance = StyleLoss::appearance(&classifier, reference);

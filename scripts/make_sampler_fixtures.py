@@ -21,8 +21,9 @@ import os
 import diffusers
 import numpy as np
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       UniPCMultistepScheduler)
+import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_ancestral_module
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
 from safetensors.torch import save_file
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
@@ -136,6 +137,17 @@ F64_CASES = {
     "heun_sd_karras": (HeunDiscreteScheduler, dict(SD, use_karras_sigmas=True), 12),
     "heun_sd_img2img": (HeunDiscreteScheduler, SD, 20),
 }
+# Stochastic samplers: DDIM with eta (its variance_noise given) and Euler ancestral (its randn_tensor
+# replaced by the same seeded draws). `<name>_noise` holds the standard normal tensor of each step.
+NOISY_CASES = {
+    "ddim_sd_eta1": (DDIMScheduler, dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), 10, 1.0),
+    "ddim_linear_trailing_eta05": (DDIMScheduler, dict(beta_schedule="linear", clip_sample=False,
+                                                       set_alpha_to_one=True, timestep_spacing="trailing"), 8, 0.5),
+    "euler_ancestral_sd": (EulerAncestralDiscreteScheduler, SD, 12, None),
+    "euler_ancestral_linear_leading": (EulerAncestralDiscreteScheduler, dict(beta_schedule="linear",
+                                                                             timestep_spacing="leading",
+                                                                             steps_offset=1), 10, None),
+}
 STRENGTH = {"euler_sd_img2img": 0.6, "heun_sd_img2img": 0.55, "unipc3_sd_img2img": 0.6, "unipc_sd_img2img": 0.6, "ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6,
             "dpmpp3m_sd_img2img_sigma_min": 0.6}
 
@@ -222,6 +234,28 @@ for name, (cls, config, steps) in {**CASES, **F64_CASES}.items():
     tensors[name] = torch.stack(trajectory)
     meta["cases"][name] = {"scheduler": cls.__name__, "config": config, "steps": steps,
                            "strength": STRENGTH.get(name, 1.0), "timesteps": [float(t) for t in timesteps]}
+
+noise_gen = torch.Generator().manual_seed(11)
+for name, (cls, config, steps, eta) in NOISY_CASES.items():
+    sched = cls(num_train_timesteps=1000, **config)
+    if cls is EulerAncestralDiscreteScheduler:
+        sched.alphas_cumprod = abar_f64(config)
+    sched.set_timesteps(steps)
+    noise = torch.randn(steps, 2, 4, dtype=torch.float64, generator=noise_gen)
+    tensors[name + "_noise"] = noise
+    if eta is not None:
+        x, trajectory = x_T.clone(), [x_T.clone()]
+        for k, t in enumerate(sched.timesteps):
+            x = sched.step(eps(x, t), t, x, eta=eta, variance_noise=noise[k]).prev_sample
+            trajectory.append(x.clone())
+        tensors[name] = torch.stack(trajectory)
+        ts = [float(t) for t in sched.timesteps]
+    else:
+        draws = iter(noise)
+        euler_ancestral_module.randn_tensor = lambda *args, **kwargs: next(draws)
+        tensors[name], ts = k_diffusion_run(name, sched, steps)
+    meta["cases"][name] = {"scheduler": cls.__name__, "config": config, "steps": steps, "eta": eta,
+                           "strength": 1.0, "timesteps": ts}
 
 os.makedirs(OUT, exist_ok=True)
 save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "samplers.safetensors"))

@@ -70,13 +70,20 @@ fn guided_sampling_raises_the_target_probability() {
     let device = Default::default();
     let (eps, classifier) = networks(&device);
     let x_t = Tensor::<B, 4>::random([3, 3, 8, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-    for gradient in [GradientChoice::Exact, GradientChoice::AdjointDpm] {
+    // Euler ancestral: its step noise drawn once and held fixed, so x_T's optimisation sees one
+    // map.
+    for (solver, gradient) in [
+        (SolverChoice::Ddim, GradientChoice::Exact),
+        (SolverChoice::Ddim, GradientChoice::AdjointDpm),
+        (SolverChoice::EulerAncestral, GradientChoice::Exact),
+    ] {
         let config = GuidedSampling {
             target: 2,
             iters: 8,
             lr: 0.1,
             prior_weight: 0.1,
-            sampler: SolverChoice::Ddim.sampler(5, gradient),
+            sampler: solver.sampler(5, gradient),
+            step_noise_seed: 3,
             resume: None,
         };
         let mut seen = 0;
@@ -94,10 +101,13 @@ fn guided_sampling_raises_the_target_probability() {
         assert_eq!(seen, 8);
         assert!(
             r.losses[7] < r.losses[0],
-            "{gradient:?}: loss did not fall: {:?}",
+            "{solver:?} {gradient:?}: loss did not fall: {:?}",
             r.losses
         );
-        assert!(r.target_prob_after > r.target_prob_before, "{gradient:?}: {r:?}");
+        assert!(
+            r.target_prob_after > r.target_prob_before,
+            "{solver:?} {gradient:?}: {r:?}"
+        );
         assert_eq!(run.after.dims(), [3, 3, 8, 8]);
     }
     let bad = GuidedSampling {
@@ -106,6 +116,7 @@ fn guided_sampling_raises_the_target_probability() {
         lr: -1.0,
         prior_weight: 0.0,
         sampler: Sampler::ddim(2),
+        step_noise_seed: 0,
         resume: None,
     };
     assert!(guided_sampling(
@@ -132,6 +143,7 @@ fn audit_stays_in_the_ball_and_pushes_the_label_away() {
         lr: 0.1,
         closeness_weight: 0.1,
         sampler: SolverChoice::Ddim.sampler(5, GradientChoice::Exact),
+        step_noise_seed: 0,
         resume: None,
     };
     let run = audit(
@@ -196,6 +208,7 @@ fn tuning_an_embedding_or_the_weights_lowers_their_loss() {
         iters: 10,
         lr: 0.05,
         sampler: SolverChoice::Ddim.sampler(4, GradientChoice::Exact),
+        step_noise_seed: 0,
         resume: None,
     };
     // Inversion: only the embedding moves, towards a reference image.

@@ -171,6 +171,10 @@ enum SolverArg {
     Heun,
     /// Euler in ρ on diffusers' EulerDiscreteScheduler levels (DDIM's map, its timesteps).
     Euler,
+    /// Euler ancestral, stochastic (exact or backprop; its step noise is drawn from --seed and
+    /// held fixed).
+    #[value(name = "euler-a")]
+    EulerA,
 }
 
 /// `--device`.
@@ -218,6 +222,10 @@ struct TaskArgs {
     /// the sampler.
     #[arg(long, conflicts_with = "karras")]
     exponential_sigmas: bool,
+    /// DDIM's η: > 0 injects noise at every step (1: DDPM's variance), drawn from --seed and held
+    /// fixed; exact or backprop gradients.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
     /// Learning rate.
     #[arg(long, default_value_t = 0.05)]
     lr: f64,
@@ -259,9 +267,11 @@ impl TaskArgs {
                 SolverArg::Unipc3 => SolverChoice::Unipc3,
                 SolverArg::Heun => SolverChoice::Heun,
                 SolverArg::Euler => SolverChoice::Euler,
+                SolverArg::EulerA => SolverChoice::EulerAncestral,
             },
             karras: self.karras,
             exponential: self.exponential_sigmas,
+            eta: self.eta,
             steps: self.steps,
             lr: self.lr,
             iters: self.iters,

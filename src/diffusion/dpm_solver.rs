@@ -143,10 +143,7 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
     /// The step starting at `rho`: the grid knot nearest to it (the engine hands the field the
     /// step's start, possibly rounded to the state's precision).
     fn step_at(&self, rho: f64) -> usize {
-        let steps = self.grid.len() - 1;
-        (0..steps)
-            .min_by(|&a, &b| (self.grid[a] - rho).abs().total_cmp(&(self.grid[b] - rho).abs()))
-            .unwrap_or(0)
+        knot_index(&self.grid, rho)
     }
 
     /// The initial stacked state `[y_T; 0…]` (no history yet).
@@ -355,4 +352,12 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
         x[row] = (b[row] - tail) / a[row][row];
     }
     x
+}
+
+/// The step of a one-step map on `grid` that starts at ρ: the knot nearest it, the last
+/// excepted (the solver's times pass through the state's float type).
+pub(crate) fn knot_index(grid: &[f64], rho: f64) -> usize {
+    (0..grid.len() - 1)
+        .min_by(|&a, &b| (grid[a] - rho).abs().total_cmp(&(grid[b] - rho).abs()))
+        .unwrap_or(0)
 }

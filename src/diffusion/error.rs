@@ -61,6 +61,23 @@ pub enum DiffusionError {
         /// What is wrong.
         reason: String,
     },
+    /// A stochastic sampler given a number of noise tensors other than its steps, or a
+    /// deterministic one given noise.
+    #[error("{got} noise tensors given, the sampler injects noise at {expected} steps (Sampler::noise_count)")]
+    NoiseCount {
+        /// One per step for a stochastic sampler, else 0.
+        expected: usize,
+        /// How many were given.
+        got: usize,
+    },
+    /// A DDIM η that is negative or not finite, or an η given to a sampler that has none.
+    #[error("eta = {eta}: {why}")]
+    BadEta {
+        /// The η given.
+        eta: f64,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// The network produced NaN or Inf.
     #[error("the noise prediction became non-finite at sampling step {step} (t = {t:.3})")]
     NonFiniteEps {

@@ -8,6 +8,7 @@ pub mod error;
 pub mod pf_ode;
 pub mod sampler;
 pub mod schedule;
+pub mod stochastic;
 
 pub use diagnostic::AdjointReport;
 pub use dpm_solver::{DpmSolverPP2M, MultistepMap};
@@ -16,3 +17,4 @@ pub use error::DiffusionError;
 pub use pf_ode::PfOde;
 pub use sampler::{NoiseLevels, Sampler, SamplerKind, TimestepConvention};
 pub use schedule::{BetaSchedule, NoiseSchedule, TimestepSpacing};
+pub use stochastic::{NoisyStep, NoisyStepMap};

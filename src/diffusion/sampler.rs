@@ -18,6 +18,7 @@ use crate::diffusion::schedule::{
     dpm_solver_timesteps, exponential_levels, fractional_timesteps, karras_levels, timesteps, NoiseSchedule,
     TimestepSpacing,
 };
+use crate::diffusion::stochastic::{NoisyStep, NoisyStepMap};
 use crate::ode::tableau::{self, ButcherTableau};
 use crate::ode::{Dynamics, GradientMode, NeuralOde, Solver, StepControl};
 
@@ -32,6 +33,11 @@ pub enum SamplerKind {
     Heun,
     /// Classical RK4 in ρ.
     Rk4,
+    /// Euler ancestral (k-diffusion; diffusers' `EulerAncestralDiscreteScheduler`): an Euler
+    /// step part of the way down, then fresh noise back up to the next level. Stochastic: run
+    /// with [`Sampler::sample_with_noise`]; exact and Backprop gradients (see
+    /// [`NoisyStepMap`]).
+    EulerAncestral,
     /// DPM-Solver++(2M) (Lu et al. 2022): the multistep exponential integrator in data-prediction
     /// form, `y_{i+1} = (ρ_{i+1}/ρ_i) y_i + (1 − ρ_{i+1}/ρ_i) D_i` with `D_i` a second-order
     /// combination of the last two x̂_0. Run as a one-step method on `[y; x̂0_prev]` (see
@@ -61,7 +67,7 @@ pub enum SamplerKind {
 impl SamplerKind {
     fn tableau(self) -> &'static ButcherTableau {
         match self {
-            SamplerKind::Ddim => &tableau::EULER,
+            SamplerKind::Ddim | SamplerKind::EulerAncestral => &tableau::EULER,
             SamplerKind::Heun => &tableau::HEUN,
             SamplerKind::Rk4 => &tableau::RK4,
             SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc { .. } => &tableau::EULER,
@@ -132,6 +138,8 @@ pub struct Sampler {
     pub convention: TimestepConvention,
     /// The fraction of the steps run, the last ones (img2img; see [`Sampler::strength`]).
     pub strength: f64,
+    /// DDIM's η ([`Sampler::eta`]): 0 is the deterministic sampler.
+    pub eta: f64,
     /// How gradients flow through sampling.
     pub gradient: GradientMode,
 }
@@ -148,6 +156,7 @@ impl Sampler {
             noise_levels: NoiseLevels::Spaced,
             convention: TimestepConvention::Integer,
             strength: 1.0,
+            eta: 0.0,
             gradient: GradientMode::default(),
         }
     }
@@ -223,6 +232,62 @@ impl Sampler {
             convention: TimestepConvention::Fractional,
             ..Self::ddim(steps)
         }
+    }
+
+    /// Euler ancestral with `steps` steps on [`Sampler::euler`]'s levels, as diffusers'
+    /// `EulerAncestralDiscreteScheduler` defaults. Stochastic: run it with
+    /// [`Sampler::sample_with_noise`].
+    pub fn euler_ancestral(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::EulerAncestral,
+            ..Self::euler(steps)
+        }
+    }
+
+    /// DDIM's η (diffusers' `eta`): each step injects `η` times the DDPM posterior's standard
+    /// deviation of fresh noise (η = 1: DDPM's ancestral sampler). With η > 0 the sampler is
+    /// stochastic: run it with [`Sampler::sample_with_noise`], one standard normal tensor per
+    /// step, and its exact gradient reaches each of them too.
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
+    /// let schedule = NoiseSchedule::sd_scaled_linear();
+    /// assert_eq!(Sampler::ddim(10).eta(1.0).noise_count(&schedule)?, 10);
+    /// assert_eq!(Sampler::ddim(10).noise_count(&schedule)?, 0);
+    /// assert!(Sampler::heun(10).eta(0.5).noise_count(&schedule).is_err()); // DDIM's alone
+    /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
+    /// ```
+    pub fn eta(mut self, eta: f64) -> Self {
+        self.eta = eta;
+        self
+    }
+
+    /// The noise step of a stochastic sampler; `None` for a deterministic one.
+    fn noisy_step(&self) -> Result<Option<NoisyStep>, DiffusionError> {
+        let bad = |why: &'static str| DiffusionError::BadEta { eta: self.eta, why };
+        if !(self.eta.is_finite() && self.eta >= 0.0) {
+            return Err(bad("η must be finite and ≥ 0"));
+        }
+        Ok(match (self.kind, self.eta > 0.0) {
+            (SamplerKind::Ddim, true) => Some(NoisyStep::Ddim { eta: self.eta }),
+            (SamplerKind::EulerAncestral, false) => Some(NoisyStep::EulerAncestral),
+            (_, false) => None,
+            (_, true) => {
+                return Err(bad(
+                    "η belongs to DDIM; Euler ancestral's noise is fixed, other samplers have none",
+                ))
+            }
+        })
+    }
+
+    /// How many noise tensors [`Sampler::sample_with_noise`] takes: one per step run for a
+    /// stochastic sampler (DDIM with η > 0, Euler ancestral), none otherwise. As in diffusers,
+    /// a last step to ρ = 0 scales its noise by 0.
+    pub fn noise_count(&self, schedule: &NoiseSchedule) -> Result<usize, DiffusionError> {
+        Ok(match self.noisy_step()? {
+            Some(_) => self.rho_grid(schedule)?.len() - 1,
+            None => 0,
+        })
     }
 
     /// Heun in ρ with `steps` steps (2·steps − 1 network calls) as diffusers'
@@ -466,6 +531,7 @@ impl Sampler {
 
     /// Generates `x_0` from `x_T` on an autodiff backend. A loss on the result back-propagates
     /// into `x_T` (when tracked) and every trainable parameter of `model` (weights, embeddings).
+    /// A stochastic sampler needs [`Sampler::sample_with_noise`].
     pub fn sample<B, C, M, const D: usize>(
         &self,
         model: &M,
@@ -478,32 +544,74 @@ impl Sampler {
         M: EpsModel<Autodiff<B, C>, D> + AutodiffModule<Autodiff<B, C>> + 'static,
         M::InnerModule: EpsModel<B, D>,
     {
+        self.sample_with_noise(model, schedule, x_t, Vec::new())
+    }
+
+    /// [`Sampler::sample`] with the noise a stochastic sampler injects: one standard normal
+    /// tensor of `x_T`'s shape per step run ([`Sampler::noise_count`]; none for a deterministic
+    /// sampler). Gradients reach every tracked noise tensor as well.
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::{EpsModel, NoiseSchedule, Sampler};
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::prelude::*;
+    /// use burn::tensor::Distribution;
+    /// # #[derive(Module, Debug)]
+    /// # struct Shrink;
+    /// # impl<B: Backend> EpsModel<B, 2> for Shrink {
+    /// #     fn eps(&self, x: Tensor<B, 2>, _t: Tensor<B, 1>) -> Tensor<B, 2> { x.mul_scalar(0.5) }
+    /// # }
+    /// type B = Autodiff<Flex>;
+    /// let (device, schedule) = (Default::default(), NoiseSchedule::sd_scaled_linear());
+    /// let sampler = Sampler::ddim(10).eta(1.0);
+    /// let x_t = Tensor::<B, 2>::random([2, 4], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    /// let noise: Vec<_> = (0..sampler.noise_count(&schedule)?)
+    ///     .map(|_| Tensor::<B, 2>::random([2, 4], Distribution::Normal(0.0, 1.0), &device).require_grad())
+    ///     .collect();
+    /// let x_0 = sampler.sample_with_noise(&Shrink, &schedule, x_t.clone(), noise.clone())?;
+    /// let grads = x_0.powi_scalar(2).sum().backward();
+    /// assert!(x_t.grad(&grads).is_some() && noise[3].grad(&grads).is_some());
+    /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
+    /// ```
+    pub fn sample_with_noise<B, C, M, const D: usize>(
+        &self,
+        model: &M,
+        schedule: &NoiseSchedule,
+        x_t: Tensor<Autodiff<B, C>, D>,
+        noise: Vec<Tensor<Autodiff<B, C>, D>>,
+    ) -> Result<Tensor<Autodiff<B, C>, D>, DiffusionError>
+    where
+        B: Backend,
+        C: CheckpointStrategy,
+        M: EpsModel<Autodiff<B, C>, D> + AutodiffModule<Autodiff<B, C>> + 'static,
+        M::InnerModule: EpsModel<B, D>,
+    {
         let grid = self.rho_grid(schedule)?;
         model.check_batch(x_t.dims()[0])?;
+        let noisy = self.check_noise(&grid, &x_t, &noise)?;
+        self.check_gradient(noisy.is_some())?;
+        let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
+        let alpha_0 = NoiseSchedule::alpha_of_rho(grid[grid.len() - 1]);
+        if let Some(step) = noisy {
+            let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?);
+            let ode = NeuralOde::new(map).solver(self.solver()).gradient(self.gradient);
+            let z_0 = ode
+                .solve(ode.dynamics.initial_state(y_t, noise), &grid)
+                .map_err(|e| name_step(e, schedule, &grid, 0))?
+                .last();
+            return Ok(ode.dynamics.y_of(z_0).mul_scalar(alpha_0));
+        }
         if self.kind.is_multistep() {
-            if let GradientMode::Backsolve(_) = self.gradient {
-                return Err(DiffusionError::UnsupportedGradient {
-                    sampler: match self.kind {
-                        SamplerKind::UniPc { .. } => "UniPC",
-                        _ => "DPM-Solver++",
-                    },
-                    mode: self.gradient,
-                    why: "a multistep method has no continuous adjoint; use Checkpointed (exact) or \
-                          Backprop, or DDIM/Heun for AdjointDPM",
-                });
-            }
             let map = self.dpm_map(model.clone(), schedule, &grid)?;
             let ode = NeuralOde::new(map).solver(self.solver()).gradient(self.gradient);
-            let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
             let z_0 = ode
                 .solve(ode.dynamics.initial_state(y_t), &grid)
                 .map_err(|e| name_step(e, schedule, &grid, 0))?
                 .last();
-            let y_0 = ode.dynamics.y_of(z_0);
-            return Ok(y_0.mul_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1])));
+            return Ok(ode.dynamics.y_of(z_0).mul_scalar(alpha_0));
         }
         let pf_ode = self.pf_ode(model.clone(), schedule)?;
-        let mut y = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
+        let mut y = y_t;
         let mut done = 0;
         for (solver, knots) in self.segments(&grid) {
             let ode = NeuralOde::new(pf_ode.clone()).solver(solver).gradient(self.gradient);
@@ -513,7 +621,57 @@ impl Sampler {
                 .last();
             done += knots.len() - 1;
         }
-        Ok(y.mul_scalar(NoiseSchedule::alpha_of_rho(grid[grid.len() - 1])))
+        Ok(y.mul_scalar(alpha_0))
+    }
+
+    /// The noise step, after checking that `noise` holds one tensor of `x_t`'s shape per step
+    /// of a stochastic sampler, or none.
+    fn check_noise<B: Backend, const D: usize>(
+        &self,
+        grid: &[f64],
+        x_t: &Tensor<B, D>,
+        noise: &[Tensor<B, D>],
+    ) -> Result<Option<NoisyStep>, DiffusionError> {
+        let step = self.noisy_step()?;
+        let expected = if step.is_some() { grid.len() - 1 } else { 0 };
+        if noise.len() != expected {
+            return Err(DiffusionError::NoiseCount {
+                expected,
+                got: noise.len(),
+            });
+        }
+        if let Some(bad) = noise.iter().find(|n| n.dims() != x_t.dims()) {
+            return Err(DiffusionError::ShapeMismatch {
+                name: "a noise tensor",
+                expected: x_t.dims().to_vec(),
+                got: bad.dims().to_vec(),
+            });
+        }
+        Ok(step)
+    }
+
+    /// Refuses the continuous adjoint where there is none: multistep and stochastic samplers.
+    fn check_gradient(&self, stochastic: bool) -> Result<(), DiffusionError> {
+        const MULTISTEP: &str = "a multistep method has no continuous adjoint; use Checkpointed (exact) or \
+                                 Backprop, or DDIM/Heun for AdjointDPM";
+        if !matches!(self.gradient, GradientMode::Backsolve(_)) {
+            return Ok(());
+        }
+        let (sampler, why) = match self.kind {
+            _ if stochastic => (
+                "a stochastic sampler",
+                "its steps inject noise, so it discretises no ODE and has no continuous adjoint; use \
+                 Checkpointed (exact) or Backprop",
+            ),
+            SamplerKind::UniPc { .. } => ("UniPC", MULTISTEP),
+            kind if kind.is_multistep() => ("DPM-Solver++", MULTISTEP),
+            _ => return Ok(()),
+        };
+        Err(DiffusionError::UnsupportedGradient {
+            sampler,
+            mode: self.gradient,
+            why,
+        })
     }
 
     /// Generates `x_0` from `x_T` on any backend, without a graph (inference).
@@ -528,8 +686,28 @@ impl Sampler {
         M: EpsModel<B, D>,
         PfOde<B, M>: Dynamics<B, D>,
         MultistepMap<B, M>: Dynamics<B, D>,
+        NoisyStepMap<B, M>: Dynamics<B, D>,
     {
-        let mut trajectory = self.trajectory_inference(model, schedule, x_t)?;
+        self.sample_inference_with_noise(model, schedule, x_t, Vec::new())
+    }
+
+    /// [`Sampler::sample_inference`] with a stochastic sampler's noise (see
+    /// [`Sampler::sample_with_noise`]).
+    pub fn sample_inference_with_noise<B, M, const D: usize>(
+        &self,
+        model: &M,
+        schedule: &NoiseSchedule,
+        x_t: Tensor<B, D>,
+        noise: Vec<Tensor<B, D>>,
+    ) -> Result<Tensor<B, D>, DiffusionError>
+    where
+        B: Backend,
+        M: EpsModel<B, D>,
+        PfOde<B, M>: Dynamics<B, D>,
+        MultistepMap<B, M>: Dynamics<B, D>,
+        NoisyStepMap<B, M>: Dynamics<B, D>,
+    {
+        let mut trajectory = self.trajectory_inference_with_noise(model, schedule, x_t, noise)?;
         Ok(trajectory.pop().expect("a trajectory holds x_T and x_0"))
     }
 
@@ -546,11 +724,44 @@ impl Sampler {
         M: EpsModel<B, D>,
         PfOde<B, M>: Dynamics<B, D>,
         MultistepMap<B, M>: Dynamics<B, D>,
+        NoisyStepMap<B, M>: Dynamics<B, D>,
+    {
+        self.trajectory_inference_with_noise(model, schedule, x_t, Vec::new())
+    }
+
+    /// [`Sampler::trajectory_inference`] with a stochastic sampler's noise (see
+    /// [`Sampler::sample_with_noise`]).
+    pub fn trajectory_inference_with_noise<B, M, const D: usize>(
+        &self,
+        model: &M,
+        schedule: &NoiseSchedule,
+        x_t: Tensor<B, D>,
+        noise: Vec<Tensor<B, D>>,
+    ) -> Result<Vec<Tensor<B, D>>, DiffusionError>
+    where
+        B: Backend,
+        M: EpsModel<B, D>,
+        PfOde<B, M>: Dynamics<B, D>,
+        MultistepMap<B, M>: Dynamics<B, D>,
+        NoisyStepMap<B, M>: Dynamics<B, D>,
     {
         let grid = self.rho_grid(schedule)?;
         model.check_batch(x_t.dims()[0])?;
+        let noisy = self.check_noise(&grid, &x_t, &noise)?;
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
-        let ys = if self.kind.is_multistep() {
+        let ys = if let Some(step) = noisy {
+            let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?);
+            let ode = NeuralOde::new(map).solver(self.solver());
+            let z_t = ode.dynamics.initial_state(y_t, noise);
+            let solution = ode
+                .integrate(z_t, &grid)
+                .map_err(|e| name_step(e, schedule, &grid, 0))?;
+            solution
+                .states()
+                .into_iter()
+                .map(|z| ode.dynamics.y_of(z))
+                .collect::<Vec<_>>()
+        } else if self.kind.is_multistep() {
             let map = self.dpm_map(model.clone(), schedule, &grid)?;
             let ode = NeuralOde::new(map).solver(self.solver());
             let z_t = ode.dynamics.initial_state(y_t);

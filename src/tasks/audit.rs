@@ -33,6 +33,9 @@ pub struct Audit {
     pub closeness_weight: f64,
     /// The sampler and its gradient mode.
     pub sampler: Sampler,
+    /// Seed of the noise a stochastic sampler injects at each step, held fixed through the
+    /// optimisation ([`step_noise`](crate::tasks::common::step_noise)).
+    pub step_noise_seed: u64,
     /// Save the state after every iteration and continue from a saved one (see [`Resume`]).
     pub resume: Option<Resume>,
 }
@@ -120,7 +123,14 @@ where
     let started = Instant::now();
     let device = x_t.device();
     let batch = x_t.dims()[0];
-    let nets = FrozenPipeline::new(model, classifier, decoder, schedule, config.sampler);
+    let nets = FrozenPipeline::new(
+        model,
+        classifier,
+        decoder,
+        schedule,
+        config.sampler,
+        config.step_noise_seed,
+    );
     let before = nets.images(x_t.clone())?;
     let logits_before = nets.logits(before.clone());
     let classes = logits_before.dims()[1];
@@ -136,6 +146,7 @@ where
     let ce = CrossEntropyLossConfig::new().init(&device);
     let delta = Noise {
         x_t: Param::from_tensor(Tensor::<Autodiff<B>, 4>::zeros(x_t.dims(), &device).require_grad()),
+        steps: Vec::new(),
     };
     let optim = AdamConfig::new().init();
     let Restored {

@@ -4,7 +4,7 @@
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleDisplay, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{Distribution, ElementConversion, Tensor};
 
 use crate::diffusion::{DiffusionError, EpsModel, NoiseSchedule, Sampler};
 use crate::ode::{BacksolveOptions, GradientMode, Schedule};
@@ -78,10 +78,19 @@ pub(crate) struct FrozenPipeline<'a, B: Backend, M: TaskModel<B>, K: TaskClassif
     decoder_inner: Dec::InnerModule,
     pub schedule: &'a NoiseSchedule,
     pub sampler: Sampler,
+    /// Seed of the noise a stochastic sampler injects ([`step_noise`]), the same at every call.
+    step_noise_seed: u64,
 }
 
 impl<'a, B: Backend, M: TaskModel<B>, K: TaskClassifier<B>, Dec: TaskDecoder<B>> FrozenPipeline<'a, B, M, K, Dec> {
-    pub(crate) fn new(model: &M, classifier: &K, decoder: &Dec, schedule: &'a NoiseSchedule, sampler: Sampler) -> Self {
+    pub(crate) fn new(
+        model: &M,
+        classifier: &K,
+        decoder: &Dec,
+        schedule: &'a NoiseSchedule,
+        sampler: Sampler,
+        step_noise_seed: u64,
+    ) -> Self {
         let (model, classifier, decoder) = (
             model.clone().no_grad(),
             classifier.clone().no_grad(),
@@ -96,14 +105,35 @@ impl<'a, B: Backend, M: TaskModel<B>, K: TaskClassifier<B>, Dec: TaskDecoder<B>>
             decoder,
             schedule,
             sampler,
+            step_noise_seed,
         }
+    }
+
+    /// The noise a stochastic sampler injects into a batch like `x_t`.
+    pub(crate) fn step_noise(&self, x_t: &Tensor<B, 4>) -> Result<Vec<Tensor<B, 4>>, TaskError> {
+        step_noise(
+            &self.sampler,
+            self.schedule,
+            x_t.dims(),
+            self.step_noise_seed,
+            &x_t.device(),
+        )
     }
 
     /// Images of a batch of noise, without a graph.
     pub(crate) fn images(&self, x_t: Tensor<B, 4>) -> Result<Tensor<B, 4>, TaskError> {
-        Ok(self
-            .decoder_inner
-            .decode(self.sampler.sample_inference(&self.model_inner, self.schedule, x_t)?))
+        let noise = self.step_noise(&x_t)?;
+        self.images_with(x_t, noise)
+    }
+
+    /// Images of a batch of noise and the steps' noise, without a graph.
+    pub(crate) fn images_with(&self, x_t: Tensor<B, 4>, noise: Vec<Tensor<B, 4>>) -> Result<Tensor<B, 4>, TaskError> {
+        Ok(self.decoder_inner.decode(self.sampler.sample_inference_with_noise(
+            &self.model_inner,
+            self.schedule,
+            x_t,
+            noise,
+        )?))
     }
 
     /// Logits of images, without a graph.
@@ -113,10 +143,40 @@ impl<'a, B: Backend, M: TaskModel<B>, K: TaskClassifier<B>, Dec: TaskDecoder<B>>
 
     /// Images of a batch of noise, differentiably.
     pub(crate) fn tracked_images(&self, x_t: Tensor<Autodiff<B>, 4>) -> Result<Tensor<Autodiff<B>, 4>, TaskError> {
+        let noise = self.step_noise(&x_t.clone().inner())?;
+        self.tracked_images_with(x_t, noise.into_iter().map(Tensor::from_inner).collect())
+    }
+
+    /// Images of a batch of noise and the steps' noise, differentiably in both.
+    pub(crate) fn tracked_images_with(
+        &self,
+        x_t: Tensor<Autodiff<B>, 4>,
+        noise: Vec<Tensor<Autodiff<B>, 4>>,
+    ) -> Result<Tensor<Autodiff<B>, 4>, TaskError> {
         Ok(self
             .decoder
-            .decode(self.sampler.sample(&self.model, self.schedule, x_t)?))
+            .decode(self.sampler.sample_with_noise(&self.model, self.schedule, x_t, noise)?))
     }
+}
+
+/// The noise a stochastic sampler (DDIM with η > 0, Euler ancestral) injects: one standard
+/// normal tensor of `dims` per step, drawn after reseeding the backend with `seed`, so the same
+/// seed gives the same noise and an optimisation of x_T sees one map. None for a deterministic
+/// sampler (the backend is then not reseeded).
+pub fn step_noise<B: Backend>(
+    sampler: &Sampler,
+    schedule: &NoiseSchedule,
+    dims: [usize; 4],
+    seed: u64,
+    device: &B::Device,
+) -> Result<Vec<Tensor<B, 4>>, TaskError> {
+    let count = sampler.noise_count(schedule)?;
+    if count > 0 {
+        B::seed(device, seed);
+    }
+    Ok((0..count)
+        .map(|_| Tensor::random(dims, Distribution::Normal(0.0, 1.0), device))
+        .collect())
 }
 
 /// `Err(InvalidOption)` unless `value` is finite and > 0.
@@ -144,11 +204,14 @@ pub(crate) fn lora_rank(rank: usize) -> Result<(), TaskError> {
     Ok(())
 }
 
-/// The initial noise as a parameter, so that burn's optimizers move it.
+/// The initial noise as a parameter, so that burn's optimizers move it, and the noise a
+/// stochastic sampler injects at its steps, when that is optimised too.
 #[derive(Module, Debug)]
 pub struct Noise<B: Backend> {
     /// `x_T`.
     pub x_t: Param<Tensor<B, 4>>,
+    /// Each step's noise (empty for a deterministic sampler, or when it is held fixed).
+    pub steps: Vec<Param<Tensor<B, 4>>>,
 }
 
 /// How a task differentiates through sampling (`--gradient`).
@@ -198,6 +261,9 @@ pub enum SolverChoice {
     Heun,
     /// Euler in ρ on diffusers' `EulerDiscreteScheduler` levels (the map of DDIM).
     Euler,
+    /// Euler ancestral (stochastic; exact or Backprop gradients).
+    #[serde(rename = "euler-a")]
+    EulerAncestral,
 }
 
 impl SolverChoice {
@@ -213,6 +279,7 @@ impl SolverChoice {
             SolverChoice::Unipc3 => Sampler::unipc_third_order(steps),
             SolverChoice::Heun => Sampler::heun(steps),
             SolverChoice::Euler => Sampler::euler(steps),
+            SolverChoice::EulerAncestral => Sampler::euler_ancestral(steps),
         };
         base.gradient(gradient.mode())
     }

@@ -4,6 +4,9 @@
 //! `L(x_T) = CE(classifier(decode(sample(x_T))), target) + λ · mean_i (‖x_T,i‖²/d − 1)²`: the
 //! second term keeps each x_T on the shell where d-dimensional Gaussian noise lives, so that the
 //! optimised noise stays a plausible sample.
+//!
+//! A stochastic sampler's step noises ξ_k are optimised with x_T (as DOODL does), each under the
+//! same shell term: through η = 1 DDIM or Euler ancestral, x_T alone steers little of the sample.
 
 use std::time::Instant;
 
@@ -34,6 +37,9 @@ pub struct GuidedSampling {
     pub prior_weight: f64,
     /// The sampler and its gradient mode.
     pub sampler: Sampler,
+    /// Seed of the noise a stochastic sampler injects at each step, held fixed through the
+    /// optimisation ([`step_noise`](crate::tasks::common::step_noise)).
+    pub step_noise_seed: u64,
     /// Save the state after every iteration and continue from a saved one (see [`Resume`]).
     pub resume: Option<Resume>,
 }
@@ -68,6 +74,8 @@ pub struct GuidedRun<B: Backend> {
     pub after: Tensor<B, 4>,
     /// The optimised x_T.
     pub x_t: Tensor<B, 4>,
+    /// The optimised step noises of a stochastic sampler (empty for a deterministic one).
+    pub step_noise: Vec<Tensor<B, 4>>,
 }
 
 /// Target rate and mean target probability, from logits.
@@ -104,15 +112,24 @@ where
     let device = x_t.device();
     let [batch, c, h, w] = x_t.dims();
     let d = (c * h * w) as f64;
-    let nets = FrozenPipeline::new(model, classifier, decoder, schedule, config.sampler);
+    let nets = FrozenPipeline::new(
+        model,
+        classifier,
+        decoder,
+        schedule,
+        config.sampler,
+        config.step_noise_seed,
+    );
     let before = nets.images(x_t.clone())?;
     let (rate_before, prob_before) = judge(nets.logits(before.clone()), config.target);
 
     let targets =
         Tensor::<Autodiff<B>, 1, Int>::from_data(TensorData::new(vec![config.target as i64; batch], [batch]), &device);
     let ce = CrossEntropyLossConfig::new().init(&device);
+    let tracked = |t: Tensor<B, 4>| Param::from_tensor(Tensor::<Autodiff<B>, 4>::from_inner(t).require_grad());
     let noise = Noise {
-        x_t: Param::from_tensor(Tensor::<Autodiff<B>, 4>::from_inner(x_t).require_grad()),
+        steps: nets.step_noise(&x_t)?.into_iter().map(tracked).collect(),
+        x_t: tracked(x_t),
     };
     let optim = AdamConfig::new().init();
     let Restored {
@@ -123,17 +140,29 @@ where
     } = restore(&config.resume, noise, optim, &device)?;
     for iter in start..config.iters {
         let x = noise.x_t.val();
-        let images = nets.tracked_images(x.clone()).map_err(|e| e.at_iteration(iter))?;
+        let steps: Vec<_> = noise.steps.iter().map(|p| p.val()).collect();
+        let images = nets
+            .tracked_images_with(x.clone(), steps.clone())
+            .map_err(|e| e.at_iteration(iter))?;
         let logits = nets.classifier.logits(images);
-        let shell = x
-            .powi_scalar(2)
-            .sum_dim(3)
-            .sum_dim(2)
-            .sum_dim(1)
-            .reshape([batch])
-            .div_scalar(d)
-            .sub_scalar(1.0);
-        let loss = ce.forward(logits, targets.clone()) + shell.powi_scalar(2).mean().mul_scalar(config.prior_weight);
+        // The shell term of each noise tensor, averaged over x_T and the step noises.
+        let shell = |t: Tensor<Autodiff<B>, 4>| {
+            t.powi_scalar(2)
+                .sum_dim(3)
+                .sum_dim(2)
+                .sum_dim(1)
+                .reshape([batch])
+                .div_scalar(d)
+                .sub_scalar(1.0)
+                .powi_scalar(2)
+                .mean()
+        };
+        let count = 1 + steps.len();
+        let prior = steps
+            .into_iter()
+            .fold(shell(x), |acc, t| acc + shell(t))
+            .div_scalar(count as f64);
+        let loss = ce.forward(logits, targets.clone()) + prior.mul_scalar(config.prior_weight);
         let value = scalar(loss.clone().inner());
         if !value.is_finite() {
             return Err(TaskError::NonFiniteLoss { iter });
@@ -145,7 +174,8 @@ where
         on_iter(iter, value);
     }
     let x_final = noise.x_t.val().inner();
-    let after = nets.images(x_final.clone())?;
+    let steps_final: Vec<_> = noise.steps.iter().map(|p| p.val().inner()).collect();
+    let after = nets.images_with(x_final.clone(), steps_final.clone())?;
     let (rate_after, prob_after) = judge(nets.logits(after.clone()), config.target);
     let report = GuidedReport {
         target: config.target,
@@ -161,5 +191,6 @@ where
         before,
         after,
         x_t: x_final,
+        step_noise: steps_final,
     })
 }

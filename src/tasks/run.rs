@@ -14,8 +14,8 @@ use serde::Serialize;
 use crate::diffusion::NoiseSchedule;
 use crate::diffusion::{Cfg, NoiseLevels, Sampler};
 use crate::tasks::common::{
-    lora_rank, scalar, to_f64, Classifier, Decoder, GradientChoice, PixelSpace, SolverChoice, TaskClassifier,
-    TaskDecoder, TaskError, TaskModel,
+    lora_rank, scalar, step_noise, to_f64, Classifier, Decoder, GradientChoice, PixelSpace, SolverChoice,
+    TaskClassifier, TaskDecoder, TaskError, TaskModel,
 };
 use crate::tasks::output;
 use crate::tasks::resume::Resume;
@@ -42,6 +42,8 @@ pub struct RunConfig {
     pub karras: bool,
     /// Sample on levels evenly spaced in log ρ, whatever the sampler (`--exponential-sigmas`).
     pub exponential: bool,
+    /// DDIM's η (`--eta`): > 0 makes DDIM stochastic.
+    pub eta: f64,
     /// Sampling steps.
     pub steps: usize,
     /// Learning rate.
@@ -117,13 +119,20 @@ pub(crate) fn files_fingerprint(path: &Path) -> u64 {
 }
 
 impl RunConfig {
-    /// `sampler` on the noise levels `--karras` or `--exponential-sigmas` asks for (else its own).
-    pub fn apply_levels(&self, sampler: Sampler) -> Sampler {
+    /// `sampler` on the noise levels `--karras` or `--exponential-sigmas` asks for (else its
+    /// own), with `--eta`.
+    pub fn configure(&self, sampler: Sampler) -> Sampler {
+        let sampler = sampler.eta(self.eta);
         match (self.karras, self.exponential) {
             (true, _) => sampler.noise_levels(NoiseLevels::Karras),
             (_, true) => sampler.noise_levels(NoiseLevels::Exponential),
             _ => sampler,
         }
+    }
+
+    /// Seed of the noise a stochastic sampler injects at its steps (apart from x_T's).
+    pub fn step_noise_seed(&self) -> u64 {
+        self.seed.wrapping_mul(1_000_003).wrapping_add(0x5eed_0000)
     }
 }
 
@@ -137,6 +146,7 @@ impl Default for RunConfig {
             solver: SolverChoice::Ddim,
             karras: false,
             exponential: false,
+            eta: 0.0,
             steps: 20,
             lr: 0.05,
             iters: 30,
@@ -222,7 +232,7 @@ fn setup(config: &RunConfig) -> Result<Setup, RunError> {
         Some(dir) => toy::load_from_dir::<Ad>(dir, &device)?,
         None => toy::load_default::<Ad>(&device)?,
     };
-    let sampler = config.apply_levels(config.solver.sampler(config.steps, config.gradient));
+    let sampler = config.configure(config.solver.sampler(config.steps, config.gradient));
     Ok(Setup {
         denoiser,
         classifier,
@@ -271,6 +281,7 @@ pub fn run_guide(
         lr: config.lr,
         prior_weight,
         sampler: s.sampler,
+        step_noise_seed: config.step_noise_seed(),
         resume: resume_for(config, &("guide", target, prior_weight))?,
     };
     let model = s.denoiser.unconditional();
@@ -300,6 +311,7 @@ pub fn run_audit(
         lr: config.lr,
         closeness_weight: 1.0,
         sampler: s.sampler,
+        step_noise_seed: config.step_noise_seed(),
         resume: resume_for(config, &("audit", epsilon))?,
     };
     let model = s.denoiser.unconditional();
@@ -395,6 +407,7 @@ fn tune_task(
         iters: config.iters,
         lr: config.lr,
         sampler: s.sampler,
+        step_noise_seed: config.step_noise_seed(),
         resume,
     };
     let pipeline = (&s.classifier, &PixelSpace, &s.schedule);
@@ -431,11 +444,17 @@ where
     Dec: TaskDecoder<B>,
 {
     let held_out = noise(999);
+    // Iteration i's steps draw with seed + i; the held-out batch's with seed − 1.
+    let seed = tuning.step_noise_seed.wrapping_sub(1);
+    let held_out_steps = step_noise(&tuning.sampler, schedule, held_out.dims(), seed, &held_out.device())?;
     let (classifier, decoder_inner) = (classifier.valid(), decoder.valid());
     let evaluate = |m: &M| -> Result<(f64, f64, Tensor<B, 4>), RunError> {
-        let samples = tuning
-            .sampler
-            .sample_inference(&m.valid(), schedule, held_out.clone())?;
+        let samples = tuning.sampler.sample_inference_with_noise(
+            &m.valid(),
+            schedule,
+            held_out.clone(),
+            held_out_steps.clone(),
+        )?;
         let images = decoder_inner.decode(samples);
         let l = scalar(loss(Tensor::from_inner(images.clone())).inner());
         let labels = to_f64(classifier.logits(images.clone()).argmax(1).float());
@@ -478,7 +497,8 @@ pub fn sample_grid(config: &RunConfig) -> Result<Vec<usize>, RunError> {
         Distribution::Normal(0.0, 1.0),
         &device,
     );
-    let images = s.sampler.sample_inference(&model, &s.schedule, x_t)?;
+    let steps = step_noise(&s.sampler, &s.schedule, x_t.dims(), config.step_noise_seed(), &device)?;
+    let images = s.sampler.sample_inference_with_noise(&model, &s.schedule, x_t, steps)?;
     let predicted = s.classifier.valid().predict(images.clone());
     toy::write_png_grid(
         &config.out.join("samples.png"),

@@ -17,7 +17,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 
 use crate::diffusion::{Cfg, Sampler};
-use crate::tasks::common::{lora_rank, scalar, Classifier, TaskModel};
+use crate::tasks::common::{lora_rank, scalar, step_noise, Classifier, TaskModel};
 use crate::tasks::imagenet::ImageNetClassifier;
 use crate::tasks::output;
 use crate::tasks::resume::Resume;
@@ -50,7 +50,7 @@ fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>,
             source,
         })?
         .no_grad();
-    let sampler = config.apply_levels(sd.sampler(config.solver, config.steps, config.gradient));
+    let sampler = config.configure(sd.sampler(config.solver, config.steps, config.gradient));
     Ok(Setup {
         sd,
         classifier,
@@ -124,6 +124,7 @@ pub fn run_guide<B: Backend>(
         lr: config.lr,
         prior_weight,
         sampler: s.sampler,
+        step_noise_seed: config.step_noise_seed(),
         resume: resume_for(config, &("guide", target, prior_weight))?,
     };
     let x_t = noise(&s, config, 1);
@@ -168,6 +169,7 @@ pub fn run_audit<B: Backend>(
         lr: config.lr,
         closeness_weight: 1.0,
         sampler: s.sampler,
+        step_noise_seed: config.step_noise_seed(),
         resume: resume_for(config, &("audit", epsilon))?,
     };
     let x_t = noise(&s, config, 2);
@@ -202,9 +204,14 @@ fn audit_with<B: Backend, M: TaskModel<B>>(
 pub fn sample<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Vec<usize>, RunError> {
     let s = setup::<B>(config, device)?;
     let x_t = noise(&s, config, 1);
+    let steps = step_noise(&s.sampler, &s.sd.schedule, x_t.dims(), config.step_noise_seed(), device)?;
     let latents = match prompt_model(&s, config)? {
-        PromptModel::Plain(m) => s.sampler.sample_inference(&m.valid(), &s.sd.schedule, x_t)?,
-        PromptModel::Guided(m) => s.sampler.sample_inference(&m.valid(), &s.sd.schedule, x_t)?,
+        PromptModel::Plain(m) => s
+            .sampler
+            .sample_inference_with_noise(&m.valid(), &s.sd.schedule, x_t, steps)?,
+        PromptModel::Guided(m) => s
+            .sampler
+            .sample_inference_with_noise(&m.valid(), &s.sd.schedule, x_t, steps)?,
     };
     let images = s.sd.vae.valid().decode(latents);
     let labels = crate::tasks::common::to_f64(s.classifier.valid().logits(images.clone()).argmax(1).float());
@@ -296,6 +303,7 @@ fn tune<B: Backend>(
         iters: config.iters,
         lr: config.lr,
         sampler: s.sampler,
+        step_noise_seed: config.step_noise_seed(),
         resume,
     };
     let pipeline = (&s.classifier, &s.sd.vae, &s.sd.schedule);

@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use crate::diffusion::{NoiseSchedule, Sampler};
-use crate::tasks::common::{positive, scalar, Classifier, Decoder, TaskError, TaskModel};
+use crate::tasks::common::{positive, scalar, step_noise, Classifier, Decoder, TaskError, TaskModel};
 use crate::tasks::resume::{restore, save, Restored, Resume};
 
 /// Settings of the tuning loop.
@@ -21,6 +21,9 @@ pub struct Tuning {
     pub lr: f64,
     /// The sampler and its gradient mode.
     pub sampler: Sampler,
+    /// Seed of the noise a stochastic sampler injects at each step: iteration i draws with
+    /// `step_noise_seed + i` ([`step_noise`](crate::tasks::common::step_noise)).
+    pub step_noise_seed: u64,
     /// Save the state after every iteration and continue from a saved one (see [`Resume`]).
     pub resume: Option<Resume>,
 }
@@ -52,10 +55,18 @@ where
         mut losses,
     } = restore(&config.resume, model, AdamConfig::new().init(), &device)?;
     for iter in start..config.iters {
-        let x_t = Tensor::<Autodiff<B>, 4>::from_inner(noise(iter));
+        let x_t = noise(iter);
+        let xi = step_noise(
+            &config.sampler,
+            schedule,
+            x_t.dims(),
+            config.step_noise_seed.wrapping_add(iter as u64),
+            &x_t.device(),
+        )?;
+        let xi = xi.into_iter().map(Tensor::from_inner).collect();
         let x0 = config
             .sampler
-            .sample(&model, schedule, x_t)
+            .sample_with_noise(&model, schedule, Tensor::from_inner(x_t), xi)
             .map_err(|e| TaskError::from(e).at_iteration(iter))?;
         let value_tensor = loss(decoder.decode(x0));
         let value = scalar(value_tensor.clone().inner());

@@ -11,6 +11,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 
 mod parity;
+mod stochastic;
 mod weights;
 
 type F64 = NdArray<f64>;

@@ -32,24 +32,61 @@ fn read(st: &safetensors::SafeTensors, name: &str) -> (Vec<f64>, Vec<usize>) {
     (v, t.shape().to_vec())
 }
 
-#[test]
-fn samplers_match_diffusers_schedulers_step_by_step() {
+/// The fixtures' bytes and their metadata.
+fn fixtures() -> (Vec<u8>, serde_json::Value) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
     let bytes = std::fs::read(format!("{dir}samplers.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}samplers.json")).unwrap()).unwrap();
+    let meta = serde_json::from_str(&std::fs::read_to_string(format!("{dir}samplers.json")).unwrap()).unwrap();
+    (bytes, meta)
+}
+
+/// The fixtures' ε-model, x_T and x_0.
+fn fixture_model(st: &safetensors::SafeTensors) -> (LinearEps<F64>, Tensor<F64, 2>, Tensor<F64, 2>) {
     let device = Default::default();
-    let (a, _) = read(&st, "A");
-    let (c, _) = read(&st, "c");
-    let (x_t, _) = read(&st, "x_T");
-    let a = Tensor::<F64, 2>::from_data(TensorData::new(a, [4, 4]), &device).transpose();
+    let a = Tensor::<F64, 2>::from_data(TensorData::new(read(st, "A").0, [4, 4]), &device).transpose();
     let model = LinearEps {
         a_t: Param::from_tensor(a),
-        c: Param::from_tensor(Tensor::from_data(TensorData::new(c, [4]), &device)),
+        c: Param::from_tensor(Tensor::from_data(TensorData::new(read(st, "c").0, [4]), &device)),
     };
-    let x_t = Tensor::<F64, 2>::from_data(TensorData::new(x_t, [2, 4]), &device);
-    let x_0 = Tensor::<F64, 2>::from_data(TensorData::new(read(&st, "x_0").0, [2, 4]), &device);
+    let x_t = Tensor::<F64, 2>::from_data(TensorData::new(read(st, "x_T").0, [2, 4]), &device);
+    let x_0 = Tensor::<F64, 2>::from_data(TensorData::new(read(st, "x_0").0, [2, 4]), &device);
+    (model, x_t, x_0)
+}
+
+/// Asserts that `sampler`'s timesteps are those of fixture case `name` (Euler's and Heun's
+/// fractional ones are float32 in diffusers).
+fn assert_timesteps(name: &str, sampler: &Sampler, schedule: &NoiseSchedule, meta: &serde_json::Value) {
+    let expected: Vec<f64> = meta["cases"][name]["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap())
+        .collect();
+    let ts = sampler.timesteps(schedule).unwrap();
+    assert_eq!(ts.len(), expected.len(), "{name}: number of timesteps");
+    for (t, expected) in ts.iter().zip(&expected) {
+        assert!(
+            (t - expected).abs() <= 1e-4,
+            "{name}: timestep {t} against diffusers' {expected}"
+        );
+    }
+}
+
+/// Asserts that a trajectory is fixture case `name`'s to 1e-6.
+fn assert_trajectory(name: &str, trajectory: Vec<Tensor<F64, 2>>, st: &safetensors::SafeTensors) {
+    let (reference, shape) = read(st, name);
+    assert_eq!(trajectory.len(), shape[0], "{name}: number of samples");
+    for (k, x) in trajectory.into_iter().enumerate() {
+        let e = rel_err(&values(x), &reference[k * 8..(k + 1) * 8]);
+        assert!(e <= 1e-6, "{name}: sample after step {k} off by {e:e}");
+    }
+}
+
+#[test]
+fn samplers_match_diffusers_schedulers_step_by_step() {
+    let (bytes, meta) = fixtures();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (model, x_t, x_0) = fixture_model(&st);
 
     let sd = NoiseSchedule::sd_scaled_linear();
     let linear = NoiseSchedule::ddpm_linear();
@@ -202,35 +239,50 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
         ("heun_sd_img2img", &sd, Sampler::heun(20).strength(0.55)),
     ];
     for (name, schedule, sampler) in cases {
-        let case = &meta["cases"][name];
-        // Euler's and Heun's fractional timesteps are float32 in diffusers.
-        let expected_ts: Vec<f64> = case["timesteps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_f64().unwrap())
-            .collect();
-        let ts = sampler.timesteps(schedule).unwrap();
-        assert_eq!(ts.len(), expected_ts.len(), "{name}: number of timesteps");
-        for (t, expected) in ts.iter().zip(&expected_ts) {
-            assert!(
-                (t - expected).abs() <= 1e-4,
-                "{name}: timestep {t} against diffusers' {expected}"
-            );
-        }
-        let (reference, shape) = read(&st, name);
+        assert_timesteps(name, &sampler, schedule, &meta);
         // img2img cases start from x_0 noised to their first timestep with x_T as the noise.
         let start = match sampler.strength < 1.0 {
             true => sampler.noised(schedule, x_0.clone(), x_t.clone()).unwrap(),
             false => x_t.clone(),
         };
-        let trajectory = sampler.trajectory_inference(&model, schedule, start).unwrap();
-        assert_eq!(trajectory.len(), shape[0], "{name}: number of samples");
-        for (k, x) in trajectory.into_iter().enumerate() {
-            let expected = &reference[k * 8..(k + 1) * 8];
-            let e = rel_err(&values(x), expected);
-            assert!(e <= 1e-6, "{name}: sample after step {k} off by {e:e}");
-        }
+        assert_trajectory(
+            name,
+            sampler.trajectory_inference(&model, schedule, start).unwrap(),
+            &st,
+        );
+    }
+}
+
+#[test]
+fn stochastic_samplers_match_diffusers_with_the_same_noise() {
+    let (bytes, meta) = fixtures();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (model, x_t, _) = fixture_model(&st);
+    let (sd, linear) = (NoiseSchedule::sd_scaled_linear(), NoiseSchedule::ddpm_linear());
+    let mut ddim_sd = Sampler::ddim(10).eta(1.0);
+    (ddim_sd.steps_offset, ddim_sd.final_alpha_one) = (1, false);
+    let mut ddim_trailing = Sampler::ddim(8).eta(0.5);
+    ddim_trailing.spacing = TimestepSpacing::Trailing;
+    let mut euler_a_leading = Sampler::euler_ancestral(10);
+    (euler_a_leading.spacing, euler_a_leading.steps_offset) = (TimestepSpacing::Leading, 1);
+    let cases = [
+        ("ddim_sd_eta1", &sd, ddim_sd),
+        ("ddim_linear_trailing_eta05", &linear, ddim_trailing),
+        ("euler_ancestral_sd", &sd, Sampler::euler_ancestral(12)),
+        ("euler_ancestral_linear_leading", &linear, euler_a_leading),
+    ];
+    for (name, schedule, sampler) in cases {
+        assert_timesteps(name, &sampler, schedule, &meta);
+        let (noise, shape) = read(&st, &format!("{name}_noise"));
+        assert_eq!(sampler.noise_count(schedule).unwrap(), shape[0], "{name}");
+        let noise = noise
+            .chunks(8)
+            .map(|n| Tensor::<F64, 2>::from_data(TensorData::new(n.to_vec(), [2, 4]), &x_t.device()))
+            .collect();
+        let trajectory = sampler
+            .trajectory_inference_with_noise(&model, schedule, x_t.clone(), noise)
+            .unwrap();
+        assert_trajectory(name, trajectory, &st);
     }
 }
 

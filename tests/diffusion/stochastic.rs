@@ -1,0 +1,186 @@
+//! Stochastic samplers (DDIM with η > 0, Euler ancestral): exact gradients w.r.t. x_T, every
+//! step's noise, the conditioning and the weights, against backprop and finite differences; and
+//! their errors.
+
+use adjoint_dpm::diffusion::{DiffusionError, NoiseLevels, NoiseSchedule, Sampler};
+use adjoint_dpm::prelude::*;
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use crate::{noise, rel_err, values, Ad, TinyEps, F64, SHAPE};
+
+/// Gradients of L = Σ w ⊙ x_0 + 0.1 Σ x_0² w.r.t. x_T, each noise tensor, the conditioning and a
+/// weight, and L.
+struct NoisyGrads {
+    x_t: Vec<f64>,
+    noise: Vec<Vec<f64>>,
+    cond: Vec<f64>,
+    weight: Vec<f64>,
+    loss: f64,
+}
+
+fn noise_tensors<B: Backend>(count: usize, device: &B::Device) -> Vec<Tensor<B, 4>> {
+    (0..count)
+        .map(|k| Tensor::from_data(TensorData::new(noise(SHAPE, 100 + k as u64), SHAPE), device))
+        .collect()
+}
+
+fn loss_of<B: Backend>(x0: Tensor<B, 4>) -> Tensor<B, 1> {
+    let w = Tensor::<B, 4>::from_data(TensorData::new(noise(SHAPE, 2), SHAPE), &x0.device());
+    (x0.clone() * w).sum() + x0.powi_scalar(2).sum().mul_scalar(0.1)
+}
+
+fn noisy_grads(model: &TinyEps<Ad>, schedule: &NoiseSchedule, sampler: Sampler) -> NoisyGrads {
+    let device = Default::default();
+    let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 1), SHAPE), &device).require_grad();
+    let xi: Vec<_> = noise_tensors::<Ad>(sampler.noise_count(schedule).unwrap(), &device)
+        .into_iter()
+        .map(|n| n.require_grad())
+        .collect();
+    let x0 = sampler
+        .sample_with_noise(model, schedule, x_t.clone(), xi.clone())
+        .unwrap();
+    let loss = loss_of(x0);
+    let value = values(loss.clone())[0];
+    let g = loss.backward();
+    NoisyGrads {
+        x_t: values(x_t.grad(&g).unwrap()),
+        noise: xi.iter().map(|n| values(n.grad(&g).unwrap())).collect(),
+        cond: values(model.cond.val().grad(&g).unwrap()),
+        weight: values(model.conv_in.weight.val().grad(&g).unwrap()),
+        loss: value,
+    }
+}
+
+fn samplers() -> [Sampler; 3] {
+    [
+        Sampler::ddim(6).eta(1.0),
+        Sampler::ddim(5).eta(0.4).noise_levels(NoiseLevels::Karras),
+        Sampler::euler_ancestral(6),
+    ]
+}
+
+#[test]
+fn checkpointed_equals_backprop_through_stochastic_sampling() {
+    let device = Default::default();
+    let model = TinyEps::<Ad>::new(2, &device);
+    let schedule = NoiseSchedule::sd_scaled_linear();
+    for sampler in samplers() {
+        let reference = noisy_grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
+        // Every step's noise matters but the last's, which a step to ρ = 0 scales by 0.
+        let (last, others) = reference.noise.split_last().unwrap();
+        assert!(others.iter().all(|g| g.iter().any(|v| *v != 0.0)));
+        assert!(last.iter().all(|v| *v == 0.0));
+        for kind in [Schedule::All, Schedule::Every(2), Schedule::Recursive] {
+            let exact = noisy_grads(&model, &schedule, sampler.gradient(GradientMode::Checkpointed(kind)));
+            let mut pairs = vec![
+                ("x_T", &exact.x_t, &reference.x_t),
+                ("cond", &exact.cond, &reference.cond),
+                ("weight", &exact.weight, &reference.weight),
+            ];
+            pairs.extend(exact.noise.iter().zip(&reference.noise).map(|(a, b)| ("noise", a, b)));
+            for (name, a, b) in pairs {
+                let e = rel_err(a, b);
+                assert!(e < 1e-10, "{:?} {kind:?}: dL/d{name} off by {e:e}", sampler.kind);
+            }
+        }
+    }
+}
+
+#[test]
+fn noise_and_x_t_gradients_match_finite_differences() {
+    let device = Default::default();
+    let model = TinyEps::<Ad>::new(2, &device);
+    let schedule = NoiseSchedule::sd_scaled_linear();
+    let inner = model.valid();
+    for sampler in samplers() {
+        let g = noisy_grads(&model, &schedule, sampler);
+        let count = sampler.noise_count(&schedule).unwrap();
+        // L as a function of x_T and the noises, flattened as [x_T; ξ_0; …].
+        let loss_at = |flat: &[f64]| {
+            let n = SHAPE.iter().product::<usize>();
+            let tensor = |k: usize| {
+                Tensor::<F64, 4>::from_data(TensorData::new(flat[k * n..(k + 1) * n].to_vec(), SHAPE), &device)
+            };
+            let x0 = sampler
+                .sample_inference_with_noise(&inner, &schedule, tensor(0), (1..=count).map(tensor).collect())
+                .unwrap();
+            values(loss_of(x0))[0]
+        };
+        let mut base = noise(SHAPE, 1);
+        for n in noise_tensors::<F64>(count, &device) {
+            base.extend(values(n));
+        }
+        assert!((loss_at(&base) - g.loss).abs() < 1e-10 * g.loss.abs().max(1.0));
+        let n = SHAPE.iter().product::<usize>();
+        let analytic: Vec<f64> = g.x_t.iter().chain(g.noise.iter().flatten()).copied().collect();
+        for i in [0, 7, n + 3, 2 * n + 20, count * n + 31] {
+            let h = 1e-6;
+            let (mut p, mut m) = (base.clone(), base.clone());
+            p[i] += h;
+            m[i] -= h;
+            let fd = (loss_at(&p) - loss_at(&m)) / (2.0 * h);
+            let e = (fd - analytic[i]).abs() / analytic[i].abs().max(1e-3);
+            assert!(
+                e < 1e-6,
+                "{:?}: entry {i}: fd {fd}, adjoint {} ({e:e})",
+                sampler.kind,
+                analytic[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn stochastic_samplers_name_bad_noise_eta_and_modes() {
+    let device = Default::default();
+    let model = TinyEps::<F64>::new(2, &device);
+    let schedule = NoiseSchedule::sd_scaled_linear();
+    let x_t = Tensor::<F64, 4>::from_data(TensorData::new(noise(SHAPE, 1), SHAPE), &device);
+    let run = |sampler: Sampler, noise: Vec<Tensor<F64, 4>>| {
+        sampler
+            .sample_inference_with_noise(&model, &schedule, x_t.clone(), noise)
+            .unwrap_err()
+    };
+    let ddim = Sampler::ddim(4).eta(1.0);
+    assert_eq!(
+        run(ddim, noise_tensors(3, &device)),
+        DiffusionError::NoiseCount { expected: 4, got: 3 }
+    );
+    // A deterministic sampler takes no noise; `sample_inference` gives a stochastic one none.
+    assert_eq!(
+        run(Sampler::ddim(4), noise_tensors(4, &device)),
+        DiffusionError::NoiseCount { expected: 0, got: 4 }
+    );
+    assert_eq!(
+        Sampler::euler_ancestral(4)
+            .sample_inference(&model, &schedule, x_t.clone())
+            .unwrap_err(),
+        DiffusionError::NoiseCount { expected: 4, got: 0 }
+    );
+    let mut wrong = noise_tensors::<F64>(4, &device);
+    wrong[2] = Tensor::zeros([1, 2, 4, 4], &device);
+    assert!(matches!(
+        run(ddim, wrong),
+        DiffusionError::ShapeMismatch { got, .. } if got == [1, 2, 4, 4]
+    ));
+    for bad in [
+        Sampler::ddim(4).eta(-0.1),
+        Sampler::ddim(4).eta(f64::NAN),
+        Sampler::heun(4).eta(0.5),
+    ] {
+        assert!(matches!(run(bad, vec![]), DiffusionError::BadEta { .. }), "{bad:?}");
+    }
+    // No continuous adjoint through injected noise.
+    let model = TinyEps::<Ad>::new(2, &device);
+    let backsolve = GradientMode::Backsolve(BacksolveOptions::default());
+    for sampler in [ddim, Sampler::euler_ancestral(4)] {
+        let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 1), SHAPE), &device);
+        let e = sampler
+            .gradient(backsolve)
+            .sample_with_noise(&model, &schedule, x_t, noise_tensors(4, &device))
+            .unwrap_err();
+        assert!(matches!(e, DiffusionError::UnsupportedGradient { .. }), "{e:?}");
+    }
+}
