@@ -556,7 +556,7 @@ impl Sampler {
     /// use burn::backend::{Autodiff, Flex};
     /// use burn::prelude::*;
     /// use burn::tensor::Distribution;
-    /// # #[derive(Module, Debug)]
+    /// # #[derive(Module, Clone, Debug)]
     /// # struct Shrink;
     /// # impl<B: Backend> EpsModel<B, 2> for Shrink {
     /// #     fn eps(&self, x: Tensor<B, 2>, _t: Tensor<B, 1>) -> Tensor<B, 2> { x.mul_scalar(0.5) }

@@ -22,7 +22,7 @@ pub struct Tuning {
     /// The sampler and its gradient mode.
     pub sampler: Sampler,
     /// Seed of the noise a stochastic sampler injects at each step: iteration i draws with
-    /// `step_noise_seed + i` ([`step_noise`](crate::tasks::common::step_noise)).
+    /// `step_noise_seed + i` ([`step_noise`]).
     pub step_noise_seed: u64,
     /// Save the state after every iteration and continue from a saved one (see [`Resume`]).
     pub resume: Option<Resume>,
