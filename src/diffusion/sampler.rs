@@ -20,7 +20,7 @@ use crate::diffusion::schedule::{
 };
 use crate::diffusion::stochastic::{NoisyStep, NoisyStepMap};
 use crate::ode::tableau::{self, ButcherTableau};
-use crate::ode::{Dynamics, GradientMode, NeuralOde, Solver, StepControl};
+use crate::ode::{GradientMode, NeuralOde, Solver, StepControl};
 
 /// The integration method in ρ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -684,9 +684,6 @@ impl Sampler {
     where
         B: Backend,
         M: EpsModel<B, D>,
-        PfOde<B, M>: Dynamics<B, D>,
-        MultistepMap<B, M>: Dynamics<B, D>,
-        NoisyStepMap<B, M>: Dynamics<B, D>,
     {
         self.sample_inference_with_noise(model, schedule, x_t, Vec::new())
     }
@@ -703,9 +700,6 @@ impl Sampler {
     where
         B: Backend,
         M: EpsModel<B, D>,
-        PfOde<B, M>: Dynamics<B, D>,
-        MultistepMap<B, M>: Dynamics<B, D>,
-        NoisyStepMap<B, M>: Dynamics<B, D>,
     {
         let mut trajectory = self.trajectory_inference_with_noise(model, schedule, x_t, noise)?;
         Ok(trajectory.pop().expect("a trajectory holds x_T and x_0"))
@@ -722,9 +716,6 @@ impl Sampler {
     where
         B: Backend,
         M: EpsModel<B, D>,
-        PfOde<B, M>: Dynamics<B, D>,
-        MultistepMap<B, M>: Dynamics<B, D>,
-        NoisyStepMap<B, M>: Dynamics<B, D>,
     {
         self.trajectory_inference_with_noise(model, schedule, x_t, Vec::new())
     }
@@ -741,9 +732,6 @@ impl Sampler {
     where
         B: Backend,
         M: EpsModel<B, D>,
-        PfOde<B, M>: Dynamics<B, D>,
-        MultistepMap<B, M>: Dynamics<B, D>,
-        NoisyStepMap<B, M>: Dynamics<B, D>,
     {
         let grid = self.rho_grid(schedule)?;
         model.check_batch(x_t.dims()[0])?;
