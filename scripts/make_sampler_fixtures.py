@@ -137,13 +137,18 @@ F64_CASES = {
     "heun_sd_karras": (HeunDiscreteScheduler, dict(SD, use_karras_sigmas=True), 12),
     "heun_sd_img2img": (HeunDiscreteScheduler, SD, 20),
 }
-# Stochastic samplers: DDIM with eta (its variance_noise given) and Euler ancestral (its randn_tensor
-# replaced by the same seeded draws). `<name>_noise` holds the standard normal tensor of each step.
+# Stochastic samplers: DDIM with eta and DPM-Solver++(2M) SDE (their variance_noise given) and Euler
+# ancestral (eta None: its randn_tensor replaced by the same seeded draws). `<name>_noise` holds the
+# standard normal tensor of each step.
 NOISY_CASES = {
     "ddim_sd_eta1": (DDIMScheduler, dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), 10, 1.0),
     "ddim_linear_trailing_eta05": (DDIMScheduler, dict(beta_schedule="linear", clip_sample=False,
                                                        set_alpha_to_one=True, timestep_spacing="trailing"), 8, 0.5),
     "euler_ancestral_sd": (EulerAncestralDiscreteScheduler, SD, 12, None),
+    # DPM-Solver++(2M) SDE ("DPM++ 2M SDE", and its Karras levels over 20 steps), variance_noise given.
+    "dpmpp2m_sde_sd": (DPMSolverMultistepScheduler, dict(SD, algorithm_type="sde-dpmsolver++"), 10, 0.0),
+    "dpmpp2m_sde_sd_karras": (DPMSolverMultistepScheduler, dict(SD, algorithm_type="sde-dpmsolver++",
+                                                                use_karras_sigmas=True), 20, 0.0),
     "euler_ancestral_linear_leading": (EulerAncestralDiscreteScheduler, dict(beta_schedule="linear",
                                                                              timestep_spacing="leading",
                                                                              steps_offset=1), 10, None),
@@ -241,12 +246,15 @@ for name, (cls, config, steps, eta) in NOISY_CASES.items():
     if cls is EulerAncestralDiscreteScheduler:
         sched.alphas_cumprod = abar_f64(config)
     sched.set_timesteps(steps)
+    if config.get("use_karras_sigmas"):
+        sched.sigmas = torch.from_numpy(karras_sigmas_f64(config, steps))
     noise = torch.randn(steps, 2, 4, dtype=torch.float64, generator=noise_gen)
     tensors[name + "_noise"] = noise
     if eta is not None:
         x, trajectory = x_T.clone(), [x_T.clone()]
         for k, t in enumerate(sched.timesteps):
-            x = sched.step(eps(x, t), t, x, eta=eta, variance_noise=noise[k]).prev_sample
+            extra = dict(eta=eta) if cls is DDIMScheduler else {}
+            x = sched.step(eps(x, t), t, x, variance_noise=noise[k], **extra).prev_sample
             trajectory.append(x.clone())
         tensors[name] = torch.stack(trajectory)
         ts = [float(t) for t in sched.timesteps]

@@ -161,6 +161,10 @@ enum SolverArg {
     Dpmpp2mKarras,
     /// DPM-Solver++(3M) (exact or backprop).
     Dpmpp3m,
+    /// DPM-Solver++(2M) SDE, "DPM++ 2M SDE", stochastic (exact or backprop; its step noise is
+    /// drawn from --seed).
+    #[value(name = "dpmpp2m-sde")]
+    Dpmpp2mSde,
     /// UniPC, diffusers' defaults (exact or backprop).
     Unipc,
     /// UniPC with diffusers' `solver_type = "bh1"`, for unconditional sampling in under 10 steps.
@@ -262,6 +266,7 @@ impl TaskArgs {
                 SolverArg::Dpmpp2m => SolverChoice::Dpmpp2m,
                 SolverArg::Dpmpp2mKarras => SolverChoice::Dpmpp2mKarras,
                 SolverArg::Dpmpp3m => SolverChoice::Dpmpp3m,
+                SolverArg::Dpmpp2mSde => SolverChoice::Dpmpp2mSde,
                 SolverArg::Unipc => SolverChoice::Unipc,
                 SolverArg::UnipcBh1 => SolverChoice::UnipcBh1,
                 SolverArg::Unipc3 => SolverChoice::Unipc3,

@@ -29,6 +29,13 @@
 //! with `B(h) = e^{−h} − 1` (bh2) or `B(h) = −h` (bh1, which the UniPC paper recommends for
 //! unconditional sampling in under 10 steps).
 //!
+//! DPM-Solver++(2M) SDE (diffusers' `algorithm_type = "sde-dpmsolver++"`, Lu et al. 2022's SDE
+//! solver; "DPM++ 2M SDE") takes the same `D_i` and injects fresh noise ξ_i at each step:
+//! `y_{i+1} = r² y_i + (1 − r²) D_i + ρ_{i+1} √(1 − r²) ξ_i`, `r = ρ_{i+1}/ρ_i`. As for the
+//! stochastic one-step samplers ([`NoisyStepMap`](crate::diffusion::NoisyStepMap)), the noise is
+//! given and stacked under the history, `[y; x̂0_{i−1}; ξ_0; …; ξ_{S−1}]`, so the exact gradient
+//! reaches it.
+//!
 //! Each map is written as one Euler step `z + h f(ρ_i, z)` with `h = ρ_{i+1} − ρ_i` of a field
 //! that knows the grid: `f = (z_{i+1} − z_i)/h` block by block, e.g. for DPM-Solver++
 //! `[(y − D)/ρ_i; (x̂0_i − x̂0_{i−1})/h; (x̂0_{i−1} − x̂0_{i−2})/h]`. The
@@ -70,6 +77,8 @@ pub struct MultistepMap<B: Backend, M: Module<B>> {
 enum Method {
     DpmPP2,
     DpmPP3,
+    /// DPM-Solver++(2M) SDE, with one noise block per step after the history.
+    DpmPP2Sde,
     /// `bh1`: B(h) = −h instead of bh2's e^{−h} − 1; `third_order`: `solver_order = 3`.
     UniPc {
         bh1: bool,
@@ -78,10 +87,10 @@ enum Method {
 }
 
 impl Method {
-    /// Tensors of the stacked state.
+    /// Tensors of the stacked state, noise blocks aside.
     fn blocks(self) -> usize {
         match self {
-            Method::DpmPP2 => 2,
+            Method::DpmPP2 | Method::DpmPP2Sde => 2,
             Method::DpmPP3 => 3,
             Method::UniPc { third_order, .. } => 4 + usize::from(third_order),
         }
@@ -109,6 +118,26 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
     pub fn third_order(mut self) -> Self {
         self.method = Method::DpmPP3;
         self
+    }
+
+    /// DPM-Solver++(2M) SDE: the 2M map with fresh noise at each step, given in the initial
+    /// state ([`initial_state_with_noise`](Self::initial_state_with_noise)).
+    pub fn sde(mut self) -> Self {
+        self.method = Method::DpmPP2Sde;
+        self
+    }
+
+    /// Noise blocks of the stacked state: one per step for the SDE.
+    fn noise_blocks(&self) -> usize {
+        match self.method {
+            Method::DpmPP2Sde => self.grid.len() - 1,
+            _ => 0,
+        }
+    }
+
+    /// Rows of `y` in a stacked state of `rows` rows.
+    fn rows_of(&self, rows: usize) -> usize {
+        rows / (self.method.blocks() + self.noise_blocks())
     }
 
     /// UniPC with its corrector: bh1 or bh2, second or third order; see the module's doc.
@@ -148,14 +177,25 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
 
     /// The initial stacked state `[y_T; 0…]` (no history yet).
     pub fn initial_state<const D: usize>(&self, y_t: Tensor<B, D>) -> Tensor<B, D> {
+        self.initial_state_with_noise(y_t, Vec::new())
+    }
+
+    /// The initial stacked state `[y_T; 0…; noise…]` of the SDE, one standard normal tensor of
+    /// `y_T`'s shape per step.
+    pub fn initial_state_with_noise<const D: usize>(
+        &self,
+        y_t: Tensor<B, D>,
+        noise: Vec<Tensor<B, D>>,
+    ) -> Tensor<B, D> {
         let mut parts = vec![y_t.clone()];
         parts.extend((1..self.method.blocks()).map(|_| y_t.zeros_like()));
+        parts.extend(noise);
         Tensor::cat(parts, 0)
     }
 
     /// The `y` part of a stacked state.
     pub fn y_of<const D: usize>(&self, z: Tensor<B, D>) -> Tensor<B, D> {
-        let b = z.dims()[0] / self.method.blocks();
+        let b = self.rows_of(z.dims()[0]);
         z.narrow(0, 0, b)
     }
 
@@ -259,7 +299,7 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
         let steps = self.grid.len() - 1;
         let i = self.step_at(rho.into_scalar().elem());
         let (rho_s, rho_t) = (self.grid[i], self.grid[i + 1]);
-        let b = z.dims()[0] / self.method.blocks();
+        let b = self.rows_of(z.dims()[0]);
         let y = z.clone().narrow(0, 0, b);
         let t = match self.timesteps.as_ref().and_then(|ts| ts.get(i)) {
             Some(&t) => t,
@@ -283,7 +323,7 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
             return Tensor::cat(parts, 0).div_scalar(step);
         }
         let m1 = z.clone().narrow(0, b, b);
-        let m2 = (self.method.blocks() >= 3).then(|| z.narrow(0, 2 * b, b));
+        let m2 = (self.method.blocks() >= 3).then(|| z.clone().narrow(0, 2 * b, b));
         let h = (rho_s / rho_t).ln();
         let d = match (self.order_at(i, steps, rho_t == 0.0), &m2) {
             (1, _) => x0.clone(),
@@ -304,10 +344,21 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
                 x0.clone() + d1.mul_scalar(c1 / c0) - d2.mul_scalar(c2 / c0)
             }
         };
-        let dy = (y - d).div_scalar(rho_s);
+        let dy = match self.method {
+            Method::DpmPP2Sde => {
+                // y_{i+1} − y_i = (r² − 1)(y_i − D) + ρ_t √(1 − r²) ξ_i.
+                let r2 = (rho_t / rho_s).powi(2);
+                let xi = z.clone().narrow(0, (2 + i) * b, b);
+                ((y - d).mul_scalar(r2 - 1.0) + xi.mul_scalar(rho_t * (1.0 - r2).sqrt())).div_scalar(step)
+            }
+            _ => (y - d).div_scalar(rho_s),
+        };
         let mut parts = vec![dy, (x0 - m1.clone()).div_scalar(step)];
         if let Some(m2) = m2 {
             parts.push((m1 - m2).div_scalar(step));
+        }
+        if self.noise_blocks() > 0 {
+            parts.push(z.narrow(0, 2 * b, self.noise_blocks() * b).zeros_like());
         }
         Tensor::cat(parts, 0)
     }

@@ -47,6 +47,10 @@ pub enum SamplerKind {
     /// DPM-Solver++(3M): the same with a third-order combination of the last three x̂_0 from
     /// the third step on (diffusers' `solver_order = 3`), state `[y; x̂0_prev; x̂0_prev2]`.
     DpmSolverPP3M,
+    /// DPM-Solver++(2M) SDE (diffusers' `algorithm_type = "sde-dpmsolver++"`, "DPM++ 2M SDE"):
+    /// the 2M update with fresh noise at each step. Stochastic: run it with
+    /// [`Sampler::sample_with_noise`]; exact and Backprop gradients, the noise's included.
+    DpmSolverPP2MSde,
     /// UniPC (Zhao et al. 2023) as diffusers' `UniPCMultistepScheduler` defaults to: a
     /// second-order multistep predictor (UniP) and a corrector (UniC) that refines each sample
     /// with the network output already computed there, so no extra network call; state
@@ -70,7 +74,10 @@ impl SamplerKind {
             SamplerKind::Ddim | SamplerKind::EulerAncestral => &tableau::EULER,
             SamplerKind::Heun => &tableau::HEUN,
             SamplerKind::Rk4 => &tableau::RK4,
-            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc { .. } => &tableau::EULER,
+            SamplerKind::DpmSolverPP2M
+            | SamplerKind::DpmSolverPP3M
+            | SamplerKind::DpmSolverPP2MSde
+            | SamplerKind::UniPc { .. } => &tableau::EULER,
         }
     }
 
@@ -78,7 +85,10 @@ impl SamplerKind {
     pub fn is_multistep(self) -> bool {
         matches!(
             self,
-            SamplerKind::DpmSolverPP2M | SamplerKind::DpmSolverPP3M | SamplerKind::UniPc { .. }
+            SamplerKind::DpmSolverPP2M
+                | SamplerKind::DpmSolverPP3M
+                | SamplerKind::DpmSolverPP2MSde
+                | SamplerKind::UniPc { .. }
         )
     }
 }
@@ -179,6 +189,15 @@ impl Sampler {
         }
     }
 
+    /// DPM-Solver++(2M) SDE with `steps` steps, otherwise as [`Sampler::dpm_solver_pp_2m`].
+    /// Stochastic: run it with [`Sampler::sample_with_noise`].
+    pub fn dpm_solver_pp_2m_sde(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::DpmSolverPP2MSde,
+            ..Self::dpm_solver_pp_2m(steps)
+        }
+    }
+
     /// UniPC with `steps` steps, otherwise as [`Sampler::dpm_solver_pp_2m`] (diffusers'
     /// `UniPCMultistepScheduler` picks the same timesteps).
     pub fn unipc(steps: usize) -> Self {
@@ -274,19 +293,25 @@ impl Sampler {
             (_, false) => None,
             (_, true) => {
                 return Err(bad(
-                    "η belongs to DDIM; Euler ancestral's noise is fixed, other samplers have none",
+                    "η belongs to DDIM (Euler ancestral and DPM-Solver++ SDE fix their noise's scale, the other samplers inject none)",
                 ))
             }
         })
     }
 
+    /// Whether the sampler injects noise at its steps: DDIM with η > 0, Euler ancestral,
+    /// DPM-Solver++(2M) SDE.
+    fn is_stochastic(&self) -> Result<bool, DiffusionError> {
+        Ok(self.noisy_step()?.is_some() || self.kind == SamplerKind::DpmSolverPP2MSde)
+    }
+
     /// How many noise tensors [`Sampler::sample_with_noise`] takes: one per step run for a
-    /// stochastic sampler (DDIM with η > 0, Euler ancestral), none otherwise. As in diffusers,
-    /// a last step to ρ = 0 scales its noise by 0.
+    /// stochastic sampler (DDIM with η > 0, Euler ancestral, DPM-Solver++(2M) SDE), none
+    /// otherwise. As in diffusers, a last step to ρ = 0 scales its noise by 0.
     pub fn noise_count(&self, schedule: &NoiseSchedule) -> Result<usize, DiffusionError> {
-        Ok(match self.noisy_step()? {
-            Some(_) => self.rho_grid(schedule)?.len() - 1,
-            None => 0,
+        Ok(match self.is_stochastic()? {
+            true => self.rho_grid(schedule)?.len() - 1,
+            false => 0,
         })
     }
 
@@ -499,6 +524,7 @@ impl Sampler {
             .with_timesteps(self.timesteps(schedule)?);
         Ok(match self.kind {
             SamplerKind::DpmSolverPP3M => map.third_order(),
+            SamplerKind::DpmSolverPP2MSde => map.sde(),
             SamplerKind::UniPc { bh1, third_order } => map.unipc(bh1, third_order),
             _ => map,
         })
@@ -588,24 +614,24 @@ impl Sampler {
     {
         let grid = self.rho_grid(schedule)?;
         model.check_batch(x_t.dims()[0])?;
-        let noisy = self.check_noise(&grid, &x_t, &noise)?;
-        self.check_gradient(noisy.is_some())?;
+        self.check_noise(&grid, &x_t, &noise)?;
+        self.check_gradient()?;
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
         let alpha_0 = NoiseSchedule::alpha_of_rho(grid[grid.len() - 1]);
-        if let Some(step) = noisy {
-            let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?);
-            let ode = NeuralOde::new(map).solver(self.solver()).gradient(self.gradient);
-            let z_0 = ode
-                .solve(ode.dynamics.initial_state(y_t, noise), &grid)
-                .map_err(|e| name_step(e, schedule, &grid, 0))?
-                .last();
-            return Ok(ode.dynamics.y_of(z_0).mul_scalar(alpha_0));
-        }
         if self.kind.is_multistep() {
             let map = self.dpm_map(model.clone(), schedule, &grid)?;
             let ode = NeuralOde::new(map).solver(self.solver()).gradient(self.gradient);
             let z_0 = ode
-                .solve(ode.dynamics.initial_state(y_t), &grid)
+                .solve(ode.dynamics.initial_state_with_noise(y_t, noise), &grid)
+                .map_err(|e| name_step(e, schedule, &grid, 0))?
+                .last();
+            return Ok(ode.dynamics.y_of(z_0).mul_scalar(alpha_0));
+        }
+        if let Some(step) = self.noisy_step()? {
+            let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?);
+            let ode = NeuralOde::new(map).solver(self.solver()).gradient(self.gradient);
+            let z_0 = ode
+                .solve(ode.dynamics.initial_state(y_t, noise), &grid)
                 .map_err(|e| name_step(e, schedule, &grid, 0))?
                 .last();
             return Ok(ode.dynamics.y_of(z_0).mul_scalar(alpha_0));
@@ -624,16 +650,15 @@ impl Sampler {
         Ok(y.mul_scalar(alpha_0))
     }
 
-    /// The noise step, after checking that `noise` holds one tensor of `x_t`'s shape per step
-    /// of a stochastic sampler, or none.
+    /// Checks that `noise` holds one tensor of `x_t`'s shape per step of a stochastic sampler,
+    /// or none.
     fn check_noise<B: Backend, const D: usize>(
         &self,
         grid: &[f64],
         x_t: &Tensor<B, D>,
         noise: &[Tensor<B, D>],
-    ) -> Result<Option<NoisyStep>, DiffusionError> {
-        let step = self.noisy_step()?;
-        let expected = if step.is_some() { grid.len() - 1 } else { 0 };
+    ) -> Result<(), DiffusionError> {
+        let expected = if self.is_stochastic()? { grid.len() - 1 } else { 0 };
         if noise.len() != expected {
             return Err(DiffusionError::NoiseCount {
                 expected,
@@ -647,16 +672,17 @@ impl Sampler {
                 got: bad.dims().to_vec(),
             });
         }
-        Ok(step)
+        Ok(())
     }
 
     /// Refuses the continuous adjoint where there is none: multistep and stochastic samplers.
-    fn check_gradient(&self, stochastic: bool) -> Result<(), DiffusionError> {
+    fn check_gradient(&self) -> Result<(), DiffusionError> {
         const MULTISTEP: &str = "a multistep method has no continuous adjoint; use Checkpointed (exact) or \
                                  Backprop, or DDIM/Heun for AdjointDPM";
         if !matches!(self.gradient, GradientMode::Backsolve(_)) {
             return Ok(());
         }
+        let stochastic = self.is_stochastic()?;
         let (sampler, why) = match self.kind {
             _ if stochastic => (
                 "a stochastic sampler",
@@ -735,9 +761,9 @@ impl Sampler {
     {
         let grid = self.rho_grid(schedule)?;
         model.check_batch(x_t.dims()[0])?;
-        let noisy = self.check_noise(&grid, &x_t, &noise)?;
+        self.check_noise(&grid, &x_t, &noise)?;
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
-        let ys = if let Some(step) = noisy {
+        let ys = if let Some(step) = self.noisy_step()? {
             let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?);
             let ode = NeuralOde::new(map).solver(self.solver());
             let z_t = ode.dynamics.initial_state(y_t, noise);
@@ -752,7 +778,7 @@ impl Sampler {
         } else if self.kind.is_multistep() {
             let map = self.dpm_map(model.clone(), schedule, &grid)?;
             let ode = NeuralOde::new(map).solver(self.solver());
-            let z_t = ode.dynamics.initial_state(y_t);
+            let z_t = ode.dynamics.initial_state_with_noise(y_t, noise);
             let solution = ode
                 .integrate(z_t, &grid)
                 .map_err(|e| name_step(e, schedule, &grid, 0))?;

@@ -250,6 +250,9 @@ pub enum SolverChoice {
     Dpmpp2mKarras,
     /// DPM-Solver++(3M): exact or Backprop gradients.
     Dpmpp3m,
+    /// DPM-Solver++(2M) SDE, stochastic ("DPM++ 2M SDE"): exact or Backprop gradients.
+    #[serde(rename = "dpmpp2m-sde")]
+    Dpmpp2mSde,
     /// UniPC (predictor-corrector, no extra network call): exact or Backprop gradients.
     Unipc,
     /// UniPC with `B(h) = −h` (diffusers' `solver_type = "bh1"`).
@@ -274,6 +277,7 @@ impl SolverChoice {
             SolverChoice::Dpmpp2m => Sampler::dpm_solver_pp_2m(steps),
             SolverChoice::Dpmpp2mKarras => Sampler::dpm_solver_pp_2m(steps).karras_sigmas(true),
             SolverChoice::Dpmpp3m => Sampler::dpm_solver_pp_3m(steps),
+            SolverChoice::Dpmpp2mSde => Sampler::dpm_solver_pp_2m_sde(steps),
             SolverChoice::Unipc => Sampler::unipc(steps),
             SolverChoice::UnipcBh1 => Sampler::unipc_bh1(steps),
             SolverChoice::Unipc3 => Sampler::unipc_third_order(steps),

@@ -269,6 +269,12 @@ fn stochastic_samplers_match_diffusers_with_the_same_noise() {
         ("ddim_sd_eta1", &sd, ddim_sd),
         ("ddim_linear_trailing_eta05", &linear, ddim_trailing),
         ("euler_ancestral_sd", &sd, Sampler::euler_ancestral(12)),
+        ("dpmpp2m_sde_sd", &sd, Sampler::dpm_solver_pp_2m_sde(10)),
+        (
+            "dpmpp2m_sde_sd_karras",
+            &sd,
+            Sampler::dpm_solver_pp_2m_sde(20).karras_sigmas(true),
+        ),
         ("euler_ancestral_linear_leading", &linear, euler_a_leading),
     ];
     for (name, schedule, sampler) in cases {

@@ -1,4 +1,4 @@
-//! Stochastic samplers (DDIM with η > 0, Euler ancestral): exact gradients w.r.t. x_T, every
+//! Stochastic samplers (DDIM with η > 0, Euler ancestral, DPM-Solver++(2M) SDE): exact gradients w.r.t. x_T, every
 //! step's noise, the conditioning and the weights, against backprop and finite differences; and
 //! their errors.
 
@@ -53,11 +53,13 @@ fn noisy_grads(model: &TinyEps<Ad>, schedule: &NoiseSchedule, sampler: Sampler) 
     }
 }
 
-fn samplers() -> [Sampler; 3] {
+fn samplers() -> [Sampler; 4] {
     [
         Sampler::ddim(6).eta(1.0),
         Sampler::ddim(5).eta(0.4).noise_levels(NoiseLevels::Karras),
         Sampler::euler_ancestral(6),
+        // First-order first and last steps, second order between.
+        Sampler::dpm_solver_pp_2m_sde(6),
     ]
 }
 
@@ -175,7 +177,7 @@ fn stochastic_samplers_name_bad_noise_eta_and_modes() {
     // No continuous adjoint through injected noise.
     let model = TinyEps::<Ad>::new(2, &device);
     let backsolve = GradientMode::Backsolve(BacksolveOptions::default());
-    for sampler in [ddim, Sampler::euler_ancestral(4)] {
+    for sampler in [ddim, Sampler::euler_ancestral(4), Sampler::dpm_solver_pp_2m_sde(4)] {
         let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 1), SHAPE), &device);
         let e = sampler
             .gradient(backsolve)
