@@ -136,6 +136,12 @@ F64_CASES = {
     "heun_sd_trailing_8": (HeunDiscreteScheduler, dict(SD, timestep_spacing="trailing"), 8),
     "heun_sd_karras": (HeunDiscreteScheduler, dict(SD, use_karras_sigmas=True), 12),
     "heun_sd_img2img": (HeunDiscreteScheduler, SD, 20),
+    # Zero terminal SNR (rescale_betas_zero_snr, the last alphas_cumprod set to 2**-24) with "trailing"
+    # timesteps, which start sampling at that level.
+    "euler_sd_zsnr_trailing": (EulerDiscreteScheduler, dict(SD, rescale_betas_zero_snr=True,
+                                                            timestep_spacing="trailing"), 10),
+    "dpmpp2m_sd_zsnr_trailing": (DPMSolverMultistepScheduler, dict(SD, rescale_betas_zero_snr=True,
+                                                                   timestep_spacing="trailing"), 12),
 }
 # Stochastic samplers: DDIM with eta and DPM-Solver++(2M) SDE (their variance_noise given) and Euler
 # ancestral (eta None: its randn_tensor replaced by the same seeded draws). `<name>_noise` holds the
@@ -183,7 +189,14 @@ def abar_f64(config):
         betas = np.linspace(start ** 0.5, end ** 0.5, 1000) ** 2
     else:
         betas = np.linspace(start, end, 1000)
-    return torch.from_numpy(np.cumprod(1.0 - betas))
+    abar = np.cumprod(1.0 - betas)
+    if config.get("rescale_betas_zero_snr"):
+        # diffusers' rescale_zero_terminal_snr, in float64, then its 2**-24 floor.
+        root = np.sqrt(abar)
+        root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+        abar = root ** 2
+        abar[-1] = 2.0 ** -24
+    return torch.from_numpy(abar)
 
 
 def k_diffusion_run(name, sched, steps):

@@ -94,6 +94,10 @@ fn tiny_pipeline_matches_diffusers_end_to_end() {
             .final_alpha_one
     );
     sd.scheduler.final_sigmas_type = None;
+    sd.scheduler.rescale_betas_zero_snr = true;
+    let zsnr = sd.scheduler.schedule().unwrap();
+    assert!((zsnr.alphas_cumprod(999) / 2f64.powi(-24) - 1.0).abs() < 1e-12);
+    sd.scheduler.rescale_betas_zero_snr = false;
     let model = Cfg::new(sd.eps_model(Tensor::cat(vec![uncond, cond], 0)), guidance).unwrap();
     let (latents, shape) = read(&st, "latents");
     let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape.clone()), &device);

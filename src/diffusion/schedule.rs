@@ -116,6 +116,49 @@ impl NoiseSchedule {
         Ok(Self { log_alpha })
     }
 
+    /// The schedule rescaled to zero terminal SNR (Lin et al. 2024, "Common diffusion noise
+    /// schedules and sample steps are flawed"; diffusers' `rescale_betas_zero_snr`): √ᾱ is
+    /// shifted and scaled so that its first value stays and its last becomes 0. Then, as
+    /// diffusers' Euler, Heun, DPM-Solver and UniPC schedulers do, the last ᾱ is set to 2⁻²⁴, so
+    /// that ρ stays finite there (≈ 4096) and y = x/α defined. (diffusers' `DDIMScheduler` keeps
+    /// ᾱ = 0, which only a v-prediction network survives; its first step differs from this
+    /// schedule's by ~2⁻¹² relative.) Train or sample a v-prediction network with it, with
+    /// "trailing" timesteps so that sampling starts at the last level. A schedule whose
+    /// rescaled ᾱ falls below 2⁻²⁴ before the last step (DDPM's linear one: 4.2e-9 at step
+    /// 998) would then not decrease: an error.
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::NoiseSchedule;
+    /// let sd = NoiseSchedule::sd_scaled_linear();
+    /// let zsnr = sd.rescale_zero_terminal_snr()?;
+    /// assert!((zsnr.alphas_cumprod(0) - sd.alphas_cumprod(0)).abs() < 1e-15);
+    /// assert!((zsnr.alphas_cumprod(999) / 2f64.powi(-24) - 1.0).abs() < 1e-12);
+    /// assert!((zsnr.rho(999.0) - 4096.0).abs() < 1e-3);
+    /// assert!(NoiseSchedule::ddpm_linear().rescale_zero_terminal_snr().is_err());
+    /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
+    /// ```
+    pub fn rescale_zero_terminal_snr(&self) -> Result<Self, DiffusionError> {
+        // log α = ½ log ᾱ; diffusers' floor 2⁻²⁴ on ᾱ is 2⁻¹² on α.
+        let floor = -12.0 * std::f64::consts::LN_2;
+        let sqrt_abar: Vec<f64> = self.log_alpha.iter().map(|la| la.exp()).collect();
+        let n = sqrt_abar.len();
+        let (first, last) = (sqrt_abar[0], sqrt_abar[n - 1]);
+        let scale = first / (first - last);
+        let mut log_alpha: Vec<f64> = sqrt_abar[..n - 1].iter().map(|a| ((a - last) * scale).ln()).collect();
+        if log_alpha[n - 2] <= floor {
+            return Err(DiffusionError::BadSchedule {
+                reason: format!(
+                    "rescaled to zero terminal SNR, ᾱ at step {} is {:e}, below the 2^-24 the last \
+                     step gets: the noise levels would not increase",
+                    n - 2,
+                    (2.0 * log_alpha[n - 2]).exp()
+                ),
+            });
+        }
+        log_alpha.push(floor);
+        Ok(Self { log_alpha })
+    }
+
     /// Number of training timesteps N.
     pub fn train_steps(&self) -> usize {
         self.log_alpha.len()

@@ -93,6 +93,10 @@ pub struct SchedulerConfig {
     /// rounded timesteps).
     #[serde(default)]
     pub use_lu_lambdas: bool,
+    /// The schedule rescaled to zero terminal SNR
+    /// ([`NoiseSchedule::rescale_zero_terminal_snr`]).
+    #[serde(default)]
+    pub rescale_betas_zero_snr: bool,
     /// Where the schedulers other than DDIM end: `zero` (σ = 0, the default) or `sigma_min`.
     #[serde(default)]
     pub final_sigmas_type: Option<FinalSigmas>,
@@ -133,7 +137,7 @@ mod defaults {
 impl SchedulerConfig {
     /// The noise schedule.
     pub fn schedule(&self) -> Result<NoiseSchedule, DiffusionError> {
-        match &self.trained_betas {
+        let schedule = match &self.trained_betas {
             Some(betas) => NoiseSchedule::from_betas(betas),
             None => NoiseSchedule::new(
                 self.beta_schedule,
@@ -141,6 +145,10 @@ impl SchedulerConfig {
                 self.beta_start,
                 self.beta_end,
             ),
+        }?;
+        match self.rescale_betas_zero_snr {
+            true => schedule.rescale_zero_terminal_snr(),
+            false => Ok(schedule),
         }
     }
 }

@@ -90,6 +90,7 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
 
     let sd = NoiseSchedule::sd_scaled_linear();
     let linear = NoiseSchedule::ddpm_linear();
+    let zsnr = sd.rescale_zero_terminal_snr().unwrap();
     let with = |mut s: Sampler, spacing, offset, final_one| {
         s.spacing = spacing;
         s.steps_offset = offset;
@@ -237,6 +238,16 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
         ),
         ("heun_sd_karras", &sd, Sampler::heun(12).karras_sigmas(true)),
         ("heun_sd_img2img", &sd, Sampler::heun(20).strength(0.55)),
+        (
+            "euler_sd_zsnr_trailing",
+            &zsnr,
+            with(Sampler::euler(10), TimestepSpacing::Trailing, 0, true),
+        ),
+        (
+            "dpmpp2m_sd_zsnr_trailing",
+            &zsnr,
+            with(Sampler::dpm_solver_pp_2m(12), TimestepSpacing::Trailing, 0, true),
+        ),
     ];
     for (name, schedule, sampler) in cases {
         assert_timesteps(name, &sampler, schedule, &meta);
