@@ -278,6 +278,23 @@ for name, (cls, config, steps, eta) in NOISY_CASES.items():
     meta["cases"][name] = {"scheduler": cls.__name__, "config": config, "steps": steps, "eta": eta,
                            "strength": 1.0, "timesteps": ts}
 
+# Classifier-free guidance with guidance_rescale (diffusers' rescale_noise_cfg): the network's two
+# outputs, read as eps ("cfg_rescaled") and as v, converted to eps = alpha v + sigma x at t = 500 of
+# SD's schedule ("cfg_rescaled_v_eps").
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+cfg_gen = torch.Generator().manual_seed(5)
+cfg_x, out_u = torch.randn(2, 4, dtype=torch.float64, generator=cfg_gen), torch.randn(2, 4, dtype=torch.float64, generator=cfg_gen)
+out_c = 1.5 * torch.randn(2, 4, dtype=torch.float64, generator=cfg_gen)
+CFG = {"scale": 7.5, "phi": 0.7, "t": 500}
+guided = out_u + CFG["scale"] * (out_c - out_u)
+abar_t = abar_f64(SD)[CFG["t"]]
+tensors.update({"cfg_x": cfg_x, "cfg_uncond": out_u, "cfg_cond": out_c,
+                "cfg_rescaled": rescale_noise_cfg(guided, out_c, CFG["phi"]),
+                "cfg_rescaled_v_eps": abar_t.sqrt() * rescale_noise_cfg(guided, out_c, CFG["phi"])
+                + (1 - abar_t).sqrt() * cfg_x})
+meta["cfg"] = CFG
+
 os.makedirs(OUT, exist_ok=True)
 save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "samplers.safetensors"))
 with open(os.path.join(OUT, "samplers.json"), "w") as f:

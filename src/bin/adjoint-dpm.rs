@@ -242,6 +242,11 @@ struct TaskArgs {
     /// Classifier-free guidance scale (class-conditional sampling).
     #[arg(long, default_value_t = 3.0)]
     cfg: f64,
+    /// diffusers' guidance_rescale φ in [0, 1] under guidance (Lin et al. 2024; with
+    /// zero-terminal-SNR v-prediction models): the guided output rescaled to the conditional one's
+    /// standard deviation, in the network's output space.
+    #[arg(long, default_value_t = 0.0)]
+    guidance_rescale: f64,
     /// Samples per batch.
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -282,6 +287,7 @@ impl TaskArgs {
             iters: self.iters,
             seed: self.seed,
             cfg: self.cfg,
+            guidance_rescale: self.guidance_rescale,
             batch: self.batch,
             prompt: self.prompt.clone(),
             classifier: self.classifier.clone(),

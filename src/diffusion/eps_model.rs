@@ -120,13 +120,27 @@ impl<B: Backend, M: Predictor<B, D>, const D: usize> EpsModel<B, D> for SamplePr
 /// The wrapped model is called on the batch doubled, `[x; x]`, and must evaluate its first half
 /// with the unconditional embedding and its second half with the conditional one (a conditioned
 /// network holds both embeddings; see [`GuidanceEmbeddings`]).
+///
+/// [`Cfg::guidance_rescale`] adds diffusers' `guidance_rescale` (Lin et al. 2024, §3.4).
 #[derive(Module, Debug)]
 pub struct Cfg<B: Backend, M: Module<B>> {
     /// The conditioned network.
     pub model: M,
     #[module(skip)]
     scale: f64,
+    #[module(skip)]
+    rescale: Option<(f64, RescaleSpace)>,
     _backend: core::marker::PhantomData<B>,
+}
+
+/// Where [`Cfg::guidance_rescale`] measures standard deviations: the network's own output, as
+/// diffusers does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RescaleSpace {
+    /// An ε-prediction network's: the guided ε itself.
+    Epsilon,
+    /// A v-prediction network's (trained with this schedule): `v = (ε − σ x_t)/α`.
+    V(NoiseSchedule),
 }
 
 impl<B: Backend, M: Module<B>> Cfg<B, M> {
@@ -140,6 +154,7 @@ impl<B: Backend, M: Module<B>> Cfg<B, M> {
         Ok(Self {
             model,
             scale,
+            rescale: None,
             _backend: core::marker::PhantomData,
         })
     }
@@ -148,15 +163,52 @@ impl<B: Backend, M: Module<B>> Cfg<B, M> {
     pub fn scale(&self) -> f64 {
         self.scale
     }
+
+    /// diffusers' `guidance_rescale = φ` (Lin et al. 2024, §3.4, against the over-exposure of
+    /// strong guidance, with zero-terminal-SNR schedules): the guided output `o` is scaled per
+    /// sample to the conditional output's standard deviation, `φ · o · std(o_c)/std(o) +
+    /// (1 − φ) · o`, in `space` (the network's output: v for a v-prediction network). φ in
+    /// [0, 1].
+    pub fn guidance_rescale(mut self, phi: f64, space: RescaleSpace) -> Result<Self, DiffusionError> {
+        if !(0.0..=1.0).contains(&phi) {
+            return Err(DiffusionError::BadGuidance {
+                reason: format!("guidance rescale {phi} lies outside [0, 1]"),
+            });
+        }
+        self.rescale = Some((phi, space));
+        Ok(self)
+    }
+}
+
+/// `o · std(reference)/std(o)` per sample (over every axis but the first).
+fn match_std<B: Backend, const D: usize>(o: Tensor<B, D>, reference: Tensor<B, D>) -> Tensor<B, D> {
+    let batch = o.dims()[0];
+    let std = |t: Tensor<B, D>| t.reshape([batch as i64, -1]).var(1).sqrt();
+    let mut shape = [1usize; D];
+    shape[0] = batch;
+    let ratio = (std(reference) / std(o.clone())).reshape(shape);
+    o * ratio
 }
 
 impl<B: Backend, M: EpsModel<B, D>, const D: usize> EpsModel<B, D> for Cfg<B, M> {
     fn eps(&self, x: Tensor<B, D>, t: Tensor<B, 1>) -> Tensor<B, D> {
         let batch = x.dims()[0];
-        let both = self.model.eps(Tensor::cat(vec![x.clone(), x], 0), t);
+        let both = self.model.eps(Tensor::cat(vec![x.clone(), x.clone()], 0), t.clone());
         let uncond = both.clone().narrow(0, 0, batch);
         let cond = both.narrow(0, batch, batch);
-        uncond.clone() + (cond - uncond).mul_scalar(self.scale)
+        let guided = uncond.clone() + (cond.clone() - uncond).mul_scalar(self.scale);
+        let Some((phi, space)) = &self.rescale else {
+            return guided;
+        };
+        let mix = |o: Tensor<B, D>, c: Tensor<B, D>| match_std(o.clone(), c).mul_scalar(*phi) + o.mul_scalar(1.0 - phi);
+        match space {
+            RescaleSpace::Epsilon => mix(guided, cond),
+            RescaleSpace::V(schedule) => {
+                let (alpha, sigma) = alpha_sigma(schedule, &t);
+                let v = |e: Tensor<B, D>| (e - x.clone().mul_scalar(sigma)).div_scalar(alpha);
+                mix(v(guided), v(cond)).mul_scalar(alpha) + x.clone().mul_scalar(sigma)
+            }
+        }
     }
 
     /// The wrapped model sees the batch doubled.

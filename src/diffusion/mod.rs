@@ -12,7 +12,7 @@ pub mod stochastic;
 
 pub use diagnostic::AdjointReport;
 pub use dpm_solver::{DpmSolverPP2M, MultistepMap};
-pub use eps_model::{Cfg, EpsModel, GuidanceEmbeddings, Predictor, SamplePrediction, VPrediction};
+pub use eps_model::{Cfg, EpsModel, GuidanceEmbeddings, Predictor, RescaleSpace, SamplePrediction, VPrediction};
 pub use error::DiffusionError;
 pub use pf_ode::PfOde;
 pub use sampler::{NoiseLevels, Sampler, SamplerKind, TimestepConvention};

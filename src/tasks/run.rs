@@ -12,7 +12,7 @@ use burn::tensor::{Distribution, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::diffusion::NoiseSchedule;
-use crate::diffusion::{Cfg, NoiseLevels, Sampler};
+use crate::diffusion::{Cfg, NoiseLevels, RescaleSpace, Sampler};
 use crate::tasks::common::{
     lora_rank, scalar, step_noise, to_f64, Classifier, Decoder, GradientChoice, PixelSpace, SolverChoice,
     TaskClassifier, TaskDecoder, TaskError, TaskModel,
@@ -54,6 +54,8 @@ pub struct RunConfig {
     pub seed: u64,
     /// Guidance scale for class-conditional sampling.
     pub cfg: f64,
+    /// diffusers' `guidance_rescale` φ under guidance (`--guidance-rescale`; 0: off).
+    pub guidance_rescale: f64,
     /// Samples per batch.
     pub batch: usize,
     /// Stable Diffusion (`weights` is a diffusers folder): the prompt; empty = unconditional.
@@ -152,6 +154,7 @@ impl Default for RunConfig {
             iters: 30,
             seed: 0,
             cfg: 3.0,
+            guidance_rescale: 0.0,
             batch: 8,
             prompt: String::new(),
             classifier: None,
@@ -489,7 +492,8 @@ pub fn sample_grid(config: &RunConfig) -> Result<Vec<usize>, RunError> {
     let labels: Vec<usize> = (0..CLASSES.len())
         .flat_map(|c| std::iter::repeat_n(c, config.batch))
         .collect();
-    let model = Cfg::new(s.denoiser.valid().conditioned_for_guidance(&labels)?, config.cfg)?;
+    let model = Cfg::new(s.denoiser.valid().conditioned_for_guidance(&labels)?, config.cfg)?
+        .guidance_rescale(config.guidance_rescale, RescaleSpace::Epsilon)?;
     let device = Default::default();
     <Inner as burn::tensor::backend::Backend>::seed(&device, config.seed);
     let x_t = Tensor::<Inner, 4>::random(

@@ -16,7 +16,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 
-use crate::diffusion::{Cfg, Sampler};
+use crate::diffusion::{Cfg, RescaleSpace, Sampler};
 use crate::tasks::common::{lora_rank, scalar, step_noise, Classifier, TaskModel};
 use crate::tasks::imagenet::ImageNetClassifier;
 use crate::tasks::output;
@@ -97,10 +97,15 @@ fn prompt_model<B: Backend>(s: &Setup<B>, config: &RunConfig) -> Result<PromptMo
     }
     let (uncond, _) = s.sd.encode_prompt("", &s.device)?;
     let context = Tensor::cat(vec![uncond, cond], 0).detach();
-    Ok(PromptModel::Guided(Cfg::new(
-        freeze_context(s.sd.eps_model(context)),
-        config.cfg,
-    )?))
+    // diffusers rescales the network's own output: v for a v-prediction UNet.
+    let space = match s.sd.scheduler.prediction_type.as_str() {
+        "v_prediction" => RescaleSpace::V(s.sd.schedule.clone()),
+        _ => RescaleSpace::Epsilon,
+    };
+    Ok(PromptModel::Guided(
+        Cfg::new(freeze_context(s.sd.eps_model(context)), config.cfg)?
+            .guidance_rescale(config.guidance_rescale, space)?,
+    ))
 }
 
 fn freeze_context<B: Backend>(mut model: UnetEps<B>) -> UnetEps<B> {

@@ -384,6 +384,49 @@ fn cfg_combines_both_halves_of_one_batched_call() {
 }
 
 #[test]
+fn guidance_rescale_gradients_match_backprop_and_finite_differences() {
+    use adjoint_dpm::diffusion::{Cfg, RescaleSpace};
+    let device = Default::default();
+    let schedule = NoiseSchedule::sd_scaled_linear();
+    let guided = |cond: f64| {
+        let scalar = |v: f64| Param::from_tensor(Tensor::<Ad, 1>::from_data(TensorData::from([v]), &device));
+        let model = TwoEmbeddings {
+            net: TinyEps::new(2, &device),
+            cond: scalar(cond),
+            uncond: scalar(-0.5),
+        };
+        Cfg::new(model, 4.0)
+            .unwrap()
+            .guidance_rescale(0.7, RescaleSpace::V(schedule.clone()))
+            .unwrap()
+    };
+    // dL/d(cond) of L = Σ w ⊙ x_0 + 0.1 Σ x_0² through 4 DDIM steps, and L itself.
+    let run = |model: &Cfg<Ad, TwoEmbeddings<Ad>>, mode| {
+        let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 1), SHAPE), &device);
+        let x0 = Sampler::ddim(4).gradient(mode).sample(model, &schedule, x_t).unwrap();
+        let w = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 2), SHAPE), &device);
+        let loss = (x0.clone() * w).sum() + x0.powi_scalar(2).sum().mul_scalar(0.1);
+        let value = values(loss.clone())[0];
+        let g = loss.backward();
+        (value, values(model.model.cond.val().grad(&g).unwrap())[0])
+    };
+    let model = guided(1.0);
+    let (_, exact) = run(&model, GradientMode::Checkpointed(Schedule::All));
+    let (_, backprop) = run(&model, GradientMode::Backprop);
+    assert!(
+        (exact - backprop).abs() < 1e-10 * backprop.abs(),
+        "{exact} vs {backprop}"
+    );
+    let h = 1e-6;
+    let fd =
+        (run(&guided(1.0 + h), GradientMode::Backprop).0 - run(&guided(1.0 - h), GradientMode::Backprop).0) / (2.0 * h);
+    assert!(
+        (fd - exact).abs() < 1e-6 * exact.abs().max(1e-3),
+        "fd {fd}, adjoint {exact}"
+    );
+}
+
+#[test]
 fn guidance_needs_an_unconditional_embedding_of_the_same_shape() {
     use adjoint_dpm::diffusion::{DiffusionError, GuidanceEmbeddings};
     let device = Default::default();

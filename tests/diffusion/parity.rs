@@ -2,7 +2,9 @@
 //! levels, and img2img's last steps) step by step against diffusers' own schedulers (fixtures from
 //! scripts/make_sampler_fixtures.py).
 
-use adjoint_dpm::diffusion::{EpsModel, NoiseLevels, NoiseSchedule, Sampler, SamplerKind, TimestepSpacing};
+use adjoint_dpm::diffusion::{
+    Cfg, EpsModel, NoiseLevels, NoiseSchedule, RescaleSpace, Sampler, SamplerKind, TimestepSpacing,
+};
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -344,4 +346,59 @@ fn karras_levels_reach_the_network_as_rounded_timesteps() {
     let x0 = values(sampler.sample_inference(&model, &schedule, x_t).unwrap());
     let e = rel_err(&x0, &y);
     assert!(e < 1e-12, "{x0:?} vs {y:?} ({e:e})");
+}
+
+/// Returns fixed outputs for the two halves of the batch it is given: `[uncond; cond]`.
+#[derive(Module, Debug)]
+struct FixedHalves<B: Backend> {
+    both: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> EpsModel<B, 2> for FixedHalves<B> {
+    fn eps(&self, _x: Tensor<B, 2>, _t: Tensor<B, 1>) -> Tensor<B, 2> {
+        self.both.val()
+    }
+}
+
+#[test]
+fn guidance_rescale_matches_diffusers_in_eps_and_v() {
+    let (bytes, meta) = fixtures();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let device = Default::default();
+    let tensor = |name: &str| Tensor::<F64, 2>::from_data(TensorData::new(read(&st, name).0, [2, 4]), &device);
+    let (x, uncond, cond) = (tensor("cfg_x"), tensor("cfg_uncond"), tensor("cfg_cond"));
+    let number = |key: &str| meta["cfg"][key].as_f64().unwrap();
+    let (scale, phi, t) = (number("scale"), number("phi"), number("t"));
+    let schedule = NoiseSchedule::sd_scaled_linear();
+    let (alpha, sigma) = (schedule.alpha(t), schedule.sigma(t));
+    let time = Tensor::<F64, 1>::from_data(TensorData::from([t]), &device);
+    let guided = |outputs: [Tensor<F64, 2>; 2], space: RescaleSpace| {
+        let model = FixedHalves {
+            both: Param::from_tensor(Tensor::cat(outputs.to_vec(), 0)),
+        };
+        let cfg = Cfg::new(model, scale).unwrap().guidance_rescale(phi, space).unwrap();
+        values(cfg.eps(x.clone(), time.clone()))
+    };
+    // ε-prediction: the outputs are ε.
+    let e = rel_err(
+        &guided([uncond.clone(), cond.clone()], RescaleSpace::Epsilon),
+        &read(&st, "cfg_rescaled").0,
+    );
+    assert!(e < 1e-12, "ε-space rescale off by {e:e}");
+    // v-prediction: the outputs are v, seen as ε = α v + σ x; the rescale acts on v.
+    let as_eps = |v: Tensor<F64, 2>| v.mul_scalar(alpha) + x.clone().mul_scalar(sigma);
+    let e = rel_err(
+        &guided([as_eps(uncond), as_eps(cond)], RescaleSpace::V(schedule)),
+        &read(&st, "cfg_rescaled_v_eps").0,
+    );
+    assert!(e < 1e-12, "v-space rescale off by {e:e}");
+    assert!(Cfg::new(
+        FixedHalves {
+            both: Param::from_tensor(tensor("cfg_x"))
+        },
+        1.0
+    )
+    .unwrap()
+    .guidance_rescale(1.5, RescaleSpace::Epsilon)
+    .is_err());
 }
