@@ -1,6 +1,7 @@
-//! Stochastic samplers (DDIM with η > 0, Euler ancestral, DPM-Solver++(2M) SDE): exact gradients w.r.t. x_T, every
-//! step's noise, the conditioning and the weights, against backprop and finite differences; and
-//! their errors.
+//! Stochastic samplers (DDIM with η > 0, Euler ancestral, DPM-Solver++(2M) SDE): exact
+//! gradients w.r.t. x_T, every step's noise, the conditioning and the weights, against backprop
+//! and finite differences; their errors; and a property test over every sampler, noise levels,
+//! convention, img2img strength and schedule.
 
 use adjoint_dpm::diffusion::{DiffusionError, NoiseLevels, NoiseSchedule, Sampler};
 use adjoint_dpm::prelude::*;
@@ -184,5 +185,67 @@ fn stochastic_samplers_name_bad_noise_eta_and_modes() {
             .sample_with_noise(&model, &schedule, x_t, noise_tensors(4, &device))
             .unwrap_err();
         assert!(matches!(e, DiffusionError::UnsupportedGradient { .. }), "{e:?}");
+    }
+}
+
+/// One of every sampler, from an index.
+fn sampler_of(kind: usize, steps: usize) -> Sampler {
+    match kind {
+        0 => Sampler::ddim(steps),
+        1 => Sampler::ddim(steps).eta(0.7),
+        2 => Sampler::euler(steps),
+        3 => Sampler::euler_ancestral(steps),
+        4 => Sampler::heun(steps),
+        5 => Sampler::dpm_solver_pp_2m(steps),
+        6 => Sampler::dpm_solver_pp_3m(steps),
+        7 => Sampler::dpm_solver_pp_2m_sde(steps),
+        8 => Sampler::unipc(steps),
+        _ => Sampler::unipc_third_order(steps),
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(16),
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Any sampler on any levels, convention, img2img strength and schedule: Checkpointed (every
+    /// third state stored) equals Backprop for x_T, every step noise, the conditioning and a
+    /// weight.
+    #[test]
+    fn any_sampler_configuration_is_exact(
+        kind in 0usize..10,
+        steps in 2usize..7,
+        levels in 0usize..4,
+        fractional in proptest::bool::ANY,
+        strength in 0.5f64..=1.0,
+        cosine in proptest::bool::ANY,
+    ) {
+        let mut sampler = sampler_of(kind, steps).strength(strength).noise_levels(
+            [NoiseLevels::Spaced, NoiseLevels::Karras, NoiseLevels::Exponential, NoiseLevels::LuLambdas][levels],
+        );
+        if fractional {
+            sampler.convention = adjoint_dpm::diffusion::TimestepConvention::Fractional;
+        }
+        let schedule = match cosine {
+            true => NoiseSchedule::cosine(),
+            false => NoiseSchedule::sd_scaled_linear(),
+        };
+        let device = Default::default();
+        let model = TinyEps::<Ad>::new(2, &device);
+        let reference = noisy_grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
+        proptest::prop_assert!(reference.loss.is_finite());
+        let exact = noisy_grads(&model, &schedule, sampler.gradient(GradientMode::Checkpointed(Schedule::Every(3))));
+        let mut pairs = vec![
+            ("x_T", &exact.x_t, &reference.x_t),
+            ("cond", &exact.cond, &reference.cond),
+            ("weight", &exact.weight, &reference.weight),
+        ];
+        pairs.extend(exact.noise.iter().zip(&reference.noise).map(|(a, b)| ("noise", a, b)));
+        for (name, a, b) in pairs {
+            let e = rel_err(a, b);
+            proptest::prop_assert!(e < 1e-9, "{sampler:?}: dL/d{name} off by {e:e}");
+        }
     }
 }
