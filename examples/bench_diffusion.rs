@@ -13,6 +13,10 @@
 //! conditioning only), their ratio (the floor is about 3: one forward, one recomputation and one
 //! VJP per step), and the process's peak RSS in MiB.
 //!
+//! `--sampler` picks another sampler; the stochastic ones (`ddim-eta`, `euler-a`, `dpmpp2m-sde`)
+//! carry their step noise in the state, so their memory is the deterministic sampler's plus S
+//! noise tensors per stored state: compare with `ddim` at the same steps.
+//!
 //! `--config sd15 --backend cuda` (with `--features cuda`) runs the Stable Diffusion 1.5 UNet
 //! (random weights, 64×64×4 latent, 77×768 context): DESIGN.md §7 has PyTorch's figures for it.
 
@@ -37,12 +41,27 @@ enum Mode {
     Backsolve,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SamplerArg {
+    Ddim,
+    Heun,
+    Dpmpp2m,
+    Unipc,
+    /// DDIM with η = 1.
+    DdimEta,
+    EulerA,
+    Dpmpp2mSde,
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "Sampling-gradient time and memory vs steps; prints one JSON line")]
 struct Args {
     /// Sampler steps N.
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// The sampler.
+    #[arg(long, value_enum, default_value = "ddim")]
+    sampler: SamplerArg,
     #[arg(long, value_enum, default_value = "checkpointed")]
     gradient: Mode,
     #[arg(long, default_value_t = 1)]
@@ -96,15 +115,29 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
         Mode::Recursive => GradientMode::Checkpointed(Schedule::Recursive),
         Mode::Backsolve => GradientMode::Backsolve(BacksolveOptions::default()),
     };
-    let sampler = Sampler::ddim(args.steps).gradient(mode);
+    let sampler = match args.sampler {
+        SamplerArg::Ddim => Sampler::ddim(args.steps),
+        SamplerArg::Heun => Sampler::heun(args.steps),
+        SamplerArg::Dpmpp2m => Sampler::dpm_solver_pp_2m(args.steps),
+        SamplerArg::Unipc => Sampler::unipc(args.steps),
+        SamplerArg::DdimEta => Sampler::ddim(args.steps).eta(1.0),
+        SamplerArg::EulerA => Sampler::euler_ancestral(args.steps),
+        SamplerArg::Dpmpp2mSde => Sampler::dpm_solver_pp_2m_sde(args.steps),
+    }
+    .gradient(mode);
     let shape = [args.batch, 4, args.size, args.size];
-    let x_t = Tensor::<B<Inner>, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let normal = || Tensor::<B<Inner>, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let x_t = normal();
+    let noise: Vec<_> = (0..sampler.noise_count(&schedule).map_err(|e| e.to_string())?)
+        .map(|_| normal())
+        .collect();
 
     let inner = model.valid();
     let sample = || -> Result<f64, String> {
         let start = Instant::now();
+        let noise = noise.iter().map(|n| n.clone().inner()).collect();
         let x0 = sampler
-            .sample_inference(&inner, &schedule, x_t.clone().inner())
+            .sample_inference_with_noise(&inner, &schedule, x_t.clone().inner(), noise)
             .map_err(|e| e.to_string())?;
         let _ = x0.sum().into_scalar();
         Ok(start.elapsed().as_secs_f64())
@@ -113,7 +146,7 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
         let start = Instant::now();
         let leaf = x_t.clone().require_grad();
         let x0 = sampler
-            .sample(&model, &schedule, leaf.clone())
+            .sample_with_noise(&model, &schedule, leaf.clone(), noise.clone())
             .map_err(|e| e.to_string())?;
         let grads = x0.powi_scalar(2).mean().backward();
         let g = leaf.grad(&grads).ok_or("no gradient reached x_T")?;
@@ -129,7 +162,7 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
     let (sample_s, _) = median(&sample)?;
     let (grad_s, warmup_s) = median(&gradient)?;
     let line = serde_json::json!({
-        "steps": args.steps, "gradient": format!("{:?}", args.gradient).to_lowercase(),
+        "steps": args.steps, "sampler": format!("{:?}", args.sampler).to_lowercase(), "gradient": format!("{:?}", args.gradient).to_lowercase(),
         "config": format!("{:?}", args.config).to_lowercase(), "backend": format!("{:?}", args.backend).to_lowercase(),
         "frozen_weights": args.frozen_weights, "batch": args.batch, "size": args.size, "sample_s": sample_s, "grad_s": grad_s,
         "grad_over_sample": grad_s / sample_s, "warmup_s": warmup_s, "peak_rss_mib": adjoint_dpm::bench::peak_rss_mib(),

@@ -20,7 +20,7 @@ use crate::diffusion::schedule::{
 };
 use crate::diffusion::stochastic::{NoisyStep, NoisyStepMap};
 use crate::ode::tableau::{self, ButcherTableau};
-use crate::ode::{GradientMode, NeuralOde, Solver, StepControl};
+use crate::ode::{Dynamics, GradientMode, NeuralOde, Solver, StepControl};
 
 /// The integration method in ρ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -727,8 +727,8 @@ impl Sampler {
         B: Backend,
         M: EpsModel<B, D>,
     {
-        let mut trajectory = self.trajectory_inference_with_noise(model, schedule, x_t, noise)?;
-        Ok(trajectory.pop().expect("a trajectory holds x_T and x_0"))
+        let mut last = self.inference(model, schedule, x_t, noise, false)?;
+        Ok(last.pop().expect("inference returns the last sample"))
     }
 
     /// Every intermediate sample, `x_T` first and `x_0` last (one per ρ knot), on any backend
@@ -759,6 +759,22 @@ impl Sampler {
         B: Backend,
         M: EpsModel<B, D>,
     {
+        self.inference(model, schedule, x_t, noise, true)
+    }
+
+    /// Graph-free sampling: the sample at every knot (`keep_all`), or at the last alone.
+    fn inference<B, M, const D: usize>(
+        &self,
+        model: &M,
+        schedule: &NoiseSchedule,
+        x_t: Tensor<B, D>,
+        noise: Vec<Tensor<B, D>>,
+        keep_all: bool,
+    ) -> Result<Vec<Tensor<B, D>>, DiffusionError>
+    where
+        B: Backend,
+        M: EpsModel<B, D>,
+    {
         let grid = self.rho_grid(schedule)?;
         model.check_batch(x_t.dims()[0])?;
         self.check_noise(&grid, &x_t, &noise)?;
@@ -767,11 +783,7 @@ impl Sampler {
             let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?);
             let ode = NeuralOde::new(map).solver(self.solver());
             let z_t = ode.dynamics.initial_state(y_t, noise);
-            let solution = ode
-                .integrate(z_t, &grid)
-                .map_err(|e| name_step(e, schedule, &grid, 0))?;
-            solution
-                .states()
+            run_stacked(&ode, z_t, &grid, schedule, keep_all)?
                 .into_iter()
                 .map(|z| ode.dynamics.y_of(z))
                 .collect::<Vec<_>>()
@@ -779,11 +791,7 @@ impl Sampler {
             let map = self.dpm_map(model.clone(), schedule, &grid)?;
             let ode = NeuralOde::new(map).solver(self.solver());
             let z_t = ode.dynamics.initial_state_with_noise(y_t, noise);
-            let solution = ode
-                .integrate(z_t, &grid)
-                .map_err(|e| name_step(e, schedule, &grid, 0))?;
-            solution
-                .states()
+            run_stacked(&ode, z_t, &grid, schedule, keep_all)?
                 .into_iter()
                 .map(|z| ode.dynamics.y_of(z))
                 .collect::<Vec<_>>()
@@ -802,12 +810,39 @@ impl Sampler {
             }
             ys
         };
+        // Without `keep_all` the stacked maps return the last state alone: align from the end.
         Ok(ys
             .into_iter()
-            .zip(&grid)
+            .rev()
+            .zip(grid.iter().rev())
             .map(|(y, &rho)| y.mul_scalar(NoiseSchedule::alpha_of_rho(rho)))
+            .rev()
             .collect())
     }
+}
+
+/// The states of a stacked map's run (multistep history, stochastic noise) on `grid`: every
+/// knot's, or without `keep_all` the last alone, stepping one interval at a time so that a
+/// stochastic sampler's (S + 1)-block states are not all held at once.
+fn run_stacked<B: Backend, Dy: Dynamics<B, D>, const D: usize>(
+    ode: &NeuralOde<Dy>,
+    z: Tensor<B, D>,
+    grid: &[f64],
+    schedule: &NoiseSchedule,
+    keep_all: bool,
+) -> Result<Vec<Tensor<B, D>>, DiffusionError> {
+    if keep_all {
+        let solution = ode.integrate(z, grid).map_err(|e| name_step(e, schedule, grid, 0))?;
+        return Ok(solution.states());
+    }
+    let mut z = z;
+    for (done, knots) in grid.windows(2).enumerate() {
+        z = ode
+            .integrate(z, knots)
+            .map_err(|e| name_step(e, schedule, knots, done))?
+            .last();
+    }
+    Ok(vec![z])
 }
 
 /// Names the sampling step and timestep of a non-finite network output in a solve on `grid`

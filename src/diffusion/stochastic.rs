@@ -16,9 +16,9 @@
 //!   `EulerAncestralDiscreteScheduler`): `ρ_up = ρ_{i+1} √(1 − ρ_{i+1}²/ρ_i²)`,
 //!   `ρ_down = √(ρ_{i+1}² − ρ_up²)`, `y_{i+1} = y + (ρ_down − ρ_i) ε + ρ_up ξ_i`.
 //!
-//! Carrying the noise costs memory: every state the engine stores holds S + 1 sample-sized
-//! tensors, so `Schedule::All` keeps (S + 1)² of them and `Schedule::Recursive` O(S log S) —
-//! still no activations of the network.
+//! Carrying the noise costs memory: every state the engine stores, and the solve's output at
+//! every step, holds S + 1 sample-sized tensors, so memory grows as S² whatever the schedule
+//! (still no activations of the network; measured in `examples/bench_diffusion.rs`).
 //!
 //! Both are written, as the multistep maps are, as one Euler step of the field
 //! `f = (z_{i+1} − z_i)/h`, `h = ρ_{i+1} − ρ_i`. A stochastic sampler is not an ODE's

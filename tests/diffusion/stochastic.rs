@@ -247,5 +247,13 @@ proptest::proptest! {
             let e = rel_err(a, b);
             proptest::prop_assert!(e < 1e-9, "{sampler:?}: dL/d{name} off by {e:e}");
         }
+        // Graph-free: the last sample, stepped interval by interval, is the trajectory's last.
+        let inner = model.valid();
+        let x_t = Tensor::<F64, 4>::from_data(TensorData::new(noise(SHAPE, 1), SHAPE), &device);
+        let xi = noise_tensors::<F64>(sampler.noise_count(&schedule).unwrap(), &device);
+        let last = values(sampler.sample_inference_with_noise(&inner, &schedule, x_t.clone(), xi.clone()).unwrap());
+        let trajectory = sampler.trajectory_inference_with_noise(&inner, &schedule, x_t, xi).unwrap();
+        let e = rel_err(&last, &values(trajectory[trajectory.len() - 1].clone()));
+        proptest::prop_assert!(e < 1e-12, "{sampler:?}: sample_inference off the trajectory by {e:e}");
     }
 }
