@@ -797,17 +797,20 @@ impl Sampler {
                 .collect::<Vec<_>>()
         } else {
             let pf_ode = self.pf_ode(model.clone(), schedule)?;
-            let mut ys = vec![y_t];
-            let mut done = 0;
+            // Each segment starts from the last state of the one before; that state is kept once.
+            let (mut ys, mut start, mut done) = (Vec::new(), y_t, 0);
             for (solver, knots) in self.segments(&grid) {
                 let ode = NeuralOde::new(pf_ode.clone()).solver(solver);
-                let start = ys.pop().expect("the state the segment starts from");
                 let solution = ode
                     .integrate(start, knots)
                     .map_err(|e| name_step(e, schedule, knots, done))?;
-                ys.extend(solution.states());
+                let mut states = solution.states();
+                start = solution.last();
+                states.pop();
+                ys.extend(states);
                 done += knots.len() - 1;
             }
+            ys.push(start);
             ys
         };
         // Without `keep_all` the stacked maps return the last state alone: align from the end.
