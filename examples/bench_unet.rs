@@ -104,29 +104,38 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let inner = burn::module::AutodiffModule::valid(&unet);
     phase("initialised; first forward (warm-up)");
 
+    // The scalar reads are where a backend's launch failure surfaces (a kernel cubecl cannot
+    // compile): reported as this program's error, not a panic.
+    let read = |what: &str, r: Result<_, burn::tensor::backend::ExecutionError>| {
+        r.map(|_| ()).map_err(|e| format!("{what} failed on the backend: {e}"))
+    };
     let forward = || {
         let start = Instant::now();
         let out = inner.forward(sample.clone().inner(), t.clone().inner(), context.clone().inner(), None);
-        let _ = out.sum().into_scalar();
-        start.elapsed().as_secs_f64()
+        read("forward", out.sum().try_into_scalar())?;
+        Ok(start.elapsed().as_secs_f64())
     };
     let vjp = || {
         let start = Instant::now();
         let x = sample.clone().require_grad();
         let out = unet.forward(x.clone(), t.clone(), context.clone(), None);
         let grads = (out * w.clone()).sum().backward();
-        let _ = x.grad(&grads).map(|g| g.sum().into_scalar());
-        start.elapsed().as_secs_f64()
+        if let Some(g) = x.grad(&grads) {
+            read("VJP", g.sum().try_into_scalar())?;
+        }
+        Ok(start.elapsed().as_secs_f64())
     };
-    let timed = |f: &dyn Fn() -> f64| {
-        let warmup = f();
-        let mut v: Vec<f64> = (0..args.reps.max(1)).map(|_| f()).collect();
+    let timed = |f: &dyn Fn() -> Result<f64, String>| -> Result<(f64, f64), String> {
+        let warmup = f()?;
+        let mut v = (0..args.reps.max(1))
+            .map(|_| f())
+            .collect::<Result<Vec<f64>, String>>()?;
         v.sort_by(f64::total_cmp);
-        (v[v.len() / 2], warmup)
+        Ok((v[v.len() / 2], warmup))
     };
-    let (forward_s, forward_warmup_s) = timed(&forward);
+    let (forward_s, forward_warmup_s) = timed(&forward)?;
     phase("forward timed; first VJP (warm-up)");
-    let (vjp_s, vjp_warmup_s) = timed(&vjp);
+    let (vjp_s, vjp_warmup_s) = timed(&vjp)?;
     phase("VJP timed");
 
     // ε and the latent's VJP ∂⟨ε, w⟩/∂x on the seeded inputs, to compare across dtypes.

@@ -67,6 +67,12 @@ pub trait Vectorization<R: Runtime> {
     fn axis(&self, _plan: &LaunchPlan<'_, R>) -> VectorizationAxis {
         VectorizationAxis::default()
     }
+    /// adjoint-dpm patch 2: the size in bytes of the widest element this runner's kernel loads
+    /// as vectors of a fixed width (a matmul's operands), or 0. The planner sizes the block's
+    /// vectors for elements no narrower than this.
+    fn vector_elem_size_floor(&self) -> usize {
+        0
+    }
     /// The vectorization factor for all inputs and outputs.
     #[allow(clippy::too_many_arguments)]
     fn vectorization<'a>(

@@ -301,6 +301,19 @@ impl From<MatmulSetupError> for FusedMatmulError {
 }
 
 impl<'a, R: Runtime> Vectorization<R> for FusedMatmulLaunch<'a> {
+    // adjoint-dpm patch 2: the operands' own widest vector is the most a tile takes.
+    fn vector_elem_size_floor(&self) -> usize {
+        [
+            self.matmul.lhs.precision(),
+            self.matmul.rhs.precision(),
+            self.matmul.out.precision(),
+        ]
+        .map(|precision| precision.into_storage_type().size())
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
+
     fn axis(&self, plan: &LaunchPlan<'_, R>) -> VectorizationAxis {
         let lhs_id = self.matmul.op.lhs.id;
         let rhs_id = self.matmul.op.rhs.id;

@@ -125,8 +125,13 @@ impl<'a, R: Runtime> VectorizationPlanner<'a, R> {
             // Quantization normally triggers higher vectorization than anything else, no need to
             // compare to ref elem.
             Some(vector_sizes) => vector_sizes,
+            // adjoint-dpm patch 2: vectors sized for the block's narrowest element, but never
+            // wider than the runner's operands allow. 0.21.0 sized them for the narrowest alone:
+            // a bool (one byte) beside a fused matmul gave its f32 operands vectors of 16, which
+            // cubek's tile check then refused at compile time ("Invalid vector size. Got 16 which
+            // should not be >8"), in the SD-1.5 UNet's f32 VJP (SiLU's sign mask) on an H200.
             None => client
-                .io_optimized_vector_sizes(ref_elem.0.size())
+                .io_optimized_vector_sizes(ref_elem.0.size().max(runner.vector_elem_size_floor()))
                 .collect::<Vec<_>>(),
         };
         let vectorization_axis = runner.axis(plan);
