@@ -14,8 +14,10 @@
 //! VJP per step), and the process's peak RSS in MiB.
 //!
 //! `--sampler` picks another sampler; the stochastic ones (`ddim-eta`, `euler-a`, `dpmpp2m-sde`)
-//! carry their step noise in the state, so their memory is the deterministic sampler's plus S
-//! noise tensors per stored state: compare with `ddim` at the same steps.
+//! hold their step noise once, as a parameter of the step map, so their memory is the
+//! deterministic sampler's plus the S noise tensors: compare with `ddim` at the same steps.
+//! `--noise-grad` also differentiates to every step's noise (noise optimisation, as `guide`
+//! does), which adds the noise's gradient.
 //!
 //! `--config sd15 --backend cuda` (with `--features cuda`) runs the Stable Diffusion 1.5 UNet
 //! (random weights, 64×64×4 latent, 77×768 context): DESIGN.md §7 has PyTorch's figures for it.
@@ -80,6 +82,9 @@ struct Args {
     /// Gradient to x_T and the conditioning only (no parameter VJPs).
     #[arg(long)]
     frozen_weights: bool,
+    /// Also the gradient to a stochastic sampler's step noise.
+    #[arg(long)]
+    noise_grad: bool,
 }
 
 fn main() {
@@ -145,12 +150,20 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
     let gradient = || -> Result<f64, String> {
         let start = Instant::now();
         let leaf = x_t.clone().require_grad();
+        let noise: Vec<_> = match args.noise_grad {
+            true => noise.iter().map(|n| n.clone().require_grad()).collect(),
+            false => noise.clone(),
+        };
         let x0 = sampler
             .sample_with_noise(&model, &schedule, leaf.clone(), noise.clone())
             .map_err(|e| e.to_string())?;
         let grads = x0.powi_scalar(2).mean().backward();
         let g = leaf.grad(&grads).ok_or("no gradient reached x_T")?;
         let _ = g.sum().into_scalar();
+        if let Some(first) = noise.first().filter(|_| args.noise_grad) {
+            let g = first.grad(&grads).ok_or("no gradient reached the first step's noise")?;
+            let _ = g.sum().into_scalar();
+        }
         Ok(start.elapsed().as_secs_f64())
     };
     let median = |f: &dyn Fn() -> Result<f64, String>| -> Result<(f64, f64), String> {
@@ -164,7 +177,7 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
     let line = serde_json::json!({
         "steps": args.steps, "sampler": format!("{:?}", args.sampler).to_lowercase(), "gradient": format!("{:?}", args.gradient).to_lowercase(),
         "config": format!("{:?}", args.config).to_lowercase(), "backend": format!("{:?}", args.backend).to_lowercase(),
-        "frozen_weights": args.frozen_weights, "batch": args.batch, "size": args.size, "sample_s": sample_s, "grad_s": grad_s,
+        "frozen_weights": args.frozen_weights, "noise_grad": args.noise_grad, "batch": args.batch, "size": args.size, "sample_s": sample_s, "grad_s": grad_s,
         "grad_over_sample": grad_s / sample_s, "warmup_s": warmup_s, "peak_rss_mib": adjoint_dpm::bench::peak_rss_mib(),
     });
     println!("{line}");

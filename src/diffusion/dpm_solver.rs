@@ -33,8 +33,8 @@
 //! solver; "DPM++ 2M SDE") takes the same `D_i` and injects fresh noise ξ_i at each step:
 //! `y_{i+1} = r² y_i + (1 − r²) D_i + ρ_{i+1} √(1 − r²) ξ_i`, `r = ρ_{i+1}/ρ_i`. As for the
 //! stochastic one-step samplers ([`NoisyStepMap`](crate::diffusion::NoisyStepMap)), the noise is
-//! given and stacked under the history, `[y; x̂0_{i−1}; ξ_0; …; ξ_{S−1}]`, so the exact gradient
-//! reaches it.
+//! given and held by the map as a parameter ([`StepNoise`]), so the exact gradient reaches it and
+//! the state stays `[y; x̂0_{i−1}]`.
 //!
 //! Each map is written as one Euler step `z + h f(ρ_i, z)` with `h = ρ_{i+1} − ρ_i` of a field
 //! that knows the grid: `f = (z_{i+1} − z_i)/h` block by block, e.g. for DPM-Solver++
@@ -48,6 +48,7 @@ use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 
 use crate::diffusion::eps_model::EpsModel;
 use crate::diffusion::schedule::NoiseSchedule;
+use crate::diffusion::stochastic::StepNoise;
 use crate::ode::Dynamics;
 
 /// A multistep sampler's step map: DPM-Solver++(2M) by default, 3M with
@@ -57,6 +58,8 @@ use crate::ode::Dynamics;
 pub struct MultistepMap<B: Backend, M: Module<B>> {
     /// The ε-network.
     pub model: M,
+    /// The SDE's noise, one block per step (none for the other methods).
+    pub noise: StepNoise<B>,
     #[module(skip)]
     schedule: NoiseSchedule,
     #[module(skip)]
@@ -77,7 +80,7 @@ pub struct MultistepMap<B: Backend, M: Module<B>> {
 enum Method {
     DpmPP2,
     DpmPP3,
-    /// DPM-Solver++(2M) SDE, with one noise block per step after the history.
+    /// DPM-Solver++(2M) SDE, with one noise block per step.
     DpmPP2Sde,
     /// `bh1`: B(h) = −h instead of bh2's e^{−h} − 1; `third_order`: `solver_order = 3`.
     UniPc {
@@ -87,7 +90,7 @@ enum Method {
 }
 
 impl Method {
-    /// Tensors of the stacked state, noise blocks aside.
+    /// Tensors of the stacked state.
     fn blocks(self) -> usize {
         match self {
             Method::DpmPP2 | Method::DpmPP2Sde => 2,
@@ -105,6 +108,7 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
     pub fn new(model: M, schedule: NoiseSchedule, grid: Vec<f64>) -> Self {
         Self {
             model: crate::ode::materialized(model),
+            noise: StepNoise::none(),
             schedule,
             grid,
             timesteps: None,
@@ -120,24 +124,17 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         self
     }
 
-    /// DPM-Solver++(2M) SDE: the 2M map with fresh noise at each step, given in the initial
-    /// state ([`initial_state_with_noise`](Self::initial_state_with_noise)).
-    pub fn sde(mut self) -> Self {
+    /// DPM-Solver++(2M) SDE: the 2M map with fresh noise at each step, `noise[i]` at step i
+    /// (one standard normal tensor of the sample's shape per step).
+    pub fn sde<const D: usize>(mut self, noise: Vec<Tensor<B, D>>) -> Self {
         self.method = Method::DpmPP2Sde;
+        self.noise = StepNoise::new(noise);
         self
-    }
-
-    /// Noise blocks of the stacked state: one per step for the SDE.
-    fn noise_blocks(&self) -> usize {
-        match self.method {
-            Method::DpmPP2Sde => self.grid.len() - 1,
-            _ => 0,
-        }
     }
 
     /// Rows of `y` in a stacked state of `rows` rows.
     fn rows_of(&self, rows: usize) -> usize {
-        rows / (self.method.blocks() + self.noise_blocks())
+        rows / self.method.blocks()
     }
 
     /// UniPC with its corrector: bh1 or bh2, second or third order; see the module's doc.
@@ -177,19 +174,8 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
 
     /// The initial stacked state `[y_T; 0…]` (no history yet).
     pub fn initial_state<const D: usize>(&self, y_t: Tensor<B, D>) -> Tensor<B, D> {
-        self.initial_state_with_noise(y_t, Vec::new())
-    }
-
-    /// The initial stacked state `[y_T; 0…; noise…]` of the SDE, one standard normal tensor of
-    /// `y_T`'s shape per step.
-    pub fn initial_state_with_noise<const D: usize>(
-        &self,
-        y_t: Tensor<B, D>,
-        noise: Vec<Tensor<B, D>>,
-    ) -> Tensor<B, D> {
         let mut parts = vec![y_t.clone()];
         parts.extend((1..self.method.blocks()).map(|_| y_t.zeros_like()));
-        parts.extend(noise);
         Tensor::cat(parts, 0)
     }
 
@@ -348,7 +334,7 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
             Method::DpmPP2Sde => {
                 // y_{i+1} − y_i = (r² − 1)(y_i − D) + ρ_t √(1 − r²) ξ_i.
                 let r2 = (rho_t / rho_s).powi(2);
-                let xi = z.clone().narrow(0, (2 + i) * b, b);
+                let xi = self.noise.at(i, &y);
                 ((y - d).mul_scalar(r2 - 1.0) + xi.mul_scalar(rho_t * (1.0 - r2).sqrt())).div_scalar(step)
             }
             _ => (y - d).div_scalar(rho_s),
@@ -356,9 +342,6 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
         let mut parts = vec![dy, (x0 - m1.clone()).div_scalar(step)];
         if let Some(m2) = m2 {
             parts.push((m1 - m2).div_scalar(step));
-        }
-        if self.noise_blocks() > 0 {
-            parts.push(z.narrow(0, 2 * b, self.noise_blocks() * b).zeros_like());
         }
         Tensor::cat(parts, 0)
     }

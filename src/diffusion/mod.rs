@@ -17,4 +17,4 @@ pub use error::DiffusionError;
 pub use pf_ode::PfOde;
 pub use sampler::{NoiseLevels, Sampler, SamplerKind, TimestepConvention};
 pub use schedule::{BetaSchedule, NoiseSchedule, TimestepSpacing};
-pub use stochastic::{NoisyStep, NoisyStepMap};
+pub use stochastic::{NoisyStep, NoisyStepMap, StepNoise};

@@ -513,18 +513,19 @@ impl Sampler {
 
     /// The multistep map (DPM-Solver++ 2M or 3M, UniPC) of `model` on `grid`, told the run's
     /// timestep at each level.
-    fn dpm_map<B: Backend, M: burn::module::Module<B>>(
+    fn dpm_map<B: Backend, M: burn::module::Module<B>, const D: usize>(
         &self,
         model: M,
         schedule: &NoiseSchedule,
         grid: &[f64],
+        noise: Vec<Tensor<B, D>>,
     ) -> Result<MultistepMap<B, M>, DiffusionError> {
         let map = MultistepMap::new(model, schedule.clone(), grid.to_vec())
             .with_total_steps(self.steps)
             .with_timesteps(self.timesteps(schedule)?);
         Ok(match self.kind {
             SamplerKind::DpmSolverPP3M => map.third_order(),
-            SamplerKind::DpmSolverPP2MSde => map.sde(),
+            SamplerKind::DpmSolverPP2MSde => map.sde(noise),
             SamplerKind::UniPc { bh1, third_order } => map.unipc(bh1, third_order),
             _ => map,
         })
@@ -619,22 +620,22 @@ impl Sampler {
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
         let alpha_0 = NoiseSchedule::alpha_of_rho(grid[grid.len() - 1]);
         if self.kind.is_multistep() {
-            let map = self.dpm_map(model.clone(), schedule, &grid)?;
+            let map = self.dpm_map(model.clone(), schedule, &grid, noise)?;
             let ode = NeuralOde::new(map).solver(self.solver()).gradient(self.gradient);
             let z_0 = ode
-                .solve(ode.dynamics.initial_state_with_noise(y_t, noise), &grid)
+                .solve(ode.dynamics.initial_state(y_t), &grid)
                 .map_err(|e| name_step(e, schedule, &grid, 0))?
                 .last();
             return Ok(ode.dynamics.y_of(z_0).mul_scalar(alpha_0));
         }
         if let Some(step) = self.noisy_step()? {
-            let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?);
+            let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?, noise);
             let ode = NeuralOde::new(map).solver(self.solver()).gradient(self.gradient);
-            let z_0 = ode
-                .solve(ode.dynamics.initial_state(y_t, noise), &grid)
+            let y_0 = ode
+                .solve(y_t, &grid)
                 .map_err(|e| name_step(e, schedule, &grid, 0))?
                 .last();
-            return Ok(ode.dynamics.y_of(z_0).mul_scalar(alpha_0));
+            return Ok(y_0.mul_scalar(alpha_0));
         }
         let pf_ode = self.pf_ode(model.clone(), schedule)?;
         let mut y = y_t;
@@ -780,18 +781,14 @@ impl Sampler {
         self.check_noise(&grid, &x_t, &noise)?;
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
         let ys = if let Some(step) = self.noisy_step()? {
-            let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?);
+            let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?, noise);
             let ode = NeuralOde::new(map).solver(self.solver());
-            let z_t = ode.dynamics.initial_state(y_t, noise);
-            run_stacked(&ode, z_t, &grid, schedule, keep_all)?
-                .into_iter()
-                .map(|z| ode.dynamics.y_of(z))
-                .collect::<Vec<_>>()
+            run_map(&ode, y_t, &grid, schedule, keep_all)?
         } else if self.kind.is_multistep() {
-            let map = self.dpm_map(model.clone(), schedule, &grid)?;
+            let map = self.dpm_map(model.clone(), schedule, &grid, noise)?;
             let ode = NeuralOde::new(map).solver(self.solver());
-            let z_t = ode.dynamics.initial_state_with_noise(y_t, noise);
-            run_stacked(&ode, z_t, &grid, schedule, keep_all)?
+            let z_t = ode.dynamics.initial_state(y_t);
+            run_map(&ode, z_t, &grid, schedule, keep_all)?
                 .into_iter()
                 .map(|z| ode.dynamics.y_of(z))
                 .collect::<Vec<_>>()
@@ -813,7 +810,7 @@ impl Sampler {
             ys.push(start);
             ys
         };
-        // Without `keep_all` the stacked maps return the last state alone: align from the end.
+        // Without `keep_all` the one-step maps return the last state alone: align from the end.
         Ok(ys
             .into_iter()
             .rev()
@@ -824,10 +821,10 @@ impl Sampler {
     }
 }
 
-/// The states of a stacked map's run (multistep history, stochastic noise) on `grid`: every
-/// knot's, or without `keep_all` the last alone, stepping one interval at a time so that a
-/// stochastic sampler's (S + 1)-block states are not all held at once.
-fn run_stacked<B: Backend, Dy: Dynamics<B, D>, const D: usize>(
+/// The states of a one-step map's run (a multistep method's stacked history, a stochastic
+/// sampler's sample) on `grid`: every knot's, or without `keep_all` the last alone, stepping one
+/// interval at a time so that one state is held at once.
+fn run_map<B: Backend, Dy: Dynamics<B, D>, const D: usize>(
     ode: &NeuralOde<Dy>,
     z: Tensor<B, D>,
     grid: &[f64],

@@ -1,12 +1,13 @@
 //! Stochastic samplers with their noise given — DDIM with η > 0 and Euler ancestral — as
-//! one-step maps on a state that carries the noise, so that the exact adjoint reaches it too.
+//! one-step maps whose noise is a parameter, so that the exact adjoint reaches it too.
 //!
-//! A stochastic sampler adds fresh Gaussian noise ξ_i at every step. Drawn up front and stacked
-//! under the sample along the batch axis, `z = [y; ξ_0; …; ξ_{S−1}]`, the noise makes each step
-//! a deterministic map of z, and the engine's `Checkpointed` and `Backprop` modes give the exact
-//! gradient with respect to x_T, the conditioning, the weights and every ξ_i (what noise
-//! optimisation through a stochastic sampler trains). The noise blocks never change. In
-//! `y = x/α`, with `ᾱ = α² = 1/(1 + ρ²)` and `x̂0 = y − ρ_i ε(α_i y, t_i)`, step i is:
+//! A stochastic sampler adds fresh Gaussian noise ξ_i at every step. Drawn up front and held by
+//! the step map as one parameter ([`StepNoise`]), the noise makes each step a deterministic map
+//! of the sample, and the engine's `Checkpointed` and `Backprop` modes give the exact gradient
+//! with respect to x_T, the conditioning, the weights and every ξ_i (what noise optimisation
+//! through a stochastic sampler trains): a parameter's gradient is summed over the steps that
+//! read it, as the network's weights' is. In `y = x/α`, with `ᾱ = α² = 1/(1 + ρ²)` and
+//! `x̂0 = y − ρ_i ε(α_i y, t_i)`, step i is:
 //!
 //! - DDIM(η) (Song et al. 2021; diffusers' `DDIMScheduler.step` with `eta` and
 //!   `variance_noise`): `σ_i = η √((1 − ᾱ_{i+1})/(1 − ᾱ_i)) √(1 − ᾱ_i/ᾱ_{i+1})` and
@@ -16,20 +17,78 @@
 //!   `EulerAncestralDiscreteScheduler`): `ρ_up = ρ_{i+1} √(1 − ρ_{i+1}²/ρ_i²)`,
 //!   `ρ_down = √(ρ_{i+1}² − ρ_up²)`, `y_{i+1} = y + (ρ_down − ρ_i) ε + ρ_up ξ_i`.
 //!
-//! Carrying the noise costs memory: every state the engine stores, and the solve's output at
-//! every step, holds S + 1 sample-sized tensors, so memory grows as S² whatever the schedule
-//! (still no activations of the network; measured in `examples/bench_diffusion.rs`).
+//! The state is the sample alone, so what the engine stores per step is what a deterministic
+//! sampler stores; the noise is held once. (Carried in the state instead, as it was first, every
+//! stored state and the solve's output at every step held all S + 1 blocks, and memory grew as
+//! S²; `examples/bench_diffusion.rs --sampler` measures both kinds.)
 //!
 //! Both are written, as the multistep maps are, as one Euler step of the field
-//! `f = (z_{i+1} − z_i)/h`, `h = ρ_{i+1} − ρ_i`. A stochastic sampler is not an ODE's
+//! `f = (y_{i+1} − y_i)/h`, `h = ρ_{i+1} − ρ_i`. A stochastic sampler is not an ODE's
 //! discretisation, so it has no continuous adjoint: `Backsolve` is refused.
 
-use burn::module::Module;
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 
 use crate::diffusion::eps_model::EpsModel;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::ode::Dynamics;
+
+/// A stochastic sampler's noise, one block per step, as one parameter of its step map: step i's
+/// block, flattened, is row i. A parameter's gradient is what the engine's adjoint already sums
+/// over the steps, for weights; so the noise rides neither in the state nor in any stored step.
+///
+/// It is trainable exactly when some block is tracked (`require_grad`, or computed from tracked
+/// tensors): then each block's gradient flows back to it through burn's graph. Untracked, it is
+/// frozen and costs the adjoint nothing.
+#[derive(Module, Debug)]
+pub struct StepNoise<B: Backend> {
+    /// `[steps, elements of a block]`; `None` when the map injects no noise.
+    blocks: Option<Param<Tensor<B, 2>>>,
+}
+
+impl<B: Backend> StepNoise<B> {
+    /// No noise: a deterministic map's.
+    pub fn none() -> Self {
+        Self { blocks: None }
+    }
+
+    /// The noise `blocks`, one per step, all of one shape (the sampler checks this).
+    pub fn new<const D: usize>(blocks: Vec<Tensor<B, D>>) -> Self {
+        if blocks.is_empty() {
+            return Self::none();
+        }
+        let rows: Vec<Tensor<B, 2>> = blocks
+            .into_iter()
+            .map(|b| {
+                let n = b.shape().num_elements();
+                b.reshape([1, n])
+            })
+            .collect();
+        // `initialized` keeps the tensor as it is: `Param::from_tensor` would ask a tensor that
+        // is not a leaf of the user's graph to `require_grad`, which burn-autodiff refuses.
+        Self {
+            blocks: Some(Param::initialized(ParamId::new(), Tensor::cat(rows, 0))),
+        }
+    }
+
+    /// Blocks held.
+    pub fn len(&self) -> usize {
+        self.blocks.as_ref().map_or(0, |b| b.val().dims()[0])
+    }
+
+    /// Whether no block is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Step `i`'s block, shaped like `like` (zeros where there is none: no noise).
+    pub fn at<const D: usize>(&self, i: usize, like: &Tensor<B, D>) -> Tensor<B, D> {
+        match &self.blocks {
+            Some(blocks) => blocks.val().narrow(0, i, 1).reshape(like.dims()),
+            None => like.zeros_like(),
+        }
+    }
+}
 
 /// Which stochastic step a [`NoisyStepMap`] takes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,11 +103,13 @@ pub enum NoisyStep {
 }
 
 /// A stochastic sampler's step map of `model` on a fixed decreasing ρ grid, as an Euler field
-/// on `[y; ξ_0; …; ξ_{S−1}]` (see the module's doc).
+/// on the sample `y`, its noise a parameter (see the module's doc).
 #[derive(Module, Debug)]
 pub struct NoisyStepMap<B: Backend, M: Module<B>> {
     /// The ε-network.
     pub model: M,
+    /// ξ_0 … ξ_{S−1}.
+    pub noise: StepNoise<B>,
     #[module(skip)]
     grid: Vec<f64>,
     /// The network's timestep at each knot.
@@ -61,33 +122,23 @@ pub struct NoisyStepMap<B: Backend, M: Module<B>> {
 
 impl<B: Backend, M: Module<B>> NoisyStepMap<B, M> {
     /// The map of `model` on `grid` (decreasing ρ, at least two knots), the network told
-    /// `timesteps[i]` at knot i.
-    pub fn new(model: M, step: NoisyStep, grid: Vec<f64>, timesteps: Vec<f64>) -> Self {
+    /// `timesteps[i]` at knot i, injecting `noise[i]` at step i (one standard normal tensor of
+    /// the sample's shape per step).
+    pub fn new<const D: usize>(
+        model: M,
+        step: NoisyStep,
+        grid: Vec<f64>,
+        timesteps: Vec<f64>,
+        noise: Vec<Tensor<B, D>>,
+    ) -> Self {
         Self {
             model: crate::ode::materialized(model),
+            noise: StepNoise::new(noise),
             grid,
             timesteps,
             step,
             _backend: core::marker::PhantomData,
         }
-    }
-
-    /// Steps of the grid, one noise block each.
-    fn steps(&self) -> usize {
-        self.grid.len() - 1
-    }
-
-    /// The stacked initial state `[y_T; ξ_0; …; ξ_{S−1}]`.
-    pub fn initial_state<const D: usize>(&self, y_t: Tensor<B, D>, noise: Vec<Tensor<B, D>>) -> Tensor<B, D> {
-        let mut parts = vec![y_t];
-        parts.extend(noise);
-        Tensor::cat(parts, 0)
-    }
-
-    /// The `y` part of a stacked state.
-    pub fn y_of<const D: usize>(&self, z: Tensor<B, D>) -> Tensor<B, D> {
-        let rows = z.dims()[0] / (self.steps() + 1);
-        z.narrow(0, 0, rows)
     }
 
     /// Step i's update as `y_{i+1} = y_i + c_ε ε + c_ξ ξ_i`: `(c_ε, c_ξ)`.
@@ -112,20 +163,15 @@ impl<B: Backend, M: Module<B>> NoisyStepMap<B, M> {
 }
 
 impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for NoisyStepMap<B, M> {
-    fn f(&self, rho: Tensor<B, 1>, z: Tensor<B, D>) -> Tensor<B, D> {
-        let steps = self.steps();
+    fn f(&self, rho: Tensor<B, 1>, y: Tensor<B, D>) -> Tensor<B, D> {
         let i = super::dpm_solver::knot_index(&self.grid, rho.into_scalar().elem());
-        let rows = z.dims()[0] / (steps + 1);
-        let y = z.clone().narrow(0, 0, rows);
-        let xi = z.clone().narrow(0, (i + 1) * rows, rows);
+        let xi = self.noise.at(i, &y);
         let t = Tensor::from_data(TensorData::from([self.timesteps[i]]), (&y.device(), y.dtype()));
         let eps = self
             .model
-            .eps(y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(self.grid[i])), t);
+            .eps(y.mul_scalar(NoiseSchedule::alpha_of_rho(self.grid[i])), t);
         let (c_eps, c_xi) = self.coefficients(i);
         let h = self.grid[i + 1] - self.grid[i];
-        let dy = (eps.mul_scalar(c_eps) + xi.mul_scalar(c_xi)).div_scalar(h);
-        let still = z.narrow(0, rows, steps * rows).zeros_like();
-        Tensor::cat(vec![dy, still], 0)
+        (eps.mul_scalar(c_eps) + xi.mul_scalar(c_xi)).div_scalar(h)
     }
 }

@@ -1,33 +1,46 @@
 //! A module's trainable parameters as one flat vector, and their gradients in the same order.
 //!
 //! The solver op takes θ as one parent: the differentiable concatenation of every parameter that
-//! requires a gradient, so burn routes each slice of dL/dθ back to its own parameter. Frozen
-//! parameters are left out: they are not parents and cost no vector-Jacobian work.
+//! is part of the caller's graph, so burn routes each slice of dL/dθ back to its own parameter.
+//! That is a leaf that requires a gradient, or a tensor computed from one (a parameter made with
+//! `Param::initialized` from, say, a stochastic sampler's noise). Frozen parameters are left out:
+//! they are not parents and cost no vector-Jacobian work.
 
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 
-/// Collects the flattened trainable parameters, in visiting order.
-struct Flatten<B: Backend> {
-    parts: Vec<Tensor<B, 1>>,
+/// Whether `value` is part of the graph: a leaf that requires a gradient or a tensor computed
+/// from one. (`is_require_grad` answers for leaves only.)
+fn tracked<B: Backend, C: CheckpointStrategy, const D: usize>(value: &Tensor<Autodiff<B, C>, D>) -> bool {
+    !value.clone().into_primitive().tensor().node.requirement.is_none()
 }
 
-impl<B: Backend> ModuleVisitor<B> for Flatten<B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+/// Collects the flattened tracked parameters, in visiting order.
+struct Flatten<B: Backend, C: CheckpointStrategy> {
+    parts: Vec<Tensor<Autodiff<B, C>, 1>>,
+}
+
+impl<B: Backend, C: CheckpointStrategy> ModuleVisitor<Autodiff<B, C>> for Flatten<B, C> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Autodiff<B, C>, D>>) {
         let value = param.val();
-        if value.is_require_grad() {
+        if tracked(&value) {
             let n = value.shape().num_elements();
             self.parts.push(value.reshape([n]));
         }
     }
 }
 
-/// θ: the trainable parameters of `module` flattened and concatenated (tracked), or `None` when
-/// nothing is trainable.
-pub(crate) fn flatten_trainable<B: Backend, M: Module<B>>(module: &M) -> Option<Tensor<B, 1>> {
-    let parts = flatten_parts(module);
-    (!parts.is_empty()).then(|| Tensor::cat(parts, 0))
+/// θ: the tracked parameters of `module` flattened and concatenated, or `None` when nothing is
+/// tracked.
+pub(crate) fn flatten_trainable<B: Backend, C: CheckpointStrategy, M: Module<Autodiff<B, C>>>(
+    module: &M,
+) -> Option<Tensor<Autodiff<B, C>, 1>> {
+    let mut v = Flatten { parts: Vec::new() };
+    module.visit(&mut v);
+    (!v.parts.is_empty()).then(|| Tensor::cat(v.parts, 0))
 }
 
 /// Reads the gradient of every trainable parameter, flattened, in the order of
@@ -61,13 +74,14 @@ pub(crate) fn trainable_grads<AD: AutodiffBackend, M: Module<AD>>(
     v.out
 }
 
-/// Which float parameters require a gradient, in visiting order. Kept apart because cloning an
-/// inner-backend module forgets it (burn re-derives the flag from the untracked inner tensor).
-pub(crate) fn trainable_mask<B: Backend, M: Module<B>>(module: &M) -> Vec<bool> {
+/// Which float parameters are tracked (the parts of θ), in visiting order. Kept apart because
+/// cloning an inner-backend module forgets it (burn re-derives the flag from the untracked inner
+/// tensor).
+pub(crate) fn trainable_mask<B: Backend, C: CheckpointStrategy, M: Module<Autodiff<B, C>>>(module: &M) -> Vec<bool> {
     struct Mask(Vec<bool>);
-    impl<B: Backend> ModuleVisitor<B> for Mask {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0.push(param.val().is_require_grad());
+    impl<B: Backend, C: CheckpointStrategy> ModuleVisitor<Autodiff<B, C>> for Mask {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Autodiff<B, C>, D>>) {
+            self.0.push(tracked(&param.val()));
         }
     }
     let mut v = Mask(Vec::new());
@@ -105,18 +119,22 @@ pub(crate) fn fresh<AD: AutodiffBackend, M: AutodiffModule<AD>>(
     }
 }
 
-/// Zeros shaped like each trainable parameter, flattened (the initial `a_θ`).
+/// Zeros shaped like each trainable parameter of a [`fresh`] module (whose trainable
+/// parameters are leaves), flattened: the initial `a_θ`.
 pub(crate) fn trainable_zeros<AD: AutodiffBackend, M: Module<AD>>(module: &M) -> Vec<Tensor<AD::InnerBackend, 1>> {
-    flatten_parts(module)
-        .into_iter()
-        .map(|p| p.inner().zeros_like())
-        .collect()
-}
-
-fn flatten_parts<B: Backend, M: Module<B>>(module: &M) -> Vec<Tensor<B, 1>> {
-    let mut v = Flatten { parts: Vec::new() };
+    struct Zeros<AD: AutodiffBackend>(Vec<Tensor<AD::InnerBackend, 1>>);
+    impl<AD: AutodiffBackend> ModuleVisitor<AD> for Zeros<AD> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
+            let value = param.val();
+            if value.is_require_grad() {
+                let n = value.shape().num_elements();
+                self.0.push(value.inner().reshape([n]).zeros_like());
+            }
+        }
+    }
+    let mut v = Zeros::<AD>(Vec::new());
     module.visit(&mut v);
-    v.parts
+    v.0
 }
 
 /// Initialises every lazily-initialised parameter of `module` now, so that its clones share

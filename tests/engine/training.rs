@@ -41,6 +41,62 @@ fn frozen_params_receive_no_grad() {
     let _ = param_grads;
 }
 
+/// A parameter computed from a tracked tensor (`Param::initialized(id, 2·w)`, as a stochastic
+/// sampler's noise is held) is part of θ: its gradient reaches `w` in every mode, as twice the
+/// gradient of a plain parameter with the same values, and Checkpointed equals Backprop. (Before,
+/// only leaves counted, and such a parameter was silently frozen.)
+#[test]
+fn computed_params_pass_their_gradient_on() {
+    use burn::module::ParamId;
+    let device = Default::default();
+    let model = Mlp::<Ad>::new(&[2, 6, 2], Act::Tanh, true, &device);
+    let half = model.layers[0].weight.val().inner().mul_scalar(0.5);
+    let z0 = Tensor::<Ad, 2>::from_data(
+        burn::tensor::TensorData::new(vec![0.3, -0.2, 0.5, 0.1], [2, 2]),
+        &device,
+    );
+    let mut reference = None;
+    for mode in [
+        GradientMode::Backprop,
+        GradientMode::Checkpointed(Schedule::All),
+        GradientMode::Checkpointed(Schedule::Recursive),
+        GradientMode::Backsolve(BacksolveOptions::default()),
+    ] {
+        let w = Tensor::<Ad, 2>::from_inner(half.clone()).require_grad();
+        let mut computed = model.clone();
+        computed.layers[0].weight = Param::initialized(ParamId::new(), w.clone().mul_scalar(2.0));
+        let ode = NeuralOde::new(computed).solver(Solver::rk4(8)).gradient(mode);
+        let grads = ode
+            .solve(z0.clone(), &[0.0, 1.0])
+            .unwrap()
+            .last()
+            .powi_scalar(2)
+            .sum()
+            .backward();
+        let got = to_vec(w.grad(&grads).expect("the computed parameter's source gets a gradient"));
+        // The same solve with the plain parameter: d/dw = 2 d/dweight.
+        let plain = NeuralOde::new(model.clone()).solver(Solver::rk4(8)).gradient(mode);
+        let grads = plain
+            .solve(z0.clone(), &[0.0, 1.0])
+            .unwrap()
+            .last()
+            .powi_scalar(2)
+            .sum()
+            .backward();
+        let twice: Vec<f64> = to_vec(plain.dynamics.layers[0].weight.grad(&grads).unwrap())
+            .iter()
+            .map(|g| 2.0 * g)
+            .collect();
+        assert!(crate::common::rel_err(&got, &twice) < 1e-12, "{mode:?}");
+        match (&reference, mode) {
+            (None, _) => reference = Some(got),
+            // Backsolve is exact to its tolerances only.
+            (Some(r), GradientMode::Backsolve(_)) => assert!(crate::common::rel_err(&got, r) < 1e-4, "{mode:?}"),
+            (Some(r), _) => assert!(crate::common::rel_err(&got, r) < 1e-10, "{mode:?}"),
+        }
+    }
+}
+
 #[test]
 fn untracked_solves_keep_no_states() {
     let device = Default::default();
