@@ -193,7 +193,9 @@ impl<M> NeuralOde<M> {
     }
 
     /// Solves on an autodiff backend, differentiated by the gradient mode. Gradients flow to
-    /// `z0` (when tracked) and to every trainable parameter of the dynamics.
+    /// `z0` (when tracked) and to every trainable parameter of the dynamics: a leaf that
+    /// requires a gradient, or a value computed from tracked tensors (`Param::initialized` from,
+    /// say, a hypernetwork's output), whose gradient then flows on through the caller's graph.
     pub fn solve<B, C, const D: usize>(
         &self,
         z0: Tensor<Autodiff<B, C>, D>,
