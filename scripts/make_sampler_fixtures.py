@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M), UniPC (bh2, bh1; order 2, 3),
+"""Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M, 2M SDE, 3M SDE), UniPC (bh2, bh1; order 2, 3),
 Euler and Heun schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
 samplers.json).
 
@@ -158,6 +158,12 @@ NOISY_CASES = {
     "euler_ancestral_linear_leading": (EulerAncestralDiscreteScheduler, dict(beta_schedule="linear",
                                                                              timestep_spacing="leading",
                                                                              steps_offset=1), 10, None),
+    # DPM-Solver++(3M) SDE ("DPM++ 3M SDE"): under 15 steps (the last two of lower order), 20 steps
+    # on Karras' levels.
+    "dpmpp3m_sde_sd": (DPMSolverMultistepScheduler, dict(SD, algorithm_type="sde-dpmsolver++", solver_order=3),
+                       10, 0.0),
+    "dpmpp3m_sde_sd_karras": (DPMSolverMultistepScheduler, dict(SD, algorithm_type="sde-dpmsolver++", solver_order=3,
+                                                                use_karras_sigmas=True), 20, 0.0),
 }
 STRENGTH = {"euler_sd_img2img": 0.6, "heun_sd_img2img": 0.55, "unipc3_sd_img2img": 0.6, "unipc_sd_img2img": 0.6, "ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6,
             "dpmpp3m_sd_img2img_sigma_min": 0.6}

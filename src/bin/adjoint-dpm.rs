@@ -165,6 +165,10 @@ enum SolverArg {
     /// drawn from --seed).
     #[value(name = "dpmpp2m-sde")]
     Dpmpp2mSde,
+    /// DPM-Solver++(3M) SDE, "DPM++ 3M SDE", stochastic (exact or backprop; its step noise is
+    /// drawn from --seed).
+    #[value(name = "dpmpp3m-sde")]
+    Dpmpp3mSde,
     /// UniPC, diffusers' defaults (exact or backprop).
     Unipc,
     /// UniPC with diffusers' `solver_type = "bh1"`, for unconditional sampling in under 10 steps.
@@ -272,6 +276,7 @@ impl TaskArgs {
                 SolverArg::Dpmpp2mKarras => SolverChoice::Dpmpp2mKarras,
                 SolverArg::Dpmpp3m => SolverChoice::Dpmpp3m,
                 SolverArg::Dpmpp2mSde => SolverChoice::Dpmpp2mSde,
+                SolverArg::Dpmpp3mSde => SolverChoice::Dpmpp3mSde,
                 SolverArg::Unipc => SolverChoice::Unipc,
                 SolverArg::UnipcBh1 => SolverChoice::UnipcBh1,
                 SolverArg::Unipc3 => SolverChoice::Unipc3,

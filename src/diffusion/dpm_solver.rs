@@ -34,7 +34,10 @@
 //! `y_{i+1} = r² y_i + (1 − r²) D_i + ρ_{i+1} √(1 − r²) ξ_i`, `r = ρ_{i+1}/ρ_i`. As for the
 //! stochastic one-step samplers ([`NoisyStepMap`](crate::diffusion::NoisyStepMap)), the noise is
 //! given and held by the map as a parameter ([`StepNoise`]), so the exact gradient reaches it and
-//! the state stays `[y; x̂0_{i−1}]`.
+//! the state stays `[y; x̂0_{i−1}]`. DPM-Solver++(3M) SDE ("DPM++ 3M SDE", `solver_order = 3`)
+//! takes 3M's orders and divided differences with the SDE's coefficients:
+//! `y_{i+1} = r² y_i + (1 − r²) D0 + c1 D1 + c2 D2 + ρ_{i+1} √(1 − r²) ξ_i`,
+//! `c1 = (1 − r²)/(−2h) + 1`, `c2 = (1 − r² − 2h)/(2h)² − ½`.
 //!
 //! Each map is written as one Euler step `z + h f(ρ_i, z)` with `h = ρ_{i+1} − ρ_i` of a field
 //! that knows the grid: `f = (z_{i+1} − z_i)/h` block by block, e.g. for DPM-Solver++
@@ -82,6 +85,8 @@ enum Method {
     DpmPP3,
     /// DPM-Solver++(2M) SDE, with one noise block per step.
     DpmPP2Sde,
+    /// DPM-Solver++(3M) SDE, likewise.
+    DpmPP3Sde,
     /// `bh1`: B(h) = −h instead of bh2's e^{−h} − 1; `third_order`: `solver_order = 3`.
     UniPc {
         bh1: bool,
@@ -94,7 +99,7 @@ impl Method {
     fn blocks(self) -> usize {
         match self {
             Method::DpmPP2 | Method::DpmPP2Sde => 2,
-            Method::DpmPP3 => 3,
+            Method::DpmPP3 | Method::DpmPP3Sde => 3,
             Method::UniPc { third_order, .. } => 4 + usize::from(third_order),
         }
     }
@@ -118,16 +123,23 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         }
     }
 
-    /// DPM-Solver++(3M): a history of two data predictions, third order from the third step.
+    /// DPM-Solver++(3M): a history of two data predictions, third order from the third step
+    /// (with [`sde`](Self::sde), before or after: DPM-Solver++(3M) SDE).
     pub fn third_order(mut self) -> Self {
-        self.method = Method::DpmPP3;
+        self.method = match self.method {
+            Method::DpmPP2Sde | Method::DpmPP3Sde => Method::DpmPP3Sde,
+            _ => Method::DpmPP3,
+        };
         self
     }
 
     /// DPM-Solver++(2M) SDE: the 2M map with fresh noise at each step, `noise[i]` at step i
     /// (one standard normal tensor of the sample's shape per step).
     pub fn sde<const D: usize>(mut self, noise: Vec<Tensor<B, D>>) -> Self {
-        self.method = Method::DpmPP2Sde;
+        self.method = match self.method {
+            Method::DpmPP3 | Method::DpmPP3Sde => Method::DpmPP3Sde,
+            _ => Method::DpmPP2Sde,
+        };
         self.noise = StepNoise::new(noise);
         self
     }
@@ -272,7 +284,7 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         let last_but_one = i + 2 == steps && run < 15;
         if i == 0 || last {
             1
-        } else if self.method != Method::DpmPP3 || i == 1 || last_but_one {
+        } else if !matches!(self.method, Method::DpmPP3 | Method::DpmPP3Sde) || i == 1 || last_but_one {
             2
         } else {
             3
@@ -324,14 +336,21 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
                 let d1_1 = (m1.clone() - m2.clone()).div_scalar(r1);
                 let d1 = d1_0.clone() + (d1_0.clone() - d1_1.clone()).mul_scalar(r0 / (r0 + r1));
                 let d2 = (d1_0 - d1_1).div_scalar(r0 + r1);
-                // (1 − e^{−h}) D = (1 − e^{−h}) D0 + c1 D1 − c2 D2, with e^{−h} = ρ_t/ρ_s.
-                let em = (-h).exp();
-                let (c0, c1, c2) = (1.0 - em, (em - 1.0) / h + 1.0, (em - 1.0 + h) / (h * h) - 0.5);
+                let (c0, c1, c2) = if self.method == Method::DpmPP3Sde {
+                    // (1 − e^{−2h}) D = (1 − e^{−2h}) D0 + c1 D1 + c2 D2.
+                    let em2 = (-2.0 * h).exp();
+                    let c0 = 1.0 - em2;
+                    (c0, c0 / (-2.0 * h) + 1.0, -((c0 - 2.0 * h) / (4.0 * h * h) - 0.5))
+                } else {
+                    // (1 − e^{−h}) D = (1 − e^{−h}) D0 + c1 D1 − c2 D2, with e^{−h} = ρ_t/ρ_s.
+                    let em = (-h).exp();
+                    (1.0 - em, (em - 1.0) / h + 1.0, (em - 1.0 + h) / (h * h) - 0.5)
+                };
                 x0.clone() + d1.mul_scalar(c1 / c0) - d2.mul_scalar(c2 / c0)
             }
         };
         let dy = match self.method {
-            Method::DpmPP2Sde => {
+            Method::DpmPP2Sde | Method::DpmPP3Sde => {
                 // y_{i+1} − y_i = (r² − 1)(y_i − D) + ρ_t √(1 − r²) ξ_i.
                 let r2 = (rho_t / rho_s).powi(2);
                 let xi = self.noise.at(i, &y);

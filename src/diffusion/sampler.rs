@@ -51,6 +51,10 @@ pub enum SamplerKind {
     /// the 2M update with fresh noise at each step. Stochastic: run it with
     /// [`Sampler::sample_with_noise`]; exact and Backprop gradients, the noise's included.
     DpmSolverPP2MSde,
+    /// DPM-Solver++(3M) SDE (`algorithm_type = "sde-dpmsolver++"`, `solver_order = 3`, "DPM++ 3M
+    /// SDE"): 3M's orders with the SDE's coefficients and fresh noise at each step. Stochastic,
+    /// as [`SamplerKind::DpmSolverPP2MSde`].
+    DpmSolverPP3MSde,
     /// UniPC (Zhao et al. 2023) as diffusers' `UniPCMultistepScheduler` defaults to: a
     /// second-order multistep predictor (UniP) and a corrector (UniC) that refines each sample
     /// with the network output already computed there, so no extra network call; state
@@ -77,6 +81,7 @@ impl SamplerKind {
             SamplerKind::DpmSolverPP2M
             | SamplerKind::DpmSolverPP3M
             | SamplerKind::DpmSolverPP2MSde
+            | SamplerKind::DpmSolverPP3MSde
             | SamplerKind::UniPc { .. } => &tableau::EULER,
         }
     }
@@ -88,6 +93,7 @@ impl SamplerKind {
             SamplerKind::DpmSolverPP2M
                 | SamplerKind::DpmSolverPP3M
                 | SamplerKind::DpmSolverPP2MSde
+                | SamplerKind::DpmSolverPP3MSde
                 | SamplerKind::UniPc { .. }
         )
     }
@@ -198,6 +204,15 @@ impl Sampler {
         }
     }
 
+    /// DPM-Solver++(3M) SDE with `steps` steps, otherwise as [`Sampler::dpm_solver_pp_2m`].
+    /// Stochastic: run it with [`Sampler::sample_with_noise`].
+    pub fn dpm_solver_pp_3m_sde(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::DpmSolverPP3MSde,
+            ..Self::dpm_solver_pp_2m(steps)
+        }
+    }
+
     /// UniPC with `steps` steps, otherwise as [`Sampler::dpm_solver_pp_2m`] (diffusers'
     /// `UniPCMultistepScheduler` picks the same timesteps).
     pub fn unipc(steps: usize) -> Self {
@@ -300,13 +315,14 @@ impl Sampler {
     }
 
     /// Whether the sampler injects noise at its steps: DDIM with η > 0, Euler ancestral,
-    /// DPM-Solver++(2M) SDE.
+    /// DPM-Solver++(2M) and (3M) SDE.
     fn is_stochastic(&self) -> Result<bool, DiffusionError> {
-        Ok(self.noisy_step()?.is_some() || self.kind == SamplerKind::DpmSolverPP2MSde)
+        Ok(self.noisy_step()?.is_some()
+            || matches!(self.kind, SamplerKind::DpmSolverPP2MSde | SamplerKind::DpmSolverPP3MSde))
     }
 
     /// How many noise tensors [`Sampler::sample_with_noise`] takes: one per step run for a
-    /// stochastic sampler (DDIM with η > 0, Euler ancestral, DPM-Solver++(2M) SDE), none
+    /// stochastic sampler (DDIM with η > 0, Euler ancestral, DPM-Solver++ SDE), none
     /// otherwise. As in diffusers, a last step to ρ = 0 scales its noise by 0.
     pub fn noise_count(&self, schedule: &NoiseSchedule) -> Result<usize, DiffusionError> {
         Ok(match self.is_stochastic()? {
@@ -526,6 +542,7 @@ impl Sampler {
         Ok(match self.kind {
             SamplerKind::DpmSolverPP3M => map.third_order(),
             SamplerKind::DpmSolverPP2MSde => map.sde(noise),
+            SamplerKind::DpmSolverPP3MSde => map.third_order().sde(noise),
             SamplerKind::UniPc { bh1, third_order } => map.unipc(bh1, third_order),
             _ => map,
         })

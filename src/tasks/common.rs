@@ -253,6 +253,9 @@ pub enum SolverChoice {
     /// DPM-Solver++(2M) SDE, stochastic ("DPM++ 2M SDE"): exact or Backprop gradients.
     #[serde(rename = "dpmpp2m-sde")]
     Dpmpp2mSde,
+    /// DPM-Solver++(3M) SDE, stochastic ("DPM++ 3M SDE"): exact or Backprop gradients.
+    #[serde(rename = "dpmpp3m-sde")]
+    Dpmpp3mSde,
     /// UniPC (predictor-corrector, no extra network call): exact or Backprop gradients.
     Unipc,
     /// UniPC with `B(h) = −h` (diffusers' `solver_type = "bh1"`).
@@ -278,6 +281,7 @@ impl SolverChoice {
             SolverChoice::Dpmpp2mKarras => Sampler::dpm_solver_pp_2m(steps).karras_sigmas(true),
             SolverChoice::Dpmpp3m => Sampler::dpm_solver_pp_3m(steps),
             SolverChoice::Dpmpp2mSde => Sampler::dpm_solver_pp_2m_sde(steps),
+            SolverChoice::Dpmpp3mSde => Sampler::dpm_solver_pp_3m_sde(steps),
             SolverChoice::Unipc => Sampler::unipc(steps),
             SolverChoice::UnipcBh1 => Sampler::unipc_bh1(steps),
             SolverChoice::Unipc3 => Sampler::unipc_third_order(steps),

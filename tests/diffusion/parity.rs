@@ -288,6 +288,12 @@ fn stochastic_samplers_match_diffusers_with_the_same_noise() {
             &sd,
             Sampler::dpm_solver_pp_2m_sde(20).karras_sigmas(true),
         ),
+        ("dpmpp3m_sde_sd", &sd, Sampler::dpm_solver_pp_3m_sde(10)),
+        (
+            "dpmpp3m_sde_sd_karras",
+            &sd,
+            Sampler::dpm_solver_pp_3m_sde(20).karras_sigmas(true),
+        ),
         ("euler_ancestral_linear_leading", &linear, euler_a_leading),
     ];
     for (name, schedule, sampler) in cases {

@@ -69,13 +69,15 @@ fn widest_gap(a: &NoisyGrads, b: &NoisyGrads) -> (&'static str, f64) {
         .fold(("none", 0.0), |worst, gap| if gap.1 <= worst.1 { worst } else { gap })
 }
 
-fn samplers() -> [Sampler; 4] {
+fn samplers() -> [Sampler; 5] {
     [
         Sampler::ddim(6).eta(1.0),
         Sampler::ddim(5).eta(0.4).noise_levels(NoiseLevels::Karras),
         Sampler::euler_ancestral(6),
         // First-order first and last steps, second order between.
         Sampler::dpm_solver_pp_2m_sde(6),
+        // Under 15 steps: orders 1, 2, 3, 3, 2, 1.
+        Sampler::dpm_solver_pp_3m_sde(6),
     ]
 }
 
@@ -185,7 +187,12 @@ fn stochastic_samplers_name_bad_noise_eta_and_modes() {
     // No continuous adjoint through injected noise.
     let model = TinyEps::<Ad>::new(2, &device);
     let backsolve = GradientMode::Backsolve(BacksolveOptions::default());
-    for sampler in [ddim, Sampler::euler_ancestral(4), Sampler::dpm_solver_pp_2m_sde(4)] {
+    for sampler in [
+        ddim,
+        Sampler::euler_ancestral(4),
+        Sampler::dpm_solver_pp_2m_sde(4),
+        Sampler::dpm_solver_pp_3m_sde(4),
+    ] {
         let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 1), SHAPE), &device);
         let e = sampler
             .gradient(backsolve)
@@ -206,7 +213,8 @@ fn sampler_of(kind: usize, steps: usize) -> Sampler {
         5 => Sampler::dpm_solver_pp_2m(steps),
         6 => Sampler::dpm_solver_pp_3m(steps),
         7 => Sampler::dpm_solver_pp_2m_sde(steps),
-        8 => Sampler::unipc(steps),
+        8 => Sampler::dpm_solver_pp_3m_sde(steps),
+        9 => Sampler::unipc(steps),
         _ => Sampler::unipc_third_order(steps),
     }
 }
@@ -222,7 +230,7 @@ proptest::proptest! {
     /// weight.
     #[test]
     fn any_sampler_configuration_is_exact(
-        kind in 0usize..10,
+        kind in 0usize..11,
         steps in 2usize..7,
         levels in 0usize..4,
         fractional in proptest::bool::ANY,
