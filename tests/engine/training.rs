@@ -55,6 +55,10 @@ fn computed_params_pass_their_gradient_on() {
         burn::tensor::TensorData::new(vec![0.3, -0.2, 0.5, 0.1], [2, 2]),
         &device,
     );
+    let loss_grads = |ode: &NeuralOde<Mlp<Ad>>| {
+        let sol = ode.solve(z0.clone(), &[0.0, 1.0]).unwrap();
+        sol.last().powi_scalar(2).sum().backward()
+    };
     let mut reference = None;
     for mode in [
         GradientMode::Backprop,
@@ -65,24 +69,11 @@ fn computed_params_pass_their_gradient_on() {
         let w = Tensor::<Ad, 2>::from_inner(half.clone()).require_grad();
         let mut computed = model.clone();
         computed.layers[0].weight = Param::initialized(ParamId::new(), w.clone().mul_scalar(2.0));
-        let ode = NeuralOde::new(computed).solver(Solver::rk4(8)).gradient(mode);
-        let grads = ode
-            .solve(z0.clone(), &[0.0, 1.0])
-            .unwrap()
-            .last()
-            .powi_scalar(2)
-            .sum()
-            .backward();
+        let grads = loss_grads(&NeuralOde::new(computed).solver(Solver::rk4(8)).gradient(mode));
         let got = to_vec(w.grad(&grads).expect("the computed parameter's source gets a gradient"));
         // The same solve with the plain parameter: d/dw = 2 d/dweight.
         let plain = NeuralOde::new(model.clone()).solver(Solver::rk4(8)).gradient(mode);
-        let grads = plain
-            .solve(z0.clone(), &[0.0, 1.0])
-            .unwrap()
-            .last()
-            .powi_scalar(2)
-            .sum()
-            .backward();
+        let grads = loss_grads(&plain);
         let twice: Vec<f64> = to_vec(plain.dynamics.layers[0].weight.grad(&grads).unwrap())
             .iter()
             .map(|g| 2.0 * g)
