@@ -33,7 +33,7 @@ use burn::prelude::*;
 use clap::{Parser, ValueEnum};
 
 mod common;
-use common::{BackendName, UnetSize};
+use common::{finish, BackendName, UnetSize};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
@@ -144,7 +144,7 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
         let x0 = sampler
             .sample_inference_with_noise(&inner, &schedule, x_t.clone().inner(), noise)
             .map_err(|e| e.to_string())?;
-        let _ = x0.sum().into_scalar();
+        finish("sampling", x0)?;
         Ok(start.elapsed().as_secs_f64())
     };
     let gradient = || -> Result<f64, String> {
@@ -158,11 +158,12 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
             .sample_with_noise(&model, &schedule, leaf.clone(), noise.clone())
             .map_err(|e| e.to_string())?;
         let grads = x0.powi_scalar(2).mean().backward();
-        let g = leaf.grad(&grads).ok_or("no gradient reached x_T")?;
-        let _ = g.sum().into_scalar();
+        finish("the gradient", leaf.grad(&grads).ok_or("no gradient reached x_T")?)?;
         if let Some(first) = noise.first().filter(|_| args.noise_grad) {
-            let g = first.grad(&grads).ok_or("no gradient reached the first step's noise")?;
-            let _ = g.sum().into_scalar();
+            finish(
+                "the noise's gradient",
+                first.grad(&grads).ok_or("no gradient reached the first step's noise")?,
+            )?;
         }
         Ok(start.elapsed().as_secs_f64())
     };

@@ -22,6 +22,9 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 use clap::{Parser, ValueEnum};
 
+mod common;
+use common::finish;
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
     /// No gradient: the forward solve alone, on the inner backend (the floor under every mode).
@@ -179,7 +182,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
             let sol = forward_only
                 .integrate(z0.clone().inner(), &times)
                 .map_err(|e| e.to_string())?;
-            let _ = sol.last().sum().into_scalar();
+            finish("the solve", sol.last())?;
             return Ok((start.elapsed().as_secs_f64(), sol.stats()));
         }
         let sol = ode.solve(z0.clone(), &times).map_err(|e| e.to_string())?;
@@ -190,8 +193,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
             .mean();
         let grads = loss.backward();
         // Read one gradient back so asynchronous backends have finished.
-        let g = z0.grad(&grads).ok_or("no gradient reached z0")?;
-        let _ = g.sum().into_scalar();
+        finish("the gradient", z0.grad(&grads).ok_or("no gradient reached z0")?)?;
         Ok((start.elapsed().as_secs_f64(), sol.stats()))
     };
     let rel_diff = if args.check {

@@ -30,7 +30,7 @@ use burn::tensor::TensorData;
 use clap::Parser;
 
 mod common;
-use common::{rel_diff, set_precision, BackendName, Precision, UnetSize};
+use common::{finish, rel_diff, set_precision, BackendName, Precision, UnetSize};
 
 #[derive(Parser, Debug)]
 #[command(about = "UNet forward and VJP timing; prints one JSON line")]
@@ -104,15 +104,10 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let inner = burn::module::AutodiffModule::valid(&unet);
     phase("initialised; first forward (warm-up)");
 
-    // The scalar reads are where a backend's launch failure surfaces (a kernel cubecl cannot
-    // compile): reported as this program's error, not a panic.
-    let read = |what: &str, r: Result<_, burn::tensor::backend::ExecutionError>| {
-        r.map(|_| ()).map_err(|e| format!("{what} failed on the backend: {e}"))
-    };
     let forward = || {
         let start = Instant::now();
         let out = inner.forward(sample.clone().inner(), t.clone().inner(), context.clone().inner(), None);
-        read("forward", out.sum().try_into_scalar())?;
+        finish("forward", out)?;
         Ok(start.elapsed().as_secs_f64())
     };
     let vjp = || {
@@ -121,7 +116,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
         let out = unet.forward(x.clone(), t.clone(), context.clone(), None);
         let grads = (out * w.clone()).sum().backward();
         if let Some(g) = x.grad(&grads) {
-            read("VJP", g.sum().try_into_scalar())?;
+            finish("VJP", g)?;
         }
         Ok(start.elapsed().as_secs_f64())
     };

@@ -43,6 +43,8 @@
 #   bias-check  op-check's convolutions with a bias alone: in f32 and f16 on this build (patches
 #               3 and 4), then in f32 on check_ops_nofix when the archive has one (a build without
 #               them: the 4-channel weight gradient patch 4 mends)
+#   op-check-f32  op-check in f32 only: on an H200 (2026-11-28) the f16 half stopped making
+#               progress at its 1 600-token attention and left no time for f32
 #   op-check-f16, unfused-tiny, unet-f16-trace  the f16 halves alone: op-check in f16 only,
 #               unfused's tiny UNet only, and unet-untuned's f16 SD-1.5 run without its f32
 #               reference (each layer's largest activation and non-finite count), for a short call
@@ -109,7 +111,7 @@ case "${1:-}" in
     ;;
   run) shift ;;
   *)
-    echo "usage: $0 build | run [op-check op-check-f16 bias-check attn-check unet-untuned unet-f16-trace unfused unfused-tiny p2 p2-backsolve ddim unet-f32 unet-f16 torch unet-tiny]" >&2
+    echo "usage: $0 build | run [op-check op-check-f16 op-check-f32 bias-check attn-check unet-untuned unet-f16-trace unfused unfused-tiny p2 p2-backsolve ddim unet-f32 unet-f16 torch unet-tiny]" >&2
     exit 2
     ;;
 esac
@@ -219,9 +221,11 @@ for step in "${steps[@]}"; do
         peak 75 .gpu-bin/$1 --backend cuda --dtype $2 --only bias
       done
       ;;
-    op-check | op-check-f16)
-      dtypes=(f16 f32)
-      [ "$step" = op-check ] || dtypes=(f16)
+    op-check | op-check-f16 | op-check-f32)
+      case $step in
+        op-check) dtypes=(f16 f32) ;;
+        *) dtypes=("${step#op-check-}") ;;
+      esac
       for dtype in "${dtypes[@]}"; do
         peak 150 .gpu-bin/check_ops_untuned --backend cuda --dtype $dtype
       done

@@ -1,7 +1,7 @@
 //! What the bench examples share: which UNet, backend and float dtype to run, picked on the
 //! command line, and how far two results are apart. Not an example itself (cargo builds only
 //! `examples/*.rs` and `examples/*/main.rs`); each example uses part of it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros, unused_imports)]
 
 use adjoint_dpm_models::unet::UNet2DConditionConfig;
 use clap::ValueEnum;
@@ -92,6 +92,19 @@ pub fn set_precision<B: burn::tensor::backend::Backend>(
             .map_err(|e| format!("f16: {e:?}"))?;
     }
     Ok(())
+}
+
+/// Waits for `t` by reading its sum back, so that an asynchronous backend has finished: where a
+/// backend's launch failure surfaces (a kernel cubecl cannot compile), reported as an error
+/// naming `what` instead of a panic in the read.
+pub fn finish<B: burn::tensor::backend::Backend, const D: usize>(
+    what: &str,
+    t: burn::tensor::Tensor<B, D>,
+) -> Result<(), String> {
+    t.sum()
+        .try_into_scalar()
+        .map(|_| ())
+        .map_err(|e| format!("{what} failed on the backend: {e}"))
 }
 
 /// ‖a − b‖ / ‖b‖ in f64.
