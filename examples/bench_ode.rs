@@ -22,6 +22,8 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 use clap::{Parser, ValueEnum};
 
+// Only `finish` is used here, not the backend macro.
+#[allow(unused_imports, unused_macros)]
 mod common;
 use common::finish;
 

@@ -191,3 +191,59 @@ fn the_command_line_refuses_stable_diffusion_options_for_the_toy_model() {
     }
     std::fs::remove_dir_all(&out).ok();
 }
+
+/// img2img on the toy model: from a ring image at strength 0.3 (the last 3 of 10 steps) the
+/// samples stay rings whatever class conditions them; at strength 1 they follow their class.
+#[test]
+fn sample_from_an_init_image_keeps_it_at_low_strength() {
+    use adjoint_dpm::tasks::run::{sample_grid, InitImage};
+    use adjoint_dpm::toy::{self, CLASSES, IMAGE_SIZE};
+    let root = std::env::temp_dir().join(format!("adjoint-dpm-img2img-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let ring = CLASSES.iter().position(|c| *c == "ring").unwrap();
+    // Written pixel for pixel: the model is sensitive enough that a resized, bordered copy
+    // (`write_png_grid`'s frame) loses the ring at this strength.
+    let image = toy::dataset_of_class(ring, 1, 5).unwrap();
+    let path = root.join("ring.png");
+    let plane = IMAGE_SIZE * IMAGE_SIZE;
+    let byte = |c: usize, x: u32, y: u32| {
+        let v = image.images[c * plane + y as usize * IMAGE_SIZE + x as usize];
+        ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8
+    };
+    let side = IMAGE_SIZE as u32;
+    image::RgbImage::from_fn(side, side, |x, y| {
+        image::Rgb([byte(0, x, y), byte(1, x, y), byte(2, x, y)])
+    })
+    .save(&path)
+    .unwrap();
+    let mut c = config(&root);
+    (c.steps, c.batch) = (10, 1);
+    let rings = |labels: &[usize]| labels.iter().filter(|&&l| l == ring).count();
+    let kept = sample_grid(
+        &c,
+        Some(InitImage {
+            path: &path,
+            strength: 0.3,
+        }),
+    )
+    .unwrap();
+    assert_eq!(kept.len(), CLASSES.len());
+    assert!(
+        rings(&kept) >= CLASSES.len() - 1,
+        "labels from a ring at strength 0.3: {kept:?}"
+    );
+    let free = sample_grid(
+        &c,
+        Some(InitImage {
+            path: &path,
+            strength: 1.0,
+        }),
+    )
+    .unwrap();
+    assert!(rings(&free) <= 2, "labels from a ring at strength 1: {free:?}");
+    // A strength that keeps no step, or a missing image, is a typed error.
+    let bad = |strength, path: &std::path::Path| sample_grid(&c, Some(InitImage { path, strength })).unwrap_err();
+    assert!(bad(0.05, &path).to_string().contains("strength"));
+    assert!(matches!(bad(0.5, &root.join("missing.png")), RunError::Image { .. }));
+    std::fs::remove_dir_all(&root).ok();
+}

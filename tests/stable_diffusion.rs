@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use adjoint_dpm::diffusion::{Cfg, NoiseLevels};
-use adjoint_dpm::tasks::run::{RunConfig, RunError};
+use adjoint_dpm::tasks::run::{InitImage, RunConfig, RunError};
 use adjoint_dpm::tasks::run_sd::{run_audit, run_finetune, run_guide, run_invert, sample};
 use adjoint_dpm::tasks::{FinalSigmas, GradientChoice, SdError, SolverChoice, StableDiffusion};
 use burn::backend::Flex;
@@ -173,9 +173,21 @@ fn every_task_runs_on_a_stable_diffusion_folder() {
     // Plain samples of a prompt.
     let mut c = config(&dir("sample"));
     c.prompt = "a photo of the cat".into();
-    let labels = sample::<B>(&c, &device).unwrap();
+    let labels = sample::<B>(&c, None, &device).unwrap();
     assert_eq!(labels.len(), 2);
     assert!(dir("sample").join("samples.png").is_file());
+    let plain = std::fs::read(dir("sample").join("samples.png")).unwrap();
+    // img2img from the reference (VAE-encoded), the last two of 3 steps; a strength that keeps
+    // no step is a typed error.
+    let init = |strength| InitImage {
+        path: &reference,
+        strength,
+    };
+    assert_eq!(sample::<B>(&c, Some(init(0.7)), &device).unwrap().len(), 2);
+    let edited = std::fs::read(dir("sample").join("samples.png")).unwrap();
+    assert_ne!(plain, edited, "the init image changed nothing");
+    let err = sample::<B>(&c, Some(init(0.2)), &device).unwrap_err();
+    assert!(err.to_string().contains("strength"), "{err}");
 
     // LoRA stylisation.
     let r = run_finetune::<B>(&config(&dir("finetune")), &reference, 2, &device, &mut |_, _| {}).unwrap();

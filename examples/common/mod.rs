@@ -1,7 +1,7 @@
 //! What the bench examples share: which UNet, backend and float dtype to run, picked on the
 //! command line, and how far two results are apart. Not an example itself (cargo builds only
 //! `examples/*.rs` and `examples/*/main.rs`); each example uses part of it.
-#![allow(dead_code, unused_macros, unused_imports)]
+#![allow(dead_code)]
 
 use adjoint_dpm_models::unet::UNet2DConditionConfig;
 use clap::ValueEnum;

@@ -16,7 +16,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use adjoint_dpm::tasks::run::{self as tasks, RunConfig};
+use adjoint_dpm::tasks::run::{self as tasks, InitImage, RunConfig};
 use adjoint_dpm::tasks::run_sd;
 use adjoint_dpm::tasks::stable_diffusion::is_pipeline_dir;
 use adjoint_dpm::tasks::{GradientChoice, SolverChoice};
@@ -86,8 +86,16 @@ enum Command {
         task: TaskArgs,
     },
     /// Class-conditional samples with classifier-free guidance, one row per class (Stable
-    /// Diffusion: samples of the prompt, with the classifier's labels).
+    /// Diffusion: samples of the prompt, with the classifier's labels). With --init-image,
+    /// img2img (SDEdit): the image noised to --strength of the run, then its last steps.
     Sample {
+        /// Start from this image (PNG or JPEG, resized) instead of pure noise.
+        #[arg(long)]
+        init_image: Option<PathBuf>,
+        /// With --init-image: the fraction of the steps run, from the image noised to the first
+        /// of them (diffusers' img2img `strength`; 1 keeps nothing of the image).
+        #[arg(long, default_value_t = 0.6)]
+        strength: f64,
         #[command(flatten)]
         task: TaskArgs,
     },
@@ -375,9 +383,12 @@ fn run_sd_task<B: burn::tensor::backend::Backend>(
             bar.finish();
             print_finetune(&style, rank, &r);
         }
-        Command::Sample { .. } => {
+        Command::Sample {
+            init_image, strength, ..
+        } => {
             bar.finish_and_clear();
-            let labels = run_sd::sample::<B>(config, device)?;
+            let init = init_image.as_deref().map(|path| InitImage { path, strength });
+            let labels = run_sd::sample::<B>(config, init, device)?;
             println!("{} samples; the classifier's labels: {labels:?}", labels.len());
         }
         Command::TrainToy(_) => unreachable!("train-toy is dispatched in main"),
@@ -404,7 +415,7 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::Audit { task, .. } => ("audit", task),
         Command::Invert { task, .. } => ("invert", task),
         Command::Finetune { task, .. } => ("finetune", task),
-        Command::Sample { task } => ("sample", task),
+        Command::Sample { task, .. } => ("sample", task),
         Command::TrainToy(_) => unreachable!("train-toy is dispatched in main"),
     };
     let config = task.config();
@@ -482,9 +493,12 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             bar.finish();
             print_finetune(&format!("a {style}"), rank, &r);
         }
-        Command::Sample { .. } => {
+        Command::Sample {
+            init_image, strength, ..
+        } => {
             bar.finish_and_clear();
-            let predicted = tasks::sample_grid(&config)?;
+            let init = init_image.as_deref().map(|path| InitImage { path, strength });
+            let predicted = tasks::sample_grid(&config, init)?;
             let correct = predicted
                 .iter()
                 .enumerate()

@@ -486,8 +486,35 @@ where
     Ok(report)
 }
 
-/// Class-conditional samples with classifier-free guidance, one row per class, as PNG.
-pub fn sample_grid(config: &RunConfig) -> Result<Vec<usize>, RunError> {
+/// img2img (SDEdit, diffusers' img2img pipeline): sampling starts from an image noised to the
+/// first of the last `strength` of the steps ([`Sampler::strength`], [`Sampler::noised`]).
+#[derive(Debug, Clone, Copy)]
+pub struct InitImage<'a> {
+    /// The image (PNG or JPEG; resized to the model's size).
+    pub path: &'a Path,
+    /// The fraction of the steps run, in (0, 1].
+    pub strength: f64,
+}
+
+impl InitImage<'_> {
+    /// The sampler that runs the last steps, and where it starts: `clean` (the image as the
+    /// model's sample, batched) noised with `noise` (standard normal, `clean`'s shape).
+    pub fn start<B: burn::tensor::backend::Backend>(
+        &self,
+        sampler: Sampler,
+        schedule: &crate::diffusion::NoiseSchedule,
+        clean: Tensor<B, 4>,
+        noise: Tensor<B, 4>,
+    ) -> Result<(Sampler, Tensor<B, 4>), RunError> {
+        let sampler = sampler.strength(self.strength);
+        let x_t = sampler.noised(schedule, clean, noise)?;
+        Ok((sampler, x_t))
+    }
+}
+
+/// Class-conditional samples with classifier-free guidance, one row per class, as PNG; from
+/// `init`'s image when given (img2img).
+pub fn sample_grid(config: &RunConfig, init: Option<InitImage>) -> Result<Vec<usize>, RunError> {
     let s = setup(config)?;
     let labels: Vec<usize> = (0..CLASSES.len())
         .flat_map(|c| std::iter::repeat_n(c, config.batch))
@@ -501,8 +528,15 @@ pub fn sample_grid(config: &RunConfig) -> Result<Vec<usize>, RunError> {
         Distribution::Normal(0.0, 1.0),
         &device,
     );
-    let steps = step_noise(&s.sampler, &s.schedule, x_t.dims(), config.step_noise_seed(), &device)?;
-    let images = s.sampler.sample_inference_with_noise(&model, &s.schedule, x_t, steps)?;
+    let (sampler, x_t) = match init {
+        Some(init) => {
+            let image = crate::tasks::run_sd::load_image::<Inner>(init.path, IMAGE_SIZE, &device)?;
+            init.start(s.sampler, &s.schedule, image.repeat_dim(0, labels.len()), x_t)?
+        }
+        None => (s.sampler, x_t),
+    };
+    let steps = step_noise(&sampler, &s.schedule, x_t.dims(), config.step_noise_seed(), &device)?;
+    let images = sampler.sample_inference_with_noise(&model, &s.schedule, x_t, steps)?;
     let predicted = s.classifier.valid().predict(images.clone());
     toy::write_png_grid(
         &config.out.join("samples.png"),

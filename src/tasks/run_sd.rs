@@ -21,7 +21,7 @@ use crate::tasks::common::{lora_rank, scalar, step_noise, Classifier, TaskModel}
 use crate::tasks::imagenet::ImageNetClassifier;
 use crate::tasks::output;
 use crate::tasks::resume::Resume;
-use crate::tasks::run::{files_fingerprint, resume_for, tune_and_report, RunConfig, RunError, TuneReport};
+use crate::tasks::run::{files_fingerprint, resume_for, tune_and_report, InitImage, RunConfig, RunError, TuneReport};
 use crate::tasks::stable_diffusion::StableDiffusion;
 use crate::tasks::unet_eps::UnetEps;
 use crate::tasks::{audit, guided_sampling, Audit, GuidedSampling, StyleLoss, Tuning};
@@ -204,19 +204,28 @@ fn audit_with<B: Backend, M: TaskModel<B>>(
     Ok(run.report)
 }
 
-/// Samples of the prompt's model from seeded noise (no optimisation), written as
-/// `samples.png`; returns the classifier's label of each.
-pub fn sample<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Vec<usize>, RunError> {
+/// Samples of the prompt's model from seeded noise (no optimisation), or from `init`'s image
+/// encoded by the VAE (img2img), written as `samples.png`; returns the classifier's label of
+/// each.
+pub fn sample<B: Backend>(
+    config: &RunConfig,
+    init: Option<InitImage>,
+    device: &B::Device,
+) -> Result<Vec<usize>, RunError> {
     let s = setup::<B>(config, device)?;
     let x_t = noise(&s, config, 1);
-    let steps = step_noise(&s.sampler, &s.sd.schedule, x_t.dims(), config.step_noise_seed(), device)?;
+    let (sampler, x_t) = match init {
+        Some(init) => {
+            let image = load_image::<B>(init.path, s.sd.image_size(), device)?;
+            let latent = s.sd.vae.valid().encode_mean(image).repeat_dim(0, config.batch);
+            init.start(s.sampler, &s.sd.schedule, latent, x_t)?
+        }
+        None => (s.sampler, x_t),
+    };
+    let steps = step_noise(&sampler, &s.sd.schedule, x_t.dims(), config.step_noise_seed(), device)?;
     let latents = match prompt_model(&s, config)? {
-        PromptModel::Plain(m) => s
-            .sampler
-            .sample_inference_with_noise(&m.valid(), &s.sd.schedule, x_t, steps)?,
-        PromptModel::Guided(m) => s
-            .sampler
-            .sample_inference_with_noise(&m.valid(), &s.sd.schedule, x_t, steps)?,
+        PromptModel::Plain(m) => sampler.sample_inference_with_noise(&m.valid(), &s.sd.schedule, x_t, steps)?,
+        PromptModel::Guided(m) => sampler.sample_inference_with_noise(&m.valid(), &s.sd.schedule, x_t, steps)?,
     };
     let images = s.sd.vae.valid().decode(latents);
     let labels = crate::tasks::common::to_f64(s.classifier.valid().logits(images.clone()).argmax(1).float());
