@@ -56,7 +56,8 @@ use crate::ode::Dynamics;
 /// assert_eq!(noise.len(), 3);
 /// // Step 2's block, as the step map reads it; its gradient reaches `xi[2]`.
 /// let grads = noise.at(2, &y).sum().backward();
-/// assert_eq!(xi[2].grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap(), vec![1.0; 8]);
+/// assert_eq!(xi[2].grad(&grads).map(|g| g.sum().into_scalar()), Some(8.0)); // ones, 2 × 4
+/// assert!(xi[1].grad(&grads).is_none_or(|g| g.abs().sum().into_scalar() == 0.0));
 /// ```
 #[derive(Module, Debug)]
 pub struct StepNoise<B: Backend> {
