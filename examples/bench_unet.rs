@@ -174,7 +174,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
             .all(|(_, g)| g.iter().all(|v| v.is_finite()));
     if args.trace {
         let (x, t, c) = (sample.clone().inner(), t.clone().inner(), context.clone().inner());
-        inner.forward_observed(x, t, c, None, &mut |site, h| {
+        inner.forward_observed(x, t, c, None, None, &mut |site, h| {
             let values = h
                 .clone()
                 .into_data()

@@ -55,13 +55,14 @@ fn tiny_pipeline_matches_diffusers_end_to_end() {
     let guidance = meta["guidance"].as_f64().unwrap();
 
     // Prompt encoding (the tokenizer is vocab.json + merges.txt here).
-    let (cond, tokens) = sd.encode_prompt(prompt, &device).unwrap();
-    let (uncond, none) = sd.encode_prompt("", &device).unwrap();
-    assert_eq!(none, 0);
-    assert!(tokens > 0);
-    let e = rel_err(&values(cond.clone()), &read(&st, "prompt_embeds").0);
+    let cond = sd.encode_prompt(prompt, &device).unwrap();
+    let uncond = sd.negative_prompt(&device).unwrap();
+    assert!(!sd.force_zeros_for_empty_prompt && cond.text_embeds.is_none());
+    assert_eq!(uncond.tokens, 0);
+    assert!(cond.tokens > 0);
+    let e = rel_err(&values(cond.context.clone()), &read(&st, "prompt_embeds").0);
     assert!(e < 1e-5, "prompt embedding off by {e:e}");
-    let e = rel_err(&values(uncond.clone()), &read(&st, "negative_embeds").0);
+    let e = rel_err(&values(uncond.context.clone()), &read(&st, "negative_embeds").0);
     assert!(e < 1e-5, "empty-prompt embedding off by {e:e}");
 
     // Guided DDIM with the pipeline's scheduler settings, then the VAE.
@@ -98,7 +99,7 @@ fn tiny_pipeline_matches_diffusers_end_to_end() {
     let zsnr = sd.scheduler.schedule().unwrap();
     assert!((zsnr.alphas_cumprod(999) / 2f64.powi(-24) - 1.0).abs() < 1e-12);
     sd.scheduler.rescale_betas_zero_snr = false;
-    let model = Cfg::new(sd.eps_model(Tensor::cat(vec![uncond, cond], 0)), guidance).unwrap();
+    let model = Cfg::new(sd.eps_model(uncond.stack(cond)), guidance).unwrap();
     let (latents, shape) = read(&st, "latents");
     let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape.clone()), &device);
     let x_0 = sampler.sample_inference(&model, &sd.schedule, x_t).unwrap();
@@ -108,6 +109,59 @@ fn tiny_pipeline_matches_diffusers_end_to_end() {
     assert_eq!(image.dims()[2], sd.image_size());
     let e = rel_err(&values(image), &read(&st, "image").0);
     assert!(e < 1e-4, "image off by {e:e}");
+}
+
+/// SDXL: two text encoders (penultimate hidden states side by side, the second's projected
+/// pooled output), zeros for the empty negative prompt, the size numbers as added conditions,
+/// Euler on "leading" timesteps with an offset, against diffusers' StableDiffusionXLPipeline.
+#[test]
+fn tiny_sdxl_pipeline_matches_diffusers_end_to_end() {
+    let device = Default::default();
+    let dir = fixtures().join("sdxl_tiny");
+    let sd = StableDiffusion::<B>::load(&dir, &device).unwrap();
+    let bytes = std::fs::read(dir.join("io.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("io.json")).unwrap()).unwrap();
+    let prompt = meta["prompt"].as_str().unwrap();
+    let steps = meta["steps"].as_u64().unwrap() as usize;
+    let guidance = meta["guidance"].as_f64().unwrap();
+    assert_eq!(sd.image_size() as u64, meta["size"].as_u64().unwrap());
+    assert!(sd.force_zeros_for_empty_prompt);
+
+    let cond = sd.encode_prompt(prompt, &device).unwrap();
+    let e = rel_err(&values(cond.context.clone()), &read(&st, "prompt_embeds").0);
+    assert!(e < 1e-5, "prompt embedding off by {e:e}");
+    let pooled = cond.text_embeds.clone().expect("SDXL pools");
+    let e = rel_err(&values(pooled), &read(&st, "pooled_prompt_embeds").0);
+    assert!(e < 1e-5, "pooled embedding off by {e:e}");
+    let uncond = sd.negative_prompt(&device).unwrap();
+    assert_eq!(values(uncond.context.clone().abs().sum()), [0.0]);
+
+    let sampler = sd.sampler(SolverChoice::Euler, steps, GradientChoice::Exact);
+    let expected_t: Vec<f64> = meta["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap())
+        .collect();
+    assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), expected_t);
+    let model = Cfg::new(sd.eps_model(uncond.stack(cond)), guidance).unwrap();
+    let (latents, shape) = read(&st, "latents");
+    let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape), &device);
+    let x_0 = sampler.sample_inference(&model, &sd.schedule, x_t).unwrap();
+    let e = rel_err(&values(x_0.clone()), &read(&st, "final_latents").0);
+    assert!(e < 1e-4, "final latents off by {e:e}");
+    let image = sd.vae.decode(x_0).add_scalar(1.0).mul_scalar(0.5).clamp(0.0, 1.0);
+    let e = rel_err(&values(image), &read(&st, "image").0);
+    assert!(e < 1e-4, "image off by {e:e}");
+    eprintln!("sdxl_tiny: final latents and image within 1e-4 of diffusers (image {e:.1e})");
+
+    // A pooled embedding of the wrong width, or none, is a typed error before the first step.
+    let mut model = sd.eps_model(sd.encode_prompt(prompt, &device).unwrap());
+    model.text_embeds = None;
+    let x = Tensor::<B, 4>::zeros([1, 4, 8, 8], &device);
+    let err = sampler.sample_inference(&model, &sd.schedule, x).unwrap_err();
+    assert!(err.to_string().contains("text_embeds"), "{err}");
 }
 
 fn config(out: &Path) -> RunConfig {
@@ -127,6 +181,35 @@ fn outputs_exist(dir: &Path) {
     for f in ["before_after.png", "loss.png", "metrics.json"] {
         assert!(dir.join(f).is_file(), "{f} missing in {}", dir.display());
     }
+}
+
+/// The tasks on an SDXL folder: guided sampling under classifier-free guidance (zeros as the
+/// negative prompt, the pooled embedding and size numbers through the batch), embedding
+/// inversion (gradients reach the context through the added conditions' UNet), plain samples.
+#[test]
+fn tasks_run_on_an_sdxl_folder() {
+    let device = Default::default();
+    let root = std::env::temp_dir().join(format!("adjoint-dpm-sdxl-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let reference = root.join("reference.png");
+    reference_png(&reference);
+    let sdxl = |out: &str| RunConfig {
+        weights: Some(fixtures().join("sdxl_tiny")),
+        prompt: "a photo of the cat".into(),
+        solver: SolverChoice::Euler,
+        ..config(&root.join(out))
+    };
+    let r = run_guide::<B>(&sdxl("guide"), 3, 0.1, &device, &mut |_, _| {}).unwrap();
+    assert!(r.losses.iter().all(|l| l.is_finite()), "{:?}", r.losses);
+    let c = RunConfig {
+        iters: 3,
+        ..sdxl("invert")
+    };
+    let r = run_invert::<B>(&c, &reference, &device, &mut |_, _| {}).unwrap();
+    assert!(r.loss_before.is_finite() && r.loss_after.is_finite());
+    assert!(r.loss_after != r.loss_before, "the learned tokens changed nothing");
+    assert_eq!(sample::<B>(&sdxl("sample"), None, &device).unwrap().len(), 2);
+    std::fs::remove_dir_all(&root).ok();
 }
 
 /// A 24×24 PNG reference image (resized to the pipeline's 16×16 on load).
@@ -206,6 +289,52 @@ fn bad_stable_diffusion_inputs_are_typed_errors() {
         matches!(err, SdError::MissingComponent { component: "unet", .. }),
         "{err}"
     );
+    // An SDXL folder without its second tokenizer names it; an SD 1.x folder with SDXL's
+    // second text encoder is a context too wide for its UNet.
+    let copy = |from: &Path, to: &Path| {
+        for entry in walk(from) {
+            let target = to.join(entry.strip_prefix(from).unwrap());
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            std::fs::copy(&entry, target).unwrap();
+        }
+    };
+    let sdxl = root.join("sdxl");
+    copy(&fixtures().join("sdxl_tiny"), &sdxl);
+    std::fs::remove_dir_all(sdxl.join("tokenizer_2")).unwrap();
+    let err = StableDiffusion::<B>::load(&sdxl, &device).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SdError::MissingComponent {
+                component: "tokenizer_2",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let sd = root.join("sd");
+    copy(&fixtures().join("sd_tiny"), &sd);
+    for part in ["text_encoder_2", "tokenizer_2"] {
+        copy(&fixtures().join("sdxl_tiny").join(part), &sd.join(part));
+    }
+    let err = StableDiffusion::<B>::load(&sd, &device).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("32-wide context but the text encoders produce 80"),
+        "{err}"
+    );
+    // A scheduler on Beta-distribution levels, which we do not have, is refused by name.
+    let beta = root.join("beta");
+    copy(&fixtures().join("sd_tiny"), &beta);
+    let path = beta.join("scheduler/scheduler_config.json");
+    let mut scheduler: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    scheduler["use_beta_sigmas"] = true.into();
+    std::fs::write(&path, scheduler.to_string()).unwrap();
+    let err = StableDiffusion::<B>::load(&beta, &device).unwrap_err();
+    assert!(
+        matches!(err, SdError::Scheduler { .. }) && err.to_string().contains("use_beta_sigmas"),
+        "{err}"
+    );
     // No classifier.
     let mut c = config(&root.join("a"));
     c.classifier = None;
@@ -232,4 +361,18 @@ fn bad_stable_diffusion_inputs_are_typed_errors() {
     let err = run_guide::<B>(&c, 0, 0.1, &device, &mut |_, _| {}).unwrap_err();
     assert!(matches!(err, RunError::Classifier { .. }), "{err}");
     std::fs::remove_dir_all(&root).ok();
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }

@@ -5,7 +5,8 @@
 //! Mirrors `transformers/models/clip/modeling_clip.py` (`CLIPTextEmbeddings`, `CLIPAttention`,
 //! `CLIPMLP`, `CLIPEncoderLayer`, `CLIPTextTransformer`) and `tokenization_clip.py` (v4.40+/v5):
 //! token + position embeddings, pre-norm causal self-attention blocks with quick-GELU MLPs, a
-//! final LayerNorm. The tokenizer is the checkpoint's own `tokenizer.json`, run by the
+//! final LayerNorm; `CLIPTextModelWithProjection` (SDXL's second encoder) adds a projection of the
+//! pooled output. The tokenizer is the checkpoint's own `tokenizer.json`, run by the
 //! `tokenizers` crate, then truncated/padded to 77 ids as SD pipelines do.
 
 use std::path::Path;
@@ -47,6 +48,11 @@ pub struct ClipTextConfig {
     pub eos_token_id: i64,
     /// Padding id.
     pub pad_token_id: Option<i64>,
+    /// Width of the pooled output's projection (`CLIPTextModelWithProjection`).
+    pub projection_dim: Option<usize>,
+    /// The transformers class the checkpoint was saved from: `CLIPTextModelWithProjection`
+    /// has a `text_projection`, `CLIPTextModel` none.
+    pub architectures: Option<Vec<String>>,
 }
 
 impl Default for ClipTextConfig {
@@ -63,11 +69,22 @@ impl Default for ClipTextConfig {
             bos_token_id: 49406,
             eos_token_id: 49407,
             pad_token_id: Some(1),
+            projection_dim: None,
+            architectures: None,
         }
     }
 }
 
 impl ClipTextConfig {
+    /// Whether the checkpoint is a `CLIPTextModelWithProjection` (it then needs a
+    /// `projection_dim`).
+    pub fn with_projection(&self) -> bool {
+        self.architectures
+            .iter()
+            .flatten()
+            .any(|a| a == "CLIPTextModelWithProjection")
+    }
+
     /// Builds the encoder with random weights (load real ones with [`load_clip_text`]).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<ClipTextModel<B>, LoadError> {
         let quick_gelu = match self.hidden_act.as_str() {
@@ -82,6 +99,15 @@ impl ClipTextConfig {
                 self.num_attention_heads
             )));
         }
+        let text_projection = match (self.with_projection(), self.projection_dim) {
+            (false, _) => None,
+            (true, Some(p)) => Some(LinearConfig::new(d, p).with_bias(false).init(device)),
+            (true, None) => {
+                return Err(LoadError::Unsupported(
+                    "CLIPTextModelWithProjection without projection_dim".into(),
+                ))
+            }
+        };
         let norm = || LayerNormConfig::new(d).with_epsilon(self.layer_norm_eps).init(device);
         let linear = |i, o| LinearConfig::new(i, o).init(device);
         let layers = (0..self.num_hidden_layers)
@@ -109,6 +135,7 @@ impl ClipTextConfig {
             },
             encoder: ClipEncoder { layers },
             final_layer_norm: norm(),
+            text_projection,
             eos_token_id: self.eos_token_id,
         })
     }
@@ -176,6 +203,13 @@ pub struct ClipTextOutput<B: Backend> {
     pub last_hidden_state: Tensor<B, 3>,
     /// The state at each sequence's first end-of-text token. `[batch, d]`.
     pub pooler_output: Tensor<B, 2>,
+    /// The embeddings' output, then each layer's (before the final LayerNorm), as
+    /// transformers' `output_hidden_states`: `num_hidden_layers + 1` of `[batch, seq, d]`.
+    /// SDXL conditions on the penultimate, `hidden_states[len − 2]`.
+    pub hidden_states: Vec<Tensor<B, 3>>,
+    /// `text_projection(pooler_output)`, `[batch, projection_dim]`, for a model with a
+    /// projection (transformers' `text_embeds`).
+    pub text_embeds: Option<Tensor<B, 2>>,
 }
 
 /// transformers' `CLIPTextModel` (its `text_model`; the `text_model.` key prefix is renamed
@@ -188,6 +222,8 @@ pub struct ClipTextModel<B: Backend> {
     pub encoder: ClipEncoder<B>,
     /// Final LayerNorm.
     pub final_layer_norm: LayerNorm<B>,
+    /// The pooled output's projection (`CLIPTextModelWithProjection`; no bias).
+    pub text_projection: Option<Linear<B>>,
     /// End-of-text id, for the pooled output.
     pub eos_token_id: i64,
 }
@@ -206,7 +242,9 @@ impl<B: Backend> ClipTextModel<B> {
         let mut h = self.embeddings.token_embedding.forward(input_ids.clone())
             + self.embeddings.position_embedding.forward(positions);
         // 2. causal pre-norm transformer layers.
+        let mut hidden_states = Vec::with_capacity(self.encoder.layers.len() + 1);
         for layer in &self.encoder.layers {
+            hidden_states.push(h.clone());
             let a = &layer.self_attn;
             let x = layer_norm(&layer.layer_norm1, h.clone());
             let attn = multi_head_attention(
@@ -225,6 +263,7 @@ impl<B: Backend> ClipTextModel<B> {
             };
             h = h + layer.mlp.fc2.forward(x);
         }
+        hidden_states.push(h.clone());
         // 3. final norm and pooled output at the first end-of-text token (transformers' rule
         //    for configs whose eos_token_id is not the legacy 2).
         let last = layer_norm(&self.final_layer_norm, h);
@@ -252,7 +291,9 @@ impl<B: Backend> ClipTextModel<B> {
         let pooled = last.clone().reshape([b * seq, d]).select(0, index);
         ClipTextOutput {
             last_hidden_state: last,
+            text_embeds: self.text_projection.as_ref().map(|p| p.forward(pooled.clone())),
             pooler_output: pooled,
+            hidden_states,
         }
     }
 }
@@ -493,6 +534,48 @@ mod tests {
         eprintln!("clip_tiny: last_hidden_state rel err {last:.2e}, pooler_output rel err {pooled:.2e}");
         assert!(last <= 1e-4, "last_hidden_state rel err {last}");
         assert!(pooled <= 1e-4, "pooler_output rel err {pooled}");
+    }
+
+    /// `CLIPTextModelWithProjection` (SDXL's second encoder): exact GELU, the end token found
+    /// by argmax (eos_token_id 2), `!` as padding, the projected pooled output and the
+    /// penultimate hidden state.
+    #[test]
+    fn clip_with_projection_matches_transformers() {
+        let device = Default::default();
+        let dir = fixture("sdxl_tiny/text_encoder_2");
+        let (config, clip) = load_clip_text::<TestBackend>(&dir, &device).expect("fixture loads");
+        assert!(config.with_projection() && config.hidden_act == "gelu" && config.eos_token_id == 2);
+        let io = Io::open("sdxl_tiny/text_encoder_2");
+        let out = clip.forward(io.int::<TestBackend, 2>("input_ids", &device));
+        assert_eq!(out.hidden_states.len(), config.num_hidden_layers + 1);
+        let penultimate = out.hidden_states[config.num_hidden_layers - 1].clone();
+        let errs = [
+            (
+                "last_hidden_state",
+                rel_err(&out.last_hidden_state.into_data(), &io.data("last_hidden_state")),
+            ),
+            (
+                "penultimate",
+                rel_err(&penultimate.into_data(), &io.data("penultimate")),
+            ),
+            (
+                "text_embeds",
+                rel_err(
+                    &out.text_embeds.expect("projected").into_data(),
+                    &io.data("text_embeds"),
+                ),
+            ),
+        ];
+        for (name, err) in errs {
+            eprintln!("sdxl_tiny/text_encoder_2: {name} rel err {err:.2e}");
+            assert!(err <= 1e-4, "{name} rel err {err}");
+        }
+        // Read as a plain CLIPTextModel, the checkpoint's projection is an unexpected key.
+        let mut plain = config.clone();
+        plain.architectures = None;
+        let model = plain.init::<TestBackend>(&device).unwrap();
+        let err = load_safetensors(model, dir.join("model.safetensors"), &clip_key_map()).unwrap_err();
+        assert!(err.to_string().contains("text_projection"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The Stable Diffusion denoiser: diffusers' `UNet2DConditionModel`.
 //!
 //! Mirrors `src/diffusers/models/unets/unet_2d_condition.py` at v0.35 for the options SD 1.x and
-//! 2.x use (positional time embedding, cross-attention down/mid/up blocks, conv or linear
-//! transformer projections, optional class embedding). [`UNet2DConditionConfig`] reads the
+//! 2.x and SDXL use (positional time embedding, cross-attention down/mid/up blocks, conv or linear
+//! transformer projections, optional class embedding, SDXL's `text_time` added conditions). [`UNet2DConditionConfig`] reads the
 //! checkpoint's own `unet/config.json`; options outside that set are rejected with
 //! [`LoadError::Unsupported`] instead of being silently ignored.
 
@@ -155,11 +155,18 @@ pub struct UNet2DConditionConfig {
     pub use_linear_projection: bool,
     /// `null` (table of `num_class_embeds` when set) or `"timestep"`.
     pub class_embed_type: Option<String>,
-    /// Unsupported when set.
+    /// `null`, or `"text_time"` (SDXL: the pooled text embedding and six size/crop numbers,
+    /// [`AddedConditions`]); others are unsupported.
     pub addition_embed_type: Option<String>,
+    /// Width of the sinusoidal code of each `text_time` number (256 in SDXL).
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of `add_embedding`: the pooled text embedding's width plus six codes
+    /// (2816 = 1280 + 6 · 256 in SDXL).
+    pub projection_class_embeddings_input_dim: Option<usize>,
     /// Size of the class-embedding table.
     pub num_class_embeds: Option<usize>,
-    /// fp16 numerics only; irrelevant in f32.
+    /// fp16 numerics only; irrelevant in f32 (SDXL writes `null`).
+    #[serde(deserialize_with = "null_as_false")]
     pub upcast_attention: bool,
     /// How resnets apply the time embedding.
     pub resnet_time_scale_shift: TimeScaleShift,
@@ -233,6 +240,8 @@ impl Default for UNet2DConditionConfig {
             use_linear_projection: false,
             class_embed_type: None,
             addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
             num_class_embeds: None,
             upcast_attention: false,
             resnet_time_scale_shift: TimeScaleShift::Default,
@@ -252,6 +261,11 @@ impl Default for UNet2DConditionConfig {
             mid_block_only_cross_attention: None,
         }
     }
+}
+
+/// A bool that a config may also write as `null` (false).
+fn null_as_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 /// The block kind a `*_block_types` entry names.
@@ -307,15 +321,29 @@ impl UNet2DConditionConfig {
                 "dual_cross_attention, class_embeddings_concat, resnet_skip_time_act or resnet_out_scale_factor != 1",
             );
         }
-        if self.addition_embed_type.is_some()
-            || self.encoder_hid_dim.is_some()
+        match (
+            self.addition_embed_type.as_deref(),
+            self.addition_time_embed_dim,
+            self.projection_class_embeddings_input_dim,
+        ) {
+            (None, _, _) => {}
+            (Some("text_time"), Some(code), Some(input)) if input > 6 * code => {}
+            (Some("text_time"), code, input) => {
+                return Err(LoadError::Unsupported(format!(
+                    "addition_embed_type \"text_time\" needs addition_time_embed_dim and a \
+                     projection_class_embeddings_input_dim above 6 times it (got {code:?} and {input:?})"
+                )))
+            }
+            (Some(other), _, _) => return Err(LoadError::Unsupported(format!("addition_embed_type {other:?}"))),
+        }
+        if self.encoder_hid_dim.is_some()
             || self.time_embedding_act_fn.is_some()
             || self.timestep_post_act.is_some()
             || self.time_cond_proj_dim.is_some()
             || self.cross_attention_norm.is_some()
         {
             return unsupported(
-                "addition_embed_type, encoder_hid_dim, time_embedding_act_fn, timestep_post_act, time_cond_proj_dim or cross_attention_norm",
+                "encoder_hid_dim, time_embedding_act_fn, timestep_post_act, time_cond_proj_dim or cross_attention_norm",
             );
         }
         match self.class_embed_type.as_deref() {
@@ -431,11 +459,19 @@ impl UNet2DConditionConfig {
             (Some("timestep"), _) => Some(ClassEmbedding::Timestep(TimestepEmbedding::new(ch[0], t_dim, device))),
             _ => None,
         };
+        let add_embedding = match (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim) {
+            (Some(_), Some(input)) if self.addition_embed_type.is_some() => {
+                Some(TimestepEmbedding::new(input, t_dim, device))
+            }
+            _ => None,
+        };
 
         Ok(UNet2DConditionModel {
             conv_in: conv2d(self.in_channels, ch[0], self.conv_in_kernel, device),
             time_embedding: TimestepEmbedding::new(ch[0], t_dim, device),
             class_embedding,
+            add_embedding,
+            add_time_proj_dim: self.addition_time_embed_dim.unwrap_or(0),
             down_blocks,
             mid_block,
             up_blocks,
@@ -462,6 +498,22 @@ pub enum ClassEmbedding<B: Backend> {
     Timestep(TimestepEmbedding<B>),
 }
 
+/// SDXL's added conditions (diffusers' `added_cond_kwargs` for `addition_embed_type:
+/// "text_time"`): encoded like timesteps and through `add_embedding`, they join the time
+/// embedding.
+///
+/// # Shapes
+/// - text_embeds: `[batch, pooled width]`, the second text encoder's projected pooled output
+/// - time_ids: `[batch, 6]`, `[original h, original w, crop top, crop left, target h, target w]`
+///   in pixels
+#[derive(Debug, Clone)]
+pub struct AddedConditions<B: Backend> {
+    /// The pooled text embedding.
+    pub text_embeds: Tensor<B, 2>,
+    /// The size and crop numbers.
+    pub time_ids: Tensor<B, 2>,
+}
+
 /// diffusers' `UNet2DConditionModel`: predicts the noise (or v) of a latent at a timestep,
 /// conditioned on a text context. Field names are the checkpoint keys.
 #[derive(Module, Debug)]
@@ -472,6 +524,10 @@ pub struct UNet2DConditionModel<B: Backend> {
     pub time_embedding: TimestepEmbedding<B>,
     /// Optional class conditioning, added to the time embedding.
     pub class_embedding: Option<ClassEmbedding<B>>,
+    /// SDXL's MLP on the added conditions ([`AddedConditions`]), added to the time embedding.
+    pub add_embedding: Option<TimestepEmbedding<B>>,
+    /// Width of the sinusoidal code of each added time id (`addition_time_embed_dim`).
+    pub add_time_proj_dim: usize,
     /// `down_blocks.{i}`, finest first.
     pub down_blocks: Vec<DownBlock2D<B>>,
     /// `mid_block`.
@@ -506,7 +562,8 @@ impl<B: Backend> UNet2DConditionModel<B> {
     /// - output: `[batch, out_channels, h, w]`
     ///
     /// # Panics
-    /// If `class_labels` is given to a model without class embedding or missing for one with.
+    /// If `class_labels` is given to a model without class embedding or missing for one with,
+    /// or if the model takes [`AddedConditions`] (SDXL; use [`forward_added`](Self::forward_added)).
     pub fn forward(
         &self,
         sample: Tensor<B, 4>,
@@ -514,7 +571,40 @@ impl<B: Backend> UNet2DConditionModel<B> {
         encoder_hidden_states: Tensor<B, 3>,
         class_labels: Option<Tensor<B, 1, Int>>,
     ) -> Tensor<B, 4> {
-        self.forward_observed(sample, timestep, encoder_hidden_states, class_labels, &mut |_, _| {})
+        self.forward_added(sample, timestep, encoder_hidden_states, class_labels, None)
+    }
+
+    /// [`forward`](Self::forward) with SDXL's added conditions, which a model with an
+    /// `add_embedding` (`addition_embed_type: "text_time"`) requires and any other refuses.
+    ///
+    /// # Panics
+    /// As [`forward`](Self::forward), and if `added` is given to a model without
+    /// `add_embedding`, missing for one with, or of the wrong width
+    /// ([`takes_added_conditions`](Self::takes_added_conditions) says which).
+    pub fn forward_added(
+        &self,
+        sample: Tensor<B, 4>,
+        timestep: Tensor<B, 1>,
+        encoder_hidden_states: Tensor<B, 3>,
+        class_labels: Option<Tensor<B, 1, Int>>,
+        added: Option<AddedConditions<B>>,
+    ) -> Tensor<B, 4> {
+        self.forward_observed(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            class_labels,
+            added,
+            &mut |_, _| {},
+        )
+    }
+
+    /// The width of the pooled text embedding the model's added conditions hold, or `None`
+    /// when it takes none.
+    pub fn takes_added_conditions(&self) -> Option<usize> {
+        self.add_embedding
+            .as_ref()
+            .map(|mlp| mlp.linear_1.weight.dims()[0] - 6 * self.add_time_proj_dim)
     }
 
     /// [`forward`](Self::forward), showing `observe` the output of every layer of the feature
@@ -545,6 +635,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
     ///     Tensor::from_floats([500.0], &device),
     ///     Tensor::ones([1, 8, 32], &device),
     ///     None,
+    ///     None,
     ///     &mut |site, h| largest.push((site.to_string(), h.clone().abs().max().into_scalar())),
     /// );
     /// assert_eq!(largest.first().map(|(site, _)| site.as_str()), Some("conv_in"));
@@ -558,6 +649,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         timestep: Tensor<B, 1>,
         encoder_hidden_states: Tensor<B, 3>,
         class_labels: Option<Tensor<B, 1, Int>>,
+        added: Option<AddedConditions<B>>,
         observe: &mut dyn FnMut(UnetSite, &Tensor<B, 4>),
     ) -> Tensor<B, 4> {
         // 0. center the input if the config asks for it.
@@ -585,6 +677,22 @@ impl<B: Backend> UNet2DConditionModel<B> {
             (None, None) => {}
             (Some(_), None) => panic!("this UNet has a class embedding: pass class_labels"),
             (None, Some(_)) => panic!("this UNet has no class embedding: class_labels must be None"),
+        }
+        match (&self.add_embedding, added) {
+            (Some(mlp), Some(added)) => {
+                let [b, ids] = added.time_ids.dims();
+                let codes = timestep_embedding(
+                    added.time_ids.reshape([b * ids]),
+                    self.add_time_proj_dim,
+                    self.flip_sin_to_cos,
+                    self.freq_shift,
+                )
+                .reshape([b, ids * self.add_time_proj_dim]);
+                emb = emb + mlp.forward(Tensor::cat(vec![added.text_embeds, codes], 1));
+            }
+            (None, None) => {}
+            (Some(_), None) => panic!("this UNet has an add_embedding (SDXL): pass its added conditions"),
+            (None, Some(_)) => panic!("this UNet has no add_embedding: added conditions must be None"),
         }
         let context = encoder_hidden_states;
         let site = |stage, block, layer, index| UnetSite {
@@ -703,6 +811,7 @@ mod tests {
             io.float("timestep", &device),
             io.float("encoder_hidden_states", &device),
             Some(io.int("class_labels", &device)),
+            None,
             &mut |site, t| {
                 seen.push(site.to_string());
                 last = Some(t.clone());
@@ -747,8 +856,61 @@ mod tests {
         assert!(grad <= 1e-3, "gradient rel err {grad}");
     }
 
-    /// `unet/config.json` of runwayml/stable-diffusion-v1-5 and of
-    /// stabilityai/stable-diffusion-2-1 parse, pass the checks and pick the right head counts.
+    /// SDXL's `text_time` added conditions: output, input gradient and pooled-embedding
+    /// gradient against diffusers, plus the errors around them.
+    #[test]
+    fn unet_sdxl_added_conditions_match_diffusers() {
+        type B = TestAutodiffBackend;
+        let device = Default::default();
+        let (config, unet) = load_unet::<B>(fixture("sdxl_tiny/unet"), &device).expect("fixture loads");
+        assert_eq!(unet.takes_added_conditions(), Some(24));
+        let io = Io::open("sdxl_tiny/unet");
+        let sample = io.float::<B, 4>("sample", &device).require_grad();
+        let text_embeds = io.float::<B, 2>("text_embeds", &device).require_grad();
+        let added = AddedConditions {
+            text_embeds: text_embeds.clone(),
+            time_ids: io.float("time_ids", &device),
+        };
+        let out = unet.forward_added(
+            sample.clone(),
+            io.float("timestep", &device),
+            io.float("encoder_hidden_states", &device),
+            None,
+            Some(added),
+        );
+        let grads = (out.clone() * io.float::<B, 4>("w", &device)).sum().backward();
+        let errs = [
+            ("out", rel_err(&out.into_data(), &io.data("out"))),
+            (
+                "grad_sample",
+                rel_err(&sample.grad(&grads).unwrap().into_data(), &io.data("grad_sample")),
+            ),
+            (
+                "grad_text_embeds",
+                rel_err(
+                    &text_embeds.grad(&grads).unwrap().into_data(),
+                    &io.data("grad_text_embeds"),
+                ),
+            ),
+        ];
+        for (name, err) in errs {
+            eprintln!("sdxl_tiny/unet: {name} rel err {err:.2e}");
+            assert!(err <= if name == "out" { 1e-4 } else { 1e-3 }, "{name} rel err {err}");
+        }
+        // The config's checks: text_time needs both widths, other kinds are refused.
+        let mut bad = config.clone();
+        bad.addition_time_embed_dim = None;
+        assert!(bad.check().unwrap_err().to_string().contains("addition_time_embed_dim"));
+        bad = config.clone();
+        bad.addition_embed_type = Some("image".into());
+        assert!(bad.check().unwrap_err().to_string().contains("\"image\""));
+        // A UNet without add_embedding takes none.
+        let (_, plain) = load_unet::<B>(fixture("unet_tiny"), &device).unwrap();
+        assert_eq!(plain.takes_added_conditions(), None);
+    }
+
+    /// `unet/config.json` of runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1
+    /// and stabilityai/stable-diffusion-xl-base-1.0 parse, pass the checks and pick the right head counts.
     #[test]
     fn sd_configs_parse() {
         let sd15 = r#"{"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0",
@@ -768,6 +930,29 @@ mod tests {
             "norm_num_groups": 32, "num_class_embeds": null, "only_cross_attention": false, "out_channels": 4,
             "sample_size": 96, "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
             "use_linear_projection": true, "upcast_attention": true}"#;
+        // stabilityai/stable-diffusion-xl-base-1.0.
+        let sdxl = r#"{"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0",
+            "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+            "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+            "center_input_sample": false, "class_embed_type": null, "class_embeddings_concat": false,
+            "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 2048, "cross_attention_norm": null,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "downsample_padding": 1, "dual_cross_attention": false, "encoder_hid_dim": null,
+            "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+            "layers_per_block": 2, "mid_block_only_cross_attention": null, "mid_block_scale_factor": 1,
+            "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+            "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false,
+            "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
+            "resnet_skip_time_act": false, "resnet_time_scale_shift": "default", "sample_size": 128,
+            "time_cond_proj_dim": null, "time_embedding_act_fn": null, "time_embedding_dim": null,
+            "time_embedding_type": "positional", "timestep_post_act": null,
+            "transformer_layers_per_block": [1, 2, 10],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "upcast_attention": null, "use_linear_projection": true}"#;
+        let cxl: UNet2DConditionConfig = serde_json::from_str(sdxl).unwrap();
+        cxl.check().unwrap();
+        assert_eq!(cxl.projection_class_embeddings_input_dim, Some(2816));
+        assert_eq!(cxl.transformer_layers_per_block.get(2, 3, "").unwrap(), 10);
         let c15: UNet2DConditionConfig = serde_json::from_str(sd15).unwrap();
         let c21: UNet2DConditionConfig = serde_json::from_str(sd21).unwrap();
         c15.check().unwrap();
@@ -783,6 +968,8 @@ mod tests {
     fn unsupported_config_is_an_error() {
         let mut cfg = UNet2DConditionConfig {
             addition_embed_type: Some("text_time".into()),
+            addition_time_embed_dim: Some(256),
+            projection_class_embeddings_input_dim: Some(1536),
             ..Default::default()
         };
         assert!(matches!(cfg.check(), Err(LoadError::Unsupported(_))));

@@ -22,6 +22,6 @@ pub use common::{
 pub use imagenet::ImageNetClassifier;
 pub use noise_opt::{guided_sampling, GuidedReport, GuidedRun, GuidedSampling};
 pub use resume::Resume;
-pub use stable_diffusion::{FinalSigmas, SchedulerConfig, SdError, StableDiffusion};
+pub use stable_diffusion::{EncodedPrompt, FinalSigmas, SchedulerConfig, SdError, StableDiffusion};
 pub use tune::{channel_means, gram, tune_through_sampling, StyleLoss, Tuning};
 pub use unet_eps::{UnetEps, UnetPrediction};

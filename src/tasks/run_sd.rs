@@ -91,26 +91,19 @@ enum PromptModel<B: Backend> {
 }
 
 fn prompt_model<B: Backend>(s: &Setup<B>, config: &RunConfig) -> Result<PromptModel<B>, RunError> {
-    let (cond, _) = s.sd.encode_prompt(&config.prompt, &s.device)?;
+    let cond = s.sd.encode_prompt(&config.prompt, &s.device)?.detach();
     if config.prompt.is_empty() || config.cfg == 1.0 {
-        return Ok(PromptModel::Plain(freeze_context(s.sd.eps_model(cond.detach()))));
+        return Ok(PromptModel::Plain(s.sd.eps_model(cond)));
     }
-    let (uncond, _) = s.sd.encode_prompt("", &s.device)?;
-    let context = Tensor::cat(vec![uncond, cond], 0).detach();
+    let prompts = s.sd.negative_prompt(&s.device)?.detach().stack(cond);
     // diffusers rescales the network's own output: v for a v-prediction UNet.
     let space = match s.sd.scheduler.prediction_type.as_str() {
         "v_prediction" => RescaleSpace::V(s.sd.schedule.clone()),
         _ => RescaleSpace::Epsilon,
     };
     Ok(PromptModel::Guided(
-        Cfg::new(freeze_context(s.sd.eps_model(context)), config.cfg)?
-            .guidance_rescale(config.guidance_rescale, space)?,
+        Cfg::new(s.sd.eps_model(prompts), config.cfg)?.guidance_rescale(config.guidance_rescale, space)?,
     ))
-}
-
-fn freeze_context<B: Backend>(mut model: UnetEps<B>) -> UnetEps<B> {
-    model.context = model.context.set_require_grad(false);
-    model
 }
 
 /// Task 1 on Stable Diffusion: steer samples of the prompt's model to classifier class `target`.
@@ -268,11 +261,13 @@ pub fn run_invert<B: Backend>(
     let s = setup::<B>(config, device)?;
     let target = load_image::<Autodiff<B>>(reference, s.sd.image_size(), device)?;
     let label = label_of(&s, target.clone().inner());
-    let (context, tokens) = s.sd.encode_prompt(&config.prompt, device)?;
-    // Learn the prompt's own tokens (positions 1..=n), or the end token of an empty prompt.
-    let model =
-        s.sd.eps_model(context.detach().require_grad())
-            .with_trainable_tokens(1, 1 + tokens.max(1));
+    let mut prompt = s.sd.encode_prompt(&config.prompt, device)?.detach();
+    let tokens = prompt.tokens;
+    prompt.context = prompt.context.require_grad();
+    // Learn the prompt's own tokens (positions 1..=n), or the end token of an empty prompt;
+    // SDXL's pooled embedding stays the prompt's.
+    let mut model = s.sd.eps_model(prompt).with_trainable_tokens(1, 1 + tokens.max(1));
+    model.text_embeds = model.text_embeds.map(|p| p.set_require_grad(false));
     let appearance = StyleLoss::appearance(&s.classifier, target);
     let loss = |images: Tensor<Autodiff<B>, 4>| appearance.loss(images);
     let resume = resume_for(config, &("invert", reference, files_fingerprint(reference)))?;
@@ -293,8 +288,7 @@ pub fn run_finetune<B: Backend>(
     let style = load_image::<Autodiff<B>>(style_path, s.sd.image_size(), device)?;
     let label = label_of(&s, style.clone().inner());
     let style = StyleLoss::new(&s.classifier, style);
-    let (context, _) = s.sd.encode_prompt(&config.prompt, device)?;
-    let mut model = freeze_context(s.sd.eps_model(context.detach()));
+    let mut model = s.sd.eps_model(s.sd.encode_prompt(&config.prompt, device)?.detach());
     model.unet = model.unet.no_grad().with_lora(rank, rank as f64);
     let model = crate::ode::materialized(model);
     let loss = |images: Tensor<Autodiff<B>, 4>| style.loss(images);

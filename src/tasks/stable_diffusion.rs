@@ -1,6 +1,7 @@
 //! Stable Diffusion as the tasks see it: a diffusers pipeline folder (`unet/`, `vae/`,
-//! `text_encoder/`, `tokenizer/`, `scheduler/`) loaded into the models crate's networks, its
-//! scheduler config turned into a [`NoiseSchedule`] and sampler settings, prompts encoded by CLIP.
+//! `text_encoder/`, `tokenizer/`, `scheduler/`, and for SDXL `text_encoder_2/` and
+//! `tokenizer_2/`) loaded into the models crate's networks, its scheduler config turned into a
+//! [`NoiseSchedule`] and sampler settings, prompts encoded by CLIP as the pipeline does.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::diffusion::{BetaSchedule, DiffusionError, NoiseLevels, NoiseSchedule, Sampler, TimestepSpacing};
 use crate::tasks::common::{Decoder, GradientChoice, SolverChoice};
@@ -93,6 +95,9 @@ pub struct SchedulerConfig {
     /// rounded timesteps).
     #[serde(default)]
     pub use_lu_lambdas: bool,
+    /// Beta-distribution levels (diffusers' `use_beta_sigmas`): not supported, refused on load.
+    #[serde(default)]
+    pub use_beta_sigmas: bool,
     /// The schedule rescaled to zero terminal SNR
     /// ([`NoiseSchedule::rescale_zero_terminal_snr`]).
     #[serde(default)]
@@ -175,6 +180,11 @@ pub struct StableDiffusion<B: Backend> {
     pub text_encoder: ClipTextModel<B>,
     /// The CLIP tokenizer.
     pub tokenizer: ClipTokenizer,
+    /// SDXL's second text encoder (with a projection) and its tokenizer.
+    pub text_encoder_2: Option<(ClipTextModel<B>, ClipTokenizer)>,
+    /// An empty negative prompt is zeros rather than the encoded "" (SDXL's
+    /// `force_zeros_for_empty_prompt`, from `model_index.json`).
+    pub force_zeros_for_empty_prompt: bool,
     /// The scheduler config.
     pub scheduler: SchedulerConfig,
     /// The noise schedule it defines.
@@ -190,6 +200,41 @@ fn component(dir: &Path, name: &'static str) -> Result<PathBuf, SdError> {
             dir: dir.into(),
             component: name,
         })
+    }
+}
+
+/// A prompt as the UNet takes it.
+#[derive(Debug, Clone)]
+pub struct EncodedPrompt<B: Backend> {
+    /// `[rows, tokens, cross_attention_dim]`: CLIP's last hidden state, or for SDXL the two
+    /// encoders' penultimate hidden states side by side.
+    pub context: Tensor<B, 3>,
+    /// SDXL's pooled text embedding (the second encoder's projection), `[rows, width]`.
+    pub text_embeds: Option<Tensor<B, 2>>,
+    /// The number of the prompt's own tokens (between the start and end tokens).
+    pub tokens: usize,
+}
+
+impl<B: Backend> EncodedPrompt<B> {
+    /// Both tensors cut from the graph.
+    pub fn detach(self) -> Self {
+        Self {
+            context: self.context.detach(),
+            text_embeds: self.text_embeds.map(Tensor::detach),
+            tokens: self.tokens,
+        }
+    }
+
+    /// `[self; other]` row-wise (`[uncond; cond]` under guidance).
+    pub fn stack(self, other: Self) -> Self {
+        Self {
+            context: Tensor::cat(vec![self.context, other.context], 0),
+            text_embeds: match (self.text_embeds, other.text_embeds) {
+                (Some(a), Some(b)) => Some(Tensor::cat(vec![a, b], 0)),
+                _ => None,
+            },
+            tokens: other.tokens,
+        }
     }
 }
 
@@ -216,6 +261,14 @@ impl<B: Backend> StableDiffusion<B> {
             path: scheduler_path.clone(),
             message: e.to_string(),
         })?;
+        if scheduler.use_beta_sigmas {
+            return Err(SdError::Scheduler {
+                path: scheduler_path,
+                message: "use_beta_sigmas (Beta-distribution noise levels) is not supported; use Karras, \
+                          exponential or the spaced levels"
+                    .into(),
+            });
+        }
         if !["epsilon", "v_prediction", "sample"].contains(&scheduler.prediction_type.as_str()) {
             return Err(SdError::Scheduler {
                 path: scheduler_path,
@@ -229,16 +282,51 @@ impl<B: Backend> StableDiffusion<B> {
         let (vae_config, vae) = load_vae::<B>(&paths[1], device).map_err(load("vae"))?;
         let (text_config, text_encoder) = load_clip_text::<B>(&paths[2], device).map_err(load("text_encoder"))?;
         let tokenizer = ClipTokenizer::from_dir(&paths[3]).map_err(load("tokenizer"))?;
+        let text_encoder_2 = match (dir.join("text_encoder_2"), dir.join("tokenizer_2")) {
+            (enc, tok) if enc.is_dir() && tok.is_dir() => {
+                let (config, encoder) = load_clip_text::<B>(&enc, device).map_err(load("text_encoder_2"))?;
+                let tokenizer = ClipTokenizer::from_dir(&tok).map_err(load("tokenizer_2"))?;
+                Some((config, encoder, tokenizer))
+            }
+            (enc, _) if enc.is_dir() => {
+                return Err(SdError::MissingComponent {
+                    dir: dir.into(),
+                    component: "tokenizer_2",
+                })
+            }
+            _ => None,
+        };
+        let context_width =
+            text_config.hidden_size + text_encoder_2.as_ref().map_or(0, |(config, _, _)| config.hidden_size);
+        let pooled_width = text_encoder_2
+            .as_ref()
+            .and_then(|(config, _, _)| config.projection_dim.filter(|_| config.with_projection()));
         let cross = unet_config
             .cross_attention_dim
             .get(0, unet_config.block_out_channels.len(), "cross_attention_dim")
             .map_err(load("unet"))?;
-        if cross != text_config.hidden_size {
+        if cross != context_width {
             return Err(SdError::Mismatch(format!(
-                "the UNet attends to {cross}-wide context but the text encoder produces {}",
-                text_config.hidden_size
+                "the UNet attends to {cross}-wide context but the text encoders produce {context_width}"
             )));
         }
+        let takes_pooled = unet
+            .takes_added_conditions()
+            .map(|w| w.to_string())
+            .unwrap_or("no".into());
+        if unet.takes_added_conditions() != pooled_width {
+            return Err(SdError::Mismatch(format!(
+                "the UNet takes {takes_pooled} pooled text embedding (SDXL's added conditions) but the text \
+                 encoders give {}",
+                pooled_width.map_or("none".into(), |w| format!(
+                    "a {w}-wide one (text_encoder_2's projection)"
+                ))
+            )));
+        }
+        let force_zeros_for_empty_prompt = read_config::<Value>(dir.join("model_index.json"))
+            .ok()
+            .and_then(|index| index.get("force_zeros_for_empty_prompt").and_then(Value::as_bool))
+            .unwrap_or(text_encoder_2.is_some());
         if unet_config.class_embed_type.is_some() || unet_config.num_class_embeds.is_some() {
             return Err(SdError::Mismatch(
                 "the UNet expects class labels (class_embed_type / num_class_embeds), which a text-to-image \
@@ -259,6 +347,8 @@ impl<B: Backend> StableDiffusion<B> {
             vae_config,
             text_encoder,
             tokenizer,
+            text_encoder_2: text_encoder_2.map(|(_, encoder, tokenizer)| (encoder, tokenizer)),
+            force_zeros_for_empty_prompt,
             scheduler,
             schedule,
         })
@@ -281,37 +371,76 @@ impl<B: Backend> StableDiffusion<B> {
         self.latent_shape()[1] << (blocks - 1)
     }
 
-    /// CLIP's last hidden state for a prompt, `[1, max_length, hidden]`, and the number of the
-    /// prompt's own tokens (between the start and end tokens).
-    pub fn encode_prompt(&self, prompt: &str, device: &B::Device) -> Result<(Tensor<B, 3>, usize), SdError> {
-        let ids = self.tokenizer.encode(prompt).map_err(|source| SdError::Load {
-            component: "tokenizer",
-            source,
-        })?;
-        let tokens = ids
-            .iter()
-            .skip(1)
-            .take_while(|&&id| id != self.tokenizer.eos_id)
-            .count();
-        let ids = self
-            .tokenizer
-            .encode_batch::<B>(&[prompt], device)
-            .map_err(|source| SdError::Load {
-                component: "tokenizer",
-                source,
-            })?;
-        Ok((self.text_encoder.forward(ids).last_hidden_state, tokens))
+    /// A prompt as diffusers' pipeline encodes it, one row: CLIP's last hidden state
+    /// (`[1, max_length, hidden]`); for SDXL both encoders' penultimate hidden states side by
+    /// side and the second's projected pooled output.
+    pub fn encode_prompt(&self, prompt: &str, device: &B::Device) -> Result<EncodedPrompt<B>, SdError> {
+        let tokenize = |tokenizer: &ClipTokenizer, component: &'static str| {
+            let err = |source| SdError::Load { component, source };
+            let ids = tokenizer.encode(prompt).map_err(err)?;
+            let tokens = ids.iter().skip(1).take_while(|&&id| id != tokenizer.eos_id).count();
+            Ok::<_, SdError>((tokenizer.encode_batch::<B>(&[prompt], device).map_err(err)?, tokens))
+        };
+        let (ids, tokens) = tokenize(&self.tokenizer, "tokenizer")?;
+        let out = self.text_encoder.forward(ids);
+        let Some((encoder_2, tokenizer_2)) = &self.text_encoder_2 else {
+            return Ok(EncodedPrompt {
+                context: out.last_hidden_state,
+                text_embeds: None,
+                tokens,
+            });
+        };
+        let (ids_2, _) = tokenize(tokenizer_2, "tokenizer_2")?;
+        let out_2 = encoder_2.forward(ids_2);
+        let penultimate = |states: &[Tensor<B, 3>]| states[states.len().saturating_sub(2)].clone();
+        Ok(EncodedPrompt {
+            context: Tensor::cat(
+                vec![penultimate(&out.hidden_states), penultimate(&out_2.hidden_states)],
+                2,
+            ),
+            text_embeds: out_2.text_embeds,
+            tokens,
+        })
     }
 
-    /// The ε-model of the UNet conditioned on `context` (`[rows, tokens, dim]`; see
-    /// [`UnetEps`]), converting v- or x₀-predictions as the scheduler config says.
-    pub fn eps_model(&self, context: Tensor<B, 3>) -> UnetEps<B> {
+    /// The unconditional prompt of classifier-free guidance: the encoded "", or zeros where
+    /// the pipeline forces them (SDXL).
+    pub fn negative_prompt(&self, device: &B::Device) -> Result<EncodedPrompt<B>, SdError> {
+        let empty = self.encode_prompt("", device)?;
+        if !self.force_zeros_for_empty_prompt {
+            return Ok(empty);
+        }
+        Ok(EncodedPrompt {
+            context: empty.context.zeros_like(),
+            text_embeds: empty.text_embeds.map(|t| t.zeros_like()),
+            tokens: 0,
+        })
+    }
+
+    /// SDXL's size numbers for an uncropped image of the pipeline's size.
+    pub fn time_ids(&self) -> [f64; 6] {
+        let s = self.image_size() as f64;
+        [s, s, 0.0, 0.0, s, s]
+    }
+
+    /// The ε-model of the UNet conditioned on `prompt` (`rows` rows; see [`UnetEps`]),
+    /// converting v- or x₀-predictions as the scheduler config says. Its conditioning is
+    /// trainable as given (a tensor that requires a gradient) and constant otherwise.
+    pub fn eps_model(&self, prompt: EncodedPrompt<B>) -> UnetEps<B> {
         let prediction = match self.scheduler.prediction_type.as_str() {
             "v_prediction" => UnetPrediction::V(self.schedule.clone()),
             "sample" => UnetPrediction::Sample(self.schedule.clone()),
             _ => UnetPrediction::Epsilon,
         };
-        crate::ode::materialized(UnetEps::new(self.unet.clone(), context).with_prediction(prediction))
+        let trainable = prompt.context.is_require_grad();
+        let mut model = UnetEps::new(self.unet.clone(), prompt.context).with_prediction(prediction);
+        if let Some(pooled) = prompt.text_embeds {
+            model = model.with_added_conditions(pooled, self.time_ids());
+        }
+        if !trainable {
+            model = model.frozen_conditioning();
+        }
+        crate::ode::materialized(model)
     }
 
     /// The sampler with the pipeline's timestep settings (spacing, `steps_offset`, noise
@@ -344,6 +473,7 @@ impl<B: Backend> StableDiffusion<B> {
             unet: self.unet.no_grad(),
             vae: self.vae.no_grad(),
             text_encoder: self.text_encoder.no_grad(),
+            text_encoder_2: self.text_encoder_2.map(|(e, t)| (e.no_grad(), t)),
             ..self
         }
     }

@@ -1,10 +1,10 @@
 //! A diffusers UNet with its conditioning held as a parameter: the shape of a text-conditioned
 //! Stable Diffusion denoiser, as an [`EpsModel`].
 
-use adjoint_dpm_models::unet::UNet2DConditionModel;
+use adjoint_dpm_models::unet::{AddedConditions, UNet2DConditionModel};
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use crate::diffusion::{DiffusionError, EpsModel, NoiseSchedule};
 
@@ -20,9 +20,10 @@ pub enum UnetPrediction {
     Sample(NoiseSchedule),
 }
 
-/// ε(x, t) = UNet(x, t, context). Freeze `unet` (`no_grad`) and keep `context` trainable to
-/// differentiate w.r.t. the text embedding (embedding inversion); freeze `context` to tune
-/// weights.
+/// ε(x, t) = UNet(x, t, context), and for SDXL also of the pooled text embedding and the size
+/// numbers ([`with_added_conditions`](Self::with_added_conditions)). Freeze `unet` (`no_grad`)
+/// and keep `context` trainable to differentiate w.r.t. the text embedding (embedding
+/// inversion); freeze `context` to tune weights.
 ///
 /// The context holds `r` rows that split the batch into `r` equal consecutive groups: one row
 /// for any batch, one per sample, or `[uncond; cond]` under [`crate::diffusion::Cfg`] (which
@@ -41,6 +42,13 @@ pub struct UnetEps<B: Backend> {
     /// What the UNet predicts.
     #[module(skip)]
     pub prediction: UnetPrediction,
+    /// SDXL's pooled text embedding, `[rows, width]`, one row per context row (`None` for a
+    /// UNet without `add_embedding`).
+    pub text_embeds: Option<Param<Tensor<B, 2>>>,
+    /// SDXL's size and crop numbers, `[original h, original w, crop top, crop left, target h,
+    /// target w]`, the same for every row.
+    #[module(skip)]
+    pub time_ids: [f64; 6],
     /// When set, only these token positions of the context receive gradients (the tokens an
     /// embedding inversion learns); the rest act as constants.
     #[module(skip)]
@@ -54,8 +62,38 @@ impl<B: Backend> UnetEps<B> {
             unet,
             context: Param::from_tensor(context),
             prediction: UnetPrediction::Epsilon,
+            text_embeds: None,
+            time_ids: [0.0; 6],
             trainable_tokens: None,
         }
+    }
+
+    /// Adds SDXL's conditions: `text_embeds` (`[rows, width]`, the second text encoder's
+    /// projected pooled output, a row per context row; trainable unless frozen) and the
+    /// `time_ids` of every row (for an image of side s, uncropped: `[s, s, 0, 0, s, s]`).
+    pub fn with_added_conditions(mut self, text_embeds: Tensor<B, 2>, time_ids: [f64; 6]) -> Self {
+        self.text_embeds = Some(Param::from_tensor(text_embeds));
+        self.time_ids = time_ids;
+        self
+    }
+
+    /// The model with its conditioning (context and pooled embedding) constant: what tuning
+    /// the weights, or sampling, wants.
+    pub fn frozen_conditioning(mut self) -> Self {
+        self.context = self.context.set_require_grad(false);
+        self.text_embeds = self.text_embeds.map(|p| p.set_require_grad(false));
+        self
+    }
+
+    /// Repeats each of `rows` conditioning rows over its group of `batch / rows` samples.
+    fn per_sample<const D: usize>(rows: Tensor<B, D>, batch: usize) -> Tensor<B, D> {
+        let n = rows.dims()[0];
+        if n == batch {
+            return rows;
+        }
+        let index: Vec<i64> = (0..batch).map(|i| (i / (batch / n)) as i64).collect();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [batch]), &rows.device());
+        rows.select(0, index)
     }
 
     /// Sets what the UNet predicts.
@@ -76,7 +114,7 @@ impl<B: Backend> UnetEps<B> {
     /// If the batch is not a multiple of the context's rows (a programming error).
     fn context_for(&self, batch: usize) -> Tensor<B, 3> {
         let mut context = self.context.val();
-        let [rows, tokens, dim] = context.dims();
+        let tokens = context.dims()[1];
         if let Some((start, end)) = self.trainable_tokens {
             let (start, end) = (start.min(tokens), end.min(tokens));
             let keep: Vec<f32> = (0..tokens)
@@ -89,13 +127,15 @@ impl<B: Backend> UnetEps<B> {
         if let Err(e) = self.check_batch(batch) {
             panic!("{e}");
         }
-        if rows == batch {
-            return context;
-        }
-        context
-            .reshape([rows, 1, tokens, dim])
-            .repeat_dim(1, batch / rows)
-            .reshape([batch, tokens, dim])
+        Self::per_sample(context, batch)
+    }
+
+    /// SDXL's added conditions, one row per sample, for a UNet that takes them.
+    fn added_for(&self, batch: usize, device: &B::Device) -> Option<AddedConditions<B>> {
+        let text_embeds = Self::per_sample(self.text_embeds.as_ref()?.val(), batch);
+        let ids: Vec<f64> = (0..batch).flat_map(|_| self.time_ids).collect();
+        let time_ids = Tensor::<B, 2>::from_data(TensorData::new(ids, [batch, 6]), (device, text_embeds.dtype()));
+        Some(AddedConditions { text_embeds, time_ids })
     }
 }
 
@@ -108,7 +148,10 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
         } else {
             t.repeat_dim(0, batch)
         };
-        let out = self.unet.forward(x.clone(), t, self.context_for(batch), None);
+        let added = self.added_for(batch, &x.device());
+        let out = self
+            .unet
+            .forward_added(x.clone(), t, self.context_for(batch), None, added);
         let at = |schedule: &NoiseSchedule| {
             let t: f64 = time.clone().narrow(0, 0, 1).into_scalar().elem();
             (schedule.alpha(t), schedule.sigma(t))
@@ -134,6 +177,20 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
                 reason: format!("the context has {rows} rows, and a batch must be a multiple of that"),
             });
         }
-        Ok(())
+        let given = self.text_embeds.as_ref().map(|p| p.val().dims());
+        match (self.unet.takes_added_conditions(), given) {
+            (None, None) => Ok(()),
+            (Some(width), Some(dims)) if dims == [rows, width] => Ok(()),
+            (None, Some(dims)) => Err(DiffusionError::ConditioningShape {
+                name: "text_embeds (the UNet has no add_embedding)",
+                expected: vec![],
+                got: dims.to_vec(),
+            }),
+            (Some(width), got) => Err(DiffusionError::ConditioningShape {
+                name: "text_embeds (SDXL's pooled text embedding, a row per context row)",
+                expected: vec![rows, width],
+                got: got.map(|d| d.to_vec()).unwrap_or_default(),
+            }),
+        }
     }
 }

@@ -252,3 +252,93 @@ fn a_batch_the_context_does_not_fit_is_a_typed_error() {
     let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise([1, 2, 8, 8], 15), [1, 2, 8, 8]), &device);
     assert!(Sampler::ddim(2).sample(&guided, &schedule, x_t).is_ok());
 }
+
+/// An SDXL-style UNet (`addition_embed_type: "text_time"`): the pooled text embedding joins
+/// the time embedding. Its gradient through 3 DDIM steps, with two conditioning rows each
+/// spread over two samples: the checkpointed adjoint equals Backprop, and both equal central
+/// differences of the loss.
+#[test]
+fn pooled_text_embedding_gradient_through_sampling_is_exact() {
+    const SDXL: &str = r#"{
+      "block_out_channels": [8, 16], "layers_per_block": 1, "in_channels": 2, "out_channels": 2,
+      "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+      "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": true,
+      "cross_attention_dim": 8, "attention_head_dim": 2, "norm_num_groups": 4, "sample_size": 8,
+      "addition_embed_type": "text_time", "addition_time_embed_dim": 4,
+      "projection_class_embeddings_input_dim": 30
+    }"#;
+    let device = Default::default();
+    <Ad as burn::tensor::backend::Backend>::seed(&device, 23);
+    let config: UNet2DConditionConfig = serde_json::from_str(SDXL).unwrap();
+    let unet = config.init::<Ad>(&device).unwrap().no_grad();
+    let context = Tensor::<Ad, 3>::from_data(TensorData::new(noise([1, 2, 3, 8], 16), [2, 3, 8]), &device);
+    let pooled0 = noise([1, 1, 2, 6], 17);
+    let with_pooled = |pooled: Vec<f64>| {
+        let pooled = Tensor::<Ad, 2>::from_data(TensorData::new(pooled, [2, 6]), &device);
+        let m = UnetEps::new(unet.clone(), context.clone())
+            .with_added_conditions(pooled, [64.0, 48.0, 0.0, 8.0, 64.0, 64.0]);
+        let mut m = adjoint_dpm::ode::materialized(m);
+        m.context = m.context.set_require_grad(false);
+        m
+    };
+    let m = with_pooled(pooled0.clone());
+    let grad = |mode| {
+        let grads = ddim3_loss(&m, mode, [4, 2, 8, 8], 18).backward();
+        values(m.text_embeds.as_ref().unwrap().val().grad(&grads).unwrap())
+    };
+    let backprop = grad(GradientMode::Backprop);
+    let exact = grad(GradientMode::default());
+    let e = rel_err(&exact, &backprop);
+    assert!(e < 1e-10, "checkpointed off backprop by {e:e}");
+    assert!(backprop.iter().all(|g| *g != 0.0), "{backprop:?}");
+    // Central differences (the step and tolerance of the context's check above: burn's erf).
+    let loss_at = |delta: f64, i: usize| {
+        let mut p = pooled0.clone();
+        p[i] += delta;
+        values(ddim3_loss(&with_pooled(p), GradientMode::Backprop, [4, 2, 8, 8], 18))[0]
+    };
+    for i in [0, 5, 7, 11] {
+        let fd = (loss_at(1e-2, i) - loss_at(-1e-2, i)) / 2e-2;
+        assert!(
+            (fd - exact[i]).abs() < 1e-2 * fd.abs().max(1.0),
+            "dL/d(text_embeds)[{i}]: FD {fd} vs {}",
+            exact[i]
+        );
+    }
+    // Two rows over four samples are each row over its own two: the same as the rows given
+    // per sample.
+    let spread = |rows: Vec<f64>, width: usize| {
+        let mut out = Vec::new();
+        for row in rows.chunks(width) {
+            out.extend_from_slice(row);
+            out.extend_from_slice(row);
+        }
+        out
+    };
+    let per_sample = UnetEps::new(
+        unet.clone(),
+        Tensor::from_data(TensorData::new(spread(values(context.clone()), 24), [4, 3, 8]), &device),
+    )
+    .with_added_conditions(
+        Tensor::from_data(TensorData::new(spread(pooled0.clone(), 6), [4, 6]), &device),
+        [64.0, 48.0, 0.0, 8.0, 64.0, 64.0],
+    );
+    let x = Tensor::<Ad, 4>::from_data(TensorData::new(noise([4, 2, 8, 8], 19), [4, 2, 8, 8]), &device);
+    let t = Tensor::<Ad, 1>::from_data(TensorData::from([300.0f64]), &device);
+    use adjoint_dpm::diffusion::EpsModel;
+    let e = rel_err(&values(m.eps(x.clone(), t.clone())), &values(per_sample.eps(x, t)));
+    assert!(e < 1e-14, "grouped rows off per-sample rows by {e:e}");
+    // Without its pooled embedding the model is a typed error before the first step.
+    let mut bare = m.clone();
+    bare.text_embeds = None;
+    let err = ddim3_sample_err(&bare);
+    assert!(err.contains("text_embeds") && err.contains("[2, 6]"), "{err}");
+}
+
+fn ddim3_sample_err(m: &UnetEps<Ad>) -> String {
+    let x_t = Tensor::<Ad, 4>::zeros([2, 2, 8, 8], &Default::default());
+    Sampler::ddim(3)
+        .sample(m, &NoiseSchedule::sd_scaled_linear(), x_t)
+        .unwrap_err()
+        .to_string()
+}
