@@ -13,8 +13,11 @@ what SDXL adds to SD 1.x/2.x:
   the legacy end-token rule, a projected pooled output) with its penultimate hidden state,
   which SDXL conditions on.
 
+Also `clip_skip.safetensors` in `sdxl_tiny` and in make_fixtures.py's `sd_tiny`: the prompt
+embeddings both pipelines compute with `clip_skip = 1`.
+
 It reuses the helpers of make_fixtures.py (same seed, same randomisation, same tiny BPE and
-VAE) and writes only that folder. Regenerate with the environment make_fixtures.py names:
+VAE) and writes nothing else. Regenerate with the environment make_fixtures.py names:
 
     /tmp/fx/bin/python scripts/make_sdxl_fixtures.py
 """
@@ -173,9 +176,32 @@ def sdxl_fixture() -> None:
                        timesteps=pipe.scheduler.timesteps.tolist()), f, indent=1)
 
 
+def clip_skip_fixtures() -> None:
+    """Prompt embeddings with `clip_skip = 1` (the layer before CLIP's last) as both pipelines
+    compute them: SD 1.x/2.x take that hidden state through the final LayerNorm, SDXL takes
+    the one before it, without. Written as `clip_skip.safetensors` into `sd_tiny` (made by
+    make_fixtures.py, read back here) and `sdxl_tiny`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    prompt = "a photo of the cat"
+    sd = StableDiffusionPipeline.from_pretrained(os.path.join(ROOT, "sd_tiny"), safety_checker=None)
+    sdxl = StableDiffusionXLPipeline.from_pretrained(os.path.join(ROOT, "sdxl_tiny"))
+    with torch.no_grad():
+        # StableDiffusionPipeline.encode_prompt(clip_skip=1) reads `text_encoder.text_model`,
+        # which transformers 5 no longer has; this is its computation.
+        ids = sd.tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        states = sd.text_encoder(ids.input_ids, output_hidden_states=True).hidden_states
+        sd_embeds = sd.text_encoder.final_layer_norm(states[-(1 + 1)])
+        sdxl_embeds, _, pooled, _ = sdxl.encode_prompt(prompt, do_classifier_free_guidance=False, clip_skip=1)
+    save_io(os.path.join(ROOT, "sd_tiny", "clip_skip.safetensors"), dict(prompt_embeds=sd_embeds))
+    save_io(os.path.join(ROOT, "sdxl_tiny", "clip_skip.safetensors"),
+            dict(prompt_embeds=sdxl_embeds, pooled_prompt_embeds=pooled))
+
+
 def main() -> None:
     sdxl_fixture()
-    print("wrote sdxl_tiny under", os.path.abspath(ROOT))
+    clip_skip_fixtures()
+    print("wrote sdxl_tiny and sd_tiny/clip_skip.safetensors under", os.path.abspath(ROOT))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,15 @@ fn tiny_pipeline_matches_diffusers_end_to_end() {
     assert!(e < 1e-5, "prompt embedding off by {e:e}");
     let e = rel_err(&values(uncond.context.clone()), &read(&st, "negative_embeds").0);
     assert!(e < 1e-5, "empty-prompt embedding off by {e:e}");
+    // clip_skip 1: the layer before CLIP's last through its final LayerNorm; the negative
+    // prompt keeps the last layer's, as in diffusers.
+    let skipped = clip_skip_embeds(&mut sd, prompt, 1, &dir);
+    assert!(skipped[0] < 1e-5, "clip_skip 1 off by {:e}", skipped[0]);
+    let e = rel_err(
+        &values(sd.negative_prompt(&device).unwrap().context),
+        &read(&st, "negative_embeds").0,
+    );
+    assert!(e < 1e-5, "empty-prompt embedding off by {e:e}");
 
     // Guided DDIM with the pipeline's scheduler settings, then the VAE.
     let sampler = sd.sampler(SolverChoice::Ddim, steps, GradientChoice::Exact);
@@ -136,6 +145,18 @@ fn tiny_sdxl_pipeline_matches_diffusers_end_to_end() {
     assert!(e < 1e-5, "pooled embedding off by {e:e}");
     let uncond = sd.negative_prompt(&device).unwrap();
     assert_eq!(values(uncond.context.clone().abs().sum()), [0.0]);
+    // clip_skip 1: each encoder's state two layers before its last, the pooled output as is.
+    let mut skipping = StableDiffusion::<B>::load(&dir, &device).unwrap();
+    let skipped = clip_skip_embeds(&mut skipping, prompt, 1, &dir);
+    assert!(skipped.iter().all(|e| *e < 1e-5), "clip_skip 1 off by {skipped:?}");
+    // A skip past the first encoder's embeddings (it has 2 layers) is a typed error naming it.
+    skipping.clip_skip = 2;
+    let err = skipping.encode_prompt(prompt, &device).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("clip_skip 2 reaches before the embeddings of text_encoder,"),
+        "{err}"
+    );
 
     let sampler = sd.sampler(SolverChoice::Euler, steps, GradientChoice::Exact);
     let expected_t: Vec<f64> = meta["timesteps"]
@@ -162,6 +183,21 @@ fn tiny_sdxl_pipeline_matches_diffusers_end_to_end() {
     let x = Tensor::<B, 4>::zeros([1, 4, 8, 8], &device);
     let err = sampler.sample_inference(&model, &sd.schedule, x).unwrap_err();
     assert!(err.to_string().contains("text_embeds"), "{err}");
+}
+
+/// The relative errors of `sd`'s encoding of `prompt` under `clip_skip = skip` against the
+/// folder's `clip_skip.safetensors` (context, then the pooled embedding if any).
+fn clip_skip_embeds(sd: &mut StableDiffusion<B>, prompt: &str, skip: usize, dir: &Path) -> Vec<f64> {
+    let bytes = std::fs::read(dir.join("clip_skip.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    sd.clip_skip = skip;
+    let encoded = sd.encode_prompt(prompt, &Default::default()).unwrap();
+    sd.clip_skip = 0;
+    let mut errs = vec![rel_err(&values(encoded.context), &read(&st, "prompt_embeds").0)];
+    if let Some(pooled) = encoded.text_embeds {
+        errs.push(rel_err(&values(pooled), &read(&st, "pooled_prompt_embeds").0));
+    }
+    errs
 }
 
 fn config(out: &Path) -> RunConfig {

@@ -219,6 +219,11 @@ struct TaskArgs {
     /// Stable Diffusion: the prompt (empty: the unconditional model).
     #[arg(long, default_value = "")]
     prompt: String,
+    /// Stable Diffusion: condition on the text encoder's hidden state this many layers before
+    /// its last (diffusers' clip_skip; 0: the pipeline's own, CLIP's last for SD 1.x/2.x, the
+    /// penultimate for SDXL).
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
     /// Where Stable Diffusion runs (cuda needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -303,6 +308,7 @@ impl TaskArgs {
             guidance_rescale: self.guidance_rescale,
             batch: self.batch,
             prompt: self.prompt.clone(),
+            clip_skip: self.clip_skip,
             classifier: self.classifier.clone(),
             fresh: self.fresh,
         }
@@ -459,9 +465,9 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     }
     // The toy model is conditioned on classes, not text, and carries its own classifier: say so
     // rather than ignore these.
-    if !config.prompt.is_empty() || config.classifier.is_some() {
+    if !config.prompt.is_empty() || config.classifier.is_some() || config.clip_skip > 0 {
         return Err(
-            "--prompt and --classifier are for Stable Diffusion folders (--weights DIR with unet/); \
+            "--prompt, --clip-skip and --classifier are for Stable Diffusion folders (--weights DIR with unet/); \
                     the toy model takes class names (--target, --class)"
                 .into(),
         );

@@ -60,6 +60,9 @@ pub struct RunConfig {
     pub batch: usize,
     /// Stable Diffusion (`weights` is a diffusers folder): the prompt; empty = unconditional.
     pub prompt: String,
+    /// Stable Diffusion: condition on the hidden state `clip_skip` layers before CLIP's last
+    /// (diffusers' `clip_skip`, `--clip-skip`; 0: the pipeline's own).
+    pub clip_skip: usize,
     /// Stable Diffusion: the torchvision ResNet judging the images (`.pth` or `.safetensors`;
     /// ResNet-50 unless a JSON `ResNetConfig` with the same stem sits beside it).
     pub classifier: Option<PathBuf>,
@@ -157,6 +160,7 @@ impl Default for RunConfig {
             guidance_rescale: 0.0,
             batch: 8,
             prompt: String::new(),
+            clip_skip: 0,
             classifier: None,
             fresh: false,
         }

@@ -43,7 +43,8 @@ fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>,
     let path = config.classifier.as_ref().ok_or_else(|| {
         RunError::Usage("a Stable Diffusion run needs --classifier FILE (torchvision ResNet-50 weights)".into())
     })?;
-    let sd = StableDiffusion::<Autodiff<B>>::load(dir, device)?.frozen();
+    let mut sd = StableDiffusion::<Autodiff<B>>::load(dir, device)?.frozen();
+    sd.clip_skip = config.clip_skip;
     let classifier = ImageNetClassifier::load(path, 224, device)
         .map_err(|source| RunError::Classifier {
             path: path.clone(),

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use adjoint_dpm_models::clip::{load_clip_text, ClipTextModel, ClipTokenizer};
 use adjoint_dpm_models::load::{read_config, LoadError};
+use adjoint_dpm_models::norm::layer_norm;
 use adjoint_dpm_models::unet::{load_unet, UNet2DConditionConfig, UNet2DConditionModel};
 use adjoint_dpm_models::vae::{load_vae, AutoencoderKL, AutoencoderKLConfig};
 use burn::module::Module;
@@ -49,6 +50,16 @@ pub enum SdError {
     /// The components do not fit together.
     #[error("the pipeline's components do not fit together: {0}")]
     Mismatch(String),
+    /// A `clip_skip` that reaches before a text encoder's embeddings.
+    #[error("clip_skip {skip} reaches before the embeddings of {component}, which has {layers} layers")]
+    ClipSkip {
+        /// The asked skip.
+        skip: usize,
+        /// The text encoder.
+        component: &'static str,
+        /// Its layers.
+        layers: usize,
+    },
 }
 
 /// The fields of diffusers' `scheduler_config.json` that define the noise schedule and the
@@ -182,6 +193,10 @@ pub struct StableDiffusion<B: Backend> {
     pub tokenizer: ClipTokenizer,
     /// SDXL's second text encoder (with a projection) and its tokenizer.
     pub text_encoder_2: Option<(ClipTextModel<B>, ClipTokenizer)>,
+    /// Condition on the hidden state `clip_skip` layers before the text encoders' last
+    /// (diffusers' `clip_skip`): SD 1.x/2.x take it through CLIP's final LayerNorm, SDXL takes
+    /// the one before it (the penultimate at 0), without.
+    pub clip_skip: usize,
     /// An empty negative prompt is zeros rather than the encoded "" (SDXL's
     /// `force_zeros_for_empty_prompt`, from `model_index.json`).
     pub force_zeros_for_empty_prompt: bool,
@@ -349,6 +364,7 @@ impl<B: Backend> StableDiffusion<B> {
             tokenizer,
             text_encoder_2: text_encoder_2.map(|(_, encoder, tokenizer)| (encoder, tokenizer)),
             force_zeros_for_empty_prompt,
+            clip_skip: 0,
             scheduler,
             schedule,
         })
@@ -373,29 +389,56 @@ impl<B: Backend> StableDiffusion<B> {
 
     /// A prompt as diffusers' pipeline encodes it, one row: CLIP's last hidden state
     /// (`[1, max_length, hidden]`); for SDXL both encoders' penultimate hidden states side by
-    /// side and the second's projected pooled output.
+    /// side and the second's projected pooled output. [`clip_skip`](Self::clip_skip) moves
+    /// both back by that many layers.
     pub fn encode_prompt(&self, prompt: &str, device: &B::Device) -> Result<EncodedPrompt<B>, SdError> {
+        self.encode_skipping(prompt, self.clip_skip, device)
+    }
+
+    fn encode_skipping(&self, prompt: &str, skip: usize, device: &B::Device) -> Result<EncodedPrompt<B>, SdError> {
         let tokenize = |tokenizer: &ClipTokenizer, component: &'static str| {
             let err = |source| SdError::Load { component, source };
             let ids = tokenizer.encode(prompt).map_err(err)?;
             let tokens = ids.iter().skip(1).take_while(|&&id| id != tokenizer.eos_id).count();
             Ok::<_, SdError>((tokenizer.encode_batch::<B>(&[prompt], device).map_err(err)?, tokens))
         };
+        // The hidden state `back` layers before the last (`hidden_states` holds the
+        // embeddings' output, then each layer's).
+        let before_last = |states: &[Tensor<B, 3>], back: usize, component| {
+            let layers = states.len() - 1;
+            match layers.checked_sub(back) {
+                Some(i) => Ok(states[i].clone()),
+                None => Err(SdError::ClipSkip {
+                    skip,
+                    component,
+                    layers,
+                }),
+            }
+        };
         let (ids, tokens) = tokenize(&self.tokenizer, "tokenizer")?;
         let out = self.text_encoder.forward(ids);
         let Some((encoder_2, tokenizer_2)) = &self.text_encoder_2 else {
+            let context = match skip {
+                0 => out.last_hidden_state,
+                _ => layer_norm(
+                    &self.text_encoder.final_layer_norm,
+                    before_last(&out.hidden_states, skip, "text_encoder")?,
+                ),
+            };
             return Ok(EncodedPrompt {
-                context: out.last_hidden_state,
+                context,
                 text_embeds: None,
                 tokens,
             });
         };
         let (ids_2, _) = tokenize(tokenizer_2, "tokenizer_2")?;
         let out_2 = encoder_2.forward(ids_2);
-        let penultimate = |states: &[Tensor<B, 3>]| states[states.len().saturating_sub(2)].clone();
         Ok(EncodedPrompt {
             context: Tensor::cat(
-                vec![penultimate(&out.hidden_states), penultimate(&out_2.hidden_states)],
+                vec![
+                    before_last(&out.hidden_states, skip + 1, "text_encoder")?,
+                    before_last(&out_2.hidden_states, skip + 1, "text_encoder_2")?,
+                ],
                 2,
             ),
             text_embeds: out_2.text_embeds,
@@ -404,9 +447,9 @@ impl<B: Backend> StableDiffusion<B> {
     }
 
     /// The unconditional prompt of classifier-free guidance: the encoded "", or zeros where
-    /// the pipeline forces them (SDXL).
+    /// the pipeline forces them (SDXL). As in diffusers, `clip_skip` does not apply to it.
     pub fn negative_prompt(&self, device: &B::Device) -> Result<EncodedPrompt<B>, SdError> {
-        let empty = self.encode_prompt("", device)?;
+        let empty = self.encode_skipping("", 0, device)?;
         if !self.force_zeros_for_empty_prompt {
             return Ok(empty);
         }
