@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use adjoint_dpm::diffusion::{Cfg, NoiseLevels};
 use adjoint_dpm::tasks::run::{InitImage, RunConfig, RunError};
 use adjoint_dpm::tasks::run_sd::{run_audit, run_finetune, run_guide, run_invert, sample};
-use adjoint_dpm::tasks::{FinalSigmas, GradientChoice, SdError, SolverChoice, StableDiffusion};
+use adjoint_dpm::tasks::{FinalSigmas, GradientChoice, SchedulerConfig, SdError, SolverChoice, StableDiffusion};
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 
@@ -198,6 +198,43 @@ fn clip_skip_embeds(sd: &mut StableDiffusion<B>, prompt: &str, skip: usize, dir:
         errs.push(rel_err(&values(pooled), &read(&st, "pooled_prompt_embeds").0));
     }
     errs
+}
+
+/// The sampler a folder was saved with: the fixtures' DDIM and Euler, DPM-Solver's and UniPC's
+/// variants, and the schedulers we do not have, named.
+#[test]
+fn a_folder_names_its_sampler() {
+    let device = Default::default();
+    let sd = StableDiffusion::<B>::load(fixtures().join("sd_tiny"), &device).unwrap();
+    assert_eq!(sd.scheduler.solver(), Ok(SolverChoice::Ddim));
+    let sdxl = StableDiffusion::<B>::load(fixtures().join("sdxl_tiny"), &device).unwrap();
+    assert_eq!(sdxl.scheduler.solver(), Ok(SolverChoice::Euler));
+    let solver = |json: &str| serde_json::from_str::<SchedulerConfig>(json).unwrap().solver();
+    let dpm = r#"{"_class_name": "DPMSolverMultistepScheduler""#;
+    assert_eq!(solver(&format!("{dpm}}}")), Ok(SolverChoice::Dpmpp2m));
+    assert_eq!(
+        solver(&format!(r#"{dpm}, "solver_order": 3, "solver_type": "midpoint"}}"#)),
+        Ok(SolverChoice::Dpmpp3m)
+    );
+    assert_eq!(
+        solver(&format!(r#"{dpm}, "algorithm_type": "sde-dpmsolver++"}}"#)),
+        Ok(SolverChoice::Dpmpp2mSde)
+    );
+    let heun = solver(&format!(r#"{dpm}, "solver_type": "heun"}}"#)).unwrap_err();
+    assert!(heun.contains("solver_type Some(\"heun\")"), "{heun}");
+    let unipc = r#"{"_class_name": "UniPCMultistepScheduler""#;
+    assert_eq!(
+        solver(&format!(r#"{unipc}, "solver_type": "bh1"}}"#)),
+        Ok(SolverChoice::UnipcBh1)
+    );
+    assert_eq!(
+        solver(&format!(r#"{unipc}, "solver_order": 3}}"#)),
+        Ok(SolverChoice::Unipc3)
+    );
+    assert_eq!(
+        solver(r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#),
+        Err("PNDMScheduler".into())
+    );
 }
 
 fn config(out: &Path) -> RunConfig {

@@ -581,6 +581,39 @@ impl<B: Backend> UNet2DConditionModel<B> {
     /// As [`forward`](Self::forward), and if `added` is given to a model without
     /// `add_embedding`, missing for one with, or of the wrong width
     /// ([`takes_added_conditions`](Self::takes_added_conditions) says which).
+    ///
+    /// # Example
+    /// ```
+    /// use adjoint_dpm_models::unet::{AddedConditions, UNet2DConditionConfig};
+    /// use burn::backend::Flex;
+    /// use burn::tensor::Tensor;
+    ///
+    /// // A tiny SDXL-shaped UNet: a 12-wide pooled text embedding and six 4-wide codes.
+    /// let config: UNet2DConditionConfig = serde_json::from_str(
+    ///     r#"{"block_out_channels": [8, 16], "layers_per_block": 1, "cross_attention_dim": 8,
+    ///         "attention_head_dim": 2, "norm_num_groups": 4, "use_linear_projection": true,
+    ///         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    ///         "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    ///         "addition_embed_type": "text_time", "addition_time_embed_dim": 4,
+    ///         "projection_class_embeddings_input_dim": 36}"#,
+    /// )?;
+    /// let device = Default::default();
+    /// let unet = config.init::<Flex>(&device)?;
+    /// assert_eq!(unet.takes_added_conditions(), Some(12));
+    /// let added = AddedConditions {
+    ///     text_embeds: Tensor::ones([1, 12], &device),
+    ///     time_ids: Tensor::from_floats([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]], &device),
+    /// };
+    /// let eps = unet.forward_added(
+    ///     Tensor::ones([1, 4, 8, 8], &device),
+    ///     Tensor::from_floats([500.0], &device),
+    ///     Tensor::ones([1, 5, 8], &device),
+    ///     None,
+    ///     Some(added),
+    /// );
+    /// assert_eq!(eps.dims(), [1, 4, 8, 8]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn forward_added(
         &self,
         sample: Tensor<B, 4>,

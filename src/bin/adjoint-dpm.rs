@@ -19,8 +19,9 @@ use std::process::ExitCode;
 use adjoint_dpm::tasks::run::{self as tasks, InitImage, RunConfig};
 use adjoint_dpm::tasks::run_sd;
 use adjoint_dpm::tasks::stable_diffusion::is_pipeline_dir;
-use adjoint_dpm::tasks::{GradientChoice, SolverChoice};
+use adjoint_dpm::tasks::{GradientChoice, SchedulerConfig, SolverChoice};
 use adjoint_dpm::toy::{self, Phase, Progress, TrainConfig};
+use adjoint_dpm_models::load::read_config;
 use burn::backend::{Autodiff, Flex};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -233,9 +234,10 @@ struct TaskArgs {
     /// Sampling steps.
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    /// Sampler.
-    #[arg(long, value_enum, default_value = "ddim")]
-    solver: SolverArg,
+    /// Sampler [default: ddim; for a Stable Diffusion folder, the scheduler it was saved with
+    /// where that is one of these].
+    #[arg(long, value_enum)]
+    solver: Option<SolverArg>,
     /// Sample on Karras et al.'s noise levels (diffusers' use_karras_sigmas), whatever the sampler.
     #[arg(long)]
     karras: bool,
@@ -283,7 +285,7 @@ impl TaskArgs {
                 GradientArg::Adjointdpm => GradientChoice::AdjointDpm,
                 GradientArg::Backprop => GradientChoice::Backprop,
             },
-            solver: match self.solver {
+            solver: match self.solver.unwrap_or(SolverArg::Ddim) {
                 SolverArg::Ddim => SolverChoice::Ddim,
                 SolverArg::Dpmpp2m => SolverChoice::Dpmpp2m,
                 SolverArg::Dpmpp2mKarras => SolverChoice::Dpmpp2mKarras,
@@ -424,7 +426,7 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::Sample { task, .. } => ("sample", task),
         Command::TrainToy(_) => unreachable!("train-toy is dispatched in main"),
     };
-    let config = task.config();
+    let mut config = task.config();
     // burn's CUDA backend compiles every kernel at first use and, built with autotune, times
     // candidate kernels for every new shape; the first UNet call waits on that, silently.
     #[cfg(feature = "cuda-base")]
@@ -436,7 +438,22 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         "CUDA: the first UNet calls compile kernels (about 40 s for the SD-1.5 UNet in f32 on an H100)"
     };
-    if config.weights.as_deref().is_some_and(is_pipeline_dir) {
+    if let Some(dir) = config.weights.as_deref().filter(|d| is_pipeline_dir(d)) {
+        if task.solver.is_none() {
+            // As diffusers samples: with the scheduler the pipeline was saved with.
+            let path = dir.join("scheduler/scheduler_config.json");
+            let scheduler: SchedulerConfig = read_config(&path).map_err(|e| e.to_string())?;
+            match scheduler.solver() {
+                Ok(solver) => {
+                    config.solver = solver;
+                    eprintln!(
+                        "sampler: the folder's {}",
+                        scheduler.class_name.as_deref().unwrap_or("scheduler")
+                    );
+                }
+                Err(which) => eprintln!("sampler: DDIM (the folder's {which} is not one of --solver's)"),
+            }
+        }
         return match task.device {
             DeviceArg::Cpu => run_sd_task::<Flex>(command, &config, &Default::default()),
             #[cfg(feature = "cuda-base")]

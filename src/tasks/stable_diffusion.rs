@@ -109,6 +109,15 @@ pub struct SchedulerConfig {
     /// Beta-distribution levels (diffusers' `use_beta_sigmas`): not supported, refused on load.
     #[serde(default)]
     pub use_beta_sigmas: bool,
+    /// DPM-Solver's variant (`dpmsolver++`, `sde-dpmsolver++`, ...).
+    #[serde(default)]
+    pub algorithm_type: Option<String>,
+    /// Order of the multistep schedulers (DPM-Solver, UniPC).
+    #[serde(default)]
+    pub solver_order: Option<usize>,
+    /// DPM-Solver's second-order update (`midpoint`, `heun`) or UniPC's `B(h)` (`bh1`, `bh2`).
+    #[serde(default)]
+    pub solver_type: Option<String>,
     /// The schedule rescaled to zero terminal SNR
     /// ([`NoiseSchedule::rescale_zero_terminal_snr`]).
     #[serde(default)]
@@ -151,6 +160,36 @@ mod defaults {
 }
 
 impl SchedulerConfig {
+    /// The sampler the pipeline was saved with (its `_class_name` and variant), as diffusers'
+    /// `pipe.scheduler` would sample, or why there is none here.
+    pub fn solver(&self) -> Result<SolverChoice, String> {
+        let class = self.class_name.as_deref().unwrap_or("no _class_name");
+        let order = self.solver_order.unwrap_or(2);
+        let kind = self.solver_type.as_deref();
+        let algorithm = self.algorithm_type.as_deref().unwrap_or("dpmsolver++");
+        match (class, algorithm, order, kind) {
+            ("DDIMScheduler", ..) => Ok(SolverChoice::Ddim),
+            ("EulerDiscreteScheduler", ..) => Ok(SolverChoice::Euler),
+            ("EulerAncestralDiscreteScheduler", ..) => Ok(SolverChoice::EulerAncestral),
+            ("HeunDiscreteScheduler", ..) => Ok(SolverChoice::Heun),
+            ("DPMSolverMultistepScheduler", "dpmsolver++", 2, None | Some("midpoint")) => Ok(SolverChoice::Dpmpp2m),
+            ("DPMSolverMultistepScheduler", "dpmsolver++", 3, None | Some("midpoint")) => Ok(SolverChoice::Dpmpp3m),
+            ("DPMSolverMultistepScheduler", "sde-dpmsolver++", 2, None | Some("midpoint")) => {
+                Ok(SolverChoice::Dpmpp2mSde)
+            }
+            ("DPMSolverMultistepScheduler", "sde-dpmsolver++", 3, None | Some("midpoint")) => {
+                Ok(SolverChoice::Dpmpp3mSde)
+            }
+            ("UniPCMultistepScheduler", _, 2, None | Some("bh2")) => Ok(SolverChoice::Unipc),
+            ("UniPCMultistepScheduler", _, 2, Some("bh1")) => Ok(SolverChoice::UnipcBh1),
+            ("UniPCMultistepScheduler", _, 3, None | Some("bh2")) => Ok(SolverChoice::Unipc3),
+            ("DPMSolverMultistepScheduler", ..) | ("UniPCMultistepScheduler", ..) => Err(format!(
+                "{class} with algorithm_type {algorithm:?}, solver_order {order} and solver_type {kind:?}"
+            )),
+            _ => Err(class.to_string()),
+        }
+    }
+
     /// The noise schedule.
     pub fn schedule(&self) -> Result<NoiseSchedule, DiffusionError> {
         let schedule = match &self.trained_betas {
