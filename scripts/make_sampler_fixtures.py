@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M, 2M SDE, 3M SDE), UniPC (bh2, bh1; order 2, 3),
-Euler and Heun schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
+Euler, Heun and PNDM (PLMS) schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
 samplers.json).
 
 The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_ancestral_module
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 from safetensors.torch import save_file
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
@@ -229,6 +229,29 @@ def k_diffusion_run(name, sched, steps):
     return torch.stack(trajectory), [float(t) for t in timesteps[::sched.order]]
 
 
+def plms_run(sched):
+    """PNDM with skip_prk_steps: one call more than steps (its first step is a trapezoid through
+    a provisional DDIM step, whose sample is not a step's); returns the samples after whole steps
+    and the timesteps they start from."""
+    timesteps = sched.timesteps
+    x, trajectory = x_T.clone(), [x_T.clone()]
+    for k, t in enumerate(timesteps):
+        x = sched.step(eps(x, t), t, x).prev_sample
+        if k != 0 or len(timesteps) == 1:
+            trajectory.append(x.clone())
+    whole = [t for k, t in enumerate(timesteps) if k != 1 or len(timesteps) == 1]
+    return torch.stack(trajectory), [float(t) for t in whole]
+
+
+# PLMS as Stable Diffusion 1.x ships it (10 steps), and on the linear schedule over 20 steps with
+# set_alpha_to_one (its last step to alpha = 1) and no offset.
+PLMS_CASES = {
+    "plms_sd": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+                    set_alpha_to_one=False, steps_offset=1),
+    "plms_linear_20": dict(beta_schedule="linear", skip_prk_steps=True, set_alpha_to_one=True),
+}
+PLMS_STEPS = {"plms_sd": 10, "plms_linear_20": 20}
+
 for name, (cls, config, steps) in {**CASES, **F64_CASES}.items():
     sched = cls(num_train_timesteps=1000, **config)
     if name in F64_CASES:
@@ -258,6 +281,13 @@ for name, (cls, config, steps) in {**CASES, **F64_CASES}.items():
     tensors[name] = torch.stack(trajectory)
     meta["cases"][name] = {"scheduler": cls.__name__, "config": config, "steps": steps,
                            "strength": STRENGTH.get(name, 1.0), "timesteps": [float(t) for t in timesteps]}
+
+for name, config in PLMS_CASES.items():
+    sched = PNDMScheduler(num_train_timesteps=1000, **config)
+    sched.set_timesteps(PLMS_STEPS[name])
+    tensors[name], ts = plms_run(sched)
+    meta["cases"][name] = {"scheduler": "PNDMScheduler", "config": config, "steps": PLMS_STEPS[name],
+                           "strength": 1.0, "timesteps": ts}
 
 noise_gen = torch.Generator().manual_seed(11)
 for name, (cls, config, steps, eta) in NOISY_CASES.items():

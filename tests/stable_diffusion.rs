@@ -233,7 +233,14 @@ fn a_folder_names_its_sampler() {
     );
     assert_eq!(
         solver(r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#),
-        Err("PNDMScheduler".into())
+        Ok(SolverChoice::Plms)
+    );
+    assert!(solver(r#"{"_class_name": "PNDMScheduler"}"#)
+        .unwrap_err()
+        .contains("skip_prk_steps false"));
+    assert_eq!(
+        solver(r#"{"_class_name": "LMSDiscreteScheduler"}"#),
+        Err("LMSDiscreteScheduler".into())
     );
 }
 

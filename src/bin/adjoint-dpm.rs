@@ -192,6 +192,9 @@ enum SolverArg {
     /// held fixed).
     #[value(name = "euler-a")]
     EulerA,
+    /// PLMS, diffusers' PNDMScheduler with skip_prk_steps (SD 1.x's scheduler; exact or
+    /// backprop).
+    Plms,
 }
 
 /// `--device`.
@@ -298,6 +301,7 @@ impl TaskArgs {
                 SolverArg::Heun => SolverChoice::Heun,
                 SolverArg::Euler => SolverChoice::Euler,
                 SolverArg::EulerA => SolverChoice::EulerAncestral,
+                SolverArg::Plms => SolverChoice::Plms,
             },
             karras: self.karras,
             exponential: self.exponential_sigmas,

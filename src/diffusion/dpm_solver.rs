@@ -39,6 +39,15 @@
 //! `y_{i+1} = r² y_i + (1 − r²) D0 + c1 D1 + c2 D2 + ρ_{i+1} √(1 − r²) ξ_i`,
 //! `c1 = (1 − r²)/(−2h) + 1`, `c2 = (1 − r² − 2h)/(2h)² − ½`.
 //!
+//! PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds"; diffusers'
+//! `PNDMScheduler` with `skip_prk_steps`, Stable Diffusion 1.x's scheduler) is Adams–Bashforth
+//! on ε in y units: `y_{i+1} = y_i + (ρ_{i+1} − ρ_i) ε̂_i` (DDIM's step with ε̂ for ε), with
+//! `ε̂_i` of the evaluations `e_i = ε(α_i y_i, t_i)` so far: `(3e_i − e_{i−1})/2`,
+//! `(23e_i − 16e_{i−1} + 5e_{i−2})/12` and `(55e_i − 59e_{i−1} + 37e_{i−2} − 9e_{i−3})/24`
+//! (uniform-step coefficients, whatever the levels), and at the first step, of a run of two or
+//! more, the trapezoid `(e_0 + ε(α_1 ỹ_1, t_1))/2` through DDIM's `ỹ_1 = y_0 + (ρ_1 − ρ_0) e_0`
+//! (one network call more than steps). Its state is `[y_i; e_{i−1}; e_{i−2}; e_{i−3}]`.
+//!
 //! Each map is written as one Euler step `z + h f(ρ_i, z)` with `h = ρ_{i+1} − ρ_i` of a field
 //! that knows the grid: `f = (z_{i+1} − z_i)/h` block by block, e.g. for DPM-Solver++
 //! `[(y − D)/ρ_i; (x̂0_i − x̂0_{i−1})/h; (x̂0_{i−1} − x̂0_{i−2})/h]`. The
@@ -92,6 +101,8 @@ enum Method {
         bh1: bool,
         third_order: bool,
     },
+    /// PLMS: Adams–Bashforth on ε, a history of three evaluations.
+    Plms,
 }
 
 impl Method {
@@ -101,6 +112,7 @@ impl Method {
             Method::DpmPP2 | Method::DpmPP2Sde => 2,
             Method::DpmPP3 | Method::DpmPP3Sde => 3,
             Method::UniPc { third_order, .. } => 4 + usize::from(third_order),
+            Method::Plms => 4,
         }
     }
 }
@@ -153,6 +165,53 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
     pub fn unipc(mut self, bh1: bool, third_order: bool) -> Self {
         self.method = Method::UniPc { bh1, third_order };
         self
+    }
+
+    /// PLMS (diffusers' `PNDMScheduler` with `skip_prk_steps`); see the module's doc.
+    pub fn plms(mut self) -> Self {
+        self.method = Method::Plms;
+        self
+    }
+
+    /// The network's timestep at knot `k` (at level `rho`).
+    fn timestep_at(&self, k: usize, rho: f64) -> f64 {
+        match self.timesteps.as_ref().and_then(|ts| ts.get(k)) {
+            Some(&t) => t,
+            None => self.schedule.t_of_rho(rho),
+        }
+    }
+
+    /// PLMS's step i as the Euler field's blocks, from `y` with its evaluation `eps` and the
+    /// state `z` (whose history blocks hold the earlier evaluations).
+    fn plms_field<const D: usize>(&self, i: usize, y: Tensor<B, D>, eps: Tensor<B, D>, z: &Tensor<B, D>) -> Tensor<B, D>
+    where
+        M: EpsModel<B, D>,
+    {
+        let b = y.dims()[0];
+        let (rho_s, rho_t) = (self.grid[i], self.grid[i + 1]);
+        let step = rho_t - rho_s;
+        let past: Vec<_> = (1..4).map(|k| z.clone().narrow(0, k * b, b)).collect();
+        let weights: &[f64] = match i {
+            0 => &[1.0],
+            1 => &[1.5, -0.5],
+            2 => &[23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0],
+            _ => &[55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0],
+        };
+        let mut e_hat = eps.clone().mul_scalar(weights[0]);
+        for (w, e) in weights[1..].iter().zip(&past) {
+            e_hat = e_hat + e.clone().mul_scalar(*w);
+        }
+        if i == 0 && self.grid.len() > 2 {
+            // The trapezoid through DDIM's step, the network asked again at its end.
+            let y_end = y.clone() + eps.clone().mul_scalar(step);
+            let t = Tensor::from_data(TensorData::from([self.timestep_at(1, rho_t)]), (&y.device(), y.dtype()));
+            let e_end = self.model.eps(y_end.mul_scalar(NoiseSchedule::alpha_of_rho(rho_t)), t);
+            e_hat = (e_hat + e_end).mul_scalar(0.5);
+        }
+        // [y; e_{i−1}; e_{i−2}; e_{i−3}] → [y + step ε̂; e_i; e_{i−1}; e_{i−2}].
+        let mut parts = vec![e_hat, (eps - past[0].clone()).div_scalar(step)];
+        parts.extend(past.windows(2).map(|w| (w[0].clone() - w[1].clone()).div_scalar(step)));
+        Tensor::cat(parts, 0)
     }
 
     /// UniPC's `B(h)` for a step of `h = log(ρ_s/ρ_t)`: `e^{−h} − 1` (bh2) or `−h` (bh1).
@@ -299,14 +358,13 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
         let (rho_s, rho_t) = (self.grid[i], self.grid[i + 1]);
         let b = self.rows_of(z.dims()[0]);
         let y = z.clone().narrow(0, 0, b);
-        let t = match self.timesteps.as_ref().and_then(|ts| ts.get(i)) {
-            Some(&t) => t,
-            None => self.schedule.t_of_rho(rho_s),
-        };
-        let t = Tensor::from_data(TensorData::from([t]), (&y.device(), y.dtype()));
+        let t = Tensor::from_data(TensorData::from([self.timestep_at(i, rho_s)]), (&y.device(), y.dtype()));
         let eps = self
             .model
             .eps(y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(rho_s)), t);
+        if self.method == Method::Plms {
+            return self.plms_field(i, y, eps, &z);
+        }
         let x0 = y.clone() - eps.mul_scalar(rho_s);
         let step = rho_t - rho_s;
         if let Method::UniPc { .. } = self.method {

@@ -70,6 +70,11 @@ pub enum SamplerKind {
         /// `solver_order = 3` (else 2).
         third_order: bool,
     },
+    /// PLMS (Liu et al. 2022; diffusers' `PNDMScheduler` with `skip_prk_steps`, Stable
+    /// Diffusion 1.x's default): DDIM's step with ε extrapolated Adams–Bashforth-style from the
+    /// last four evaluations, a trapezoid step first (one network call more than steps). State
+    /// `[y; ε_prev; ε_prev2; ε_prev3]`; exact and Backprop gradients, like DPM-Solver++.
+    Plms,
 }
 
 impl SamplerKind {
@@ -82,11 +87,13 @@ impl SamplerKind {
             | SamplerKind::DpmSolverPP3M
             | SamplerKind::DpmSolverPP2MSde
             | SamplerKind::DpmSolverPP3MSde
-            | SamplerKind::UniPc { .. } => &tableau::EULER,
+            | SamplerKind::UniPc { .. }
+            | SamplerKind::Plms => &tableau::EULER,
         }
     }
 
-    /// Whether it is a multistep method (DPM-Solver++, UniPC), which has no continuous adjoint.
+    /// Whether it is a multistep method (DPM-Solver++, UniPC, PLMS), which has no continuous
+    /// adjoint.
     pub fn is_multistep(self) -> bool {
         matches!(
             self,
@@ -95,6 +102,7 @@ impl SamplerKind {
                 | SamplerKind::DpmSolverPP2MSde
                 | SamplerKind::DpmSolverPP3MSde
                 | SamplerKind::UniPc { .. }
+                | SamplerKind::Plms
         )
     }
 }
@@ -174,6 +182,26 @@ impl Sampler {
             strength: 1.0,
             eta: 0.0,
             gradient: GradientMode::default(),
+        }
+    }
+
+    /// PLMS with `steps` steps as diffusers' `PNDMScheduler` defaults (with `skip_prk_steps`):
+    /// DDIM's "leading" timesteps, last step to ᾱ_0 (`set_alpha_to_one = False`), exact
+    /// gradients. Stable Diffusion 1.x ships it with `steps_offset = 1`.
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
+    /// let mut plms = Sampler::plms(20);
+    /// plms.steps_offset = 1;
+    /// let ts = plms.timesteps(&NoiseSchedule::sd_scaled_linear())?;
+    /// assert_eq!((ts[0], ts[1], ts[19]), (951.0, 901.0, 1.0));
+    /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
+    /// ```
+    pub fn plms(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::Plms,
+            final_alpha_one: false,
+            ..Self::ddim(steps)
         }
     }
 
@@ -460,7 +488,9 @@ impl Sampler {
         }
         let fractional = self.convention == TimestepConvention::Fractional;
         let spaced = || -> Result<Vec<f64>, DiffusionError> {
-            let integer = match (fractional, self.kind.is_multistep()) {
+            // PLMS takes DDIM's timesteps (PNDMScheduler computes them as DDIMScheduler does).
+            let dpm_solver = self.kind.is_multistep() && self.kind != SamplerKind::Plms;
+            let integer = match (fractional, dpm_solver) {
                 (true, _) => return fractional_timesteps(n, self.steps, self.spacing, self.steps_offset),
                 (false, true) => dpm_solver_timesteps(n, self.steps, self.spacing, self.steps_offset)?,
                 (false, false) => timesteps(n, self.steps, self.spacing, self.steps_offset)?,
@@ -544,6 +574,7 @@ impl Sampler {
             SamplerKind::DpmSolverPP2MSde => map.sde(noise),
             SamplerKind::DpmSolverPP3MSde => map.third_order().sde(noise),
             SamplerKind::UniPc { bh1, third_order } => map.unipc(bh1, third_order),
+            SamplerKind::Plms => map.plms(),
             _ => map,
         })
     }
@@ -634,6 +665,11 @@ impl Sampler {
         model.check_batch(x_t.dims()[0])?;
         self.check_noise(&grid, &x_t, &noise)?;
         self.check_gradient()?;
+        if grid.len() < 2 {
+            // The only step kept starts on the run's last level (img2img keeping the step from
+            // t = 0 with `set_alpha_to_one` off): a zero step, which leaves the sample as it is.
+            return Ok(x_t);
+        }
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
         let alpha_0 = NoiseSchedule::alpha_of_rho(grid[grid.len() - 1]);
         if self.kind.is_multistep() {
@@ -708,6 +744,7 @@ impl Sampler {
                  Checkpointed (exact) or Backprop",
             ),
             SamplerKind::UniPc { .. } => ("UniPC", MULTISTEP),
+            SamplerKind::Plms => ("PLMS", MULTISTEP),
             kind if kind.is_multistep() => ("DPM-Solver++", MULTISTEP),
             _ => return Ok(()),
         };
@@ -796,6 +833,10 @@ impl Sampler {
         let grid = self.rho_grid(schedule)?;
         model.check_batch(x_t.dims()[0])?;
         self.check_noise(&grid, &x_t, &noise)?;
+        if grid.len() < 2 {
+            // A zero step only, as in `sample_with_noise`.
+            return Ok(vec![x_t]);
+        }
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
         let ys = if let Some(step) = self.noisy_step()? {
             let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?, noise);

@@ -270,6 +270,8 @@ pub enum SolverChoice {
     /// Euler ancestral (stochastic; exact or Backprop gradients).
     #[serde(rename = "euler-a")]
     EulerAncestral,
+    /// PLMS, diffusers' `PNDMScheduler` with `skip_prk_steps` (SD 1.x's): exact or Backprop.
+    Plms,
 }
 
 impl SolverChoice {
@@ -288,6 +290,7 @@ impl SolverChoice {
             SolverChoice::Heun => Sampler::heun(steps),
             SolverChoice::Euler => Sampler::euler(steps),
             SolverChoice::EulerAncestral => Sampler::euler_ancestral(steps),
+            SolverChoice::Plms => Sampler::plms(steps),
         };
         base.gradient(gradient.mode())
     }

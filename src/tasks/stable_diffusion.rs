@@ -109,6 +109,9 @@ pub struct SchedulerConfig {
     /// Beta-distribution levels (diffusers' `use_beta_sigmas`): not supported, refused on load.
     #[serde(default)]
     pub use_beta_sigmas: bool,
+    /// PNDM without its Runge–Kutta warm-up, i.e. PLMS (SD 1.x ships `true`).
+    #[serde(default)]
+    pub skip_prk_steps: bool,
     /// DPM-Solver's variant (`dpmsolver++`, `sde-dpmsolver++`, ...).
     #[serde(default)]
     pub algorithm_type: Option<String>,
@@ -172,6 +175,8 @@ impl SchedulerConfig {
             ("EulerDiscreteScheduler", ..) => Ok(SolverChoice::Euler),
             ("EulerAncestralDiscreteScheduler", ..) => Ok(SolverChoice::EulerAncestral),
             ("HeunDiscreteScheduler", ..) => Ok(SolverChoice::Heun),
+            ("PNDMScheduler", ..) if self.skip_prk_steps => Ok(SolverChoice::Plms),
+            ("PNDMScheduler", ..) => Err("PNDMScheduler with its Runge-Kutta warm-up (skip_prk_steps false)".into()),
             ("DPMSolverMultistepScheduler", "dpmsolver++", 2, None | Some("midpoint")) => Ok(SolverChoice::Dpmpp2m),
             ("DPMSolverMultistepScheduler", "dpmsolver++", 3, None | Some("midpoint")) => Ok(SolverChoice::Dpmpp3m),
             ("DPMSolverMultistepScheduler", "sde-dpmsolver++", 2, None | Some("midpoint")) => {
@@ -536,6 +541,7 @@ impl<B: Backend> StableDiffusion<B> {
         sampler.steps_offset = config.steps_offset;
         sampler.final_alpha_one = match solver {
             SolverChoice::Ddim => config.set_alpha_to_one.unwrap_or(true),
+            SolverChoice::Plms => config.set_alpha_to_one.unwrap_or(false),
             _ => config.final_sigmas_type != Some(FinalSigmas::SigmaMin),
         };
         let levels = [

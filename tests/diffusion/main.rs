@@ -142,7 +142,8 @@ fn checkpointed_equals_backprop_through_sampling() {
     let schedule = NoiseSchedule::ddpm_linear();
     // 16 DPM-Solver++(2M) steps: first-order first and last steps, second order in between;
     // 3M with 12: first, second, then third order, second and first at the end; UniPC's
-    // corrector of first, then second order.
+    // corrector of first, then second order; PLMS: its trapezoid first step, then Adams–Bashforth
+    // of orders 2, 3 and 4.
     // Heun: three Heun steps and a last Euler step, two engine solves; Karras' levels with
     // fractional timesteps; exponential levels with truncated ones.
     for sampler in [
@@ -155,6 +156,7 @@ fn checkpointed_equals_backprop_through_sampling() {
         Sampler::unipc(10),
         Sampler::unipc_bh1(10),
         Sampler::unipc_third_order(10),
+        Sampler::plms(7),
     ] {
         let reference = grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
         for schedule_kind in [Schedule::All, Schedule::Every(3), Schedule::Recursive] {
@@ -190,6 +192,7 @@ fn conditioning_gradient_with_frozen_network_matches_finite_differences() {
         Sampler::unipc(6),
         Sampler::unipc_bh1(6),
         Sampler::unipc_third_order(6),
+        Sampler::plms(6),
     ] {
         conditioning_gradient_matches_finite_differences(sampler);
     }
@@ -667,5 +670,28 @@ fn img2img_gradients_reach_the_clean_sample_and_the_noise() {
                 }
             }
         }
+    }
+}
+
+/// img2img keeping only the step from t = 0 with `set_alpha_to_one` off: that step starts and
+/// ends on ᾱ_0, and the sample comes back as it went in (diffusers' scheduler steps to the same
+/// level), for a one-step and a multistep sampler, with and without a graph.
+#[test]
+fn a_zero_step_leaves_the_sample_as_it_is() {
+    let device = Default::default();
+    let model = TinyEps::<Ad>::new(2, &device);
+    let schedule = NoiseSchedule::sd_scaled_linear();
+    for mut sampler in [Sampler::ddim(2), Sampler::plms(2)] {
+        sampler.final_alpha_one = false;
+        let sampler = sampler.strength(0.5);
+        assert_eq!(sampler.rho_grid(&schedule).unwrap(), [schedule.rho(0.0)]);
+        let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 1), SHAPE), &device).require_grad();
+        let x_0 = sampler.sample(&model, &schedule, x_t.clone()).unwrap();
+        assert_eq!(values(x_0.clone()), values(x_t.clone()));
+        let grads = x_0.sum().backward();
+        assert!(values(x_t.grad(&grads).unwrap()).iter().all(|g| *g == 1.0));
+        let inner = model.valid();
+        let trajectory = sampler.trajectory_inference(&inner, &schedule, x_t.inner()).unwrap();
+        assert_eq!(trajectory.len(), 1);
     }
 }

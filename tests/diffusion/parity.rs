@@ -1,4 +1,4 @@
-//! DDIM, DPM-Solver++(2M, 3M), UniPC, Euler and Heun (also on Karras', exponential and Lu's noise
+//! DDIM, DPM-Solver++(2M, 3M), UniPC, Euler, Heun and PLMS (also on Karras', exponential and Lu's noise
 //! levels, and img2img's last steps) step by step against diffusers' own schedulers (fixtures from
 //! scripts/make_sampler_fixtures.py).
 
@@ -249,6 +249,16 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
             "dpmpp2m_sd_zsnr_trailing",
             &zsnr,
             with(Sampler::dpm_solver_pp_2m(12), TimestepSpacing::Trailing, 0, true),
+        ),
+        (
+            "plms_sd",
+            &sd,
+            with(Sampler::plms(10), TimestepSpacing::Leading, 1, false),
+        ),
+        (
+            "plms_linear_20",
+            &linear,
+            with(Sampler::plms(20), TimestepSpacing::Leading, 0, true),
         ),
     ];
     for (name, schedule, sampler) in cases {
