@@ -38,6 +38,12 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt().max(1e-30)
 }
 
+/// The timesteps a reference run's `io.json` lists.
+fn timesteps_of(meta: &serde_json::Value) -> Vec<f64> {
+    let ts = meta["timesteps"].as_array().unwrap();
+    ts.iter().map(|t| t.as_f64().unwrap()).collect()
+}
+
 fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().unwrap()
 }
@@ -76,13 +82,7 @@ fn tiny_pipeline_matches_diffusers_end_to_end() {
 
     // Guided DDIM with the pipeline's scheduler settings, then the VAE.
     let sampler = sd.sampler(SolverChoice::Ddim, steps, GradientChoice::Exact);
-    let expected_t: Vec<f64> = meta["timesteps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_f64().unwrap())
-        .collect();
-    assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), expected_t);
+    assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), timesteps_of(&meta));
     // A pipeline saved with a Karras (exponential, Lu) scheduler samples on those levels,
     // whatever `--solver`; `final_sigmas_type` moves the end of every sampler but DDIM.
     assert_eq!(sampler.noise_levels, NoiseLevels::Spaced);
@@ -159,13 +159,7 @@ fn tiny_sdxl_pipeline_matches_diffusers_end_to_end() {
     );
 
     let sampler = sd.sampler(SolverChoice::Euler, steps, GradientChoice::Exact);
-    let expected_t: Vec<f64> = meta["timesteps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_f64().unwrap())
-        .collect();
-    assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), expected_t);
+    assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), timesteps_of(&meta));
     let model = Cfg::new(sd.eps_model(uncond.stack(cond)), guidance).unwrap();
     let (latents, shape) = read(&st, "latents");
     let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape), &device);

@@ -369,17 +369,13 @@ impl<B: Backend> StableDiffusion<B> {
                 "the UNet attends to {cross}-wide context but the text encoders produce {context_width}"
             )));
         }
-        let takes_pooled = unet
-            .takes_added_conditions()
-            .map(|w| w.to_string())
-            .unwrap_or("no".into());
         if unet.takes_added_conditions() != pooled_width {
+            let width = |w: Option<usize>| w.map_or("no".to_string(), |w| format!("a {w}-wide"));
             return Err(SdError::Mismatch(format!(
-                "the UNet takes {takes_pooled} pooled text embedding (SDXL's added conditions) but the text \
-                 encoders give {}",
-                pooled_width.map_or("none".into(), |w| format!(
-                    "a {w}-wide one (text_encoder_2's projection)"
-                ))
+                "the UNet takes {} pooled text embedding (SDXL's added conditions) but the text encoders \
+                 give {} (text_encoder_2's projection)",
+                width(unet.takes_added_conditions()),
+                width(pooled_width)
             )));
         }
         let force_zeros_for_empty_prompt = read_config::<Value>(dir.join("model_index.json"))
