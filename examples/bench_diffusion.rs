@@ -53,6 +53,7 @@ enum SamplerArg {
     DdimEta,
     EulerA,
     Dpmpp2mSde,
+    Plms,
 }
 
 #[derive(Parser, Debug)]
@@ -128,6 +129,7 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
         SamplerArg::DdimEta => Sampler::ddim(args.steps).eta(1.0),
         SamplerArg::EulerA => Sampler::euler_ancestral(args.steps),
         SamplerArg::Dpmpp2mSde => Sampler::dpm_solver_pp_2m_sde(args.steps),
+        SamplerArg::Plms => Sampler::plms(args.steps),
     }
     .gradient(mode);
     let shape = [args.batch, 4, args.size, args.size];
