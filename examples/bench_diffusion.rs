@@ -100,7 +100,7 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
     let (config, _, context_dim) = args.config.config()?;
     let tokens = match args.config {
         UnetSize::Tiny => 4,
-        UnetSize::Sd15 => 77,
+        UnetSize::Sd15 | UnetSize::Sdxl => 77,
     };
     let unet = config.init::<B<Inner>>(&device).map_err(|e| e.to_string())?;
     let context = Tensor::<B<Inner>, 3>::random(
@@ -108,7 +108,19 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
         burn::tensor::Distribution::Normal(0.0, 1.0),
         &device,
     );
-    let model = adjoint_dpm::ode::materialized(UnetEps::new(unet, context));
+    // SDXL's added conditions: a pooled embedding per row, an uncropped 1024² image's sizes.
+    let pooled = unet.takes_added_conditions().map(|width| {
+        Tensor::<B<Inner>, 2>::random(
+            [args.batch, width],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        )
+    });
+    let mut model = UnetEps::new(unet, context);
+    if let Some(pooled) = pooled {
+        model = model.with_added_conditions(pooled, [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]);
+    }
+    let model = adjoint_dpm::ode::materialized(model);
     let model = if args.frozen_weights {
         adjoint_dpm::ode::train_only(model, |path| !path.starts_with("unet."))
     } else {

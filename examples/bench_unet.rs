@@ -24,6 +24,7 @@ use std::time::Instant;
 use std::path::PathBuf;
 
 use adjoint_dpm_models::load::{load_safetensors, save_safetensors, KeyMap};
+use adjoint_dpm_models::unet::AddedConditions;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -41,7 +42,7 @@ struct Args {
     backend: BackendName,
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Latent height = width (default: 16 for tiny, 64 for sd15).
+    /// Latent height = width (default: 16 for tiny, 64 for sd15, 128 for sdxl).
     #[arg(long)]
     size: Option<usize>,
     #[arg(long, default_value_t = 5)]
@@ -82,7 +83,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let size = args.size.unwrap_or(size);
     let tokens = match args.config {
         UnetSize::Tiny => 8,
-        UnetSize::Sd15 => 77,
+        UnetSize::Sd15 | UnetSize::Sdxl => 77,
     };
     // Progress on stderr, so that a run stopped by a time limit still says where its time went
     // (on CUDA the first forward and VJP JIT-compile and autotune every kernel shape).
@@ -101,19 +102,39 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     let context = Tensor::<Autodiff<B>, 3>::from_data(seeded_normal([batch, tokens, context_dim], 2), &device);
     let t = Tensor::<Autodiff<B>, 1>::from_data(vec![500.0f32; batch].as_slice(), &device);
     let w = Tensor::<Autodiff<B>, 4>::from_data(seeded_normal([batch, 4, size, size], 3), &device);
+    // SDXL's added conditions: a pooled embedding and the sizes of an uncropped 1024² image.
+    let added = unet.takes_added_conditions().map(|width| AddedConditions {
+        text_embeds: Tensor::<Autodiff<B>, 2>::from_data(seeded_normal([batch, width], 4), &device),
+        time_ids: Tensor::from_data(
+            TensorData::new([1024.0f32, 1024.0, 0.0, 0.0, 1024.0, 1024.0].repeat(batch), [batch, 6]),
+            &device,
+        ),
+    });
+    let inner_added = || {
+        added.clone().map(|a| AddedConditions {
+            text_embeds: a.text_embeds.inner(),
+            time_ids: a.time_ids.inner(),
+        })
+    };
     let inner = burn::module::AutodiffModule::valid(&unet);
     phase("initialised; first forward (warm-up)");
 
     let forward = || {
         let start = Instant::now();
-        let out = inner.forward(sample.clone().inner(), t.clone().inner(), context.clone().inner(), None);
+        let out = inner.forward_added(
+            sample.clone().inner(),
+            t.clone().inner(),
+            context.clone().inner(),
+            None,
+            inner_added(),
+        );
         finish("forward", out)?;
         Ok(start.elapsed().as_secs_f64())
     };
     let vjp = || {
         let start = Instant::now();
         let x = sample.clone().require_grad();
-        let out = unet.forward(x.clone(), t.clone(), context.clone(), None);
+        let out = unet.forward_added(x.clone(), t.clone(), context.clone(), None, added.clone());
         let grads = (out * w.clone()).sum().backward();
         if let Some(g) = x.grad(&grads) {
             finish("VJP", g)?;
@@ -136,7 +157,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
     // ε and the latent's VJP ∂⟨ε, w⟩/∂x on the seeded inputs, to compare across dtypes.
     let to_vec = |d: TensorData| d.convert::<f32>().to_vec::<f32>().map_err(|e| format!("{e:?}"));
     let x = sample.clone().require_grad();
-    let out = unet.forward(x.clone(), t.clone(), context.clone(), None);
+    let out = unet.forward_added(x.clone(), t.clone(), context.clone(), None, added.clone());
     let eps = to_vec(out.clone().into_data())?;
     let grads = (out * w.clone()).sum().backward();
     let grad_x = to_vec(x.grad(&grads).ok_or("no gradient reached the latent")?.into_data())?;
@@ -174,7 +195,7 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
             .all(|(_, g)| g.iter().all(|v| v.is_finite()));
     if args.trace {
         let (x, t, c) = (sample.clone().inner(), t.clone().inner(), context.clone().inner());
-        inner.forward_observed(x, t, c, None, None, &mut |site, h| {
+        inner.forward_observed(x, t, c, None, inner_added(), &mut |site, h| {
             let values = h
                 .clone()
                 .into_data()

@@ -21,6 +21,25 @@ CONFIGS = {
         64,
         77,
     ),
+    # SDXL base's unet/config.json (models/configs/sdxl_unet.json), with its added conditions.
+    "sdxl": (
+        dict(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_embed_type_num_heads=64,
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ),
+        128,
+        77,
+    ),
     # examples/bench_unet.rs's TINY.
     "tiny": (
         dict(
@@ -61,16 +80,21 @@ def main():
         context = torch.randn(1, tokens, cfg["cross_attention_dim"], device=dev, dtype=dtype)
         t = torch.tensor([500.0], device=dev)
         w = torch.randn_like(sample)
+        # SDXL's added conditions: a pooled embedding and an uncropped 1024² image's sizes.
+        added = None
+        if cfg.get("addition_embed_type") == "text_time":
+            added = dict(text_embeds=torch.randn(1, 1280, device=dev, dtype=dtype),
+                         time_ids=torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]], device=dev, dtype=dtype))
 
         def forward():
             with torch.no_grad():
-                out = unet(sample, t, context).sample
+                out = unet(sample, t, context, added_cond_kwargs=added).sample
             return out
 
         def vjp():
             unet.zero_grad(set_to_none=True)
             x = sample.clone().requires_grad_(True)
-            out = unet(x, t, context).sample
+            out = unet(x, t, context, added_cond_kwargs=added).sample
             (out * w).sum().backward()
             return x.grad
 

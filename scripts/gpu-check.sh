@@ -43,6 +43,9 @@
 #   bias-check  op-check's convolutions with a bias alone: in f32 and f16 on this build (patches
 #               3 and 4), then in f32 on check_ops_nofix when the archive has one (a build without
 #               them: the 4-channel weight gradient patch 4 mends)
+#   unet-sdxl   the SDXL UNet (2.57B parameters, 128×128×4 latent, 77×2048 context, its added
+#               conditions) forward and VJP without autotune, f32 then f16 against it; not in
+#               the default steps (torch's counterpart: bench_unet_torch.py --config sdxl)
 #   op-check-f32  op-check in f32 only: on an H200 (2026-11-28) the f16 half stopped making
 #               progress at its 1 600-token attention and left no time for f32
 #   op-check-f16, unfused-tiny, unet-f16-trace  the f16 halves alone: op-check in f16 only,
@@ -111,7 +114,7 @@ case "${1:-}" in
     ;;
   run) shift ;;
   *)
-    echo "usage: $0 build | run [op-check op-check-f16 op-check-f32 bias-check attn-check unet-untuned unet-f16-trace unfused unfused-tiny p2 p2-backsolve ddim unet-f32 unet-f16 torch unet-tiny]" >&2
+    echo "usage: $0 build | run [op-check op-check-f16 op-check-f32 bias-check attn-check unet-untuned unet-f16-trace unet-sdxl unfused unfused-tiny p2 p2-backsolve ddim unet-f32 unet-f16 torch unet-tiny]" >&2
     exit 2
     ;;
 esac
@@ -272,6 +275,10 @@ for step in "${steps[@]}"; do
       ;;
     unet-f16-trace)
       peak 150 .gpu-bin/bench_unet_untuned --config sd15 --backend cuda --reps 3 --dtype f16 --trace
+      ;;
+    unet-sdxl)
+      peak 150 .gpu-bin/bench_unet_untuned --config sdxl --backend cuda --reps 5 --save-dir $sd-sdxl
+      peak 150 .gpu-bin/bench_unet_untuned --config sdxl --backend cuda --reps 5 --dtype f16 --compare-dir $sd-sdxl
       ;;
     unet-f32) peak 540 .gpu-bin/bench_unet --config sd15 --backend cuda --reps 10 --save-dir $sd ;;
     unet-f16)

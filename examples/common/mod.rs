@@ -22,6 +22,9 @@ pub enum UnetSize {
     Tiny,
     /// Stable Diffusion 1.5: context width 768, 64×64 latent.
     Sd15,
+    /// SDXL: context width 2048, 128×128 latent, a 1280-wide pooled embedding and six size
+    /// numbers as added conditions.
+    Sdxl,
 }
 
 impl UnetSize {
@@ -30,6 +33,7 @@ impl UnetSize {
         let (config, size) = match self {
             Self::Tiny => (serde_json::from_str(TINY_UNET).map_err(|e| e.to_string())?, 16),
             Self::Sd15 => (UNet2DConditionConfig::sd15(), 64),
+            Self::Sdxl => (UNet2DConditionConfig::sdxl(), 128),
         };
         let context_dim = config
             .cross_attention_dim

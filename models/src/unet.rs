@@ -286,6 +286,13 @@ impl UNet2DConditionConfig {
         serde_json::from_str(include_str!("../configs/sd15_unet.json")).expect("the shipped SD 1.5 config parses")
     }
 
+    /// The UNet of SDXL: `unet/config.json` of stabilityai/stable-diffusion-xl-base-1.0
+    /// (2.57B parameters; its added conditions take a 1280-wide pooled text embedding), kept
+    /// verbatim in `models/configs/sdxl_unet.json`.
+    pub fn sdxl() -> Self {
+        serde_json::from_str(include_str!("../configs/sdxl_unet.json")).expect("the shipped SDXL config parses")
+    }
+
     /// Rejects options this implementation does not have.
     pub fn check(&self) -> Result<(), LoadError> {
         let unsupported = |what: &str| Err(LoadError::Unsupported(what.to_string()));
@@ -963,26 +970,7 @@ mod tests {
             "norm_num_groups": 32, "num_class_embeds": null, "only_cross_attention": false, "out_channels": 4,
             "sample_size": 96, "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
             "use_linear_projection": true, "upcast_attention": true}"#;
-        // stabilityai/stable-diffusion-xl-base-1.0.
-        let sdxl = r#"{"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0",
-            "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
-            "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
-            "center_input_sample": false, "class_embed_type": null, "class_embeddings_concat": false,
-            "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 2048, "cross_attention_norm": null,
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-            "downsample_padding": 1, "dual_cross_attention": false, "encoder_hid_dim": null,
-            "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
-            "layers_per_block": 2, "mid_block_only_cross_attention": null, "mid_block_scale_factor": 1,
-            "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
-            "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false,
-            "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
-            "resnet_skip_time_act": false, "resnet_time_scale_shift": "default", "sample_size": 128,
-            "time_cond_proj_dim": null, "time_embedding_act_fn": null, "time_embedding_dim": null,
-            "time_embedding_type": "positional", "timestep_post_act": null,
-            "transformer_layers_per_block": [1, 2, 10],
-            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-            "upcast_attention": null, "use_linear_projection": true}"#;
-        let cxl: UNet2DConditionConfig = serde_json::from_str(sdxl).unwrap();
+        let cxl = UNet2DConditionConfig::sdxl();
         cxl.check().unwrap();
         assert_eq!(cxl.projection_class_embeddings_input_dim, Some(2816));
         assert_eq!(cxl.transformer_layers_per_block.get(2, 3, "").unwrap(), 10);
