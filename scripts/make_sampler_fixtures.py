@@ -164,6 +164,9 @@ NOISY_CASES = {
                        10, 0.0),
     "dpmpp3m_sde_sd_karras": (DPMSolverMultistepScheduler, dict(SD, algorithm_type="sde-dpmsolver++", solver_order=3,
                                                                 use_karras_sigmas=True), 20, 0.0),
+    # "DPM++ 2M SDE" with solver_type="heun".
+    "dpmpp2m_sde_sd_heun": (DPMSolverMultistepScheduler, dict(SD, algorithm_type="sde-dpmsolver++",
+                                                              solver_type="heun"), 10, 0.0),
 }
 STRENGTH = {"euler_sd_img2img": 0.6, "heun_sd_img2img": 0.55, "unipc3_sd_img2img": 0.6, "unipc_sd_img2img": 0.6, "ddim_sd_img2img": 0.6, "dpmpp2m_sd_karras_img2img": 0.55, "dpmpp2m_sd_img2img_sigma_min": 0.6,
             "dpmpp3m_sd_img2img_sigma_min": 0.6}
@@ -251,6 +254,14 @@ PLMS_CASES = {
     "plms_linear_20": dict(beta_schedule="linear", skip_prk_steps=True, set_alpha_to_one=True),
 }
 PLMS_STEPS = {"plms_sd": 10, "plms_linear_20": 20}
+
+# DPM-Solver++ with solver_type="heun" (its second-order update): 2M under 15 steps, 3M over 15.
+CASES.update({
+    "dpmpp2m_sd_heun": (DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                          beta_end=0.012, solver_type="heun"), 10),
+    "dpmpp3m_sd_heun_20": (DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                             beta_end=0.012, solver_order=3, solver_type="heun"), 20),
+})
 
 for name, (cls, config, steps) in {**CASES, **F64_CASES}.items():
     sched = cls(num_train_timesteps=1000, **config)

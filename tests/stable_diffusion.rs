@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use adjoint_dpm::diffusion::{Cfg, NoiseLevels};
+use adjoint_dpm::diffusion::{Cfg, NoiseLevels, SecondOrder};
 use adjoint_dpm::tasks::run::{InitImage, RunConfig, RunError};
 use adjoint_dpm::tasks::run_sd::{run_audit, run_finetune, run_guide, run_invert, sample};
 use adjoint_dpm::tasks::{FinalSigmas, GradientChoice, SchedulerConfig, SdError, SolverChoice, StableDiffusion};
@@ -108,6 +108,11 @@ fn tiny_pipeline_matches_diffusers_end_to_end() {
     let zsnr = sd.scheduler.schedule().unwrap();
     assert!((zsnr.alphas_cumprod(999) / 2f64.powi(-24) - 1.0).abs() < 1e-12);
     sd.scheduler.rescale_betas_zero_snr = false;
+    // DPM-Solver's solver_type "heun" reaches its second-order update.
+    sd.scheduler.solver_type = Some("heun".into());
+    let dpm = sd.sampler(SolverChoice::Dpmpp2m, steps, GradientChoice::Exact);
+    assert_eq!(dpm.second_order, SecondOrder::Heun);
+    sd.scheduler.solver_type = None;
     let model = Cfg::new(sd.eps_model(uncond.stack(cond)), guidance).unwrap();
     let (latents, shape) = read(&st, "latents");
     let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape.clone()), &device);
@@ -214,8 +219,12 @@ fn a_folder_names_its_sampler() {
         solver(&format!(r#"{dpm}, "algorithm_type": "sde-dpmsolver++"}}"#)),
         Ok(SolverChoice::Dpmpp2mSde)
     );
-    let heun = solver(&format!(r#"{dpm}, "solver_type": "heun"}}"#)).unwrap_err();
-    assert!(heun.contains("solver_type Some(\"heun\")"), "{heun}");
+    assert_eq!(
+        solver(&format!(r#"{dpm}, "solver_type": "heun"}}"#)),
+        Ok(SolverChoice::Dpmpp2m)
+    );
+    let bh1 = solver(&format!(r#"{dpm}, "solver_type": "bh1"}}"#)).unwrap_err();
+    assert!(bh1.contains("solver_type Some(\"bh1\")"), "{bh1}");
     let unipc = r#"{"_class_name": "UniPCMultistepScheduler""#;
     assert_eq!(
         solver(&format!(r#"{unipc}, "solver_type": "bh1"}}"#)),

@@ -84,6 +84,9 @@ pub struct MultistepMap<B: Backend, M: Module<B>> {
     total_steps: Option<usize>,
     #[module(skip)]
     method: Method,
+    /// DPM-Solver++'s second-order update is diffusers' "heun" rather than "midpoint".
+    #[module(skip)]
+    heun: bool,
     _backend: core::marker::PhantomData<B>,
 }
 
@@ -131,6 +134,7 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
             timesteps: None,
             total_steps: None,
             method: Method::DpmPP2,
+            heun: false,
             _backend: core::marker::PhantomData,
         }
     }
@@ -164,6 +168,13 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
     /// UniPC with its corrector: bh1 or bh2, second or third order; see the module's doc.
     pub fn unipc(mut self, bh1: bool, third_order: bool) -> Self {
         self.method = Method::UniPc { bh1, third_order };
+        self
+    }
+
+    /// DPM-Solver++'s second-order steps with diffusers' `solver_type = "heun"` when `on`:
+    /// `D = D0 + (1/(1 − e^{−h}) − 1/h) D1` (the SDE's with 2h) instead of `D0 + D1/2`.
+    pub fn heun_update(mut self, on: bool) -> Self {
+        self.heun = on;
         self
     }
 
@@ -385,7 +396,14 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
             (1, _) => x0.clone(),
             (2, _) | (_, None) => {
                 let r0 = (self.grid[i - 1] / rho_s).ln() / h;
-                x0.clone() + (x0.clone() - m1.clone()).mul_scalar(0.5 / r0)
+                // D = D0 + k D1 with D1 = (x̂0_i − x̂0_{i−1})/r0: k = ½ (midpoint), or Heun's
+                // weight over the step's (1 − e^{−h}) (the SDE's, over 1 − e^{−2h}).
+                let k = match (self.heun, self.method) {
+                    (false, _) => 0.5,
+                    (true, Method::DpmPP2Sde | Method::DpmPP3Sde) => 1.0 / -(-2.0 * h).exp_m1() - 0.5 / h,
+                    (true, _) => 1.0 / -(-h).exp_m1() - 1.0 / h,
+                };
+                x0.clone() + (x0.clone() - m1.clone()).mul_scalar(k / r0)
             }
             (_, Some(m2)) => {
                 let r0 = (self.grid[i - 1] / rho_s).ln() / h;

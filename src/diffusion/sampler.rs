@@ -140,6 +140,18 @@ pub enum TimestepConvention {
     Fractional,
 }
 
+/// DPM-Solver++'s second-order update (diffusers' `solver_type` of
+/// `DPMSolverMultistepScheduler`): both take the same two data predictions and weigh their
+/// difference `D1` differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SecondOrder {
+    /// `D = D0 + D1/2` (diffusers' default, `"midpoint"`).
+    #[default]
+    Midpoint,
+    /// `D = D0 + (1/(1 − e^{−h}) − 1/h) D1` (`"heun"`; for the SDE, with `2h`).
+    Heun,
+}
+
 /// A sampler: method, timesteps as diffusers picks them, and how it is differentiated.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampler {
@@ -160,6 +172,8 @@ pub struct Sampler {
     pub noise_levels: NoiseLevels,
     /// Which of diffusers' conventions turns timesteps into noise levels.
     pub convention: TimestepConvention,
+    /// DPM-Solver++'s second-order update ([`Sampler::second_order`]); other samplers ignore it.
+    pub second_order: SecondOrder,
     /// The fraction of the steps run, the last ones (img2img; see [`Sampler::strength`]).
     pub strength: f64,
     /// DDIM's η ([`Sampler::eta`]): 0 is the deterministic sampler.
@@ -179,6 +193,7 @@ impl Sampler {
             final_alpha_one: true,
             noise_levels: NoiseLevels::Spaced,
             convention: TimestepConvention::Integer,
+            second_order: SecondOrder::Midpoint,
             strength: 1.0,
             eta: 0.0,
             gradient: GradientMode::default(),
@@ -202,6 +217,21 @@ impl Sampler {
             kind: SamplerKind::Plms,
             final_alpha_one: false,
             ..Self::ddim(steps)
+        }
+    }
+
+    /// DPM-Solver++ (2M, 3M, and their SDEs) with the second-order update `update` (diffusers'
+    /// `solver_type`).
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::{Sampler, SecondOrder};
+    /// let dpm = Sampler::dpm_solver_pp_2m(20).second_order(SecondOrder::Heun);
+    /// assert_eq!(dpm.second_order, SecondOrder::Heun);
+    /// ```
+    pub fn second_order(self, update: SecondOrder) -> Self {
+        Self {
+            second_order: update,
+            ..self
         }
     }
 
@@ -576,7 +606,8 @@ impl Sampler {
             SamplerKind::UniPc { bh1, third_order } => map.unipc(bh1, third_order),
             SamplerKind::Plms => map.plms(),
             _ => map,
-        })
+        }
+        .heun_update(self.second_order == SecondOrder::Heun))
     }
 
     /// The engine solves a run on `grid` is made of, in order: one, except that Heun's step to

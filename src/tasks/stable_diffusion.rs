@@ -16,7 +16,9 @@ use burn::tensor::Tensor;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::diffusion::{BetaSchedule, DiffusionError, NoiseLevels, NoiseSchedule, Sampler, TimestepSpacing};
+use crate::diffusion::{
+    BetaSchedule, DiffusionError, NoiseLevels, NoiseSchedule, Sampler, SecondOrder, TimestepSpacing,
+};
 use crate::tasks::common::{Decoder, GradientChoice, SolverChoice};
 use crate::tasks::unet_eps::{UnetEps, UnetPrediction};
 
@@ -177,12 +179,16 @@ impl SchedulerConfig {
             ("HeunDiscreteScheduler", ..) => Ok(SolverChoice::Heun),
             ("PNDMScheduler", ..) if self.skip_prk_steps => Ok(SolverChoice::Plms),
             ("PNDMScheduler", ..) => Err("PNDMScheduler with its Runge-Kutta warm-up (skip_prk_steps false)".into()),
-            ("DPMSolverMultistepScheduler", "dpmsolver++", 2, None | Some("midpoint")) => Ok(SolverChoice::Dpmpp2m),
-            ("DPMSolverMultistepScheduler", "dpmsolver++", 3, None | Some("midpoint")) => Ok(SolverChoice::Dpmpp3m),
-            ("DPMSolverMultistepScheduler", "sde-dpmsolver++", 2, None | Some("midpoint")) => {
+            ("DPMSolverMultistepScheduler", "dpmsolver++", 2, None | Some("midpoint" | "heun")) => {
+                Ok(SolverChoice::Dpmpp2m)
+            }
+            ("DPMSolverMultistepScheduler", "dpmsolver++", 3, None | Some("midpoint" | "heun")) => {
+                Ok(SolverChoice::Dpmpp3m)
+            }
+            ("DPMSolverMultistepScheduler", "sde-dpmsolver++", 2, None | Some("midpoint" | "heun")) => {
                 Ok(SolverChoice::Dpmpp2mSde)
             }
-            ("DPMSolverMultistepScheduler", "sde-dpmsolver++", 3, None | Some("midpoint")) => {
+            ("DPMSolverMultistepScheduler", "sde-dpmsolver++", 3, None | Some("midpoint" | "heun")) => {
                 Ok(SolverChoice::Dpmpp3mSde)
             }
             ("UniPCMultistepScheduler", _, 2, None | Some("bh2")) => Ok(SolverChoice::Unipc),
@@ -527,8 +533,8 @@ impl<B: Backend> StableDiffusion<B> {
     }
 
     /// The sampler with the pipeline's timestep settings (spacing, `steps_offset`, noise
-    /// levels, and where the last step lands: `set_alpha_to_one` for DDIM,
-    /// `final_sigmas_type` for the others), as diffusers'
+    /// levels, DPM-Solver++'s second-order update, and where the last step lands:
+    /// `set_alpha_to_one` for DDIM and PLMS, `final_sigmas_type` for the others), as diffusers'
     /// `Scheduler.from_config(pipe.scheduler.config)`.
     pub fn sampler(&self, solver: SolverChoice, steps: usize, gradient: GradientChoice) -> Sampler {
         let mut sampler = solver.sampler(steps, gradient);
@@ -540,6 +546,10 @@ impl<B: Backend> StableDiffusion<B> {
             SolverChoice::Plms => config.set_alpha_to_one.unwrap_or(false),
             _ => config.final_sigmas_type != Some(FinalSigmas::SigmaMin),
         };
+        // DPM-Solver++'s second-order update (UniPC's solver_type is its B(h), in its kind).
+        if config.solver_type.as_deref() == Some("heun") {
+            sampler = sampler.second_order(SecondOrder::Heun);
+        }
         let levels = [
             (config.use_karras_sigmas, NoiseLevels::Karras),
             (config.use_exponential_sigmas, NoiseLevels::Exponential),

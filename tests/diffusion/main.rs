@@ -153,6 +153,7 @@ fn checkpointed_equals_backprop_through_sampling() {
         Sampler::euler(6).noise_levels(NoiseLevels::Exponential),
         Sampler::dpm_solver_pp_2m(16),
         Sampler::dpm_solver_pp_3m(12),
+        Sampler::dpm_solver_pp_3m(12).second_order(adjoint_dpm::diffusion::SecondOrder::Heun),
         Sampler::unipc(10),
         Sampler::unipc_bh1(10),
         Sampler::unipc_third_order(10),

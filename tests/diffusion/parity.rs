@@ -3,7 +3,7 @@
 //! scripts/make_sampler_fixtures.py).
 
 use adjoint_dpm::diffusion::{
-    Cfg, EpsModel, NoiseLevels, NoiseSchedule, RescaleSpace, Sampler, SamplerKind, TimestepSpacing,
+    Cfg, EpsModel, NoiseLevels, NoiseSchedule, RescaleSpace, Sampler, SamplerKind, SecondOrder, TimestepSpacing,
 };
 use burn::module::Param;
 use burn::prelude::*;
@@ -260,6 +260,16 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
             &linear,
             with(Sampler::plms(20), TimestepSpacing::Leading, 0, true),
         ),
+        (
+            "dpmpp2m_sd_heun",
+            &sd,
+            Sampler::dpm_solver_pp_2m(10).second_order(SecondOrder::Heun),
+        ),
+        (
+            "dpmpp3m_sd_heun_20",
+            &sd,
+            Sampler::dpm_solver_pp_3m(20).second_order(SecondOrder::Heun),
+        ),
     ];
     for (name, schedule, sampler) in cases {
         assert_timesteps(name, &sampler, schedule, &meta);
@@ -305,6 +315,11 @@ fn stochastic_samplers_match_diffusers_with_the_same_noise() {
             Sampler::dpm_solver_pp_3m_sde(20).karras_sigmas(true),
         ),
         ("euler_ancestral_linear_leading", &linear, euler_a_leading),
+        (
+            "dpmpp2m_sde_sd_heun",
+            &sd,
+            Sampler::dpm_solver_pp_2m_sde(10).second_order(SecondOrder::Heun),
+        ),
     ];
     for (name, schedule, sampler) in cases {
         assert_timesteps(name, &sampler, schedule, &meta);
