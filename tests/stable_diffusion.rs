@@ -38,6 +38,22 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt().max(1e-30)
 }
 
+/// A reference run's tensors (`io.safetensors`, as bytes) and settings (`io.json`).
+fn reference_run(dir: &Path) -> (Vec<u8>, serde_json::Value) {
+    let bytes = std::fs::read(dir.join("io.safetensors")).unwrap();
+    let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("io.json")).unwrap()).unwrap();
+    (bytes, meta)
+}
+
+/// A reference run's prompt, steps and guidance scale.
+fn run_settings(meta: &serde_json::Value) -> (&str, usize, f64) {
+    (
+        meta["prompt"].as_str().unwrap(),
+        meta["steps"].as_u64().unwrap() as usize,
+        meta["guidance"].as_f64().unwrap(),
+    )
+}
+
 /// The timesteps a reference run's `io.json` lists.
 fn timesteps_of(meta: &serde_json::Value) -> Vec<f64> {
     let ts = meta["timesteps"].as_array().unwrap();
@@ -53,12 +69,9 @@ fn tiny_pipeline_matches_diffusers_end_to_end() {
     let device = Default::default();
     let dir = fixtures().join("sd_tiny");
     let mut sd = StableDiffusion::<B>::load(&dir, &device).unwrap();
-    let bytes = std::fs::read(dir.join("io.safetensors")).unwrap();
+    let (bytes, meta) = reference_run(&dir);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("io.json")).unwrap()).unwrap();
-    let prompt = meta["prompt"].as_str().unwrap();
-    let steps = meta["steps"].as_u64().unwrap() as usize;
-    let guidance = meta["guidance"].as_f64().unwrap();
+    let (prompt, steps, guidance) = run_settings(&meta);
 
     // Prompt encoding (the tokenizer is vocab.json + merges.txt here).
     let cond = sd.encode_prompt(prompt, &device).unwrap();
@@ -133,12 +146,9 @@ fn tiny_sdxl_pipeline_matches_diffusers_end_to_end() {
     let device = Default::default();
     let dir = fixtures().join("sdxl_tiny");
     let sd = StableDiffusion::<B>::load(&dir, &device).unwrap();
-    let bytes = std::fs::read(dir.join("io.safetensors")).unwrap();
+    let (bytes, meta) = reference_run(&dir);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("io.json")).unwrap()).unwrap();
-    let prompt = meta["prompt"].as_str().unwrap();
-    let steps = meta["steps"].as_u64().unwrap() as usize;
-    let guidance = meta["guidance"].as_f64().unwrap();
+    let (prompt, steps, guidance) = run_settings(&meta);
     assert_eq!(sd.image_size() as u64, meta["size"].as_u64().unwrap());
     assert!(sd.force_zeros_for_empty_prompt);
 
