@@ -1,5 +1,5 @@
-//! DPM-Solver++(2M), (3M) and UniPC as one-step methods, so that the engine's exact adjoint
-//! covers them.
+//! DPM-Solver++(2M), (3M), UniPC and PLMS as one-step methods, so that the engine's exact
+//! adjoint covers them.
 //!
 //! A multistep method is a one-step method on a state that carries its history. Here the state
 //! is `z_i = [y_i; x̂0_{i−1}]` for 2M and `[y_i; x̂0_{i−1}; x̂0_{i−2}]` for 3M (y = x/α and the
@@ -13,7 +13,9 @@
 //!   - first order: `D_i = x̂0_i`, at the first step, and at the last one when it lands on ρ = 0
 //!     or the run has fewer than 15 steps;
 //!   - second order: `D_i = x̂0_i + (x̂0_i − x̂0_{i−1}) / (2 r_0)`, `r_0 = h_{i−1}/h_i` (3M: also at
-//!     the second step, and at the last but one of a run of fewer than 15);
+//!     the second step, and at the last but one of a run of fewer than 15); with `solver_type =
+//!     "heun"` ([`MultistepMap::heun_update`]) the difference is weighed `1/(1 − e^{−h}) − 1/h`
+//!     instead of ½;
 //!   - third order: `(1 − e^{−h}) D_i = (1 − e^{−h}) D0 + ((e^{−h} − 1)/h + 1) D1 −
 //!     ((e^{−h} − 1 + h)/h² − ½) D2` with diffusers' `D0 = x̂0_i`, `D1`, `D2` from the divided
 //!     differences of the last three x̂0 (`r_1 = h_{i−2}/h_i`).
