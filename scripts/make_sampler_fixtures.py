@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M, 2M SDE, 3M SDE), UniPC (bh2, bh1; order 2, 3),
-Euler, Heun and PNDM (PLMS) schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
+Euler, Heun, LMS and PNDM (PLMS) schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
 samplers.json).
 
 The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_ancestral_module
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler,
+                       UniPCMultistepScheduler)
 from safetensors.torch import save_file
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
@@ -255,8 +256,11 @@ PLMS_CASES = {
 }
 PLMS_STEPS = {"plms_sd": 10, "plms_linear_20": 20}
 
-# DPM-Solver++ with solver_type="heun" (its second-order update): 2M under 15 steps, 3M over 15.
+# DPM-Solver++ with solver_type="heun" (its second-order update): 2M under 15 steps, 3M over 15;
+# LMS (k-diffusion's sampler, run like Euler) on SD's schedule and the linear one.
 CASES.update({
+    "lms_sd": (LMSDiscreteScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), 10),
+    "lms_linear_20": (LMSDiscreteScheduler, dict(beta_schedule="linear"), 20),
     "dpmpp2m_sd_heun": (DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
                                                           beta_end=0.012, solver_type="heun"), 10),
     "dpmpp3m_sd_heun_20": (DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear", beta_start=0.00085,
@@ -268,7 +272,7 @@ for name, (cls, config, steps) in {**CASES, **F64_CASES}.items():
     if name in F64_CASES:
         sched.alphas_cumprod = abar_f64(config)
     sched.set_timesteps(steps)
-    if cls in (EulerDiscreteScheduler, HeunDiscreteScheduler):
+    if cls in (EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler):
         tensors[name], ts = k_diffusion_run(name, sched, steps)
         meta["cases"][name] = {"scheduler": cls.__name__, "config": config, "steps": steps,
                                "strength": STRENGTH.get(name, 1.0), "timesteps": ts}

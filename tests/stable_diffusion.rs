@@ -253,7 +253,11 @@ fn a_folder_names_its_sampler() {
         .contains("skip_prk_steps false"));
     assert_eq!(
         solver(r#"{"_class_name": "LMSDiscreteScheduler"}"#),
-        Err("LMSDiscreteScheduler".into())
+        Ok(SolverChoice::Lms)
+    );
+    assert_eq!(
+        solver(r#"{"_class_name": "DEISMultistepScheduler"}"#),
+        Err("DEISMultistepScheduler".into())
     );
 }
 

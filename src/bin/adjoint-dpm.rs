@@ -195,6 +195,8 @@ enum SolverArg {
     /// PLMS, diffusers' PNDMScheduler with skip_prk_steps (SD 1.x's scheduler; exact or
     /// backprop).
     Plms,
+    /// LMS, diffusers' LMSDiscreteScheduler (exact or backprop).
+    Lms,
 }
 
 /// `--device`.
@@ -302,6 +304,7 @@ impl TaskArgs {
                 SolverArg::Euler => SolverChoice::Euler,
                 SolverArg::EulerA => SolverChoice::EulerAncestral,
                 SolverArg::Plms => SolverChoice::Plms,
+                SolverArg::Lms => SolverChoice::Lms,
             },
             karras: self.karras,
             exponential: self.exponential_sigmas,

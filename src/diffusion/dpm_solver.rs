@@ -48,7 +48,10 @@
 //! `(23e_i − 16e_{i−1} + 5e_{i−2})/12` and `(55e_i − 59e_{i−1} + 37e_{i−2} − 9e_{i−3})/24`
 //! (uniform-step coefficients, whatever the levels), and at the first step, of a run of two or
 //! more, the trapezoid `(e_0 + ε(α_1 ỹ_1, t_1))/2` through DDIM's `ỹ_1 = y_0 + (ρ_1 − ρ_0) e_0`
-//! (one network call more than steps). Its state is `[y_i; e_{i−1}; e_{i−2}; e_{i−3}]`.
+//! (one network call more than steps). Its state is `[y_i; e_{i−1}; e_{i−2}; e_{i−3}]`. LMS
+//! (diffusers' `LMSDiscreteScheduler`, k-diffusion's `sample_lms`) takes the same state and
+//! step with `ε̂_i = Σ_j e_{i−j} ∫_{ρ_i}^{ρ_{i+1}} L_j dρ / (ρ_{i+1} − ρ_i)`, `L_j` the Lagrange
+//! basis on the last `min(i + 1, 4)` levels (exact where the levels are uneven), and no warm-up.
 //!
 //! Each map is written as one Euler step `z + h f(ρ_i, z)` with `h = ρ_{i+1} − ρ_i` of a field
 //! that knows the grid: `f = (z_{i+1} − z_i)/h` block by block, e.g. for DPM-Solver++
@@ -108,6 +111,8 @@ enum Method {
     },
     /// PLMS: Adams–Bashforth on ε, a history of three evaluations.
     Plms,
+    /// LMS: the same history, coefficients integrated over the actual levels.
+    Lms,
 }
 
 impl Method {
@@ -117,7 +122,7 @@ impl Method {
             Method::DpmPP2 | Method::DpmPP2Sde => 2,
             Method::DpmPP3 | Method::DpmPP3Sde => 3,
             Method::UniPc { third_order, .. } => 4 + usize::from(third_order),
-            Method::Plms => 4,
+            Method::Plms | Method::Lms => 4,
         }
     }
 }
@@ -186,6 +191,45 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         self
     }
 
+    /// LMS (diffusers' `LMSDiscreteScheduler`, k-diffusion's `sample_lms`); see the module's
+    /// doc.
+    pub fn lms(mut self) -> Self {
+        self.method = Method::Lms;
+        self
+    }
+
+    /// LMS's weights of `e_i, e_{i−1}, …` at step i, over the step: `∫ L_j dρ / (ρ_{i+1} − ρ_i)`
+    /// with `L_j` the Lagrange basis on the last `min(i + 1, 4)` levels.
+    fn lms_weights(&self, i: usize) -> Vec<f64> {
+        let g = &self.grid;
+        let order = (i + 1).min(4);
+        let nodes: Vec<f64> = (0..order).map(|k| g[i - k]).collect();
+        let (a, b) = (g[i], g[i + 1]);
+        // Three-point Gauss–Legendre: exact for the basis polynomials, of degree 3 at most.
+        let points = [
+            (-(0.6f64).sqrt(), 5.0 / 9.0),
+            (0.0, 8.0 / 9.0),
+            ((0.6f64).sqrt(), 5.0 / 9.0),
+        ];
+        (0..order)
+            .map(|j| {
+                let basis = |tau: f64| {
+                    (0..order)
+                        .filter(|&k| k != j)
+                        .map(|k| (tau - nodes[k]) / (nodes[j] - nodes[k]))
+                        .product::<f64>()
+                };
+                let integral: f64 = points
+                    .iter()
+                    .map(|(x, w)| w * basis(0.5 * (a + b) + 0.5 * (b - a) * x))
+                    .sum::<f64>()
+                    * 0.5
+                    * (b - a);
+                integral / (b - a)
+            })
+            .collect()
+    }
+
     /// The network's timestep at knot `k` (at level `rho`).
     fn timestep_at(&self, k: usize, rho: f64) -> f64 {
         match self.timesteps.as_ref().and_then(|ts| ts.get(k)) {
@@ -194,7 +238,7 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         }
     }
 
-    /// PLMS's step i as the Euler field's blocks, from `y` with its evaluation `eps` and the
+    /// PLMS's or LMS's step i as the Euler field's blocks, from `y` with its evaluation `eps` and the
     /// state `z` (whose history blocks hold the earlier evaluations).
     fn plms_field<const D: usize>(&self, i: usize, y: Tensor<B, D>, eps: Tensor<B, D>, z: &Tensor<B, D>) -> Tensor<B, D>
     where
@@ -204,17 +248,22 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         let (rho_s, rho_t) = (self.grid[i], self.grid[i + 1]);
         let step = rho_t - rho_s;
         let past: Vec<_> = (1..4).map(|k| z.clone().narrow(0, k * b, b)).collect();
-        let weights: &[f64] = match i {
-            0 => &[1.0],
-            1 => &[1.5, -0.5],
-            2 => &[23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0],
+        let lms;
+        let weights: &[f64] = match (self.method, i) {
+            (Method::Lms, _) => {
+                lms = self.lms_weights(i);
+                &lms
+            }
+            (_, 0) => &[1.0],
+            (_, 1) => &[1.5, -0.5],
+            (_, 2) => &[23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0],
             _ => &[55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0],
         };
         let mut e_hat = eps.clone().mul_scalar(weights[0]);
         for (w, e) in weights[1..].iter().zip(&past) {
             e_hat = e_hat + e.clone().mul_scalar(*w);
         }
-        if i == 0 && self.grid.len() > 2 {
+        if self.method == Method::Plms && i == 0 && self.grid.len() > 2 {
             // The trapezoid through DDIM's step, the network asked again at its end.
             let y_end = y.clone() + eps.clone().mul_scalar(step);
             let t = Tensor::from_data(TensorData::from([self.timestep_at(1, rho_t)]), (&y.device(), y.dtype()));
@@ -375,7 +424,7 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
         let eps = self
             .model
             .eps(y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(rho_s)), t);
-        if self.method == Method::Plms {
+        if matches!(self.method, Method::Plms | Method::Lms) {
             return self.plms_field(i, y, eps, &z);
         }
         let x0 = y.clone() - eps.mul_scalar(rho_s);

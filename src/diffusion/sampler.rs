@@ -75,6 +75,10 @@ pub enum SamplerKind {
     /// last four evaluations, a trapezoid step first (one network call more than steps). State
     /// `[y; ε_prev; ε_prev2; ε_prev3]`; exact and Backprop gradients, like DPM-Solver++.
     Plms,
+    /// LMS (k-diffusion's `sample_lms`; diffusers' `LMSDiscreteScheduler`): linear multistep
+    /// in ρ of order up to 4, its weights the integrals of the Lagrange basis over each step,
+    /// on Euler's levels. State as PLMS's; exact and Backprop gradients.
+    Lms,
 }
 
 impl SamplerKind {
@@ -88,7 +92,8 @@ impl SamplerKind {
             | SamplerKind::DpmSolverPP2MSde
             | SamplerKind::DpmSolverPP3MSde
             | SamplerKind::UniPc { .. }
-            | SamplerKind::Plms => &tableau::EULER,
+            | SamplerKind::Plms
+            | SamplerKind::Lms => &tableau::EULER,
         }
     }
 
@@ -103,6 +108,7 @@ impl SamplerKind {
                 | SamplerKind::DpmSolverPP3MSde
                 | SamplerKind::UniPc { .. }
                 | SamplerKind::Plms
+                | SamplerKind::Lms
         )
     }
 }
@@ -389,6 +395,15 @@ impl Sampler {
         })
     }
 
+    /// LMS with `steps` steps as diffusers' `LMSDiscreteScheduler` defaults: [`Sampler::euler`]'s
+    /// levels and timesteps, order up to 4, exact gradients.
+    pub fn lms(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::Lms,
+            ..Self::euler(steps)
+        }
+    }
+
     /// Heun in ρ with `steps` steps (2·steps − 1 network calls) as diffusers'
     /// `HeunDiscreteScheduler` defaults, on [`Sampler::euler`]'s levels; the last step, to
     /// ρ = 0, is an Euler step (EDM's Algorithm 1).
@@ -605,6 +620,7 @@ impl Sampler {
             SamplerKind::DpmSolverPP3MSde => map.third_order().sde(noise),
             SamplerKind::UniPc { bh1, third_order } => map.unipc(bh1, third_order),
             SamplerKind::Plms => map.plms(),
+            SamplerKind::Lms => map.lms(),
             _ => map,
         }
         .heun_update(self.second_order == SecondOrder::Heun))
@@ -776,6 +792,7 @@ impl Sampler {
             ),
             SamplerKind::UniPc { .. } => ("UniPC", MULTISTEP),
             SamplerKind::Plms => ("PLMS", MULTISTEP),
+            SamplerKind::Lms => ("LMS", MULTISTEP),
             kind if kind.is_multistep() => ("DPM-Solver++", MULTISTEP),
             _ => return Ok(()),
         };

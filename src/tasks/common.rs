@@ -272,6 +272,8 @@ pub enum SolverChoice {
     EulerAncestral,
     /// PLMS, diffusers' `PNDMScheduler` with `skip_prk_steps` (SD 1.x's): exact or Backprop.
     Plms,
+    /// LMS, diffusers' `LMSDiscreteScheduler`: exact or Backprop.
+    Lms,
 }
 
 impl SolverChoice {
@@ -291,6 +293,7 @@ impl SolverChoice {
             SolverChoice::Euler => Sampler::euler(steps),
             SolverChoice::EulerAncestral => Sampler::euler_ancestral(steps),
             SolverChoice::Plms => Sampler::plms(steps),
+            SolverChoice::Lms => Sampler::lms(steps),
         };
         base.gradient(gradient.mode())
     }

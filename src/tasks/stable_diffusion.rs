@@ -177,6 +177,7 @@ impl SchedulerConfig {
             ("EulerDiscreteScheduler", ..) => Ok(SolverChoice::Euler),
             ("EulerAncestralDiscreteScheduler", ..) => Ok(SolverChoice::EulerAncestral),
             ("HeunDiscreteScheduler", ..) => Ok(SolverChoice::Heun),
+            ("LMSDiscreteScheduler", ..) => Ok(SolverChoice::Lms),
             ("PNDMScheduler", ..) if self.skip_prk_steps => Ok(SolverChoice::Plms),
             ("PNDMScheduler", ..) => Err("PNDMScheduler with its Runge-Kutta warm-up (skip_prk_steps false)".into()),
             ("DPMSolverMultistepScheduler", "dpmsolver++", 2, None | Some("midpoint" | "heun")) => {

@@ -158,6 +158,7 @@ fn checkpointed_equals_backprop_through_sampling() {
         Sampler::unipc_bh1(10),
         Sampler::unipc_third_order(10),
         Sampler::plms(7),
+        Sampler::lms(7).karras_sigmas(true),
     ] {
         let reference = grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
         for schedule_kind in [Schedule::All, Schedule::Every(3), Schedule::Recursive] {
@@ -194,6 +195,7 @@ fn conditioning_gradient_with_frozen_network_matches_finite_differences() {
         Sampler::unipc_bh1(6),
         Sampler::unipc_third_order(6),
         Sampler::plms(6),
+        Sampler::lms(6),
     ] {
         conditioning_gradient_matches_finite_differences(sampler);
     }

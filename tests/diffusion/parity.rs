@@ -1,4 +1,4 @@
-//! DDIM, DPM-Solver++(2M, 3M), UniPC, Euler, Heun and PLMS (also on Karras', exponential and Lu's noise
+//! DDIM, DPM-Solver++(2M, 3M), UniPC, Euler, Heun, PLMS and LMS (also on Karras', exponential and Lu's noise
 //! levels, and img2img's last steps) step by step against diffusers' own schedulers (fixtures from
 //! scripts/make_sampler_fixtures.py).
 
@@ -270,6 +270,8 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
             &sd,
             Sampler::dpm_solver_pp_3m(20).second_order(SecondOrder::Heun),
         ),
+        ("lms_sd", &sd, Sampler::lms(10)),
+        ("lms_linear_20", &linear, Sampler::lms(20)),
     ];
     for (name, schedule, sampler) in cases {
         assert_timesteps(name, &sampler, schedule, &meta);

@@ -220,7 +220,8 @@ fn sampler_of(kind: usize, steps: usize) -> Sampler {
         8 => Sampler::dpm_solver_pp_3m_sde(steps),
         9 => Sampler::unipc(steps),
         10 => Sampler::unipc_third_order(steps),
-        _ => Sampler::plms(steps),
+        11 => Sampler::plms(steps),
+        _ => Sampler::lms(steps),
     }
 }
 
@@ -235,7 +236,7 @@ proptest::proptest! {
     /// weight.
     #[test]
     fn any_sampler_configuration_is_exact(
-        kind in 0usize..12,
+        kind in 0usize..13,
         steps in 2usize..7,
         levels in 0usize..4,
         fractional in proptest::bool::ANY,
