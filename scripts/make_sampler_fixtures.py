@@ -11,7 +11,7 @@ variance-exploding sample x/alpha and feed the network its scaled input, as thei
 their trajectories are recorded as x = alpha * sample after every whole step (Heun's two
 calls), like the others. CI never runs this script; regenerate with
 
-    python3 -m venv /tmp/fxenv && /tmp/fxenv/bin/pip install torch diffusers safetensors
+    python3 -m venv /tmp/fxenv && /tmp/fxenv/bin/pip install torch diffusers safetensors scipy  # scipy: LMS
     /tmp/fxenv/bin/python scripts/make_sampler_fixtures.py
 """
 
