@@ -248,16 +248,12 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         let (rho_s, rho_t) = (self.grid[i], self.grid[i + 1]);
         let step = rho_t - rho_s;
         let past: Vec<_> = (1..4).map(|k| z.clone().narrow(0, k * b, b)).collect();
-        let lms;
-        let weights: &[f64] = match (self.method, i) {
-            (Method::Lms, _) => {
-                lms = self.lms_weights(i);
-                &lms
-            }
-            (_, 0) => &[1.0],
-            (_, 1) => &[1.5, -0.5],
-            (_, 2) => &[23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0],
-            _ => &[55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0],
+        let weights = match (self.method, i) {
+            (Method::Lms, _) => self.lms_weights(i),
+            (_, 0) => vec![1.0],
+            (_, 1) => vec![1.5, -0.5],
+            (_, 2) => vec![23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0],
+            _ => vec![55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0],
         };
         let mut e_hat = eps.clone().mul_scalar(weights[0]);
         for (w, e) in weights[1..].iter().zip(&past) {
