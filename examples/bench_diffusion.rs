@@ -13,7 +13,7 @@
 //! conditioning only), their ratio (the floor is about 3: one forward, one recomputation and one
 //! VJP per step), and the process's peak RSS in MiB.
 //!
-//! `--sampler` picks another sampler; the stochastic ones (`ddim-eta`, `euler-a`, `dpmpp2m-sde`)
+//! `--sampler` picks another sampler; the stochastic ones (`ddim-eta`, `euler-a`, `dpmpp2m-sde`, `lcm`)
 //! hold their step noise once, as a parameter of the step map, so their memory is the
 //! deterministic sampler's plus the S noise tensors: compare with `ddim` at the same steps.
 //! `--noise-grad` also differentiates to every step's noise (noise optimisation, as `guide`
@@ -54,6 +54,8 @@ enum SamplerArg {
     EulerA,
     Dpmpp2mSde,
     Plms,
+    /// LCM (at most 50 steps, its distillation timesteps).
+    Lcm,
 }
 
 #[derive(Parser, Debug)]
@@ -142,6 +144,7 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
         SamplerArg::EulerA => Sampler::euler_ancestral(args.steps),
         SamplerArg::Dpmpp2mSde => Sampler::dpm_solver_pp_2m_sde(args.steps),
         SamplerArg::Plms => Sampler::plms(args.steps),
+        SamplerArg::Lcm => Sampler::lcm(args.steps),
     }
     .gradient(mode);
     let shape = [args.batch, 4, args.size, args.size];

@@ -24,7 +24,7 @@ use std::time::Instant;
 use std::path::PathBuf;
 
 use adjoint_dpm_models::load::{load_safetensors, save_safetensors, KeyMap};
-use adjoint_dpm_models::unet::AddedConditions;
+use adjoint_dpm_models::unet::{AddedConditions, UnetConditions};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -195,7 +195,11 @@ fn run<B: Backend>(args: &Args) -> Result<(), String> {
             .all(|(_, g)| g.iter().all(|v| v.is_finite()));
     if args.trace {
         let (x, t, c) = (sample.clone().inner(), t.clone().inner(), context.clone().inner());
-        inner.forward_observed(x, t, c, None, inner_added(), &mut |site, h| {
+        let conditions = UnetConditions {
+            added: inner_added(),
+            ..Default::default()
+        };
+        inner.forward_observed(x, t, c, conditions, &mut |site, h| {
             let values = h
                 .clone()
                 .into_data()

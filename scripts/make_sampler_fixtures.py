@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M, 2M SDE, 3M SDE), UniPC (bh2, bh1; order 2, 3),
-Euler, Heun, LMS and PNDM (PLMS) schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
+Euler, Heun, LMS, PNDM (PLMS) and LCM schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
 samplers.json).
 
 The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
@@ -328,6 +328,47 @@ for name, (cls, config, steps, eta) in NOISY_CASES.items():
         tensors[name], ts = k_diffusion_run(name, sched, steps)
     meta["cases"][name] = {"scheduler": cls.__name__, "config": config, "steps": steps, "eta": eta,
                            "strength": 1.0, "timesteps": ts}
+
+# LCMScheduler (multistep latent consistency sampling): its timesteps picked from those it was
+# distilled on (original_inference_steps 50, and 100 on the linear schedule), one step, and img2img
+# as LatentConsistencyModelImg2ImgPipeline runs it (strength shrinks the distillation timesteps in
+# set_timesteps, then get_timesteps keeps the last steps). Its randn_tensor is replaced by seeded
+# draws, recorded as `<name>_noise` (none for the last step, none at all for one step).
+import diffusers.schedulers.scheduling_lcm as lcm_module
+from diffusers import LCMScheduler
+
+LCM_SD = dict(SD, set_alpha_to_one=True, steps_offset=1)
+LCM_CASES = {
+    "lcm_sd_4": (LCM_SD, 4, 1.0),
+    "lcm_sd_1": (LCM_SD, 1, 1.0),
+    "lcm_linear_8_orig100": (dict(beta_schedule="linear", original_inference_steps=100), 8, 1.0),
+    "lcm_sd_img2img": (LCM_SD, 6, 0.5),
+}
+lcm_gen = torch.Generator().manual_seed(13)
+for name, (config, steps, strength) in LCM_CASES.items():
+    sched = LCMScheduler(num_train_timesteps=1000, **config)
+    sched.alphas_cumprod = abar_f64(config)
+    sched.set_timesteps(steps, strength=strength)
+    timesteps, x = sched.timesteps, x_T.clone()
+    if strength < 1:
+        kept = min(int(steps * strength), steps)
+        t_start = max(steps - kept, 0)
+        timesteps = timesteps[t_start:]
+        sched.set_begin_index(t_start)
+        x = sched.add_noise(x_0, x_T, timesteps[:1])
+    noise = torch.randn(len(timesteps) - 1, 2, 4, dtype=torch.float64, generator=lcm_gen)
+    draws = iter(noise)
+    lcm_module.randn_tensor = lambda *args, **kwargs: next(draws)
+    trajectory = [x.clone()]
+    for t in timesteps:
+        x = sched.step(eps(x, t), t, x).prev_sample
+        trajectory.append(x.clone())
+    assert next(draws, None) is None
+    tensors[name] = torch.stack(trajectory)
+    if len(noise):
+        tensors[name + "_noise"] = noise
+    meta["cases"][name] = {"scheduler": "LCMScheduler", "config": config, "steps": steps, "strength": strength,
+                           "timesteps": [float(t) for t in timesteps]}
 
 # Classifier-free guidance with guidance_rescale (diffusers' rescale_noise_cfg): the network's two
 # outputs, read as eps ("cfg_rescaled") and as v, converted to eps = alpha v + sigma x at t = 500 of

@@ -196,6 +196,63 @@ fn tiny_sdxl_pipeline_matches_diffusers_end_to_end() {
 
 /// The relative errors of `sd`'s encoding of `prompt` under `clip_skip = skip` against the
 /// folder's `clip_skip.safetensors` (context, then the pooled embedding if any).
+#[test]
+fn tiny_latent_consistency_pipeline_matches_diffusers_end_to_end() {
+    let device = Default::default();
+    let dir = fixtures().join("lcm_tiny");
+    let sd = StableDiffusion::<B>::load(&dir, &device).unwrap();
+    let (bytes, meta) = reference_run(&dir);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (prompt, steps, guidance) = run_settings(&meta);
+    // The folder's LCMScheduler picks LCM; its UNet takes the guidance scale as a code.
+    assert_eq!(sd.scheduler.solver(), Ok(SolverChoice::Lcm));
+    assert!(sd.embeds_guidance());
+
+    let cond = sd.encode_prompt(prompt, &device).unwrap();
+    let e = rel_err(&values(cond.context.clone()), &read(&st, "prompt_embeds").0);
+    assert!(e < 1e-5, "prompt embedding off by {e:e}");
+    let mut sd = sd;
+    sd.guidance_scale = guidance;
+    let model = sd.eps_model(cond);
+    assert_eq!(model.guidance_scale, Some(guidance));
+    let sampler = sd.sampler(SolverChoice::Lcm, steps, GradientChoice::Exact);
+    assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), timesteps_of(&meta));
+    let (latents, shape) = read(&st, "latents");
+    let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape.clone()), &device);
+    let (noise, _) = read(&st, "noise");
+    let noise: Vec<_> = noise
+        .chunks(x_t.shape().num_elements())
+        .map(|n| Tensor::<B, 4>::from_data(TensorData::new(n.to_vec(), shape.clone()), &device))
+        .collect();
+    assert_eq!(noise.len(), sampler.noise_count(&sd.schedule).unwrap());
+    let x_0 = sampler
+        .sample_inference_with_noise(&model, &sd.schedule, x_t.clone(), noise.clone())
+        .unwrap();
+    let e = rel_err(&values(x_0.clone()), &read(&st, "final_latents").0);
+    assert!(e < 1e-4, "final latents off by {e:e}");
+    let image = sd.vae.decode(x_0).add_scalar(1.0).mul_scalar(0.5).clamp(0.0, 1.0);
+    let e = rel_err(&values(image), &read(&st, "image").0);
+    assert!(e < 1e-4, "image off by {e:e}");
+    eprintln!("lcm_tiny: final latents and image within 1e-4 of diffusers (image {e:.1e})");
+
+    // Without the code (a plain UNet call), the run is another one.
+    let mut uncoded = model.clone();
+    uncoded.guidance_scale = None;
+    let x_0 = sampler
+        .sample_inference_with_noise(&uncoded, &sd.schedule, x_t.clone(), noise)
+        .unwrap();
+    let e = rel_err(&values(x_0), &read(&st, "final_latents").0);
+    assert!(e > 1e-3, "the guidance code changes nothing ({e:e})");
+    // A code given to a UNet without time_cond_proj_dim is a typed error before the first step.
+    let plain = StableDiffusion::<B>::load(fixtures().join("sd_tiny"), &device).unwrap();
+    let mut coded = plain.eps_model(plain.encode_prompt(prompt, &device).unwrap());
+    coded.guidance_scale = Some(8.5);
+    let err = sampler
+        .sample_inference(&coded, &plain.schedule, x_t.clone())
+        .unwrap_err();
+    assert!(err.to_string().contains("time_cond_proj_dim"), "{err}");
+}
+
 fn clip_skip_embeds(sd: &mut StableDiffusion<B>, prompt: &str, skip: usize, dir: &Path) -> Vec<f64> {
     let bytes = std::fs::read(dir.join("clip_skip.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -255,6 +312,7 @@ fn a_folder_names_its_sampler() {
         solver(r#"{"_class_name": "LMSDiscreteScheduler"}"#),
         Ok(SolverChoice::Lms)
     );
+    assert_eq!(solver(r#"{"_class_name": "LCMScheduler"}"#), Ok(SolverChoice::Lcm));
     assert_eq!(
         solver(r#"{"_class_name": "DEISMultistepScheduler"}"#),
         Err("DEISMultistepScheduler".into())
@@ -310,6 +368,31 @@ fn tasks_run_on_an_sdxl_folder() {
 }
 
 /// A 24×24 PNG reference image (resized to the pipeline's 16×16 on load).
+#[test]
+fn tasks_run_on_a_latent_consistency_folder() {
+    let device = Default::default();
+    let root = std::env::temp_dir().join(format!("adjoint-dpm-lcm-{}", std::process::id()));
+    let lcm = |out: &str| RunConfig {
+        weights: Some(fixtures().join("lcm_tiny")),
+        prompt: "a photo of the cat".into(),
+        solver: SolverChoice::Lcm,
+        steps: 4,
+        cfg: 8.5,
+        ..config(&root.join(out))
+    };
+    let r = run_guide::<B>(&lcm("guide"), 3, 0.1, &device, &mut |_, _| {}).unwrap();
+    assert!(r.losses.iter().all(|l| l.is_finite()), "{:?}", r.losses);
+    assert_eq!(sample::<B>(&lcm("sample"), None, &device).unwrap().len(), 2);
+    // The folder's scheduler settings reach the sampler; Karras levels are refused by name.
+    let c = RunConfig {
+        karras: true,
+        ..lcm("karras")
+    };
+    let err = run_guide::<B>(&c, 3, 0.1, &device, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("LCM sampler cannot run"), "{err}");
+    std::fs::remove_dir_all(&root).ok();
+}
+
 fn reference_png(path: &Path) {
     let img = image::RgbImage::from_fn(24, 24, |x, y| image::Rgb([(x * 10) as u8, (y * 10) as u8, 128]));
     img.save(path).unwrap();

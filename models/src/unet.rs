@@ -178,7 +178,9 @@ pub struct UNet2DConditionConfig {
     pub time_embedding_act_fn: Option<String>,
     /// Unsupported when set.
     pub timestep_post_act: Option<String>,
-    /// Unsupported when set.
+    /// Width of the guidance-scale code a latent consistency model is conditioned on
+    /// (`timestep_cond`, [`crate::embeddings::guidance_scale_embedding`]; 256 in LCM-distilled
+    /// SD 1.5).
     pub time_cond_proj_dim: Option<usize>,
     /// Kernel of `conv_in`.
     pub conv_in_kernel: usize,
@@ -346,12 +348,9 @@ impl UNet2DConditionConfig {
         if self.encoder_hid_dim.is_some()
             || self.time_embedding_act_fn.is_some()
             || self.timestep_post_act.is_some()
-            || self.time_cond_proj_dim.is_some()
             || self.cross_attention_norm.is_some()
         {
-            return unsupported(
-                "encoder_hid_dim, time_embedding_act_fn, timestep_post_act, time_cond_proj_dim or cross_attention_norm",
-            );
+            return unsupported("encoder_hid_dim, time_embedding_act_fn, timestep_post_act or cross_attention_norm");
         }
         match self.class_embed_type.as_deref() {
             None | Some("timestep") => {}
@@ -475,7 +474,10 @@ impl UNet2DConditionConfig {
 
         Ok(UNet2DConditionModel {
             conv_in: conv2d(self.in_channels, ch[0], self.conv_in_kernel, device),
-            time_embedding: TimestepEmbedding::new(ch[0], t_dim, device),
+            time_embedding: match self.time_cond_proj_dim {
+                Some(cond) => TimestepEmbedding::new(ch[0], t_dim, device).with_cond_proj(cond, device),
+                None => TimestepEmbedding::new(ch[0], t_dim, device),
+            },
             class_embedding,
             add_embedding,
             add_time_proj_dim: self.addition_time_embed_dim.unwrap_or(0),
@@ -519,6 +521,31 @@ pub struct AddedConditions<B: Backend> {
     pub text_embeds: Tensor<B, 2>,
     /// The size and crop numbers.
     pub time_ids: Tensor<B, 2>,
+}
+
+/// What conditions the UNet besides the text context: diffusers' `class_labels`,
+/// `timestep_cond` and `added_cond_kwargs`. Each is required, or refused, by the model's config;
+/// [`Default`] is none of them.
+#[derive(Debug, Clone)]
+pub struct UnetConditions<B: Backend> {
+    /// Class labels, `[batch]`, for a model with a class embedding.
+    pub class_labels: Option<Tensor<B, 1, Int>>,
+    /// A latent consistency model's guidance-scale code, `[batch, time_cond_proj_dim]`
+    /// ([`crate::embeddings::guidance_scale_embedding`]); optional for a model with
+    /// `time_cond_proj_dim` (as in diffusers), refused by one without.
+    pub timestep_cond: Option<Tensor<B, 2>>,
+    /// SDXL's added conditions.
+    pub added: Option<AddedConditions<B>>,
+}
+
+impl<B: Backend> Default for UnetConditions<B> {
+    fn default() -> Self {
+        Self {
+            class_labels: None,
+            timestep_cond: None,
+            added: None,
+        }
+    }
 }
 
 /// diffusers' `UNet2DConditionModel`: predicts the noise (or v) of a latent at a timestep,
@@ -629,14 +656,64 @@ impl<B: Backend> UNet2DConditionModel<B> {
         class_labels: Option<Tensor<B, 1, Int>>,
         added: Option<AddedConditions<B>>,
     ) -> Tensor<B, 4> {
-        self.forward_observed(
-            sample,
-            timestep,
-            encoder_hidden_states,
+        let conditions = UnetConditions {
             class_labels,
             added,
-            &mut |_, _| {},
-        )
+            ..UnetConditions::default()
+        };
+        self.forward_conditioned(sample, timestep, encoder_hidden_states, conditions)
+    }
+
+    /// [`forward`](Self::forward) with every optional condition ([`UnetConditions`]): a
+    /// latent consistency model's guidance-scale code (`timestep_cond`) among them.
+    ///
+    /// # Panics
+    /// As [`forward_added`](Self::forward_added), and if `timestep_cond` is given to a model
+    /// without `time_cond_proj_dim`
+    /// ([`takes_timestep_cond`](Self::takes_timestep_cond) says which).
+    ///
+    /// # Example
+    /// ```
+    /// use adjoint_dpm_models::embeddings::guidance_scale_embedding;
+    /// use adjoint_dpm_models::unet::{UNet2DConditionConfig, UnetConditions};
+    /// use burn::backend::Flex;
+    /// use burn::tensor::{DType, Tensor};
+    ///
+    /// // A tiny LCM-shaped UNet, conditioned on an 8-wide guidance-scale code.
+    /// let config: UNet2DConditionConfig = serde_json::from_str(
+    ///     r#"{"block_out_channels": [8, 16], "layers_per_block": 1, "cross_attention_dim": 8,
+    ///         "attention_head_dim": 2, "norm_num_groups": 4, "time_cond_proj_dim": 8,
+    ///         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    ///         "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}"#,
+    /// )?;
+    /// let device = Default::default();
+    /// let unet = config.init::<Flex>(&device)?;
+    /// assert_eq!(unet.takes_timestep_cond(), Some(8));
+    /// let w = guidance_scale_embedding::<Flex>(8.5, 1, 8, &device, DType::F32);
+    /// let conditions = UnetConditions { timestep_cond: Some(w), ..Default::default() };
+    /// let eps = unet.forward_conditioned(
+    ///     Tensor::ones([1, 4, 8, 8], &device),
+    ///     Tensor::from_floats([500.0], &device),
+    ///     Tensor::ones([1, 5, 8], &device),
+    ///     conditions,
+    /// );
+    /// assert_eq!(eps.dims(), [1, 4, 8, 8]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward_conditioned(
+        &self,
+        sample: Tensor<B, 4>,
+        timestep: Tensor<B, 1>,
+        encoder_hidden_states: Tensor<B, 3>,
+        conditions: UnetConditions<B>,
+    ) -> Tensor<B, 4> {
+        self.forward_observed(sample, timestep, encoder_hidden_states, conditions, &mut |_, _| {})
+    }
+
+    /// The width of the guidance-scale code the model can be conditioned on
+    /// (`time_cond_proj_dim`), or `None`.
+    pub fn takes_timestep_cond(&self) -> Option<usize> {
+        self.time_embedding.cond_proj.as_ref().map(|proj| proj.weight.dims()[0])
     }
 
     /// The width of the pooled text embedding the model's added conditions hold, or `None`
@@ -674,8 +751,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
     ///     Tensor::ones([1, 4, 16, 16], &device),
     ///     Tensor::from_floats([500.0], &device),
     ///     Tensor::ones([1, 8, 32], &device),
-    ///     None,
-    ///     None,
+    ///     Default::default(),
     ///     &mut |site, h| largest.push((site.to_string(), h.clone().abs().max().into_scalar())),
     /// );
     /// assert_eq!(largest.first().map(|(site, _)| site.as_str()), Some("conv_in"));
@@ -688,10 +764,14 @@ impl<B: Backend> UNet2DConditionModel<B> {
         sample: Tensor<B, 4>,
         timestep: Tensor<B, 1>,
         encoder_hidden_states: Tensor<B, 3>,
-        class_labels: Option<Tensor<B, 1, Int>>,
-        added: Option<AddedConditions<B>>,
+        conditions: UnetConditions<B>,
         observe: &mut dyn FnMut(UnetSite, &Tensor<B, 4>),
     ) -> Tensor<B, 4> {
+        let UnetConditions {
+            class_labels,
+            timestep_cond,
+            added,
+        } = conditions;
         // 0. center the input if the config asks for it.
         let sample = if self.center_input_sample {
             sample * 2.0 - 1.0
@@ -700,7 +780,10 @@ impl<B: Backend> UNet2DConditionModel<B> {
         };
         // 1. time (and class) embedding.
         let t_code = timestep_embedding(timestep, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
-        let mut emb = self.time_embedding.forward(t_code);
+        let mut emb = match timestep_cond {
+            Some(cond) => self.time_embedding.forward_cond(t_code, cond),
+            None => self.time_embedding.forward(t_code),
+        };
         match (&self.class_embedding, class_labels) {
             (Some(ClassEmbedding::Table(table)), Some(labels)) => {
                 emb = emb + table.weight.val().select(0, labels);
@@ -808,6 +891,7 @@ pub fn load_unet<B: Backend>(
 mod tests {
     use super::*;
     use crate::testing::{fixture, rel_err, Io, TestAutodiffBackend};
+    use burn::tensor::DType;
 
     /// Loads a fixture UNet through [`load_unet`], runs it on the fixture inputs with autodiff
     /// and returns the relative errors of the output and of the input gradient.
@@ -850,8 +934,10 @@ mod tests {
             io.float("sample", &device),
             io.float("timestep", &device),
             io.float("encoder_hidden_states", &device),
-            Some(io.int("class_labels", &device)),
-            None,
+            UnetConditions {
+                class_labels: Some(io.int("class_labels", &device)),
+                ..Default::default()
+            },
             &mut |site, t| {
                 seen.push(site.to_string());
                 last = Some(t.clone());
@@ -947,6 +1033,66 @@ mod tests {
         // A UNet without add_embedding takes none.
         let (_, plain) = load_unet::<B>(fixture("unet_tiny"), &device).unwrap();
         assert_eq!(plain.takes_added_conditions(), None);
+    }
+
+    /// A latent consistency model's guidance-scale code (`time_cond_proj_dim`): the code, the
+    /// output and the gradients w.r.t. the sample and the code against diffusers.
+    #[test]
+    fn unet_lcm_guidance_code_matches_diffusers() {
+        type B = TestAutodiffBackend;
+        let device = Default::default();
+        let (_, unet) = load_unet::<B>(fixture("lcm_tiny/unet"), &device).expect("fixture loads");
+        assert_eq!(unet.takes_timestep_cond(), Some(16));
+        let io = Io::open("lcm_tiny/unet");
+        // diffusers' get_guidance_scale_embedding of the scales 8.5 and 2.
+        let codes: Vec<_> = [8.5, 2.0]
+            .iter()
+            .map(|&scale| crate::embeddings::guidance_scale_embedding::<B>(scale, 1, 16, &device, DType::F32))
+            .collect();
+        let code = Tensor::cat(codes, 0);
+        let code_err = rel_err(&code.clone().into_data(), &io.data("timestep_cond"));
+        let sample = io.float::<B, 4>("sample", &device).require_grad();
+        let code = code.require_grad();
+        let conditions = UnetConditions {
+            timestep_cond: Some(code.clone()),
+            ..Default::default()
+        };
+        let out = unet.forward_conditioned(
+            sample.clone(),
+            io.float("timestep", &device),
+            io.float("encoder_hidden_states", &device),
+            conditions,
+        );
+        let grads = (out.clone() * io.float::<B, 4>("w", &device)).sum().backward();
+        let errs = [
+            ("timestep_cond", code_err),
+            ("out", rel_err(&out.into_data(), &io.data("out"))),
+            (
+                "grad_sample",
+                rel_err(&sample.grad(&grads).unwrap().into_data(), &io.data("grad_sample")),
+            ),
+            (
+                "grad_timestep_cond",
+                rel_err(&code.grad(&grads).unwrap().into_data(), &io.data("grad_timestep_cond")),
+            ),
+        ];
+        for (name, err) in errs {
+            eprintln!("lcm_tiny/unet: {name} rel err {err:.2e}");
+            assert!(
+                err <= if name.starts_with("grad") { 1e-3 } else { 1e-4 },
+                "{name} rel err {err}"
+            );
+        }
+        // Without the code the UNet runs on (as diffusers'), and differs.
+        let plain = unet.forward(
+            io.float("sample", &device),
+            io.float("timestep", &device),
+            io.float("encoder_hidden_states", &device),
+            None,
+        );
+        assert!(rel_err(&plain.into_data(), &io.data("out")) > 1e-2);
+        let (_, sd) = load_unet::<B>(fixture("unet_tiny"), &device).unwrap();
+        assert_eq!(sd.takes_timestep_cond(), None);
     }
 
     /// `unet/config.json` of runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1

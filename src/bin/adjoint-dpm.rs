@@ -197,6 +197,10 @@ enum SolverArg {
     Plms,
     /// LMS, diffusers' LMSDiscreteScheduler (exact or backprop).
     Lms,
+    /// LCM, diffusers' LCMScheduler: multistep sampling of a latent consistency model (an
+    /// LCM-distilled UNet or LCM-LoRA) in 2–8 steps; stochastic (exact or backprop; its step
+    /// noise is drawn from --seed and held fixed).
+    Lcm,
 }
 
 /// `--device`.
@@ -305,6 +309,7 @@ impl TaskArgs {
                 SolverArg::EulerA => SolverChoice::EulerAncestral,
                 SolverArg::Plms => SolverChoice::Plms,
                 SolverArg::Lms => SolverChoice::Lms,
+                SolverArg::Lcm => SolverChoice::Lcm,
             },
             karras: self.karras,
             exponential: self.exponential_sigmas,

@@ -78,6 +78,15 @@ pub enum DiffusionError {
         /// What is wrong.
         why: &'static str,
     },
+    /// A sampler's own setting that cannot work (LCM's `original_inference_steps`, its
+    /// noise levels).
+    #[error("the {sampler} sampler cannot run: {reason}")]
+    SamplerOption {
+        /// The sampler.
+        sampler: &'static str,
+        /// What is wrong, with the values.
+        reason: String,
+    },
     /// The network produced NaN or Inf.
     #[error("the noise prediction became non-finite at sampling step {step} (t = {t:.3})")]
     NonFiniteEps {

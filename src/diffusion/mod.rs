@@ -15,6 +15,6 @@ pub use dpm_solver::{DpmSolverPP2M, MultistepMap};
 pub use eps_model::{Cfg, EpsModel, GuidanceEmbeddings, Predictor, RescaleSpace, SamplePrediction, VPrediction};
 pub use error::DiffusionError;
 pub use pf_ode::PfOde;
-pub use sampler::{NoiseLevels, Sampler, SamplerKind, SecondOrder, TimestepConvention};
+pub use sampler::{LcmOptions, NoiseLevels, Sampler, SamplerKind, SecondOrder, TimestepConvention};
 pub use schedule::{BetaSchedule, NoiseSchedule, TimestepSpacing};
 pub use stochastic::{NoisyStep, NoisyStepMap, StepNoise};

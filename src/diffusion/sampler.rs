@@ -15,8 +15,8 @@ use crate::diffusion::eps_model::EpsModel;
 use crate::diffusion::error::DiffusionError;
 use crate::diffusion::pf_ode::PfOde;
 use crate::diffusion::schedule::{
-    dpm_solver_timesteps, exponential_levels, fractional_timesteps, karras_levels, timesteps, NoiseSchedule,
-    TimestepSpacing,
+    dpm_solver_timesteps, exponential_levels, fractional_timesteps, karras_levels, lcm_timesteps, timesteps,
+    NoiseSchedule, TimestepSpacing,
 };
 use crate::diffusion::stochastic::{NoisyStep, NoisyStepMap};
 use crate::ode::tableau::{self, ButcherTableau};
@@ -79,12 +79,39 @@ pub enum SamplerKind {
     /// in ρ of order up to 4, its weights the integrals of the Lagrange basis over each step,
     /// on Euler's levels. State as PLMS's; exact and Backprop gradients.
     Lms,
+    /// LCM, multistep consistency sampling (Luo et al. 2023; diffusers' `LCMScheduler`), for
+    /// latent consistency models (LCM-distilled UNets, LCM-LoRA): each step takes the
+    /// consistency function's value and noises it afresh to the next level; the last returns
+    /// it. Stochastic, as [`SamplerKind::EulerAncestral`] (see [`NoisyStepMap`]); settings in
+    /// [`LcmOptions`].
+    Lcm,
+}
+
+/// A latent consistency model's sampling settings (diffusers' `LCMScheduler` config). Other
+/// samplers ignore them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LcmOptions {
+    /// The timesteps the model was distilled on, `N / original_steps` apart
+    /// (`original_inference_steps`, 50).
+    pub original_steps: usize,
+    /// The factor on the timestep in the boundary scalings `c_skip`, `c_out`
+    /// (`timestep_scaling`, 10).
+    pub timestep_scaling: f64,
+}
+
+impl Default for LcmOptions {
+    fn default() -> Self {
+        Self {
+            original_steps: 50,
+            timestep_scaling: 10.0,
+        }
+    }
 }
 
 impl SamplerKind {
     fn tableau(self) -> &'static ButcherTableau {
         match self {
-            SamplerKind::Ddim | SamplerKind::EulerAncestral => &tableau::EULER,
+            SamplerKind::Ddim | SamplerKind::EulerAncestral | SamplerKind::Lcm => &tableau::EULER,
             SamplerKind::Heun => &tableau::HEUN,
             SamplerKind::Rk4 => &tableau::RK4,
             SamplerKind::DpmSolverPP2M
@@ -184,6 +211,8 @@ pub struct Sampler {
     pub strength: f64,
     /// DDIM's η ([`Sampler::eta`]): 0 is the deterministic sampler.
     pub eta: f64,
+    /// LCM's settings ([`Sampler::lcm`]).
+    pub lcm: LcmOptions,
     /// How gradients flow through sampling.
     pub gradient: GradientMode,
 }
@@ -202,7 +231,28 @@ impl Sampler {
             second_order: SecondOrder::Midpoint,
             strength: 1.0,
             eta: 0.0,
+            lcm: LcmOptions::default(),
             gradient: GradientMode::default(),
+        }
+    }
+
+    /// LCM (multistep latent consistency sampling) with `steps` steps as diffusers'
+    /// `LCMScheduler` defaults: `steps` of the 50 timesteps the model was distilled on, the
+    /// last step to ρ = 0, exact gradients. Stochastic: run it with
+    /// [`Sampler::sample_with_noise`], one noise tensor per step but the last.
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
+    /// let schedule = NoiseSchedule::sd_scaled_linear();
+    /// let lcm = Sampler::lcm(4);
+    /// assert_eq!(lcm.timesteps(&schedule)?, [999.0, 759.0, 499.0, 259.0]);
+    /// assert_eq!(lcm.noise_count(&schedule)?, 3);
+    /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
+    /// ```
+    pub fn lcm(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::Lcm,
+            ..Self::ddim(steps)
         }
     }
 
@@ -369,16 +419,19 @@ impl Sampler {
         Ok(match (self.kind, self.eta > 0.0) {
             (SamplerKind::Ddim, true) => Some(NoisyStep::Ddim { eta: self.eta }),
             (SamplerKind::EulerAncestral, false) => Some(NoisyStep::EulerAncestral),
+            (SamplerKind::Lcm, false) => Some(NoisyStep::Lcm {
+                timestep_scaling: self.lcm.timestep_scaling,
+            }),
             (_, false) => None,
             (_, true) => {
                 return Err(bad(
-                    "η belongs to DDIM (Euler ancestral and DPM-Solver++ SDE fix their noise's scale, the other samplers inject none)",
+                    "η belongs to DDIM (Euler ancestral, LCM and DPM-Solver++ SDE fix their noise's scale, the other samplers inject none)",
                 ))
             }
         })
     }
 
-    /// Whether the sampler injects noise at its steps: DDIM with η > 0, Euler ancestral,
+    /// Whether the sampler injects noise at its steps: DDIM with η > 0, Euler ancestral, LCM,
     /// DPM-Solver++(2M) and (3M) SDE.
     fn is_stochastic(&self) -> Result<bool, DiffusionError> {
         Ok(self.noisy_step()?.is_some()
@@ -386,12 +439,20 @@ impl Sampler {
     }
 
     /// How many noise tensors [`Sampler::sample_with_noise`] takes: one per step run for a
-    /// stochastic sampler (DDIM with η > 0, Euler ancestral, DPM-Solver++ SDE), none
-    /// otherwise. As in diffusers, a last step to ρ = 0 scales its noise by 0.
+    /// stochastic sampler (DDIM with η > 0, Euler ancestral, DPM-Solver++ SDE; LCM, which
+    /// draws none for its last step, one fewer), none otherwise. As in diffusers, a last step
+    /// to ρ = 0 scales its noise by 0.
     pub fn noise_count(&self, schedule: &NoiseSchedule) -> Result<usize, DiffusionError> {
-        Ok(match self.is_stochastic()? {
-            true => self.rho_grid(schedule)?.len() - 1,
-            false => 0,
+        self.noise_count_on(&self.rho_grid(schedule)?)
+    }
+
+    /// [`Sampler::noise_count`] of a run on `grid`.
+    fn noise_count_on(&self, grid: &[f64]) -> Result<usize, DiffusionError> {
+        let steps = grid.len().saturating_sub(1);
+        Ok(match (self.is_stochastic()?, self.kind) {
+            (false, _) => 0,
+            (true, SamplerKind::Lcm) => steps.saturating_sub(1),
+            (true, _) => steps,
         })
     }
 
@@ -531,6 +592,9 @@ impl Sampler {
                 train_steps: n,
             });
         }
+        if self.kind == SamplerKind::Lcm {
+            return self.lcm_levels(schedule);
+        }
         let fractional = self.convention == TimestepConvention::Fractional;
         let spaced = || -> Result<Vec<f64>, DiffusionError> {
             // PLMS takes DDIM's timesteps (PNDMScheduler computes them as DDIMScheduler does).
@@ -575,6 +639,32 @@ impl Sampler {
         Ok((rhos, ts))
     }
 
+    /// LCM's levels: the schedule's at the timesteps it picks from those it was distilled on.
+    fn lcm_levels(&self, schedule: &NoiseSchedule) -> Result<(Vec<f64>, Vec<f64>), DiffusionError> {
+        if self.noise_levels != NoiseLevels::Spaced || self.convention != TimestepConvention::Integer {
+            return Err(DiffusionError::SamplerOption {
+                sampler: "LCM",
+                reason: format!(
+                    "it runs on the timesteps it was distilled on, not on {:?} levels in the {:?} convention",
+                    self.noise_levels, self.convention
+                ),
+            });
+        }
+        self.skipped()?;
+        let (n, options) = (schedule.train_steps(), self.lcm);
+        if !(options.timestep_scaling.is_finite() && options.timestep_scaling > 0.0) {
+            return Err(DiffusionError::SamplerOption {
+                sampler: "LCM",
+                reason: format!("timestep_scaling {} must be finite and > 0", options.timestep_scaling),
+            });
+        }
+        let ts: Vec<f64> = lcm_timesteps(n, self.steps, options.original_steps, self.strength)?
+            .into_iter()
+            .map(|t| t as f64)
+            .collect();
+        Ok((ts.iter().map(|&t| schedule.rho(t)).collect(), ts))
+    }
+
     /// The noise levels and the network's timesteps of the steps run (`strength` applied).
     fn run_levels(&self, schedule: &NoiseSchedule) -> Result<(Vec<f64>, Vec<f64>), DiffusionError> {
         let (mut rhos, mut ts) = self.all_levels(schedule)?;
@@ -582,10 +672,14 @@ impl Sampler {
         Ok((rhos.split_off(skipped), ts.split_off(skipped)))
     }
 
-    /// The ρ grid, decreasing: the level of each step run, then the final ρ (0, or ρ at ᾱ_0).
+    /// The ρ grid, decreasing: the level of each step run, then the final ρ (0, or ρ at ᾱ_0;
+    /// always 0 for LCM, whose last step returns the consistency function's value).
     pub fn rho_grid(&self, schedule: &NoiseSchedule) -> Result<Vec<f64>, DiffusionError> {
         let mut grid = self.run_levels(schedule)?.0;
-        let last = if self.final_alpha_one { 0.0 } else { schedule.rho(0.0) };
+        let last = match self.final_alpha_one || self.kind == SamplerKind::Lcm {
+            true => 0.0,
+            false => schedule.rho(0.0),
+        };
         if grid[grid.len() - 1] > last {
             grid.push(last);
         }
@@ -759,7 +853,7 @@ impl Sampler {
         x_t: &Tensor<B, D>,
         noise: &[Tensor<B, D>],
     ) -> Result<(), DiffusionError> {
-        let expected = if self.is_stochastic()? { grid.len() - 1 } else { 0 };
+        let expected = self.noise_count_on(grid)?;
         if noise.len() != expected {
             return Err(DiffusionError::NoiseCount {
                 expected,

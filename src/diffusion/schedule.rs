@@ -347,6 +347,46 @@ pub fn fractional_timesteps(
         .collect())
 }
 
+/// The S inference timesteps, descending, of diffusers' `LCMScheduler.set_timesteps`: the
+/// latent consistency model was distilled on the `original_steps` timesteps `k·j − 1`,
+/// `k = N / original_steps`, `j = 1 ..= ⌊original_steps · strength⌋`; S of them are picked at
+/// evenly spaced indices from the top. (`strength` < 1 is the LCM img2img pipeline's, which
+/// shrinks that list before its own `get_timesteps` keeps the last ⌊S · strength⌋.)
+pub fn lcm_timesteps(
+    train_steps: usize,
+    steps: usize,
+    original_steps: usize,
+    strength: f64,
+) -> Result<Vec<usize>, DiffusionError> {
+    let bad = |reason: String| Err(DiffusionError::SamplerOption { sampler: "LCM", reason });
+    if steps == 0 || steps > train_steps {
+        return Err(DiffusionError::BadStepCount { steps, train_steps });
+    }
+    if original_steps == 0 || original_steps > train_steps {
+        return bad(format!(
+            "original_inference_steps {original_steps} must be in 1..={train_steps} (the training steps)"
+        ));
+    }
+    if steps > original_steps {
+        return bad(format!(
+            "{steps} steps cannot be picked from the {original_steps} timesteps it was distilled on (original_inference_steps)"
+        ));
+    }
+    let k = train_steps / original_steps;
+    let kept = (original_steps as f64 * strength) as usize;
+    if kept < steps {
+        return bad(format!(
+            "original_inference_steps × strength = {original_steps} × {strength} leaves {kept} timesteps, fewer than the {steps} steps"
+        ));
+    }
+    let origin: Vec<usize> = (1..=kept).rev().map(|j| j * k - 1).collect();
+    // numpy's floor(linspace(0, len, S, endpoint=False)).
+    let stride = origin.len() as f64 / steps as f64;
+    Ok((0..steps)
+        .map(|i| origin[(i as f64 * stride).floor() as usize])
+        .collect())
+}
+
 /// The S inference timesteps of diffusers' `DPMSolverMultistepScheduler.set_timesteps`
 /// (diffusers v0.31, `lambda_min_clipped` = −∞): S + 1 points are spread and the last dropped.
 pub fn dpm_solver_timesteps(

@@ -16,6 +16,11 @@
 //! - Euler ancestral (k-diffusion's `sample_euler_ancestral`; diffusers'
 //!   `EulerAncestralDiscreteScheduler`): `ρ_up = ρ_{i+1} √(1 − ρ_{i+1}²/ρ_i²)`,
 //!   `ρ_down = √(ρ_{i+1}² − ρ_up²)`, `y_{i+1} = y + (ρ_down − ρ_i) ε + ρ_up ξ_i`.
+//! - LCM, multistep consistency sampling (Luo et al. 2023, Algorithm 1; diffusers'
+//!   `LCMScheduler`): the consistency function's value `D = c_skip α_i y + c_out x̂0` (EDM's
+//!   boundary scalings at `s = 10 t_i`: `c_skip = ¼/(s² + ¼)`, `c_out = s/√(s² + ¼)`), then
+//!   noised afresh to the next level, `y_{i+1} = D + ρ_{i+1} ξ_i`; the last step returns `D`
+//!   (its ρ is 0, and no noise is drawn for it).
 //!
 //! The state is the sample alone, so what the engine stores per step is what a deterministic
 //! sampler stores; the noise is held once. (Carried in the state instead, as it was first, every
@@ -119,6 +124,11 @@ pub enum NoisyStep {
     },
     /// Euler ancestral: an Euler step down to `ρ_down`, then noise up to `ρ_{i+1}`.
     EulerAncestral,
+    /// LCM: the consistency function's value, noised afresh to `ρ_{i+1}`.
+    Lcm {
+        /// The factor on the timestep in the boundary scalings (diffusers' `timestep_scaling`).
+        timestep_scaling: f64,
+    },
 }
 
 /// A stochastic sampler's step map of `model` on a fixed decreasing ρ grid, as an Euler field
@@ -160,10 +170,10 @@ impl<B: Backend, M: Module<B>> NoisyStepMap<B, M> {
         }
     }
 
-    /// Step i's update as `y_{i+1} = y_i + c_ε ε + c_ξ ξ_i`: `(c_ε, c_ξ)`.
-    fn coefficients(&self, i: usize) -> (f64, f64) {
+    /// Step i's update as `y_{i+1} = c_y y_i + c_ε ε + c_ξ ξ_i`: `(c_y, c_ε, c_ξ)`.
+    fn coefficients(&self, i: usize) -> (f64, f64, f64) {
         let (rho_s, rho_t) = (self.grid[i], self.grid[i + 1]);
-        match self.step {
+        let (c_eps, c_xi) = match self.step {
             NoisyStep::Ddim { eta } => {
                 let abar = |rho: f64| 1.0 / (1.0 + rho * rho);
                 let (a_s, a_t) = (abar(rho_s), abar(rho_t));
@@ -177,20 +187,39 @@ impl<B: Backend, M: Module<B>> NoisyStepMap<B, M> {
                 let down = (rho_t * rho_t - up * up).max(0.0).sqrt();
                 (down - rho_s, up)
             }
-        }
+            NoisyStep::Lcm { timestep_scaling } => {
+                // D = c_skip x_t + c_out x̂0 with x_t = α_i y and x̂0 = y − ρ_i ε.
+                let s = self.timesteps[i] * timestep_scaling;
+                let (c_skip, c_out) = (0.25 / (s * s + 0.25), s / (s * s + 0.25).sqrt());
+                return (
+                    c_skip * NoiseSchedule::alpha_of_rho(rho_s) + c_out,
+                    -c_out * rho_s,
+                    rho_t,
+                );
+            }
+        };
+        (1.0, c_eps, c_xi)
     }
 }
 
 impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for NoisyStepMap<B, M> {
     fn f(&self, rho: Tensor<B, 1>, y: Tensor<B, D>) -> Tensor<B, D> {
         let i = super::dpm_solver::knot_index(&self.grid, rho.into_scalar().elem());
-        let xi = self.noise.at(i, &y);
         let t = Tensor::from_data(TensorData::from([self.timesteps[i]]), (&y.device(), y.dtype()));
         let eps = self
             .model
-            .eps(y.mul_scalar(NoiseSchedule::alpha_of_rho(self.grid[i])), t);
-        let (c_eps, c_xi) = self.coefficients(i);
+            .eps(y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(self.grid[i])), t);
+        let (c_y, c_eps, c_xi) = self.coefficients(i);
         let h = self.grid[i + 1] - self.grid[i];
-        (eps.mul_scalar(c_eps) + xi.mul_scalar(c_xi)).div_scalar(h)
+        let mut step = eps.mul_scalar(c_eps);
+        if c_y != 1.0 {
+            step = step + y.mul_scalar(c_y - 1.0);
+        }
+        // LCM draws no noise for its last step.
+        if i < self.noise.len() {
+            let xi = self.noise.at(i, &step);
+            step = step + xi.mul_scalar(c_xi);
+        }
+        step.div_scalar(h)
     }
 }

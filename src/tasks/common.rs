@@ -159,8 +159,8 @@ impl<'a, B: Backend, M: TaskModel<B>, K: TaskClassifier<B>, Dec: TaskDecoder<B>>
     }
 }
 
-/// The noise a stochastic sampler (DDIM with η > 0, Euler ancestral) injects: one standard
-/// normal tensor of `dims` per step, drawn after reseeding the backend with `seed`, so the same
+/// The noise a stochastic sampler (DDIM with η > 0, Euler ancestral, LCM, DPM-Solver++ SDE)
+/// injects: one standard normal tensor of `dims` per step that draws one, drawn after reseeding the backend with `seed`, so the same
 /// seed gives the same noise and an optimisation of x_T sees one map. None for a deterministic
 /// sampler (the backend is then not reseeded).
 pub fn step_noise<B: Backend>(
@@ -274,6 +274,9 @@ pub enum SolverChoice {
     Plms,
     /// LMS, diffusers' `LMSDiscreteScheduler`: exact or Backprop.
     Lms,
+    /// LCM, diffusers' `LCMScheduler` (latent consistency models; stochastic): exact or
+    /// Backprop.
+    Lcm,
 }
 
 impl SolverChoice {
@@ -294,6 +297,7 @@ impl SolverChoice {
             SolverChoice::EulerAncestral => Sampler::euler_ancestral(steps),
             SolverChoice::Plms => Sampler::plms(steps),
             SolverChoice::Lms => Sampler::lms(steps),
+            SolverChoice::Lcm => Sampler::lcm(steps),
         };
         base.gradient(gradient.mode())
     }

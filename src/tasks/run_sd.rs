@@ -45,6 +45,7 @@ fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>,
     })?;
     let mut sd = StableDiffusion::<Autodiff<B>>::load(dir, device)?.frozen();
     sd.clip_skip = config.clip_skip;
+    sd.guidance_scale = config.cfg;
     let classifier = ImageNetClassifier::load(path, 224, device)
         .map_err(|source| RunError::Classifier {
             path: path.clone(),
@@ -85,7 +86,9 @@ fn label_of<B: Backend>(s: &Setup<B>, image: Tensor<B, 4>) -> usize {
 }
 
 /// The model of the run's prompt: plain for an empty prompt (or `--cfg 1`), with
-/// classifier-free guidance at `--cfg` otherwise (one batched UNet call on `[uncond; cond]`).
+/// classifier-free guidance at `--cfg` otherwise (one batched UNet call on `[uncond; cond]`);
+/// a latent consistency model is told `--cfg` as a code instead, without guidance (as
+/// diffusers' pipelines run it).
 enum PromptModel<B: Backend> {
     Plain(UnetEps<Autodiff<B>>),
     Guided(Cfg<Autodiff<B>, UnetEps<Autodiff<B>>>),
@@ -93,7 +96,7 @@ enum PromptModel<B: Backend> {
 
 fn prompt_model<B: Backend>(s: &Setup<B>, config: &RunConfig) -> Result<PromptModel<B>, RunError> {
     let cond = s.sd.encode_prompt(&config.prompt, &s.device)?.detach();
-    if config.prompt.is_empty() || config.cfg == 1.0 {
+    if config.prompt.is_empty() || config.cfg == 1.0 || s.sd.embeds_guidance() {
         return Ok(PromptModel::Plain(s.sd.eps_model(cond)));
     }
     let prompts = s.sd.negative_prompt(&s.device)?.detach().stack(cond);

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::diffusion::{
-    BetaSchedule, DiffusionError, NoiseLevels, NoiseSchedule, Sampler, SecondOrder, TimestepSpacing,
+    BetaSchedule, DiffusionError, LcmOptions, NoiseLevels, NoiseSchedule, Sampler, SecondOrder, TimestepSpacing,
 };
 use crate::tasks::common::{Decoder, GradientChoice, SolverChoice};
 use crate::tasks::unet_eps::{UnetEps, UnetPrediction};
@@ -130,6 +130,12 @@ pub struct SchedulerConfig {
     /// Where the schedulers other than DDIM end: `zero` (σ = 0, the default) or `sigma_min`.
     #[serde(default)]
     pub final_sigmas_type: Option<FinalSigmas>,
+    /// LCM's distillation timesteps (`LCMScheduler`'s `original_inference_steps`, 50).
+    #[serde(default)]
+    pub original_inference_steps: Option<usize>,
+    /// LCM's factor on the timestep in its boundary scalings (`timestep_scaling`, 10).
+    #[serde(default)]
+    pub timestep_scaling: Option<f64>,
 }
 
 /// diffusers' `final_sigmas_type`.
@@ -178,6 +184,7 @@ impl SchedulerConfig {
             ("EulerAncestralDiscreteScheduler", ..) => Ok(SolverChoice::EulerAncestral),
             ("HeunDiscreteScheduler", ..) => Ok(SolverChoice::Heun),
             ("LMSDiscreteScheduler", ..) => Ok(SolverChoice::Lms),
+            ("LCMScheduler", ..) => Ok(SolverChoice::Lcm),
             ("PNDMScheduler", ..) if self.skip_prk_steps => Ok(SolverChoice::Plms),
             ("PNDMScheduler", ..) => Err("PNDMScheduler with its Runge-Kutta warm-up (skip_prk_steps false)".into()),
             ("DPMSolverMultistepScheduler", "dpmsolver++", 2, None | Some("midpoint" | "heun")) => {
@@ -251,6 +258,10 @@ pub struct StableDiffusion<B: Backend> {
     /// An empty negative prompt is zeros rather than the encoded "" (SDXL's
     /// `force_zeros_for_empty_prompt`, from `model_index.json`).
     pub force_zeros_for_empty_prompt: bool,
+    /// The guidance scale a latent consistency model's UNet (one with `time_cond_proj_dim`)
+    /// is told as a code, in place of classifier-free guidance, as diffusers' pipelines do for
+    /// it ([`eps_model`](Self::eps_model); 8.5, the LCM pipeline's default).
+    pub guidance_scale: f64,
     /// The scheduler config.
     pub scheduler: SchedulerConfig,
     /// The noise schedule it defines.
@@ -411,6 +422,7 @@ impl<B: Backend> StableDiffusion<B> {
             tokenizer,
             text_encoder_2: text_encoder_2.map(|(_, encoder, tokenizer)| (encoder, tokenizer)),
             force_zeros_for_empty_prompt,
+            guidance_scale: 8.5,
             clip_skip: 0,
             scheduler,
             schedule,
@@ -513,8 +525,15 @@ impl<B: Backend> StableDiffusion<B> {
         [s, s, 0.0, 0.0, s, s]
     }
 
+    /// Whether the UNet is told the guidance scale as a code (a latent consistency model,
+    /// `time_cond_proj_dim`), so that diffusers runs it without classifier-free guidance.
+    pub fn embeds_guidance(&self) -> bool {
+        self.unet.takes_timestep_cond().is_some()
+    }
+
     /// The ε-model of the UNet conditioned on `prompt` (`rows` rows; see [`UnetEps`]),
-    /// converting v- or x₀-predictions as the scheduler config says. Its conditioning is
+    /// converting v- or x₀-predictions as the scheduler config says, and for a latent
+    /// consistency model told [`guidance_scale`](Self::guidance_scale). Its conditioning is
     /// trainable as given (a tensor that requires a gradient) and constant otherwise.
     pub fn eps_model(&self, prompt: EncodedPrompt<B>) -> UnetEps<B> {
         let prediction = match self.scheduler.prediction_type.as_str() {
@@ -526,6 +545,9 @@ impl<B: Backend> StableDiffusion<B> {
         let mut model = UnetEps::new(self.unet.clone(), prompt.context).with_prediction(prediction);
         if let Some(pooled) = prompt.text_embeds {
             model = model.with_added_conditions(pooled, self.time_ids());
+        }
+        if self.embeds_guidance() {
+            model = model.with_guidance_scale(self.guidance_scale);
         }
         if !trainable {
             model = model.frozen_conditioning();
@@ -546,6 +568,11 @@ impl<B: Backend> StableDiffusion<B> {
             SolverChoice::Ddim => config.set_alpha_to_one.unwrap_or(true),
             SolverChoice::Plms => config.set_alpha_to_one.unwrap_or(false),
             _ => config.final_sigmas_type != Some(FinalSigmas::SigmaMin),
+        };
+        let lcm_defaults = LcmOptions::default();
+        sampler.lcm = LcmOptions {
+            original_steps: config.original_inference_steps.unwrap_or(lcm_defaults.original_steps),
+            timestep_scaling: config.timestep_scaling.unwrap_or(lcm_defaults.timestep_scaling),
         };
         // DPM-Solver++'s second-order update (UniPC's solver_type is its B(h), in its kind).
         if config.solver_type.as_deref() == Some("heun") {

@@ -1,7 +1,8 @@
 //! A diffusers UNet with its conditioning held as a parameter: the shape of a text-conditioned
 //! Stable Diffusion denoiser, as an [`EpsModel`].
 
-use adjoint_dpm_models::unet::{AddedConditions, UNet2DConditionModel};
+use adjoint_dpm_models::embeddings::guidance_scale_embedding;
+use adjoint_dpm_models::unet::{AddedConditions, UNet2DConditionModel, UnetConditions};
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -21,7 +22,8 @@ pub enum UnetPrediction {
 }
 
 /// ε(x, t) = UNet(x, t, context), and for SDXL also of the pooled text embedding and the size
-/// numbers ([`with_added_conditions`](Self::with_added_conditions)). Freeze `unet` (`no_grad`)
+/// numbers ([`with_added_conditions`](Self::with_added_conditions)), for a latent consistency
+/// model of the guidance scale's code ([`with_guidance_scale`](Self::with_guidance_scale)). Freeze `unet` (`no_grad`)
 /// and keep `context` trainable to differentiate w.r.t. the text embedding (embedding
 /// inversion); freeze `context` to tune weights.
 ///
@@ -53,6 +55,10 @@ pub struct UnetEps<B: Backend> {
     /// embedding inversion learns); the rest act as constants.
     #[module(skip)]
     pub trainable_tokens: Option<(usize, usize)>,
+    /// The guidance scale a latent consistency model is told as a code (`timestep_cond`),
+    /// for a UNet with `time_cond_proj_dim`.
+    #[module(skip)]
+    pub guidance_scale: Option<f64>,
 }
 
 impl<B: Backend> UnetEps<B> {
@@ -65,7 +71,16 @@ impl<B: Backend> UnetEps<B> {
             text_embeds: None,
             time_ids: [0.0; 6],
             trainable_tokens: None,
+            guidance_scale: None,
         }
+    }
+
+    /// Tells a latent consistency model (a UNet with `time_cond_proj_dim`) the guidance scale
+    /// `scale` through its guidance-scale code, as diffusers' pipelines do for such a UNet
+    /// (which they then run without classifier-free guidance).
+    pub fn with_guidance_scale(mut self, scale: f64) -> Self {
+        self.guidance_scale = Some(scale);
+        self
     }
 
     /// Adds SDXL's conditions: `text_embeds` (`[rows, width]`, the second text encoder's
@@ -148,10 +163,17 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
         } else {
             t.repeat_dim(0, batch)
         };
-        let added = self.added_for(batch, &x.device());
+        let conditions = UnetConditions {
+            added: self.added_for(batch, &x.device()),
+            timestep_cond: self
+                .guidance_scale
+                .zip(self.unet.takes_timestep_cond())
+                .map(|(scale, width)| guidance_scale_embedding(scale, batch, width, &x.device(), x.dtype())),
+            class_labels: None,
+        };
         let out = self
             .unet
-            .forward_added(x.clone(), t, self.context_for(batch), None, added);
+            .forward_conditioned(x.clone(), t, self.context_for(batch), conditions);
         let at = |schedule: &NoiseSchedule| {
             let t: f64 = time.clone().narrow(0, 0, 1).into_scalar().elem();
             (schedule.alpha(t), schedule.sigma(t))
@@ -175,6 +197,13 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
             return Err(DiffusionError::BatchMismatch {
                 batch,
                 reason: format!("the context has {rows} rows, and a batch must be a multiple of that"),
+            });
+        }
+        if let (Some(scale), None) = (self.guidance_scale, self.unet.takes_timestep_cond()) {
+            return Err(DiffusionError::BadGuidance {
+                reason: format!(
+                    "guidance scale {scale} given as a code (timestep_cond), but the UNet has no time_cond_proj_dim"
+                ),
             });
         }
         let given = self.text_embeds.as_ref().map(|p| p.val().dims());

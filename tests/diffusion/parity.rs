@@ -339,6 +339,62 @@ fn stochastic_samplers_match_diffusers_with_the_same_noise() {
 }
 
 #[test]
+fn lcm_matches_diffusers_with_the_same_noise() {
+    let (bytes, meta) = fixtures();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (model, x_t, x_0) = fixture_model(&st);
+    let (sd, linear) = (NoiseSchedule::sd_scaled_linear(), NoiseSchedule::ddpm_linear());
+    let mut long = Sampler::lcm(8);
+    long.lcm.original_steps = 100;
+    let cases = [
+        ("lcm_sd_4", &sd, Sampler::lcm(4)),
+        ("lcm_sd_1", &sd, Sampler::lcm(1)),
+        ("lcm_linear_8_orig100", &linear, long),
+        ("lcm_sd_img2img", &sd, Sampler::lcm(6).strength(0.5)),
+    ];
+    for (name, schedule, sampler) in cases {
+        assert_timesteps(name, &sampler, schedule, &meta);
+        let noise: Vec<_> = match st.tensor(&format!("{name}_noise")) {
+            Ok(_) => read(&st, &format!("{name}_noise"))
+                .0
+                .chunks(8)
+                .map(|n| Tensor::<F64, 2>::from_data(TensorData::new(n.to_vec(), [2, 4]), &x_t.device()))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        assert_eq!(sampler.noise_count(schedule).unwrap(), noise.len(), "{name}");
+        let start = match sampler.strength < 1.0 {
+            true => {
+                let strength = meta["cases"][name]["strength"].as_f64().unwrap();
+                assert_eq!(strength, sampler.strength, "{name}");
+                sampler.noised(schedule, x_0.clone(), x_t.clone()).unwrap()
+            }
+            false => x_t.clone(),
+        };
+        let trajectory = sampler
+            .trajectory_inference_with_noise(&model, schedule, start, noise)
+            .unwrap();
+        assert_trajectory(name, trajectory, &st);
+    }
+    // At these timesteps the boundary scalings are almost (c_skip, c_out) = (0, 1) (c_skip is
+    // 3.7e-6 at t = 259); with timestep_scaling 0.01 they are not (0.036 there), and the run
+    // leaves diffusers': the option reaches the step.
+    let mut scaled = Sampler::lcm(4);
+    scaled.lcm.timestep_scaling = 0.01;
+    let noise: Vec<_> = read(&st, "lcm_sd_4_noise")
+        .0
+        .chunks(8)
+        .map(|n| Tensor::<F64, 2>::from_data(TensorData::new(n.to_vec(), [2, 4]), &x_t.device()))
+        .collect();
+    let last = scaled
+        .sample_inference_with_noise(&model, &sd, x_t.clone(), noise)
+        .unwrap();
+    let (reference, _) = read(&st, "lcm_sd_4");
+    let e = rel_err(&values(last), &reference[4 * 8..]);
+    assert!(e > 1e-3, "timestep_scaling 0.01 changed nothing ({e:e})");
+}
+
+#[test]
 fn karras_levels_reach_the_network_as_rounded_timesteps() {
     // DDIM is Euler in ρ: y ← y + (ρ_{i+1} − ρ_i) ε(α_i y, t_i), with t_i the rounded timestep
     // of Karras level i (fractional t(ρ_i) would move c·t/1000 by up to 5e-4).

@@ -1,9 +1,9 @@
-//! Stochastic samplers (DDIM with η > 0, Euler ancestral, DPM-Solver++(2M) SDE): exact
+//! Stochastic samplers (DDIM with η > 0, Euler ancestral, DPM-Solver++(2M) SDE, LCM): exact
 //! gradients w.r.t. x_T, every step's noise, the conditioning and the weights, against backprop
 //! and finite differences; their errors; and a property test over every sampler, noise levels,
 //! convention, img2img strength and schedule.
 
-use adjoint_dpm::diffusion::{DiffusionError, NoiseLevels, NoiseSchedule, Sampler};
+use adjoint_dpm::diffusion::{DiffusionError, NoiseLevels, NoiseSchedule, Sampler, SamplerKind};
 use adjoint_dpm::prelude::*;
 use burn::module::AutodiffModule;
 use burn::prelude::*;
@@ -73,7 +73,7 @@ fn widest_gap(a: &NoisyGrads, b: &NoisyGrads) -> (&'static str, f64) {
         .fold(("none", 0.0), |worst, gap| if gap.1 <= worst.1 { worst } else { gap })
 }
 
-fn samplers() -> [Sampler; 5] {
+fn samplers() -> [Sampler; 6] {
     [
         Sampler::ddim(6).eta(1.0),
         Sampler::ddim(5).eta(0.4).noise_levels(NoiseLevels::Karras),
@@ -82,6 +82,8 @@ fn samplers() -> [Sampler; 5] {
         Sampler::dpm_solver_pp_2m_sde(6),
         // Under 15 steps: orders 1, 2, 3, 3, 2, 1.
         Sampler::dpm_solver_pp_3m_sde(6),
+        // A noise tensor per step but the last.
+        Sampler::lcm(5),
     ]
 }
 
@@ -92,10 +94,12 @@ fn checkpointed_equals_backprop_through_stochastic_sampling() {
     let schedule = NoiseSchedule::sd_scaled_linear();
     for sampler in samplers() {
         let reference = noisy_grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
-        // Every step's noise matters but the last's, which a step to ρ = 0 scales by 0.
+        // Every step's noise matters but the last's, which a step to ρ = 0 scales by 0 (LCM
+        // draws none for it).
         let (last, others) = reference.noise.split_last().unwrap();
         assert!(others.iter().all(|g| g.iter().any(|v| *v != 0.0)));
-        assert!(last.iter().all(|v| *v == 0.0));
+        let lcm = sampler.kind == SamplerKind::Lcm;
+        assert_eq!(last.iter().all(|v| *v == 0.0), !lcm, "{:?}", sampler.kind);
         for kind in [Schedule::All, Schedule::Every(2), Schedule::Recursive] {
             let exact = noisy_grads(&model, &schedule, sampler.gradient(GradientMode::Checkpointed(kind)));
             let (name, e) = widest_gap(&exact, &reference);
@@ -185,8 +189,34 @@ fn stochastic_samplers_name_bad_noise_eta_and_modes() {
         Sampler::ddim(4).eta(-0.1),
         Sampler::ddim(4).eta(f64::NAN),
         Sampler::heun(4).eta(0.5),
+        Sampler::lcm(4).eta(0.5),
     ] {
         assert!(matches!(run(bad, vec![]), DiffusionError::BadEta { .. }), "{bad:?}");
+    }
+    // LCM: no noise for its last step; its timesteps are those it was distilled on.
+    assert_eq!(
+        run(Sampler::lcm(4), noise_tensors(4, &device)),
+        DiffusionError::NoiseCount { expected: 3, got: 4 }
+    );
+    let mut no_scaling = Sampler::lcm(4);
+    no_scaling.lcm.timestep_scaling = f64::NAN;
+    let mut no_original = Sampler::lcm(4);
+    no_original.lcm.original_steps = 2000;
+    for (bad, says) in [
+        (Sampler::lcm(60), "60 steps cannot be picked from the 50 timesteps"),
+        (
+            Sampler::lcm(30).strength(0.5),
+            "leaves 25 timesteps, fewer than the 30 steps",
+        ),
+        (Sampler::lcm(4).karras_sigmas(true), "not on Karras levels"),
+        (no_scaling, "timestep_scaling NaN"),
+        (no_original, "original_inference_steps 2000 must be in 1..=1000"),
+    ] {
+        let e = run(bad, vec![]);
+        assert!(
+            matches!(e, DiffusionError::SamplerOption { sampler: "LCM", .. }) && e.to_string().contains(says),
+            "{bad:?}: {e}"
+        );
     }
     // No continuous adjoint through injected noise.
     let model = TinyEps::<Ad>::new(2, &device);
@@ -196,11 +226,13 @@ fn stochastic_samplers_name_bad_noise_eta_and_modes() {
         Sampler::euler_ancestral(4),
         Sampler::dpm_solver_pp_2m_sde(4),
         Sampler::dpm_solver_pp_3m_sde(4),
+        Sampler::lcm(4),
     ] {
         let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 1), SHAPE), &device);
+        let count = sampler.noise_count(&schedule).unwrap();
         let e = sampler
             .gradient(backsolve)
-            .sample_with_noise(&model, &schedule, x_t, noise_tensors(4, &device))
+            .sample_with_noise(&model, &schedule, x_t, noise_tensors(count, &device))
             .unwrap_err();
         assert!(matches!(e, DiffusionError::UnsupportedGradient { .. }), "{e:?}");
     }
@@ -221,7 +253,8 @@ fn sampler_of(kind: usize, steps: usize) -> Sampler {
         9 => Sampler::unipc(steps),
         10 => Sampler::unipc_third_order(steps),
         11 => Sampler::plms(steps),
-        _ => Sampler::lms(steps),
+        12 => Sampler::lms(steps),
+        _ => Sampler::lcm(steps),
     }
 }
 
@@ -236,7 +269,7 @@ proptest::proptest! {
     /// weight.
     #[test]
     fn any_sampler_configuration_is_exact(
-        kind in 0usize..13,
+        kind in 0usize..14,
         steps in 2usize..7,
         levels in 0usize..4,
         fractional in proptest::bool::ANY,
@@ -248,6 +281,11 @@ proptest::proptest! {
         );
         if fractional {
             sampler.convention = adjoint_dpm::diffusion::TimestepConvention::Fractional;
+        }
+        if sampler.kind == SamplerKind::Lcm {
+            // LCM runs on its distillation timesteps alone (other levels are a typed error).
+            sampler.noise_levels = NoiseLevels::Spaced;
+            sampler.convention = adjoint_dpm::diffusion::TimestepConvention::Integer;
         }
         let schedule = match cosine {
             true => NoiseSchedule::cosine(),
