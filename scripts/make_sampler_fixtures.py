@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M, 2M SDE, 3M SDE), UniPC (bh2, bh1; order 2, 3),
-Euler, Heun, LMS, PNDM (PLMS) and LCM schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
+Euler, Heun, LMS, PNDM (PLMS), LCM and TCD schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
 samplers.json).
 
 The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
@@ -369,6 +369,44 @@ for name, (config, steps, strength) in LCM_CASES.items():
         tensors[name + "_noise"] = noise
     meta["cases"][name] = {"scheduler": "LCMScheduler", "config": config, "steps": steps, "strength": strength,
                            "timesteps": [float(t) for t in timesteps]}
+
+# TCDScheduler (strategic stochastic sampling) on LCM's timesteps: gamma (its step's `eta`) 0.3 as its
+# pipelines default, 0 (deterministic, no draws), 0.7 on the linear schedule, and img2img.
+import diffusers.schedulers.scheduling_tcd as tcd_module
+from diffusers import TCDScheduler
+
+TCD_CASES = {
+    "tcd_sd_4": (LCM_SD, 4, 1.0, 0.3),
+    "tcd_sd_8_gamma0": (LCM_SD, 8, 1.0, 0.0),
+    "tcd_linear_6_gamma07": (dict(beta_schedule="linear"), 6, 1.0, 0.7),
+    "tcd_sd_img2img": (LCM_SD, 6, 0.5, 0.3),
+}
+tcd_gen = torch.Generator().manual_seed(17)
+for name, (config, steps, strength, gamma) in TCD_CASES.items():
+    sched = TCDScheduler(num_train_timesteps=1000, **config)
+    sched.alphas_cumprod = abar_f64(config)
+    sched.set_timesteps(steps, strength=strength)
+    timesteps, x = sched.timesteps, x_T.clone()
+    if strength < 1:
+        kept = min(int(steps * strength), steps)
+        t_start = max(steps - kept, 0)
+        timesteps = timesteps[t_start:]
+        sched.set_begin_index(t_start)
+        x = sched.add_noise(x_0, x_T, timesteps[:1])
+    draws_needed = len(timesteps) - 1 if gamma > 0 else 0
+    noise = torch.randn(draws_needed, 2, 4, dtype=torch.float64, generator=tcd_gen)
+    draws = iter(noise)
+    tcd_module.randn_tensor = lambda *args, **kwargs: next(draws)
+    trajectory = [x.clone()]
+    for t in timesteps:
+        x = sched.step(eps(x, t), t, x, eta=gamma).prev_sample
+        trajectory.append(x.clone())
+    assert next(draws, None) is None
+    tensors[name] = torch.stack(trajectory)
+    if len(noise):
+        tensors[name + "_noise"] = noise
+    meta["cases"][name] = {"scheduler": "TCDScheduler", "config": config, "steps": steps, "strength": strength,
+                           "eta": gamma, "timesteps": [float(t) for t in timesteps]}
 
 # Classifier-free guidance with guidance_rescale (diffusers' rescale_noise_cfg): the network's two
 # outputs, read as eps ("cfg_rescaled") and as v, converted to eps = alpha v + sigma x at t = 500 of

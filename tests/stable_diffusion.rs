@@ -313,6 +313,7 @@ fn a_folder_names_its_sampler() {
         Ok(SolverChoice::Lms)
     );
     assert_eq!(solver(r#"{"_class_name": "LCMScheduler"}"#), Ok(SolverChoice::Lcm));
+    assert_eq!(solver(r#"{"_class_name": "TCDScheduler"}"#), Ok(SolverChoice::Tcd));
     assert_eq!(
         solver(r#"{"_class_name": "DEISMultistepScheduler"}"#),
         Err("DEISMultistepScheduler".into())

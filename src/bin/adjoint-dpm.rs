@@ -201,6 +201,9 @@ enum SolverArg {
     /// LCM-distilled UNet or LCM-LoRA) in 2–8 steps; stochastic (exact or backprop; its step
     /// noise is drawn from --seed and held fixed).
     Lcm,
+    /// TCD, diffusers' TCDScheduler (TCD-distilled models, TCD-LoRA): LCM's timesteps, γ =
+    /// --eta (default 0.3) of each step's noise drawn afresh; exact or backprop.
+    Tcd,
 }
 
 /// `--device`.
@@ -255,9 +258,9 @@ struct TaskArgs {
     #[arg(long, conflicts_with = "karras")]
     exponential_sigmas: bool,
     /// DDIM's η: > 0 injects noise at every step (1: DDPM's variance), drawn from --seed and held
-    /// fixed; exact or backprop gradients.
-    #[arg(long, default_value_t = 0.0)]
-    eta: f64,
+    /// fixed; exact or backprop gradients. With --solver tcd, TCD's γ in [0, 1] (default 0.3).
+    #[arg(long)]
+    eta: Option<f64>,
     /// Learning rate.
     #[arg(long, default_value_t = 0.05)]
     lr: f64,
@@ -310,6 +313,7 @@ impl TaskArgs {
                 SolverArg::Plms => SolverChoice::Plms,
                 SolverArg::Lms => SolverChoice::Lms,
                 SolverArg::Lcm => SolverChoice::Lcm,
+                SolverArg::Tcd => SolverChoice::Tcd,
             },
             karras: self.karras,
             exponential: self.exponential_sigmas,

@@ -85,6 +85,12 @@ pub enum SamplerKind {
     /// it. Stochastic, as [`SamplerKind::EulerAncestral`] (see [`NoisyStepMap`]); settings in
     /// [`LcmOptions`].
     Lcm,
+    /// TCD, strategic stochastic sampling (Zheng et al. 2024, "Trajectory Consistency
+    /// Distillation"; diffusers' `TCDScheduler`), for TCD-distilled models and TCD-LoRA: LCM's
+    /// timesteps, each step a DDIM step down to the level of `⌊(1 − γ) t_{i+1}⌋` and fresh noise
+    /// back up, γ = [`Sampler::eta`] (0: deterministic, DDIM on those timesteps). Stochastic for
+    /// γ > 0, as [`SamplerKind::Lcm`]; no continuous adjoint.
+    Tcd,
 }
 
 /// A latent consistency model's sampling settings (diffusers' `LCMScheduler` config). Other
@@ -111,7 +117,7 @@ impl Default for LcmOptions {
 impl SamplerKind {
     fn tableau(self) -> &'static ButcherTableau {
         match self {
-            SamplerKind::Ddim | SamplerKind::EulerAncestral | SamplerKind::Lcm => &tableau::EULER,
+            SamplerKind::Ddim | SamplerKind::EulerAncestral | SamplerKind::Lcm | SamplerKind::Tcd => &tableau::EULER,
             SamplerKind::Heun => &tableau::HEUN,
             SamplerKind::Rk4 => &tableau::RK4,
             SamplerKind::DpmSolverPP2M
@@ -252,6 +258,29 @@ impl Sampler {
     pub fn lcm(steps: usize) -> Self {
         Self {
             kind: SamplerKind::Lcm,
+            ..Self::ddim(steps)
+        }
+    }
+
+    /// TCD with `steps` steps and γ = 0.3, as diffusers' `TCDScheduler` and its pipelines
+    /// default: LCM's timesteps ([`LcmOptions`]), the last step to timestep 0 (ᾱ_0). Set γ with
+    /// [`Sampler::eta`]; for γ > 0 run it with [`Sampler::sample_with_noise`], one noise tensor
+    /// per step but the last.
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
+    /// let schedule = NoiseSchedule::sd_scaled_linear();
+    /// let tcd = Sampler::tcd(4);
+    /// assert_eq!(tcd.timesteps(&schedule)?, [999.0, 759.0, 499.0, 259.0]);
+    /// assert_eq!((tcd.noise_count(&schedule)?, tcd.eta(0.0).noise_count(&schedule)?), (3, 0));
+    /// assert_eq!(tcd.rho_grid(&schedule)?[4], schedule.rho(0.0));
+    /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
+    /// ```
+    pub fn tcd(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::Tcd,
+            eta: 0.3,
+            final_alpha_one: false,
             ..Self::ddim(steps)
         }
     }
@@ -417,6 +446,8 @@ impl Sampler {
             return Err(bad("η must be finite and ≥ 0"));
         }
         Ok(match (self.kind, self.eta > 0.0) {
+            (SamplerKind::Tcd, _) if self.eta > 1.0 => return Err(bad("TCD's γ must be in [0, 1]")),
+            (SamplerKind::Tcd, _) => Some(NoisyStep::Tcd),
             (SamplerKind::Ddim, true) => Some(NoisyStep::Ddim { eta: self.eta }),
             (SamplerKind::EulerAncestral, false) => Some(NoisyStep::EulerAncestral),
             (SamplerKind::Lcm, false) => Some(NoisyStep::Lcm {
@@ -425,17 +456,21 @@ impl Sampler {
             (_, false) => None,
             (_, true) => {
                 return Err(bad(
-                    "η belongs to DDIM (Euler ancestral, LCM and DPM-Solver++ SDE fix their noise's scale, the other samplers inject none)",
+                    "η belongs to DDIM (and TCD's γ; Euler ancestral, LCM and DPM-Solver++ SDE fix their noise's scale, the other samplers inject none)",
                 ))
             }
         })
     }
 
     /// Whether the sampler injects noise at its steps: DDIM with η > 0, Euler ancestral, LCM,
-    /// DPM-Solver++(2M) and (3M) SDE.
+    /// TCD with γ > 0, DPM-Solver++(2M) and (3M) SDE.
     fn is_stochastic(&self) -> Result<bool, DiffusionError> {
-        Ok(self.noisy_step()?.is_some()
-            || matches!(self.kind, SamplerKind::DpmSolverPP2MSde | SamplerKind::DpmSolverPP3MSde))
+        let noisy = self.noisy_step()?.is_some();
+        Ok(match self.kind {
+            SamplerKind::Tcd => self.eta > 0.0,
+            SamplerKind::DpmSolverPP2MSde | SamplerKind::DpmSolverPP3MSde => true,
+            _ => noisy,
+        })
     }
 
     /// How many noise tensors [`Sampler::sample_with_noise`] takes: one per step run for a
@@ -451,7 +486,7 @@ impl Sampler {
         let steps = grid.len().saturating_sub(1);
         Ok(match (self.is_stochastic()?, self.kind) {
             (false, _) => 0,
-            (true, SamplerKind::Lcm) => steps.saturating_sub(1),
+            (true, SamplerKind::Lcm | SamplerKind::Tcd) => steps.saturating_sub(1),
             (true, _) => steps,
         })
     }
@@ -592,7 +627,7 @@ impl Sampler {
                 train_steps: n,
             });
         }
-        if self.kind == SamplerKind::Lcm {
+        if matches!(self.kind, SamplerKind::Lcm | SamplerKind::Tcd) {
             return self.lcm_levels(schedule);
         }
         let fractional = self.convention == TimestepConvention::Fractional;
@@ -639,11 +674,16 @@ impl Sampler {
         Ok((rhos, ts))
     }
 
-    /// LCM's levels: the schedule's at the timesteps it picks from those it was distilled on.
+    /// LCM's (and TCD's) levels: the schedule's at the timesteps it picks from those it was
+    /// distilled on.
     fn lcm_levels(&self, schedule: &NoiseSchedule) -> Result<(Vec<f64>, Vec<f64>), DiffusionError> {
+        let sampler = match self.kind {
+            SamplerKind::Tcd => "TCD",
+            _ => "LCM",
+        };
         if self.noise_levels != NoiseLevels::Spaced || self.convention != TimestepConvention::Integer {
             return Err(DiffusionError::SamplerOption {
-                sampler: "LCM",
+                sampler,
                 reason: format!(
                     "it runs on the timesteps it was distilled on, not on {:?} levels in the {:?} convention",
                     self.noise_levels, self.convention
@@ -654,11 +694,15 @@ impl Sampler {
         let (n, options) = (schedule.train_steps(), self.lcm);
         if !(options.timestep_scaling.is_finite() && options.timestep_scaling > 0.0) {
             return Err(DiffusionError::SamplerOption {
-                sampler: "LCM",
+                sampler,
                 reason: format!("timestep_scaling {} must be finite and > 0", options.timestep_scaling),
             });
         }
-        let ts: Vec<f64> = lcm_timesteps(n, self.steps, options.original_steps, self.strength)?
+        let ts: Vec<f64> = lcm_timesteps(n, self.steps, options.original_steps, self.strength)
+            .map_err(|e| match e {
+                DiffusionError::SamplerOption { reason, .. } => DiffusionError::SamplerOption { sampler, reason },
+                e => e,
+            })?
             .into_iter()
             .map(|t| t as f64)
             .collect();
@@ -673,12 +717,15 @@ impl Sampler {
     }
 
     /// The ρ grid, decreasing: the level of each step run, then the final ρ (0, or ρ at ᾱ_0;
-    /// always 0 for LCM, whose last step returns the consistency function's value).
+    /// always 0 for LCM, whose last step returns the consistency function's value, and ρ at
+    /// ᾱ_0 for TCD, whose last step lands on timestep 0).
     pub fn rho_grid(&self, schedule: &NoiseSchedule) -> Result<Vec<f64>, DiffusionError> {
         let mut grid = self.run_levels(schedule)?.0;
-        let last = match self.final_alpha_one || self.kind == SamplerKind::Lcm {
-            true => 0.0,
-            false => schedule.rho(0.0),
+        let last = match self.kind {
+            SamplerKind::Lcm => 0.0,
+            SamplerKind::Tcd => schedule.rho(0.0),
+            _ if self.final_alpha_one => 0.0,
+            _ => schedule.rho(0.0),
         };
         if grid[grid.len() - 1] > last {
             grid.push(last);
@@ -694,6 +741,31 @@ impl Sampler {
     ) -> Result<PfOde<B, M>, DiffusionError> {
         let (rhos, ts) = self.run_levels(schedule)?;
         Ok(PfOde::new(model, schedule.clone()).with_timesteps(rhos, ts))
+    }
+
+    /// The stochastic sampler's step map of `model` on `grid`, told the run's timestep at each
+    /// level; for TCD with where each step's DDIM part lands, the level of `⌊(1 − γ) t_{i+1}⌋`
+    /// (in f32, as diffusers' `torch.floor((1 - eta) * prev_timestep)`), timestep 0 after the last.
+    fn noisy_map<B: Backend, M: burn::module::Module<B>, const D: usize>(
+        &self,
+        model: M,
+        step: NoisyStep,
+        schedule: &NoiseSchedule,
+        grid: &[f64],
+        noise: Vec<Tensor<B, D>>,
+    ) -> Result<NoisyStepMap<B, M>, DiffusionError> {
+        let ts = self.timesteps(schedule)?;
+        let map = NoisyStepMap::new(model, step, grid.to_vec(), ts.clone(), noise);
+        if step != NoisyStep::Tcd {
+            return Ok(map);
+        }
+        let landing = (0..grid.len() - 1)
+            .map(|i| {
+                let next = ts.get(i + 1).copied().unwrap_or(0.0);
+                schedule.rho(((1.0 - self.eta) as f32 * next as f32).floor() as f64)
+            })
+            .collect();
+        Ok(map.with_landing(landing))
     }
 
     /// The multistep map (DPM-Solver++ 2M or 3M, UniPC) of `model` on `grid`, told the run's
@@ -823,7 +895,7 @@ impl Sampler {
             return Ok(ode.dynamics.y_of(z_0).mul_scalar(alpha_0));
         }
         if let Some(step) = self.noisy_step()? {
-            let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?, noise);
+            let map = self.noisy_map(model.clone(), step, schedule, &grid, noise)?;
             let ode = NeuralOde::new(map).solver(self.solver()).gradient(self.gradient);
             let y_0 = ode
                 .solve(y_t, &grid)
@@ -883,6 +955,11 @@ impl Sampler {
                 "a stochastic sampler",
                 "its steps inject noise, so it discretises no ODE and has no continuous adjoint; use \
                  Checkpointed (exact) or Backprop",
+            ),
+            SamplerKind::Tcd => (
+                "TCD",
+                "its steps land below the next level and jump back up, so it discretises no ODE; use \
+                 Checkpointed (exact) or Backprop, or DDIM for AdjointDPM",
             ),
             SamplerKind::UniPc { .. } => ("UniPC", MULTISTEP),
             SamplerKind::Plms => ("PLMS", MULTISTEP),
@@ -981,7 +1058,7 @@ impl Sampler {
         }
         let y_t = x_t.div_scalar(NoiseSchedule::alpha_of_rho(grid[0]));
         let ys = if let Some(step) = self.noisy_step()? {
-            let map = NoisyStepMap::new(model.clone(), step, grid.clone(), self.timesteps(schedule)?, noise);
+            let map = self.noisy_map(model.clone(), step, schedule, &grid, noise)?;
             let ode = NeuralOde::new(map).solver(self.solver());
             run_map(&ode, y_t, &grid, schedule, keep_all)?
         } else if self.kind.is_multistep() {

@@ -21,6 +21,10 @@
 //!   boundary scalings at `s = 10 t_i`: `c_skip = ¼/(s² + ¼)`, `c_out = s/√(s² + ¼)`), then
 //!   noised afresh to the next level, `y_{i+1} = D + ρ_{i+1} ξ_i`; the last step returns `D`
 //!   (its ρ is 0, and no noise is drawn for it).
+//! - TCD, strategic stochastic sampling (Zheng et al. 2024; diffusers' `TCDScheduler`): a DDIM
+//!   step down to the level `ρ_s` of timestep `s = ⌊(1 − γ) t_{i+1}⌋`, then noise back up,
+//!   `y_{i+1} = y + (ρ_s − ρ_i) ε + √(ρ_{i+1}² − ρ_s²) ξ_i`; γ = 0 is DDIM, and the last step
+//!   (to timestep 0) draws no noise.
 //!
 //! The state is the sample alone, so what the engine stores per step is what a deterministic
 //! sampler stores; the noise is held once. (Carried in the state instead, as it was first, every
@@ -129,6 +133,9 @@ pub enum NoisyStep {
         /// The factor on the timestep in the boundary scalings (diffusers' `timestep_scaling`).
         timestep_scaling: f64,
     },
+    /// TCD: a DDIM step down to the level of `⌊(1 − γ) t_{i+1}⌋`
+    /// ([`NoisyStepMap::with_landing`]), then noise up to `ρ_{i+1}`.
+    Tcd,
 }
 
 /// A stochastic sampler's step map of `model` on a fixed decreasing ρ grid, as an Euler field
@@ -146,6 +153,9 @@ pub struct NoisyStepMap<B: Backend, M: Module<B>> {
     timesteps: Vec<f64>,
     #[module(skip)]
     step: NoisyStep,
+    /// Where each TCD step's DDIM part lands, in ρ.
+    #[module(skip)]
+    landing: Vec<f64>,
     _backend: core::marker::PhantomData<B>,
 }
 
@@ -166,8 +176,16 @@ impl<B: Backend, M: Module<B>> NoisyStepMap<B, M> {
             grid,
             timesteps,
             step,
+            landing: Vec::new(),
             _backend: core::marker::PhantomData,
         }
+    }
+
+    /// The level each step's deterministic part lands on before noise takes it up to the next
+    /// knot (TCD's `ρ_s`, one per step).
+    pub fn with_landing(mut self, landing: Vec<f64>) -> Self {
+        self.landing = landing;
+        self
     }
 
     /// Step i's update as `y_{i+1} = c_y y_i + c_ε ε + c_ξ ξ_i`: `(c_y, c_ε, c_ξ)`.
@@ -186,6 +204,10 @@ impl<B: Backend, M: Module<B>> NoisyStepMap<B, M> {
                 let up = rho_t * (1.0 - (rho_t * rho_t) / (rho_s * rho_s)).max(0.0).sqrt();
                 let down = (rho_t * rho_t - up * up).max(0.0).sqrt();
                 (down - rho_s, up)
+            }
+            NoisyStep::Tcd => {
+                let land = self.landing[i];
+                (land - rho_s, (rho_t * rho_t - land * land).max(0.0).sqrt())
             }
             NoisyStep::Lcm { timestep_scaling } => {
                 // D = c_skip x_t + c_out x̂0 with x_t = α_i y and x̂0 = y − ρ_i ε.

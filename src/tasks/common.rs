@@ -277,6 +277,8 @@ pub enum SolverChoice {
     /// LCM, diffusers' `LCMScheduler` (latent consistency models; stochastic): exact or
     /// Backprop.
     Lcm,
+    /// TCD, diffusers' `TCDScheduler` (γ = `--eta`, 0.3 by default): exact or Backprop.
+    Tcd,
 }
 
 impl SolverChoice {
@@ -298,6 +300,7 @@ impl SolverChoice {
             SolverChoice::Plms => Sampler::plms(steps),
             SolverChoice::Lms => Sampler::lms(steps),
             SolverChoice::Lcm => Sampler::lcm(steps),
+            SolverChoice::Tcd => Sampler::tcd(steps),
         };
         base.gradient(gradient.mode())
     }

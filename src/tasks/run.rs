@@ -42,8 +42,9 @@ pub struct RunConfig {
     pub karras: bool,
     /// Sample on levels evenly spaced in log ρ, whatever the sampler (`--exponential-sigmas`).
     pub exponential: bool,
-    /// DDIM's η (`--eta`): > 0 makes DDIM stochastic.
-    pub eta: f64,
+    /// DDIM's η or TCD's γ (`--eta`): > 0 makes DDIM stochastic; `None` keeps the sampler's
+    /// own (0, or TCD's 0.3).
+    pub eta: Option<f64>,
     /// Sampling steps.
     pub steps: usize,
     /// Learning rate.
@@ -127,7 +128,10 @@ impl RunConfig {
     /// `sampler` on the noise levels `--karras` or `--exponential-sigmas` asks for (else its
     /// own), with `--eta`.
     pub fn configure(&self, sampler: Sampler) -> Sampler {
-        let sampler = sampler.eta(self.eta);
+        let sampler = match self.eta {
+            Some(eta) => sampler.eta(eta),
+            None => sampler,
+        };
         match (self.karras, self.exponential) {
             (true, _) => sampler.noise_levels(NoiseLevels::Karras),
             (_, true) => sampler.noise_levels(NoiseLevels::Exponential),
@@ -151,7 +155,7 @@ impl Default for RunConfig {
             solver: SolverChoice::Ddim,
             karras: false,
             exponential: false,
-            eta: 0.0,
+            eta: None,
             steps: 20,
             lr: 0.05,
             iters: 30,

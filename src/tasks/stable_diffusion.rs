@@ -185,6 +185,7 @@ impl SchedulerConfig {
             ("HeunDiscreteScheduler", ..) => Ok(SolverChoice::Heun),
             ("LMSDiscreteScheduler", ..) => Ok(SolverChoice::Lms),
             ("LCMScheduler", ..) => Ok(SolverChoice::Lcm),
+            ("TCDScheduler", ..) => Ok(SolverChoice::Tcd),
             ("PNDMScheduler", ..) if self.skip_prk_steps => Ok(SolverChoice::Plms),
             ("PNDMScheduler", ..) => Err("PNDMScheduler with its Runge-Kutta warm-up (skip_prk_steps false)".into()),
             ("DPMSolverMultistepScheduler", "dpmsolver++", 2, None | Some("midpoint" | "heun")) => {

@@ -339,7 +339,7 @@ fn stochastic_samplers_match_diffusers_with_the_same_noise() {
 }
 
 #[test]
-fn lcm_matches_diffusers_with_the_same_noise() {
+fn lcm_and_tcd_match_diffusers_with_the_same_noise() {
     let (bytes, meta) = fixtures();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (model, x_t, x_0) = fixture_model(&st);
@@ -351,6 +351,10 @@ fn lcm_matches_diffusers_with_the_same_noise() {
         ("lcm_sd_1", &sd, Sampler::lcm(1)),
         ("lcm_linear_8_orig100", &linear, long),
         ("lcm_sd_img2img", &sd, Sampler::lcm(6).strength(0.5)),
+        ("tcd_sd_4", &sd, Sampler::tcd(4)),
+        ("tcd_sd_8_gamma0", &sd, Sampler::tcd(8).eta(0.0)),
+        ("tcd_linear_6_gamma07", &linear, Sampler::tcd(6).eta(0.7)),
+        ("tcd_sd_img2img", &sd, Sampler::tcd(6).strength(0.5)),
     ];
     for (name, schedule, sampler) in cases {
         assert_timesteps(name, &sampler, schedule, &meta);

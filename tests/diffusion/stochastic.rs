@@ -1,4 +1,4 @@
-//! Stochastic samplers (DDIM with η > 0, Euler ancestral, DPM-Solver++(2M) SDE, LCM): exact
+//! Stochastic samplers (DDIM with η > 0, Euler ancestral, DPM-Solver++(2M) SDE, LCM, TCD): exact
 //! gradients w.r.t. x_T, every step's noise, the conditioning and the weights, against backprop
 //! and finite differences; their errors; and a property test over every sampler, noise levels,
 //! convention, img2img strength and schedule.
@@ -73,7 +73,7 @@ fn widest_gap(a: &NoisyGrads, b: &NoisyGrads) -> (&'static str, f64) {
         .fold(("none", 0.0), |worst, gap| if gap.1 <= worst.1 { worst } else { gap })
 }
 
-fn samplers() -> [Sampler; 6] {
+fn samplers() -> [Sampler; 7] {
     [
         Sampler::ddim(6).eta(1.0),
         Sampler::ddim(5).eta(0.4).noise_levels(NoiseLevels::Karras),
@@ -84,6 +84,7 @@ fn samplers() -> [Sampler; 6] {
         Sampler::dpm_solver_pp_3m_sde(6),
         // A noise tensor per step but the last.
         Sampler::lcm(5),
+        Sampler::tcd(5).eta(0.5),
     ]
 }
 
@@ -95,11 +96,11 @@ fn checkpointed_equals_backprop_through_stochastic_sampling() {
     for sampler in samplers() {
         let reference = noisy_grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
         // Every step's noise matters but the last's, which a step to ρ = 0 scales by 0 (LCM
-        // draws none for it).
+        // and TCD draw none for it).
         let (last, others) = reference.noise.split_last().unwrap();
         assert!(others.iter().all(|g| g.iter().any(|v| *v != 0.0)));
-        let lcm = sampler.kind == SamplerKind::Lcm;
-        assert_eq!(last.iter().all(|v| *v == 0.0), !lcm, "{:?}", sampler.kind);
+        let none_last = matches!(sampler.kind, SamplerKind::Lcm | SamplerKind::Tcd);
+        assert_eq!(last.iter().all(|v| *v == 0.0), !none_last, "{:?}", sampler.kind);
         for kind in [Schedule::All, Schedule::Every(2), Schedule::Recursive] {
             let exact = noisy_grads(&model, &schedule, sampler.gradient(GradientMode::Checkpointed(kind)));
             let (name, e) = widest_gap(&exact, &reference);
@@ -190,6 +191,7 @@ fn stochastic_samplers_name_bad_noise_eta_and_modes() {
         Sampler::ddim(4).eta(f64::NAN),
         Sampler::heun(4).eta(0.5),
         Sampler::lcm(4).eta(0.5),
+        Sampler::tcd(4).eta(1.5),
     ] {
         assert!(matches!(run(bad, vec![]), DiffusionError::BadEta { .. }), "{bad:?}");
     }
@@ -227,6 +229,9 @@ fn stochastic_samplers_name_bad_noise_eta_and_modes() {
         Sampler::dpm_solver_pp_2m_sde(4),
         Sampler::dpm_solver_pp_3m_sde(4),
         Sampler::lcm(4),
+        Sampler::tcd(4),
+        // Deterministic TCD lands below each level first: no ODE either.
+        Sampler::tcd(4).eta(0.0),
     ] {
         let x_t = Tensor::<Ad, 4>::from_data(TensorData::new(noise(SHAPE, 1), SHAPE), &device);
         let count = sampler.noise_count(&schedule).unwrap();
@@ -254,7 +259,8 @@ fn sampler_of(kind: usize, steps: usize) -> Sampler {
         10 => Sampler::unipc_third_order(steps),
         11 => Sampler::plms(steps),
         12 => Sampler::lms(steps),
-        _ => Sampler::lcm(steps),
+        13 => Sampler::lcm(steps),
+        _ => Sampler::tcd(steps),
     }
 }
 
@@ -269,7 +275,7 @@ proptest::proptest! {
     /// weight.
     #[test]
     fn any_sampler_configuration_is_exact(
-        kind in 0usize..14,
+        kind in 0usize..15,
         steps in 2usize..7,
         levels in 0usize..4,
         fractional in proptest::bool::ANY,
@@ -282,8 +288,9 @@ proptest::proptest! {
         if fractional {
             sampler.convention = adjoint_dpm::diffusion::TimestepConvention::Fractional;
         }
-        if sampler.kind == SamplerKind::Lcm {
-            // LCM runs on its distillation timesteps alone (other levels are a typed error).
+        if matches!(sampler.kind, SamplerKind::Lcm | SamplerKind::Tcd) {
+            // LCM and TCD run on their distillation timesteps alone (other levels are a typed
+            // error).
             sampler.noise_levels = NoiseLevels::Spaced;
             sampler.convention = adjoint_dpm::diffusion::TimestepConvention::Integer;
         }
