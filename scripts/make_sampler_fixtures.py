@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M, 2M SDE, 3M SDE), UniPC (bh2, bh1; order 2, 3),
-Euler, Heun, LMS, PNDM (PLMS), LCM and TCD schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
+Euler, Heun, LMS, PNDM (PLMS), LCM, TCD and DEIS schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
 samplers.json).
 
 The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
@@ -407,6 +407,39 @@ for name, (config, steps, strength, gamma) in TCD_CASES.items():
         tensors[name + "_noise"] = noise
     meta["cases"][name] = {"scheduler": "TCDScheduler", "config": config, "steps": steps, "strength": strength,
                            "eta": gamma, "timesteps": [float(t) for t in timesteps]}
+
+# DEISMultistepScheduler ("logrho"): order 2 (its default) under 15 steps, order 3 under and over 15
+# steps, order 2 img2img. diffusers keeps its sigmas in float32, which moves the log-rho coefficients by
+# ~1e-7 relative; they are replaced by float64 ones here (the levels at the same integer timesteps,
+# then the smallest level, as set_timesteps appends it), to test the algorithm to 1e-6.
+from diffusers import DEISMultistepScheduler
+
+DEIS_CASES = {
+    "deis_sd_10": (dict(SD), 10, 2, 1.0),
+    "deis3_sd_10": (dict(SD), 10, 3, 1.0),
+    "deis3_linear_20": (dict(beta_schedule="linear"), 20, 3, 1.0),
+    "deis_sd_img2img": (dict(SD), 20, 2, 0.6),
+}
+for name, (config, steps, order, strength) in DEIS_CASES.items():
+    sched = DEISMultistepScheduler(num_train_timesteps=1000, solver_order=order, **config)
+    sched.set_timesteps(steps)
+    abar = abar_f64(config)
+    sig = ((1 - abar) / abar).sqrt()
+    sched.sigmas = torch.cat([sig[sched.timesteps], sig[:1]])
+    timesteps, x = sched.timesteps, x_T.clone()
+    if strength < 1:
+        kept = min(int(steps * strength), steps)
+        t_start = max(steps - kept, 0)
+        timesteps = timesteps[t_start:]
+        sched.set_begin_index(t_start)
+        x = sched.add_noise(x_0, x_T, timesteps[:1])
+    trajectory = [x.clone()]
+    for t in timesteps:
+        x = sched.step(eps(x, t), t, x).prev_sample
+        trajectory.append(x.clone())
+    tensors[name] = torch.stack(trajectory)
+    meta["cases"][name] = {"scheduler": "DEISMultistepScheduler", "config": dict(config, solver_order=order),
+                           "steps": steps, "strength": strength, "timesteps": [float(t) for t in timesteps]}
 
 # Classifier-free guidance with guidance_rescale (diffusers' rescale_noise_cfg): the network's two
 # outputs, read as eps ("cfg_rescaled") and as v, converted to eps = alpha v + sigma x at t = 500 of

@@ -314,9 +314,17 @@ fn a_folder_names_its_sampler() {
     );
     assert_eq!(solver(r#"{"_class_name": "LCMScheduler"}"#), Ok(SolverChoice::Lcm));
     assert_eq!(solver(r#"{"_class_name": "TCDScheduler"}"#), Ok(SolverChoice::Tcd));
+    let deis = r#"{"_class_name": "DEISMultistepScheduler""#;
+    assert_eq!(solver(&format!("{deis}}}")), Ok(SolverChoice::Deis));
     assert_eq!(
-        solver(r#"{"_class_name": "DEISMultistepScheduler"}"#),
-        Err("DEISMultistepScheduler".into())
+        solver(&format!(r#"{deis}, "solver_order": 3, "solver_type": "logrho"}}"#)),
+        Ok(SolverChoice::Deis3)
+    );
+    let other = solver(&format!(r#"{deis}, "algorithm_type": "dpmsolver++"}}"#)).unwrap_err();
+    assert!(other.contains("algorithm_type \"dpmsolver++\""), "{other}");
+    assert_eq!(
+        solver(r#"{"_class_name": "KDPM2DiscreteScheduler"}"#),
+        Err("KDPM2DiscreteScheduler".into())
     );
 }
 

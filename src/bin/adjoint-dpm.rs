@@ -197,6 +197,10 @@ enum SolverArg {
     Plms,
     /// LMS, diffusers' LMSDiscreteScheduler (exact or backprop).
     Lms,
+    /// DEIS, diffusers' DEISMultistepScheduler (exact or backprop).
+    Deis,
+    /// DEIS of order 3 (diffusers' `solver_order = 3`, the DEIS paper's choice).
+    Deis3,
     /// LCM, diffusers' LCMScheduler: multistep sampling of a latent consistency model (an
     /// LCM-distilled UNet or LCM-LoRA) in 2–8 steps; stochastic (exact or backprop; its step
     /// noise is drawn from --seed and held fixed).
@@ -312,6 +316,8 @@ impl TaskArgs {
                 SolverArg::EulerA => SolverChoice::EulerAncestral,
                 SolverArg::Plms => SolverChoice::Plms,
                 SolverArg::Lms => SolverChoice::Lms,
+                SolverArg::Deis => SolverChoice::Deis,
+                SolverArg::Deis3 => SolverChoice::Deis3,
                 SolverArg::Lcm => SolverChoice::Lcm,
                 SolverArg::Tcd => SolverChoice::Tcd,
             },

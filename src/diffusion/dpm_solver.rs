@@ -52,6 +52,11 @@
 //! (diffusers' `LMSDiscreteScheduler`, k-diffusion's `sample_lms`) takes the same state and
 //! step with `ε̂_i = Σ_j e_{i−j} ∫_{ρ_i}^{ρ_{i+1}} L_j dρ / (ρ_{i+1} − ρ_i)`, `L_j` the Lagrange
 //! basis on the last `min(i + 1, 4)` levels (exact where the levels are uneven), and no warm-up.
+//! DEIS (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator";
+//! diffusers' `DEISMultistepScheduler`, `algorithm_type = "deis"`, `solver_type = "logrho"`)
+//! takes the same step with ε interpolated as a polynomial in log ρ through the last 2 or 3
+//! evaluations and integrated exactly in ρ (diffusers' closed forms), of DPM-Solver++'s orders
+//! (warm-up, lower at the last steps of a run under 15), state `[y_i; e_{i−1}(; e_{i−2})]`.
 //!
 //! Each map is written as one Euler step `z + h f(ρ_i, z)` with `h = ρ_{i+1} − ρ_i` of a field
 //! that knows the grid: `f = (z_{i+1} − z_i)/h` block by block, e.g. for DPM-Solver++
@@ -113,6 +118,10 @@ enum Method {
     Plms,
     /// LMS: the same history, coefficients integrated over the actual levels.
     Lms,
+    /// DEIS (log-ρ): a history of one or two evaluations (`solver_order` 2 or 3).
+    Deis {
+        third_order: bool,
+    },
 }
 
 impl Method {
@@ -123,6 +132,7 @@ impl Method {
             Method::DpmPP3 | Method::DpmPP3Sde => 3,
             Method::UniPc { third_order, .. } => 4 + usize::from(third_order),
             Method::Plms | Method::Lms => 4,
+            Method::Deis { third_order } => 2 + usize::from(third_order),
         }
     }
 }
@@ -198,6 +208,44 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         self
     }
 
+    /// DEIS of `solver_order` 2, or 3 with `third_order`; see the module's doc.
+    pub fn deis(mut self, third_order: bool) -> Self {
+        self.method = Method::Deis { third_order };
+        self
+    }
+
+    /// DEIS's weights of `e_i, e_{i−1}, …` at step i of order `order`: diffusers' `ind_fn`
+    /// closed forms of `∫ L_j(log ρ) dρ` over the step, `L_j` the Lagrange basis in log ρ on the
+    /// last `order` levels, over `ρ_{i+1} − ρ_i`.
+    fn deis_weights(&self, i: usize, order: usize) -> Vec<f64> {
+        let g = &self.grid;
+        let (s0, t) = (g[i], g[i + 1]);
+        let step = t - s0;
+        match order {
+            1 => vec![1.0],
+            2 => {
+                let s1 = g[i - 1];
+                let ind = |t: f64, b: f64, c: f64| t * (-c.ln() + t.ln() - 1.0) / (b.ln() - c.ln());
+                vec![
+                    (ind(t, s0, s1) - ind(s0, s0, s1)) / step,
+                    (ind(t, s1, s0) - ind(s0, s1, s0)) / step,
+                ]
+            }
+            _ => {
+                let (s1, s2) = (g[i - 1], g[i - 2]);
+                let ind = |t: f64, b: f64, c: f64, d: f64| {
+                    let (lt, lb, lc, ld) = (t.ln(), b.ln(), c.ln(), d.ln());
+                    t * (lc * (ld - lt + 1.0) - ld * lt + ld + lt * lt - 2.0 * lt + 2.0) / ((lb - lc) * (lb - ld))
+                };
+                vec![
+                    (ind(t, s0, s1, s2) - ind(s0, s0, s1, s2)) / step,
+                    (ind(t, s1, s2, s0) - ind(s0, s1, s2, s0)) / step,
+                    (ind(t, s2, s0, s1) - ind(s0, s2, s0, s1)) / step,
+                ]
+            }
+        }
+    }
+
     /// LMS's weights of `e_i, e_{i−1}, …` at step i, over the step: `∫ L_j dρ / (ρ_{i+1} − ρ_i)`
     /// with `L_j` the Lagrange basis on the last `min(i + 1, 4)` levels.
     fn lms_weights(&self, i: usize) -> Vec<f64> {
@@ -238,8 +286,8 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         }
     }
 
-    /// PLMS's or LMS's step i as the Euler field's blocks, from `y` with its evaluation `eps` and the
-    /// state `z` (whose history blocks hold the earlier evaluations).
+    /// PLMS's, LMS's or DEIS's step i as the Euler field's blocks, from `y` with its evaluation
+    /// `eps` and the state `z` (whose history blocks hold the earlier evaluations).
     fn plms_field<const D: usize>(&self, i: usize, y: Tensor<B, D>, eps: Tensor<B, D>, z: &Tensor<B, D>) -> Tensor<B, D>
     where
         M: EpsModel<B, D>,
@@ -247,9 +295,12 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         let b = y.dims()[0];
         let (rho_s, rho_t) = (self.grid[i], self.grid[i + 1]);
         let step = rho_t - rho_s;
-        let past: Vec<_> = (1..4).map(|k| z.clone().narrow(0, k * b, b)).collect();
+        let past: Vec<_> = (1..self.method.blocks())
+            .map(|k| z.clone().narrow(0, k * b, b))
+            .collect();
         let weights = match (self.method, i) {
             (Method::Lms, _) => self.lms_weights(i),
+            (Method::Deis { .. }, _) => self.deis_weights(i, self.order_at(i, self.grid.len() - 1, rho_t == 0.0)),
             (_, 0) => vec![1.0],
             (_, 1) => vec![1.5, -0.5],
             (_, 2) => vec![23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0],
@@ -266,7 +317,7 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
             let e_end = self.model.eps(y_end.mul_scalar(NoiseSchedule::alpha_of_rho(rho_t)), t);
             e_hat = (e_hat + e_end).mul_scalar(0.5);
         }
-        // [y; e_{i−1}; e_{i−2}; e_{i−3}] → [y + step ε̂; e_i; e_{i−1}; e_{i−2}].
+        // [y; e_{i−1}; e_{i−2}; e_{i−3}] → [y + step ε̂; e_i; e_{i−1}; e_{i−2}] (DEIS: shorter).
         let mut parts = vec![e_hat, (eps - past[0].clone()).div_scalar(step)];
         parts.extend(past.windows(2).map(|w| (w[0].clone() - w[1].clone()).div_scalar(step)));
         Tensor::cat(parts, 0)
@@ -401,7 +452,12 @@ impl<B: Backend, M: Module<B>> MultistepMap<B, M> {
         let last_but_one = i + 2 == steps && run < 15;
         if i == 0 || last {
             1
-        } else if !matches!(self.method, Method::DpmPP3 | Method::DpmPP3Sde) || i == 1 || last_but_one {
+        } else if !matches!(
+            self.method,
+            Method::DpmPP3 | Method::DpmPP3Sde | Method::Deis { third_order: true }
+        ) || i == 1
+            || last_but_one
+        {
             2
         } else {
             3
@@ -420,7 +476,7 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for Multistep
         let eps = self
             .model
             .eps(y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(rho_s)), t);
-        if matches!(self.method, Method::Plms | Method::Lms) {
+        if matches!(self.method, Method::Plms | Method::Lms | Method::Deis { .. }) {
             return self.plms_field(i, y, eps, &z);
         }
         let x0 = y.clone() - eps.mul_scalar(rho_s);

@@ -79,6 +79,14 @@ pub enum SamplerKind {
     /// in ρ of order up to 4, its weights the integrals of the Lagrange basis over each step,
     /// on Euler's levels. State as PLMS's; exact and Backprop gradients.
     Lms,
+    /// DEIS (Zhang & Chen 2023; diffusers' `DEISMultistepScheduler`, "logrho"): the exponential
+    /// integrator with ε interpolated as a polynomial in log ρ through the last evaluations,
+    /// integrated exactly; DPM-Solver++'s timesteps and orders, the last step to ᾱ_0. State
+    /// `[y; ε_prev(; ε_prev2)]`; exact and Backprop gradients, like DPM-Solver++.
+    Deis {
+        /// `solver_order = 3` (else 2, diffusers' default).
+        third_order: bool,
+    },
     /// LCM, multistep consistency sampling (Luo et al. 2023; diffusers' `LCMScheduler`), for
     /// latent consistency models (LCM-distilled UNets, LCM-LoRA): each step takes the
     /// consistency function's value and noises it afresh to the next level; the last returns
@@ -126,12 +134,13 @@ impl SamplerKind {
             | SamplerKind::DpmSolverPP3MSde
             | SamplerKind::UniPc { .. }
             | SamplerKind::Plms
-            | SamplerKind::Lms => &tableau::EULER,
+            | SamplerKind::Lms
+            | SamplerKind::Deis { .. } => &tableau::EULER,
         }
     }
 
-    /// Whether it is a multistep method (DPM-Solver++, UniPC, PLMS), which has no continuous
-    /// adjoint.
+    /// Whether it is a multistep method (DPM-Solver++, UniPC, PLMS, LMS, DEIS), which has no
+    /// continuous adjoint.
     pub fn is_multistep(self) -> bool {
         matches!(
             self,
@@ -142,6 +151,7 @@ impl SamplerKind {
                 | SamplerKind::UniPc { .. }
                 | SamplerKind::Plms
                 | SamplerKind::Lms
+                | SamplerKind::Deis { .. }
         )
     }
 }
@@ -282,6 +292,35 @@ impl Sampler {
             eta: 0.3,
             final_alpha_one: false,
             ..Self::ddim(steps)
+        }
+    }
+
+    /// DEIS with `steps` steps as diffusers' `DEISMultistepScheduler` defaults (`solver_order`
+    /// 2): [`Sampler::dpm_solver_pp_2m`]'s timesteps, the last step to ᾱ_0 (DEIS's last level is
+    /// always the schedule's smallest), exact gradients.
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
+    /// let schedule = NoiseSchedule::sd_scaled_linear();
+    /// let deis = Sampler::deis(10);
+    /// assert_eq!(deis.timesteps(&schedule)?, Sampler::dpm_solver_pp_2m(10).timesteps(&schedule)?);
+    /// assert_eq!(deis.rho_grid(&schedule)?[10], schedule.rho(0.0));
+    /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
+    /// ```
+    pub fn deis(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::Deis { third_order: false },
+            final_alpha_one: false,
+            ..Self::dpm_solver_pp_2m(steps)
+        }
+    }
+
+    /// DEIS with diffusers' `solver_order = 3` (the DEIS paper's choice), otherwise as
+    /// [`Sampler::deis`].
+    pub fn deis_third_order(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::Deis { third_order: true },
+            ..Self::deis(steps)
         }
     }
 
@@ -787,6 +826,7 @@ impl Sampler {
             SamplerKind::UniPc { bh1, third_order } => map.unipc(bh1, third_order),
             SamplerKind::Plms => map.plms(),
             SamplerKind::Lms => map.lms(),
+            SamplerKind::Deis { third_order } => map.deis(third_order),
             _ => map,
         }
         .heun_update(self.second_order == SecondOrder::Heun))
@@ -964,6 +1004,7 @@ impl Sampler {
             SamplerKind::UniPc { .. } => ("UniPC", MULTISTEP),
             SamplerKind::Plms => ("PLMS", MULTISTEP),
             SamplerKind::Lms => ("LMS", MULTISTEP),
+            SamplerKind::Deis { .. } => ("DEIS", MULTISTEP),
             kind if kind.is_multistep() => ("DPM-Solver++", MULTISTEP),
             _ => return Ok(()),
         };

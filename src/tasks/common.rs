@@ -274,6 +274,10 @@ pub enum SolverChoice {
     Plms,
     /// LMS, diffusers' `LMSDiscreteScheduler`: exact or Backprop.
     Lms,
+    /// DEIS, diffusers' `DEISMultistepScheduler`: exact or Backprop.
+    Deis,
+    /// DEIS of order 3 (`solver_order = 3`).
+    Deis3,
     /// LCM, diffusers' `LCMScheduler` (latent consistency models; stochastic): exact or
     /// Backprop.
     Lcm,
@@ -299,6 +303,8 @@ impl SolverChoice {
             SolverChoice::EulerAncestral => Sampler::euler_ancestral(steps),
             SolverChoice::Plms => Sampler::plms(steps),
             SolverChoice::Lms => Sampler::lms(steps),
+            SolverChoice::Deis => Sampler::deis(steps),
+            SolverChoice::Deis3 => Sampler::deis_third_order(steps),
             SolverChoice::Lcm => Sampler::lcm(steps),
             SolverChoice::Tcd => Sampler::tcd(steps),
         };

@@ -177,7 +177,10 @@ impl SchedulerConfig {
         let class = self.class_name.as_deref().unwrap_or("no _class_name");
         let order = self.solver_order.unwrap_or(2);
         let kind = self.solver_type.as_deref();
-        let algorithm = self.algorithm_type.as_deref().unwrap_or("dpmsolver++");
+        let algorithm = self.algorithm_type.as_deref().unwrap_or(match class {
+            "DEISMultistepScheduler" => "deis",
+            _ => "dpmsolver++",
+        });
         match (class, algorithm, order, kind) {
             ("DDIMScheduler", ..) => Ok(SolverChoice::Ddim),
             ("EulerDiscreteScheduler", ..) => Ok(SolverChoice::Euler),
@@ -200,10 +203,12 @@ impl SchedulerConfig {
             ("DPMSolverMultistepScheduler", "sde-dpmsolver++", 3, None | Some("midpoint" | "heun")) => {
                 Ok(SolverChoice::Dpmpp3mSde)
             }
+            ("DEISMultistepScheduler", "deis", 2, None | Some("logrho")) => Ok(SolverChoice::Deis),
+            ("DEISMultistepScheduler", "deis", 3, None | Some("logrho")) => Ok(SolverChoice::Deis3),
             ("UniPCMultistepScheduler", _, 2, None | Some("bh2")) => Ok(SolverChoice::Unipc),
             ("UniPCMultistepScheduler", _, 2, Some("bh1")) => Ok(SolverChoice::UnipcBh1),
             ("UniPCMultistepScheduler", _, 3, None | Some("bh2")) => Ok(SolverChoice::Unipc3),
-            ("DPMSolverMultistepScheduler", ..) | ("UniPCMultistepScheduler", ..) => Err(format!(
+            ("DPMSolverMultistepScheduler" | "UniPCMultistepScheduler" | "DEISMultistepScheduler", ..) => Err(format!(
                 "{class} with algorithm_type {algorithm:?}, solver_order {order} and solver_type {kind:?}"
             )),
             _ => Err(class.to_string()),
@@ -568,6 +573,8 @@ impl<B: Backend> StableDiffusion<B> {
         sampler.final_alpha_one = match solver {
             SolverChoice::Ddim => config.set_alpha_to_one.unwrap_or(true),
             SolverChoice::Plms => config.set_alpha_to_one.unwrap_or(false),
+            // DEIS always ends on the schedule's smallest level.
+            SolverChoice::Deis | SolverChoice::Deis3 => false,
             _ => config.final_sigmas_type != Some(FinalSigmas::SigmaMin),
         };
         let lcm_defaults = LcmOptions::default();

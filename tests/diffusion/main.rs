@@ -159,6 +159,9 @@ fn checkpointed_equals_backprop_through_sampling() {
         Sampler::unipc_third_order(10),
         Sampler::plms(7),
         Sampler::lms(7).karras_sigmas(true),
+        // DEIS: first order, then 2 (and 3), lower again at the last steps.
+        Sampler::deis(7),
+        Sampler::deis_third_order(16),
     ] {
         let reference = grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
         for schedule_kind in [Schedule::All, Schedule::Every(3), Schedule::Recursive] {
@@ -196,6 +199,8 @@ fn conditioning_gradient_with_frozen_network_matches_finite_differences() {
         Sampler::unipc_third_order(6),
         Sampler::plms(6),
         Sampler::lms(6),
+        Sampler::deis(6),
+        Sampler::deis_third_order(6),
     ] {
         conditioning_gradient_matches_finite_differences(sampler);
     }

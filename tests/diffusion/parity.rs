@@ -1,4 +1,4 @@
-//! DDIM, DPM-Solver++(2M, 3M), UniPC, Euler, Heun, PLMS and LMS (also on Karras', exponential and Lu's noise
+//! DDIM, DPM-Solver++(2M, 3M), UniPC, Euler, Heun, PLMS, LMS and DEIS (also on Karras', exponential and Lu's noise
 //! levels, and img2img's last steps) step by step against diffusers' own schedulers (fixtures from
 //! scripts/make_sampler_fixtures.py).
 
@@ -272,6 +272,10 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
         ),
         ("lms_sd", &sd, Sampler::lms(10)),
         ("lms_linear_20", &linear, Sampler::lms(20)),
+        ("deis_sd_10", &sd, Sampler::deis(10)),
+        ("deis3_sd_10", &sd, Sampler::deis_third_order(10)),
+        ("deis3_linear_20", &linear, Sampler::deis_third_order(20)),
+        ("deis_sd_img2img", &sd, Sampler::deis(20).strength(0.6)),
     ];
     for (name, schedule, sampler) in cases {
         assert_timesteps(name, &sampler, schedule, &meta);

@@ -260,7 +260,9 @@ fn sampler_of(kind: usize, steps: usize) -> Sampler {
         11 => Sampler::plms(steps),
         12 => Sampler::lms(steps),
         13 => Sampler::lcm(steps),
-        _ => Sampler::tcd(steps),
+        14 => Sampler::tcd(steps),
+        15 => Sampler::deis(steps),
+        _ => Sampler::deis_third_order(steps),
     }
 }
 
@@ -275,7 +277,7 @@ proptest::proptest! {
     /// weight.
     #[test]
     fn any_sampler_configuration_is_exact(
-        kind in 0usize..15,
+        kind in 0usize..17,
         steps in 2usize..7,
         levels in 0usize..4,
         fractional in proptest::bool::ANY,
