@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference trajectories of diffusers' DDIM, DPM-Solver++(2M, 3M, 2M SDE, 3M SDE), UniPC (bh2, bh1; order 2, 3),
-Euler, Heun, LMS, PNDM (PLMS), LCM, TCD and DEIS schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
+Euler, Heun, LMS, PNDM (PLMS), LCM, TCD, DEIS, KDPM2 and KDPM2 ancestral schedulers for the diffusion tests (tests/fixtures/samplers.safetensors +
 samplers.json).
 
 The noise prediction is a fixed function, eps(x, t) = x @ A.T + c * (t / 1000), with A and c
@@ -440,6 +440,35 @@ for name, (config, steps, order, strength) in DEIS_CASES.items():
     tensors[name] = torch.stack(trajectory)
     meta["cases"][name] = {"scheduler": "DEISMultistepScheduler", "config": dict(config, solver_order=order),
                            "steps": steps, "strength": strength, "timesteps": [float(t) for t in timesteps]}
+
+# KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler ("DPM2", "DPM2 a"), run as their pipelines
+# run k-diffusion's samplers (k_diffusion_run: two calls per step but the last); Karras' levels, whose
+# timesteps these schedulers round; the ancestral one's randn_tensor replaced by seeded draws.
+import diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete as kdpm2_a_module
+from diffusers import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
+
+DPM2_CASES = {
+    "kdpm2_sd_10": (KDPM2DiscreteScheduler, dict(SD), 10),
+    "kdpm2_linear_15": (KDPM2DiscreteScheduler, dict(beta_schedule="linear"), 15),
+    "kdpm2_sd_karras_12": (KDPM2DiscreteScheduler, dict(SD, use_karras_sigmas=True), 12),
+    "kdpm2_a_sd_10": (KDPM2AncestralDiscreteScheduler, dict(SD), 10),
+    "kdpm2_a_sd_karras_12": (KDPM2AncestralDiscreteScheduler, dict(SD, use_karras_sigmas=True), 12),
+}
+dpm2_gen = torch.Generator().manual_seed(19)
+for name, (cls, config, steps) in DPM2_CASES.items():
+    sched = cls(num_train_timesteps=1000, **config)
+    sched.alphas_cumprod = abar_f64(config)
+    sched.set_timesteps(steps)
+    ancestral = cls is KDPM2AncestralDiscreteScheduler
+    noise = torch.randn(steps - 1 if ancestral else 0, 2, 4, dtype=torch.float64, generator=dpm2_gen)
+    draws = iter(noise)
+    kdpm2_a_module.randn_tensor = lambda *args, **kwargs: next(draws)
+    tensors[name], ts = k_diffusion_run(name, sched, steps)
+    assert next(draws, None) is None
+    if len(noise):
+        tensors[name + "_noise"] = noise
+    meta["cases"][name] = {"scheduler": cls.__name__, "config": config, "steps": steps, "strength": 1.0,
+                           "timesteps": ts}
 
 # Classifier-free guidance with guidance_rescale (diffusers' rescale_noise_cfg): the network's two
 # outputs, read as eps ("cfg_rescaled") and as v, converted to eps = alpha v + sigma x at t = 500 of

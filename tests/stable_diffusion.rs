@@ -324,7 +324,15 @@ fn a_folder_names_its_sampler() {
     assert!(other.contains("algorithm_type \"dpmsolver++\""), "{other}");
     assert_eq!(
         solver(r#"{"_class_name": "KDPM2DiscreteScheduler"}"#),
-        Err("KDPM2DiscreteScheduler".into())
+        Ok(SolverChoice::Dpm2)
+    );
+    assert_eq!(
+        solver(r#"{"_class_name": "KDPM2AncestralDiscreteScheduler"}"#),
+        Ok(SolverChoice::Dpm2Ancestral)
+    );
+    assert_eq!(
+        solver(r#"{"_class_name": "DPMSolverSDEScheduler"}"#),
+        Err("DPMSolverSDEScheduler".into())
     );
 }
 

@@ -199,6 +199,12 @@ enum SolverArg {
     Lms,
     /// DEIS, diffusers' DEISMultistepScheduler (exact or backprop).
     Deis,
+    /// DPM2, diffusers' KDPM2DiscreteScheduler (A1111's "DPM2"; exact or backprop).
+    Dpm2,
+    /// DPM2 ancestral, diffusers' KDPM2AncestralDiscreteScheduler ("DPM2 a"): stochastic (exact
+    /// or backprop; its step noise is drawn from --seed and held fixed).
+    #[value(name = "dpm2-a")]
+    Dpm2A,
     /// DEIS of order 3 (diffusers' `solver_order = 3`, the DEIS paper's choice).
     Deis3,
     /// LCM, diffusers' LCMScheduler: multistep sampling of a latent consistency model (an
@@ -317,6 +323,8 @@ impl TaskArgs {
                 SolverArg::Plms => SolverChoice::Plms,
                 SolverArg::Lms => SolverChoice::Lms,
                 SolverArg::Deis => SolverChoice::Deis,
+                SolverArg::Dpm2 => SolverChoice::Dpm2,
+                SolverArg::Dpm2A => SolverChoice::Dpm2Ancestral,
                 SolverArg::Deis3 => SolverChoice::Deis3,
                 SolverArg::Lcm => SolverChoice::Lcm,
                 SolverArg::Tcd => SolverChoice::Tcd,

@@ -99,6 +99,15 @@ pub enum SamplerKind {
     /// back up, γ = [`Sampler::eta`] (0: deterministic, DDIM on those timesteps). Stochastic for
     /// γ > 0, as [`SamplerKind::Lcm`]; no continuous adjoint.
     Tcd,
+    /// DPM2 (k-diffusion's `sample_dpm_2`, diffusers' `KDPM2DiscreteScheduler`, A1111's "DPM2"):
+    /// a midpoint step in log ρ, two network calls per step (one for the last, an Euler step to
+    /// ρ = 0), on Euler's levels; `ancestral` (`KDPM2AncestralDiscreteScheduler`, "DPM2 a")
+    /// lands on Euler ancestral's `ρ_down` and draws fresh noise up to the next level (see
+    /// [`NoisyStepMap`]). Exact and Backprop gradients; no continuous adjoint.
+    Dpm2 {
+        /// With ancestral noise.
+        ancestral: bool,
+    },
 }
 
 /// A latent consistency model's sampling settings (diffusers' `LCMScheduler` config). Other
@@ -125,7 +134,11 @@ impl Default for LcmOptions {
 impl SamplerKind {
     fn tableau(self) -> &'static ButcherTableau {
         match self {
-            SamplerKind::Ddim | SamplerKind::EulerAncestral | SamplerKind::Lcm | SamplerKind::Tcd => &tableau::EULER,
+            SamplerKind::Ddim
+            | SamplerKind::EulerAncestral
+            | SamplerKind::Lcm
+            | SamplerKind::Tcd
+            | SamplerKind::Dpm2 { .. } => &tableau::EULER,
             SamplerKind::Heun => &tableau::HEUN,
             SamplerKind::Rk4 => &tableau::RK4,
             SamplerKind::DpmSolverPP2M
@@ -487,6 +500,7 @@ impl Sampler {
         Ok(match (self.kind, self.eta > 0.0) {
             (SamplerKind::Tcd, _) if self.eta > 1.0 => return Err(bad("TCD's γ must be in [0, 1]")),
             (SamplerKind::Tcd, _) => Some(NoisyStep::Tcd),
+            (SamplerKind::Dpm2 { .. }, false) => Some(NoisyStep::Dpm2),
             (SamplerKind::Ddim, true) => Some(NoisyStep::Ddim { eta: self.eta }),
             (SamplerKind::EulerAncestral, false) => Some(NoisyStep::EulerAncestral),
             (SamplerKind::Lcm, false) => Some(NoisyStep::Lcm {
@@ -507,6 +521,7 @@ impl Sampler {
         let noisy = self.noisy_step()?.is_some();
         Ok(match self.kind {
             SamplerKind::Tcd => self.eta > 0.0,
+            SamplerKind::Dpm2 { ancestral } => ancestral,
             SamplerKind::DpmSolverPP2MSde | SamplerKind::DpmSolverPP3MSde => true,
             _ => noisy,
         })
@@ -525,7 +540,7 @@ impl Sampler {
         let steps = grid.len().saturating_sub(1);
         Ok(match (self.is_stochastic()?, self.kind) {
             (false, _) => 0,
-            (true, SamplerKind::Lcm | SamplerKind::Tcd) => steps.saturating_sub(1),
+            (true, SamplerKind::Lcm | SamplerKind::Tcd | SamplerKind::Dpm2 { .. }) => steps.saturating_sub(1),
             (true, _) => steps,
         })
     }
@@ -535,6 +550,35 @@ impl Sampler {
     pub fn lms(steps: usize) -> Self {
         Self {
             kind: SamplerKind::Lms,
+            ..Self::euler(steps)
+        }
+    }
+
+    /// DPM2 with `steps` steps (2·steps − 1 network calls) as diffusers'
+    /// `KDPM2DiscreteScheduler` defaults, on [`Sampler::euler`]'s levels (with Karras' levels,
+    /// the network told their rounded timesteps, as that scheduler does).
+    ///
+    /// ```
+    /// use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
+    /// let schedule = NoiseSchedule::sd_scaled_linear();
+    /// let dpm2 = Sampler::dpm2(10);
+    /// assert_eq!(dpm2.timesteps(&schedule)?, Sampler::euler(10).timesteps(&schedule)?);
+    /// assert_eq!(Sampler::dpm2_ancestral(10).noise_count(&schedule)?, 9); // none for the last step
+    /// # Ok::<(), adjoint_dpm::diffusion::DiffusionError>(())
+    /// ```
+    pub fn dpm2(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::Dpm2 { ancestral: false },
+            ..Self::euler(steps)
+        }
+    }
+
+    /// DPM2 ancestral with `steps` steps as diffusers' `KDPM2AncestralDiscreteScheduler`
+    /// defaults. Stochastic: run it with [`Sampler::sample_with_noise`], one noise tensor per
+    /// step but the last.
+    pub fn dpm2_ancestral(steps: usize) -> Self {
+        Self {
+            kind: SamplerKind::Dpm2 { ancestral: true },
             ..Self::euler(steps)
         }
     }
@@ -705,6 +749,8 @@ impl Sampler {
                 let t = schedule.t_of_rho_log_lerp(rho);
                 match (self.noise_levels, fractional) {
                     (NoiseLevels::LuLambdas, _) | (NoiseLevels::Karras, false) => t.round_ties_even(),
+                    // KDPM2's schedulers round Karras' timesteps in either convention.
+                    (NoiseLevels::Karras, true) if matches!(self.kind, SamplerKind::Dpm2 { .. }) => t.round_ties_even(),
                     (NoiseLevels::Exponential, false) => t.trunc(),
                     _ => t,
                 }
@@ -761,7 +807,7 @@ impl Sampler {
     pub fn rho_grid(&self, schedule: &NoiseSchedule) -> Result<Vec<f64>, DiffusionError> {
         let mut grid = self.run_levels(schedule)?.0;
         let last = match self.kind {
-            SamplerKind::Lcm => 0.0,
+            SamplerKind::Lcm | SamplerKind::Dpm2 { .. } => 0.0,
             SamplerKind::Tcd => schedule.rho(0.0),
             _ if self.final_alpha_one => 0.0,
             _ => schedule.rho(0.0),
@@ -795,6 +841,28 @@ impl Sampler {
     ) -> Result<NoisyStepMap<B, M>, DiffusionError> {
         let ts = self.timesteps(schedule)?;
         let map = NoisyStepMap::new(model, step, grid.to_vec(), ts.clone(), noise);
+        if step == NoisyStep::Dpm2 {
+            // Euler ancestral's levels (DPM2: the next knot), the midpoint their geometric mean
+            // (diffusers: exp of the lerp of the logs), its timestep by log-ρ interpolation.
+            let ancestral = self.kind == (SamplerKind::Dpm2 { ancestral: true });
+            let (landing, midpoints) = grid
+                .windows(2)
+                .map(|w| {
+                    let (s, t) = (w[0], w[1]);
+                    let up = match ancestral {
+                        true => t * (1.0 - t * t / (s * s)).max(0.0).sqrt(),
+                        false => 0.0,
+                    };
+                    let down = (t * t - up * up).max(0.0).sqrt();
+                    let mid = (down > 0.0).then(|| {
+                        let rho_m = (s * down).sqrt();
+                        (rho_m, schedule.t_of_rho_log_lerp(rho_m))
+                    });
+                    (down, mid)
+                })
+                .unzip();
+            return Ok(map.with_landing(landing).with_midpoints(midpoints));
+        }
         if step != NoisyStep::Tcd {
             return Ok(map);
         }
@@ -995,6 +1063,11 @@ impl Sampler {
                 "a stochastic sampler",
                 "its steps inject noise, so it discretises no ODE and has no continuous adjoint; use \
                  Checkpointed (exact) or Backprop",
+            ),
+            SamplerKind::Dpm2 { .. } => (
+                "DPM2",
+                "it runs as a step map (two network calls a step), which has no continuous adjoint; use \
+                 Checkpointed (exact) or Backprop, or Heun (also of second order) for AdjointDPM",
             ),
             SamplerKind::Tcd => (
                 "TCD",

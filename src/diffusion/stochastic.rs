@@ -25,6 +25,12 @@
 //!   step down to the level `ρ_s` of timestep `s = ⌊(1 − γ) t_{i+1}⌋`, then noise back up,
 //!   `y_{i+1} = y + (ρ_s − ρ_i) ε + √(ρ_{i+1}² − ρ_s²) ξ_i`; γ = 0 is DDIM, and the last step
 //!   (to timestep 0) draws no noise.
+//! - DPM2 and DPM2 ancestral (k-diffusion's `sample_dpm_2` and `sample_dpm_2_ancestral`;
+//!   diffusers' `KDPM2DiscreteScheduler` and `KDPM2AncestralDiscreteScheduler`): a midpoint
+//!   step in log ρ, `ε` evaluated again at `ỹ = y + (ρ_m − ρ_i) ε(y)` on the level
+//!   `ρ_m = √(ρ_i ρ_d)`, then `y_{i+1} = y + (ρ_d − ρ_i) ε(ỹ) + ρ_u ξ_i`, with Euler ancestral's
+//!   `ρ_d`, `ρ_u` (DPM2: `ρ_d = ρ_{i+1}`, no noise). The last step, to ρ = 0, is Euler (two
+//!   network calls per step but the last).
 //!
 //! The state is the sample alone, so what the engine stores per step is what a deterministic
 //! sampler stores; the noise is held once. (Carried in the state instead, as it was first, every
@@ -136,6 +142,10 @@ pub enum NoisyStep {
     /// TCD: a DDIM step down to the level of `⌊(1 − γ) t_{i+1}⌋`
     /// ([`NoisyStepMap::with_landing`]), then noise up to `ρ_{i+1}`.
     Tcd,
+    /// DPM2 (ancestral): a midpoint step in log ρ down to the landing level
+    /// ([`NoisyStepMap::with_landing`]), ε taken again at the midpoint
+    /// ([`NoisyStepMap::with_midpoints`]), then noise up to `ρ_{i+1}`.
+    Dpm2,
 }
 
 /// A stochastic sampler's step map of `model` on a fixed decreasing ρ grid, as an Euler field
@@ -153,9 +163,13 @@ pub struct NoisyStepMap<B: Backend, M: Module<B>> {
     timesteps: Vec<f64>,
     #[module(skip)]
     step: NoisyStep,
-    /// Where each TCD step's DDIM part lands, in ρ.
+    /// Where each TCD or DPM2 step's deterministic part lands, in ρ.
     #[module(skip)]
     landing: Vec<f64>,
+    /// DPM2's midpoint of each step, its level and the network's timestep there (`None`: an
+    /// Euler step).
+    #[module(skip)]
+    midpoints: Vec<Option<(f64, f64)>>,
     _backend: core::marker::PhantomData<B>,
 }
 
@@ -177,14 +191,22 @@ impl<B: Backend, M: Module<B>> NoisyStepMap<B, M> {
             timesteps,
             step,
             landing: Vec::new(),
+            midpoints: Vec::new(),
             _backend: core::marker::PhantomData,
         }
     }
 
     /// The level each step's deterministic part lands on before noise takes it up to the next
-    /// knot (TCD's `ρ_s`, one per step).
+    /// knot (TCD's `ρ_s`, DPM2's `ρ_d`; one per step).
     pub fn with_landing(mut self, landing: Vec<f64>) -> Self {
         self.landing = landing;
+        self
+    }
+
+    /// DPM2's midpoint of each step: its level and the network's timestep there, or `None` for
+    /// an Euler step.
+    pub fn with_midpoints(mut self, midpoints: Vec<Option<(f64, f64)>>) -> Self {
+        self.midpoints = midpoints;
         self
     }
 
@@ -205,7 +227,7 @@ impl<B: Backend, M: Module<B>> NoisyStepMap<B, M> {
                 let down = (rho_t * rho_t - up * up).max(0.0).sqrt();
                 (down - rho_s, up)
             }
-            NoisyStep::Tcd => {
+            NoisyStep::Tcd | NoisyStep::Dpm2 => {
                 let land = self.landing[i];
                 (land - rho_s, (rho_t * rho_t - land * land).max(0.0).sqrt())
             }
@@ -228,9 +250,15 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for NoisyStep
     fn f(&self, rho: Tensor<B, 1>, y: Tensor<B, D>) -> Tensor<B, D> {
         let i = super::dpm_solver::knot_index(&self.grid, rho.into_scalar().elem());
         let t = Tensor::from_data(TensorData::from([self.timesteps[i]]), (&y.device(), y.dtype()));
-        let eps = self
+        let mut eps = self
             .model
             .eps(y.clone().mul_scalar(NoiseSchedule::alpha_of_rho(self.grid[i])), t);
+        if let Some(&Some((rho_m, t_m))) = self.midpoints.get(i) {
+            // DPM2: ε again at the midpoint reached by an Euler step.
+            let y_m = y.clone() + eps.mul_scalar(rho_m - self.grid[i]);
+            let t_m = Tensor::from_data(TensorData::from([t_m]), (&y.device(), y.dtype()));
+            eps = self.model.eps(y_m.mul_scalar(NoiseSchedule::alpha_of_rho(rho_m)), t_m);
+        }
         let (c_y, c_eps, c_xi) = self.coefficients(i);
         let h = self.grid[i + 1] - self.grid[i];
         let mut step = eps.mul_scalar(c_eps);

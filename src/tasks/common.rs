@@ -276,6 +276,12 @@ pub enum SolverChoice {
     Lms,
     /// DEIS, diffusers' `DEISMultistepScheduler`: exact or Backprop.
     Deis,
+    /// DPM2, diffusers' `KDPM2DiscreteScheduler`: exact or Backprop.
+    Dpm2,
+    /// DPM2 ancestral, diffusers' `KDPM2AncestralDiscreteScheduler` (stochastic): exact or
+    /// Backprop.
+    #[serde(rename = "dpm2-a")]
+    Dpm2Ancestral,
     /// DEIS of order 3 (`solver_order = 3`).
     Deis3,
     /// LCM, diffusers' `LCMScheduler` (latent consistency models; stochastic): exact or
@@ -304,6 +310,8 @@ impl SolverChoice {
             SolverChoice::Plms => Sampler::plms(steps),
             SolverChoice::Lms => Sampler::lms(steps),
             SolverChoice::Deis => Sampler::deis(steps),
+            SolverChoice::Dpm2 => Sampler::dpm2(steps),
+            SolverChoice::Dpm2Ancestral => Sampler::dpm2_ancestral(steps),
             SolverChoice::Deis3 => Sampler::deis_third_order(steps),
             SolverChoice::Lcm => Sampler::lcm(steps),
             SolverChoice::Tcd => Sampler::tcd(steps),

@@ -188,6 +188,8 @@ impl SchedulerConfig {
             ("HeunDiscreteScheduler", ..) => Ok(SolverChoice::Heun),
             ("LMSDiscreteScheduler", ..) => Ok(SolverChoice::Lms),
             ("LCMScheduler", ..) => Ok(SolverChoice::Lcm),
+            ("KDPM2DiscreteScheduler", ..) => Ok(SolverChoice::Dpm2),
+            ("KDPM2AncestralDiscreteScheduler", ..) => Ok(SolverChoice::Dpm2Ancestral),
             ("TCDScheduler", ..) => Ok(SolverChoice::Tcd),
             ("PNDMScheduler", ..) if self.skip_prk_steps => Ok(SolverChoice::Plms),
             ("PNDMScheduler", ..) => Err("PNDMScheduler with its Runge-Kutta warm-up (skip_prk_steps false)".into()),

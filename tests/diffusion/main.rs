@@ -162,6 +162,9 @@ fn checkpointed_equals_backprop_through_sampling() {
         // DEIS: first order, then 2 (and 3), lower again at the last steps.
         Sampler::deis(7),
         Sampler::deis_third_order(16),
+        // DPM2: two network calls a step in one step map, an Euler step last.
+        Sampler::dpm2(5),
+        Sampler::dpm2(5).karras_sigmas(true),
     ] {
         let reference = grads(&model, &schedule, sampler.gradient(GradientMode::Backprop));
         for schedule_kind in [Schedule::All, Schedule::Every(3), Schedule::Recursive] {
@@ -201,6 +204,7 @@ fn conditioning_gradient_with_frozen_network_matches_finite_differences() {
         Sampler::lms(6),
         Sampler::deis(6),
         Sampler::deis_third_order(6),
+        Sampler::dpm2(5),
     ] {
         conditioning_gradient_matches_finite_differences(sampler);
     }

@@ -1,4 +1,4 @@
-//! DDIM, DPM-Solver++(2M, 3M), UniPC, Euler, Heun, PLMS, LMS and DEIS (also on Karras', exponential and Lu's noise
+//! DDIM, DPM-Solver++(2M, 3M), UniPC, Euler, Heun, PLMS, LMS, DEIS and DPM2 (also on Karras', exponential and Lu's noise
 //! levels, and img2img's last steps) step by step against diffusers' own schedulers (fixtures from
 //! scripts/make_sampler_fixtures.py).
 
@@ -276,6 +276,9 @@ fn samplers_match_diffusers_schedulers_step_by_step() {
         ("deis3_sd_10", &sd, Sampler::deis_third_order(10)),
         ("deis3_linear_20", &linear, Sampler::deis_third_order(20)),
         ("deis_sd_img2img", &sd, Sampler::deis(20).strength(0.6)),
+        ("kdpm2_sd_10", &sd, Sampler::dpm2(10)),
+        ("kdpm2_linear_15", &linear, Sampler::dpm2(15)),
+        ("kdpm2_sd_karras_12", &sd, Sampler::dpm2(12).karras_sigmas(true)),
     ];
     for (name, schedule, sampler) in cases {
         assert_timesteps(name, &sampler, schedule, &meta);
@@ -325,6 +328,12 @@ fn stochastic_samplers_match_diffusers_with_the_same_noise() {
             "dpmpp2m_sde_sd_heun",
             &sd,
             Sampler::dpm_solver_pp_2m_sde(10).second_order(SecondOrder::Heun),
+        ),
+        ("kdpm2_a_sd_10", &sd, Sampler::dpm2_ancestral(10)),
+        (
+            "kdpm2_a_sd_karras_12",
+            &sd,
+            Sampler::dpm2_ancestral(12).karras_sigmas(true),
         ),
     ];
     for (name, schedule, sampler) in cases {
