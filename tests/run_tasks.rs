@@ -224,6 +224,7 @@ fn sample_from_an_init_image_keeps_it_at_low_strength() {
         Some(InitImage {
             path: &path,
             strength: 0.3,
+            mask: None,
         }),
     )
     .unwrap();
@@ -237,13 +238,31 @@ fn sample_from_an_init_image_keeps_it_at_low_strength() {
         Some(InitImage {
             path: &path,
             strength: 1.0,
+            mask: None,
         }),
     )
     .unwrap();
     assert!(rings(&free) <= 2, "labels from a ring at strength 1: {free:?}");
     // A strength that keeps no step, or a missing image, is a typed error.
-    let bad = |strength, path: &std::path::Path| sample_grid(&c, Some(InitImage { path, strength })).unwrap_err();
+    let bad = |strength, path: &std::path::Path| {
+        sample_grid(
+            &c,
+            Some(InitImage {
+                path,
+                strength,
+                mask: None,
+            }),
+        )
+        .unwrap_err()
+    };
     assert!(bad(0.05, &path).to_string().contains("strength"));
+    // The toy model does not inpaint.
+    let masked = InitImage {
+        path: &path,
+        strength: 1.0,
+        mask: Some(&path),
+    };
+    assert!(matches!(sample_grid(&c, Some(masked)), Err(RunError::Usage(_))));
     assert!(matches!(bad(0.5, &root.join("missing.png")), RunError::Image { .. }));
     std::fs::remove_dir_all(&root).ok();
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use adjoint_dpm::diffusion::{Cfg, NoiseLevels, SecondOrder};
 use adjoint_dpm::tasks::run::{InitImage, RunConfig, RunError};
-use adjoint_dpm::tasks::run_sd::{run_audit, run_finetune, run_guide, run_invert, sample};
+use adjoint_dpm::tasks::run_sd::{load_image, load_mask, run_audit, run_finetune, run_guide, run_invert, sample};
 use adjoint_dpm::tasks::{FinalSigmas, GradientChoice, SchedulerConfig, SdError, SolverChoice, StableDiffusion};
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
@@ -253,6 +253,107 @@ fn tiny_latent_consistency_pipeline_matches_diffusers_end_to_end() {
     assert!(err.to_string().contains("time_cond_proj_dim"), "{err}");
 }
 
+#[test]
+fn tiny_inpainting_pipeline_matches_diffusers_end_to_end() {
+    let device = Default::default();
+    let dir = fixtures().join("inpaint_tiny");
+    let sd = StableDiffusion::<B>::load(&dir, &device).unwrap();
+    assert!(sd.is_inpainting());
+    let (bytes, meta) = reference_run(&dir);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (prompt, steps, guidance) = run_settings(&meta);
+    let tensor = |name: &str| {
+        let (v, shape) = read(&st, name);
+        Tensor::<B, 4>::from_data(TensorData::new(v, shape), &device)
+    };
+    // The mask at the latent's size and the masked image's latents, as the pipeline makes them.
+    let (mask, masked) = sd.inpainting_conditions(tensor("image"), tensor("mask")).unwrap();
+    assert_eq!(values(mask.clone()), read(&st, "latent_mask").0);
+    let e = rel_err(&values(masked.clone()), &read(&st, "masked_image_latents").0);
+    assert!(e < 1e-5, "masked image latents off by {e:e}");
+
+    let cond = sd.encode_prompt(prompt, &device).unwrap();
+    let prompts = sd.negative_prompt(&device).unwrap().stack(cond);
+    let model = Cfg::new(sd.eps_model(prompts).with_inpainting(mask, masked), guidance).unwrap();
+    let sampler = sd.sampler(SolverChoice::Ddim, steps, GradientChoice::Exact);
+    assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), timesteps_of(&meta));
+    let x_0 = sampler
+        .sample_inference(&model, &sd.schedule, tensor("latents"))
+        .unwrap();
+    let e = rel_err(&values(x_0.clone()), &read(&st, "final_latents").0);
+    assert!(e < 1e-4, "final latents off by {e:e}");
+    let image = sd.vae.decode(x_0).add_scalar(1.0).mul_scalar(0.5).clamp(0.0, 1.0);
+    let e = rel_err(&values(image), &read(&st, "decoded").0);
+    assert!(e < 1e-4, "image off by {e:e}");
+    eprintln!("inpaint_tiny: final latents and image within 1e-4 of diffusers (image {e:.1e})");
+
+    // The inpainting UNet without its channels, or a plain UNet given them: typed errors
+    // before the first step; so are an image and a mask of another size.
+    let bare = sd.eps_model(sd.encode_prompt(prompt, &device).unwrap());
+    let err = sampler
+        .sample_inference(&bare, &sd.schedule, tensor("latents"))
+        .unwrap_err();
+    assert!(err.to_string().contains("with_inpainting"), "{err}");
+    let plain = StableDiffusion::<B>::load(fixtures().join("sd_tiny"), &device).unwrap();
+    assert!(!plain.is_inpainting());
+    let (mask, masked) = plain.inpainting_conditions(tensor("image"), tensor("mask")).unwrap();
+    let given = plain
+        .eps_model(plain.encode_prompt(prompt, &device).unwrap())
+        .with_inpainting(mask, masked);
+    let err = sampler
+        .sample_inference(&given, &plain.schedule, tensor("latents"))
+        .unwrap_err();
+    assert!(err.to_string().contains("inpainting channels"), "{err}");
+    let small = Tensor::<B, 4>::zeros([1, 1, 8, 8], &device);
+    assert!(matches!(
+        sd.inpainting_conditions(tensor("image"), small),
+        Err(SdError::Mismatch(_))
+    ));
+}
+
+#[test]
+fn sample_inpaints_on_an_inpainting_folder() {
+    let device = Default::default();
+    let dir = fixtures().join("inpaint_tiny");
+    let root = std::env::temp_dir().join(format!("adjoint-dpm-inpaint-{}", std::process::id()));
+    let (image_png, mask_png) = (dir.join("image.png"), dir.join("mask.png"));
+    // The files load as the pipeline's image processors read them.
+    let (bytes, _) = reference_run(&dir);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let e = rel_err(
+        &values(load_image::<B>(&image_png, 16, &device).unwrap()),
+        &read(&st, "image").0,
+    );
+    assert!(e < 1e-6, "image off by {e:e}");
+    assert_eq!(
+        values(load_mask::<B>(&mask_png, 16, &device).unwrap()),
+        read(&st, "mask").0
+    );
+    let c = RunConfig {
+        weights: Some(dir.clone()),
+        prompt: "a photo of the cat".into(),
+        ..config(&root)
+    };
+    let init = |mask| InitImage {
+        path: &image_png,
+        strength: 1.0,
+        mask,
+    };
+    assert_eq!(sample::<B>(&c, Some(init(Some(&mask_png))), &device).unwrap().len(), 2);
+    assert!(root.join("samples.png").is_file());
+    // Without a mask, or on a folder that does not inpaint, or another task: usage errors.
+    let usage = |r: Result<Vec<usize>, RunError>| matches!(r, Err(RunError::Usage(_)));
+    assert!(usage(sample::<B>(&c, Some(init(None)), &device)));
+    let plain = RunConfig {
+        weights: Some(fixtures().join("sd_tiny")),
+        ..c.clone()
+    };
+    assert!(usage(sample::<B>(&plain, Some(init(Some(&mask_png))), &device)));
+    let err = run_guide::<B>(&c, 3, 0.1, &device, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("--mask"), "{err}");
+    std::fs::remove_dir_all(&root).ok();
+}
+
 fn clip_skip_embeds(sd: &mut StableDiffusion<B>, prompt: &str, skip: usize, dir: &Path) -> Vec<f64> {
     let bytes = std::fs::read(dir.join("clip_skip.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -462,6 +563,7 @@ fn every_task_runs_on_a_stable_diffusion_folder() {
     let init = |strength| InitImage {
         path: &reference,
         strength,
+        mask: None,
     };
     assert_eq!(sample::<B>(&c, Some(init(0.7)), &device).unwrap().len(), 2);
     let edited = std::fs::read(dir("sample").join("samples.png")).unwrap();

@@ -88,15 +88,22 @@ enum Command {
     },
     /// Class-conditional samples with classifier-free guidance, one row per class (Stable
     /// Diffusion: samples of the prompt, with the classifier's labels). With --init-image,
-    /// img2img (SDEdit): the image noised to --strength of the run, then its last steps.
+    /// img2img (SDEdit): the image noised to --strength of the run, then its last steps; with
+    /// --mask too, inpainting (a folder with an inpainting UNet).
     Sample {
         /// Start from this image (PNG or JPEG, resized) instead of pure noise.
         #[arg(long)]
         init_image: Option<PathBuf>,
         /// With --init-image: the fraction of the steps run, from the image noised to the first
-        /// of them (diffusers' img2img `strength`; 1 keeps nothing of the image).
-        #[arg(long, default_value_t = 0.6)]
-        strength: f64,
+        /// of them (diffusers' img2img `strength`; 1 keeps nothing of the image). Default 0.6,
+        /// and 1 with --mask (from pure noise, as diffusers' inpainting).
+        #[arg(long)]
+        strength: Option<f64>,
+        /// With --init-image, on an inpainting folder: paint where this grayscale image (of
+        /// the same size) is at least half white, keep the rest (diffusers'
+        /// StableDiffusionInpaintPipeline).
+        #[arg(long, requires = "init_image")]
+        mask: Option<PathBuf>,
         #[command(flatten)]
         task: TaskArgs,
     },
@@ -422,10 +429,18 @@ fn run_sd_task<B: burn::tensor::backend::Backend>(
             print_finetune(&style, rank, &r);
         }
         Command::Sample {
-            init_image, strength, ..
+            init_image,
+            strength,
+            mask,
+            ..
         } => {
             bar.finish_and_clear();
-            let init = init_image.as_deref().map(|path| InitImage { path, strength });
+            let strength = strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.6 });
+            let init = init_image.as_deref().map(|path| InitImage {
+                path,
+                strength,
+                mask: mask.as_deref(),
+            });
             let labels = run_sd::sample::<B>(config, init, device)?;
             println!("{} samples; the classifier's labels: {labels:?}", labels.len());
         }
@@ -547,10 +562,21 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             print_finetune(&format!("a {style}"), rank, &r);
         }
         Command::Sample {
-            init_image, strength, ..
+            init_image,
+            strength,
+            mask,
+            ..
         } => {
             bar.finish_and_clear();
-            let init = init_image.as_deref().map(|path| InitImage { path, strength });
+            if mask.is_some() {
+                return Err("--mask inpaints with a Stable Diffusion inpainting folder (--weights DIR)".into());
+            }
+            let strength = strength.unwrap_or(0.6);
+            let init = init_image.as_deref().map(|path| InitImage {
+                path,
+                strength,
+                mask: None,
+            });
             let predicted = tasks::sample_grid(&config, init)?;
             let correct = predicted
                 .iter()

@@ -502,6 +502,9 @@ pub struct InitImage<'a> {
     pub path: &'a Path,
     /// The fraction of the steps run, in (0, 1].
     pub strength: f64,
+    /// Inpainting (a Stable Diffusion folder with an inpainting UNet): the mask, a grayscale
+    /// image of the same size, painted where it is at least half white.
+    pub mask: Option<&'a Path>,
 }
 
 impl InitImage<'_> {
@@ -523,6 +526,11 @@ impl InitImage<'_> {
 /// Class-conditional samples with classifier-free guidance, one row per class, as PNG; from
 /// `init`'s image when given (img2img).
 pub fn sample_grid(config: &RunConfig, init: Option<InitImage>) -> Result<Vec<usize>, RunError> {
+    if init.is_some_and(|init| init.mask.is_some()) {
+        return Err(RunError::Usage(
+            "the toy model does not inpaint: --mask takes a Stable Diffusion inpainting folder".into(),
+        ));
+    }
     let s = setup(config)?;
     let labels: Vec<usize> = (0..CLASSES.len())
         .flat_map(|c| std::iter::repeat_n(c, config.batch))

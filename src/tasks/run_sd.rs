@@ -94,10 +94,39 @@ enum PromptModel<B: Backend> {
     Guided(Cfg<Autodiff<B>, UnetEps<Autodiff<B>>>),
 }
 
-fn prompt_model<B: Backend>(s: &Setup<B>, config: &RunConfig) -> Result<PromptModel<B>, RunError> {
+/// An inpainting UNet's mask and masked image latents (`StableDiffusion::inpainting_conditions`).
+type Inpainting<B> = (Tensor<Autodiff<B>, 4>, Tensor<Autodiff<B>, 4>);
+
+/// `Err(Usage)` for an inpainting UNet without an image and a mask.
+fn not_inpainting<B: Backend>(s: &Setup<B>) -> Result<(), RunError> {
+    match s.sd.is_inpainting() {
+        true => Err(RunError::Usage(
+            "this folder's UNet inpaints (it takes a mask and a masked image): run `sample --init-image IMAGE \
+             --mask MASK`"
+                .into(),
+        )),
+        false => Ok(()),
+    }
+}
+
+fn prompt_model<B: Backend>(
+    s: &Setup<B>,
+    config: &RunConfig,
+    inpaint: Option<Inpainting<B>>,
+) -> Result<PromptModel<B>, RunError> {
+    if inpaint.is_none() {
+        not_inpainting(s)?;
+    }
+    let model = |prompt| {
+        let model = s.sd.eps_model(prompt);
+        match inpaint.clone() {
+            Some((mask, masked)) => model.with_inpainting(mask, masked).frozen_conditioning(),
+            None => model,
+        }
+    };
     let cond = s.sd.encode_prompt(&config.prompt, &s.device)?.detach();
     if config.prompt.is_empty() || config.cfg == 1.0 || s.sd.embeds_guidance() {
-        return Ok(PromptModel::Plain(s.sd.eps_model(cond)));
+        return Ok(PromptModel::Plain(model(cond)));
     }
     let prompts = s.sd.negative_prompt(&s.device)?.detach().stack(cond);
     // diffusers rescales the network's own output: v for a v-prediction UNet.
@@ -106,7 +135,7 @@ fn prompt_model<B: Backend>(s: &Setup<B>, config: &RunConfig) -> Result<PromptMo
         _ => RescaleSpace::Epsilon,
     };
     Ok(PromptModel::Guided(
-        Cfg::new(s.sd.eps_model(prompts), config.cfg)?.guidance_rescale(config.guidance_rescale, space)?,
+        Cfg::new(model(prompts), config.cfg)?.guidance_rescale(config.guidance_rescale, space)?,
     ))
 }
 
@@ -130,7 +159,7 @@ pub fn run_guide<B: Backend>(
         resume: resume_for(config, &("guide", target, prior_weight))?,
     };
     let x_t = noise(&s, config, 1);
-    match prompt_model(&s, config)? {
+    match prompt_model(&s, config, None)? {
         PromptModel::Plain(m) => guide_with(&s, config, m, x_t, &task, on_iter),
         PromptModel::Guided(m) => guide_with(&s, config, m, x_t, &task, on_iter),
     }
@@ -175,7 +204,7 @@ pub fn run_audit<B: Backend>(
         resume: resume_for(config, &("audit", epsilon))?,
     };
     let x_t = noise(&s, config, 2);
-    match prompt_model(&s, config)? {
+    match prompt_model(&s, config, None)? {
         PromptModel::Plain(m) => audit_with(&s, config, m, x_t, &task, on_iter),
         PromptModel::Guided(m) => audit_with(&s, config, m, x_t, &task, on_iter),
     }
@@ -211,16 +240,33 @@ pub fn sample<B: Backend>(
 ) -> Result<Vec<usize>, RunError> {
     let s = setup::<B>(config, device)?;
     let x_t = noise(&s, config, 1);
+    let mut inpaint = None;
     let (sampler, x_t) = match init {
         Some(init) => {
-            let image = load_image::<B>(init.path, s.sd.image_size(), device)?;
+            let size = s.sd.image_size();
+            let image = load_image::<B>(init.path, size, device)?;
+            if let Some(mask) = init.mask {
+                if !s.sd.is_inpainting() {
+                    return Err(RunError::Usage(
+                        "--mask needs an inpainting UNet (9 input channels, e.g. stable-diffusion-inpainting)".into(),
+                    ));
+                }
+                let mask = load_mask::<Autodiff<B>>(mask, size, device)?;
+                let image = Tensor::<Autodiff<B>, 4>::from_inner(image.clone());
+                let (mask, masked) = s.sd.inpainting_conditions(image, mask)?;
+                inpaint = Some((mask.detach(), masked.detach()));
+            }
             let latent = s.sd.vae.valid().encode_mean(image).repeat_dim(0, config.batch);
-            init.start(s.sampler, &s.sd.schedule, latent, x_t)?
+            match (init.mask, init.strength) {
+                // diffusers' inpainting at full strength starts from pure noise.
+                (Some(_), strength) if strength >= 1.0 => (s.sampler, x_t),
+                _ => init.start(s.sampler, &s.sd.schedule, latent, x_t)?,
+            }
         }
         None => (s.sampler, x_t),
     };
     let steps = step_noise(&sampler, &s.sd.schedule, x_t.dims(), config.step_noise_seed(), device)?;
-    let latents = match prompt_model(&s, config)? {
+    let latents = match prompt_model(&s, config, inpaint)? {
         PromptModel::Plain(m) => sampler.sample_inference_with_noise(&m.valid(), &s.sd.schedule, x_t, steps)?,
         PromptModel::Guided(m) => sampler.sample_inference_with_noise(&m.valid(), &s.sd.schedule, x_t, steps)?,
     };
@@ -234,6 +280,20 @@ pub fn sample<B: Backend>(
         .unwrap_or_default();
     crate::toy::write_png_grid(&config.out.join("samples.png"), &pixels, n, [h, w], n, (96 / h).max(1))?;
     Ok(labels.into_iter().map(|l| l as usize).collect())
+}
+
+/// A mask file as `[1, 1, size, size]` in `[0, 1]` (its luminance, resized with a triangle
+/// filter).
+pub fn load_mask<B: Backend>(path: &Path, size: usize, device: &B::Device) -> Result<Tensor<B, 4>, RunError> {
+    let image = image::open(path).map_err(|e| RunError::Image {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    let gray = image
+        .resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle)
+        .to_luma8();
+    let values: Vec<f32> = gray.pixels().map(|p| p[0] as f32 / 255.0).collect();
+    Ok(Tensor::from_data(TensorData::new(values, [1, 1, size, size]), device))
 }
 
 /// An image file as `[1, 3, size, size]` in `[-1, 1]` (resized with a triangle filter).
@@ -263,6 +323,7 @@ pub fn run_invert<B: Backend>(
     on_iter: &mut dyn FnMut(usize, f64),
 ) -> Result<TuneReport, RunError> {
     let s = setup::<B>(config, device)?;
+    not_inpainting(&s)?;
     let target = load_image::<Autodiff<B>>(reference, s.sd.image_size(), device)?;
     let label = label_of(&s, target.clone().inner());
     let mut prompt = s.sd.encode_prompt(&config.prompt, device)?.detach();
@@ -289,6 +350,7 @@ pub fn run_finetune<B: Backend>(
 ) -> Result<TuneReport, RunError> {
     lora_rank(rank)?;
     let s = setup::<B>(config, device)?;
+    not_inpainting(&s)?;
     let style = load_image::<Autodiff<B>>(style_path, s.sd.image_size(), device)?;
     let label = label_of(&s, style.clone().inner());
     let style = StyleLoss::new(&s.classifier, style);

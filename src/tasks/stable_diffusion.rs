@@ -12,7 +12,7 @@ use adjoint_dpm_models::unet::{load_unet, UNet2DConditionConfig, UNet2DCondition
 use adjoint_dpm_models::vae::{load_vae, AutoencoderKL, AutoencoderKLConfig};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -415,10 +415,15 @@ impl<B: Backend> StableDiffusion<B> {
                     .into(),
             ));
         }
-        if unet_config.in_channels != vae_config.latent_channels {
+        // An inpainting UNet takes the mask and the masked image's latents besides the latent.
+        let latent = vae_config.latent_channels;
+        if unet_config.out_channels != latent || ![latent, 2 * latent + 1].contains(&unet_config.in_channels) {
             return Err(SdError::Mismatch(format!(
-                "the UNet takes {} channels but the VAE's latents have {}",
-                unet_config.in_channels, vae_config.latent_channels
+                "the UNet takes {} channels and returns {}, but the VAE's latents have {latent} (an inpainting \
+                 UNet takes {})",
+                unet_config.in_channels,
+                unet_config.out_channels,
+                2 * latent + 1
             )));
         }
         Ok(Self {
@@ -445,7 +450,44 @@ impl<B: Backend> StableDiffusion<B> {
             .as_ref()
             .and_then(|s| s.get(0, 1, "sample_size").ok())
             .unwrap_or(64);
-        [self.unet_config.in_channels, size, size]
+        [self.unet_config.out_channels, size, size]
+    }
+
+    /// Whether the UNet is an inpainting one: more input channels than it returns (9 against 4
+    /// in SD's inpainting checkpoints), the mask and the masked image's latents.
+    pub fn is_inpainting(&self) -> bool {
+        self.unet.conv_in.weight.dims()[1] > self.unet.conv_out.weight.dims()[0]
+    }
+
+    /// An inpainting UNet's conditions from `image` (`[1, 3, s, s]` in `[-1, 1]`, s =
+    /// [`image_size`](Self::image_size)) and `mask` (`[1, 1, s, s]`, painted where ≥ 0.5), as
+    /// diffusers' `StableDiffusionInpaintPipeline` prepares them: the mask binarised and taken
+    /// at the latent's size (nearest), and the VAE's latents of the image with the painted part
+    /// zeroed. Its posterior mean: diffusers samples the posterior with the pipeline's
+    /// generator. For [`UnetEps::with_inpainting`]; differentiable in `image`.
+    pub fn inpainting_conditions(
+        &self,
+        image: Tensor<B, 4>,
+        mask: Tensor<B, 4>,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>), SdError> {
+        let s = self.image_size();
+        if image.dims() != [1, 3, s, s] || mask.dims() != [1, 1, s, s] {
+            return Err(SdError::Mismatch(format!(
+                "inpainting takes an image [1, 3, {s}, {s}] and a mask [1, 1, {s}, {s}], got {:?} and {:?}",
+                image.dims(),
+                mask.dims()
+            )));
+        }
+        let painted = mask.greater_equal_elem(0.5).float();
+        let kept = painted.clone().neg().add_scalar(1.0);
+        let latents = self.vae.encode_mean(image * kept);
+        // torch's nearest: source index ⌊i · s / n⌋.
+        let n = latents.dims()[2];
+        let device = latents.device();
+        let index: Vec<i64> = (0..n).map(|i| (i * s / n) as i64).collect();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [n]), &device);
+        let mask = painted.select(2, index.clone()).select(3, index);
+        Ok((mask, latents))
     }
 
     /// The decoded image size (`latent size · 2^(VAE blocks − 1)`).

@@ -23,7 +23,9 @@ pub enum UnetPrediction {
 
 /// ε(x, t) = UNet(x, t, context), and for SDXL also of the pooled text embedding and the size
 /// numbers ([`with_added_conditions`](Self::with_added_conditions)), for a latent consistency
-/// model of the guidance scale's code ([`with_guidance_scale`](Self::with_guidance_scale)). Freeze `unet` (`no_grad`)
+/// model of the guidance scale's code ([`with_guidance_scale`](Self::with_guidance_scale)), for
+/// an inpainting UNet of the mask and the masked image's latents, concatenated to its input
+/// ([`with_inpainting`](Self::with_inpainting)). Freeze `unet` (`no_grad`)
 /// and keep `context` trainable to differentiate w.r.t. the text embedding (embedding
 /// inversion); freeze `context` to tune weights.
 ///
@@ -59,6 +61,10 @@ pub struct UnetEps<B: Backend> {
     /// for a UNet with `time_cond_proj_dim`.
     #[module(skip)]
     pub guidance_scale: Option<f64>,
+    /// An inpainting UNet's extra input channels, `[rows, 1 + latent channels, h, w]`: the
+    /// mask (1 where the image is to be painted) and the masked image's latents. Trainable
+    /// unless frozen (an attack on the image to be edited trains the latents).
+    pub inpaint: Option<Param<Tensor<B, 4>>>,
 }
 
 impl<B: Backend> UnetEps<B> {
@@ -72,7 +78,19 @@ impl<B: Backend> UnetEps<B> {
             time_ids: [0.0; 6],
             trainable_tokens: None,
             guidance_scale: None,
+            inpaint: None,
         }
+    }
+
+    /// Conditions an inpainting UNet (`in_channels` 9: the latent, the mask, the masked image's
+    /// latents, as diffusers' `StableDiffusionInpaintPipeline` concatenates them) on `mask`
+    /// (`[rows, 1, h, w]`, 1 where the image is to be painted, at the latent's size) and
+    /// `masked_image_latents` (`[rows, c, h, w]`). Their `rows` are tiled over the batch
+    /// (`i % rows`: one row for every sample, or one per sample, also under classifier-free
+    /// guidance's `[x; x]`). Trainable as given, unless frozen.
+    pub fn with_inpainting(mut self, mask: Tensor<B, 4>, masked_image_latents: Tensor<B, 4>) -> Self {
+        self.inpaint = Some(Param::from_tensor(Tensor::cat(vec![mask, masked_image_latents], 1)));
+        self
     }
 
     /// Tells a latent consistency model (a UNet with `time_cond_proj_dim`) the guidance scale
@@ -97,6 +115,7 @@ impl<B: Backend> UnetEps<B> {
     pub fn frozen_conditioning(mut self) -> Self {
         self.context = self.context.set_require_grad(false);
         self.text_embeds = self.text_embeds.map(|p| p.set_require_grad(false));
+        self.inpaint = self.inpaint.map(|p| p.set_require_grad(false));
         self
     }
 
@@ -171,9 +190,25 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
                 .map(|(scale, width)| guidance_scale_embedding(scale, batch, width, &x.device(), x.dtype())),
             class_labels: None,
         };
+        let input = match &self.inpaint {
+            Some(extra) => {
+                let extra = extra.val();
+                let rows = extra.dims()[0];
+                let extra = match rows == batch {
+                    true => extra,
+                    false => {
+                        let index: Vec<i64> = (0..batch).map(|i| (i % rows) as i64).collect();
+                        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [batch]), &x.device());
+                        extra.select(0, index)
+                    }
+                };
+                Tensor::cat(vec![x.clone(), extra], 1)
+            }
+            None => x.clone(),
+        };
         let out = self
             .unet
-            .forward_conditioned(x.clone(), t, self.context_for(batch), conditions);
+            .forward_conditioned(input, t, self.context_for(batch), conditions);
         let at = |schedule: &NoiseSchedule| {
             let t: f64 = time.clone().narrow(0, 0, 1).into_scalar().elem();
             (schedule.alpha(t), schedule.sigma(t))
@@ -198,6 +233,27 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
                 batch,
                 reason: format!("the context has {rows} rows, and a batch must be a multiple of that"),
             });
+        }
+        let unet_in = self.unet.conv_in.weight.dims()[1];
+        let unet_out = self.unet.conv_out.weight.dims()[0];
+        let extra = self.inpaint.as_ref().map(|p| p.val().dims());
+        match extra {
+            Some(dims) if unet_out + dims[1] != unet_in || !batch.is_multiple_of(dims[0]) => {
+                return Err(DiffusionError::ConditioningShape {
+                    name: "the inpainting channels (mask and masked image latents; their rows must divide the batch)",
+                    expected: vec![dims[0], unet_in - unet_out.min(unet_in), dims[2], dims[3]],
+                    got: dims.to_vec(),
+                })
+            }
+            None if unet_in != unet_out => {
+                return Err(DiffusionError::ConditioningShape {
+                    name: "the inpainting channels (the UNet takes more input channels than it returns: \
+                           UnetEps::with_inpainting)",
+                    expected: vec![1, unet_in - unet_out.min(unet_in)],
+                    got: vec![],
+                })
+            }
+            _ => {}
         }
         if let (Some(scale), None) = (self.guidance_scale, self.unet.takes_timestep_cond()) {
             return Err(DiffusionError::BadGuidance {

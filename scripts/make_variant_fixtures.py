@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Build the parity fixtures of pipelines that differ from make_fixtures.py's `sd_tiny` by their
+UNet (models/fixtures/lcm_tiny, inpaint_tiny). Each folder holds sd_tiny's text encoder, tokenizer
+and VAE as symbolic links to its folders, so nothing is stored twice.
+
+`lcm_tiny` is a tiny LatentConsistencyModelPipeline folder: a UNet of sd_tiny's shape with
+`time_cond_proj_dim` (the guidance-scale code LCM-distilled UNets are conditioned on,
+`time_embedding.cond_proj`), and diffusers' LCMScheduler as LCM checkpoints ship it. Beside them:
+
+* `unet/io.safetensors`: the UNet's output on two samples with guidance-scale codes (diffusers'
+  `get_guidance_scale_embedding` of two scales), and its gradients w.r.t. the sample and the code;
+* `io.safetensors`, `io.json`: a reference run of LatentConsistencyModelPipeline (prompt -> CLIP
+  -> 4 LCM steps with the guidance-scale code of 8.5 -> VAE) from fixed latents, its step noise
+  drawn from a seeded generator and recorded.
+
+`inpaint_tiny` is a tiny StableDiffusionInpaintPipeline folder: a UNet of sd_tiny's shape with 9
+input channels (the latent, the mask, the masked image's latents) and sd_tiny's DDIM scheduler.
+Beside them, `io.safetensors` and `io.json`: a 16x16 image and mask (also as PNGs), the mask at the
+latent's size and the masked image's latents (the VAE's posterior mean, which the run is given),
+and a reference run (prompt -> CLIP -> 4 DDIM steps with guidance 3 -> VAE) from fixed latents.
+
+Run make_fixtures.py first (it writes sd_tiny). Regenerate with the environment it names:
+
+    /tmp/fx/bin/python scripts/make_variant_fixtures.py
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import ROOT, SEED, grad_of, randomize_, save_io  # noqa: E402
+
+TIME_COND_DIM = 16
+
+
+def unet_io(pipe, out_dir) -> None:
+    """Inputs, output and gradients (w.r.t. the sample and the guidance-scale code) of the UNet."""
+    unet = pipe.unet
+    g = torch.Generator().manual_seed(SEED + 170)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    timestep = torch.tensor([19.0, 759.0])
+    ctx = torch.randn(2, 7, unet.config.cross_attention_dim, generator=g)
+    scales = torch.tensor([8.5, 2.0])
+    code = pipe.get_guidance_scale_embedding(scales - 1, embedding_dim=TIME_COND_DIM)
+
+    def fn(x, cond=code):
+        return unet(x, timestep, ctx, timestep_cond=cond).sample
+
+    out, w, grad = grad_of(fn, sample, SEED + 270)
+    cond = code.clone().requires_grad_(True)
+    (fn(sample, cond) * w).sum().backward()
+    save_io(os.path.join(out_dir, "io.safetensors"),
+            dict(sample=sample, timestep=timestep, encoder_hidden_states=ctx, guidance_scales=scales,
+                 timestep_cond=code, out=out, w=w, grad_sample=grad, grad_timestep_cond=cond.grad))
+
+
+SD_DIR = os.path.join(ROOT, "sd_tiny")
+
+
+def sd_tiny_parts():
+    """sd_tiny's text encoder, tokenizer and VAE."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    text_encoder = CLIPTextModel.from_pretrained(os.path.join(SD_DIR, "text_encoder")).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(SD_DIR, "tokenizer"))
+    vae = AutoencoderKL.from_pretrained(os.path.join(SD_DIR, "vae")).eval()
+    return dict(text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+
+
+def variant_unet(seed, **changes):
+    """A randomised UNet of sd_tiny's config with `changes`, its output at a trained one's scale."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    config = UNet2DConditionModel.load_config(os.path.join(SD_DIR, "unet"))
+    unet = UNet2DConditionModel.from_config(dict(config, **changes)).eval()
+    randomize_(unet, seed)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.zero_()
+    return unet
+
+
+def save_variant(pipe, out_dir) -> None:
+    """Saves `pipe` with sd_tiny's components replaced by links to them."""
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for component in ("text_encoder", "tokenizer", "vae"):
+        shutil.rmtree(os.path.join(out_dir, component))
+        os.symlink(os.path.join("..", "sd_tiny", component), os.path.join(out_dir, component))
+
+
+def lcm_fixture() -> None:
+    import diffusers.schedulers.scheduling_lcm as lcm_module
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    out_dir = os.path.join(ROOT, "lcm_tiny")
+    unet = variant_unet(SEED + 70, time_cond_proj_dim=TIME_COND_DIM)
+    with torch.no_grad():
+        # Keep the code's share of the time embedding at the sinusoidal code's scale.
+        unet.time_embedding.cond_proj.weight.mul_(0.25)
+    # SimianLuo/LCM_Dreamshaper_v7's scheduler config.
+    scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             clip_sample=False, set_alpha_to_one=True, steps_offset=1,
+                             original_inference_steps=50, timestep_scaling=10.0, prediction_type="epsilon")
+    pipe = LatentConsistencyModelPipeline(unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False, **sd_tiny_parts())
+    save_variant(pipe, out_dir)
+    unet_io(pipe, os.path.join(out_dir, "unet"))
+
+    prompt, steps, guidance = "a photo of the cat", 4, 8.5
+    g = torch.Generator().manual_seed(SEED + 171)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    noise = torch.randn(steps - 1, 1, 4, 8, 8, generator=g)
+    run = dict(num_inference_steps=steps, guidance_scale=guidance)
+    results = {}
+    with torch.no_grad():
+        for output_type in ("latent", "pt"):
+            draws = iter(noise)
+            lcm_module.randn_tensor = lambda *args, **kwargs: next(draws)
+            results[output_type] = pipe(prompt, latents=latents.clone(), output_type=output_type, **run).images
+            assert next(draws, None) is None, "the pipeline drew a noise tensor per step but the last"
+        embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+        code = pipe.get_guidance_scale_embedding(torch.tensor([guidance - 1]), embedding_dim=TIME_COND_DIM)
+    save_io(os.path.join(out_dir, "io.safetensors"),
+            dict(latents=latents, noise=noise, final_latents=results["latent"], image=results["pt"],
+                 prompt_embeds=embeds, timestep_cond=code))
+    with open(os.path.join(out_dir, "io.json"), "w") as f:
+        json.dump(dict(prompt=prompt, steps=steps, guidance=guidance, timesteps=pipe.scheduler.timesteps.tolist()),
+                  f, indent=1)
+    print("wrote", os.path.abspath(out_dir))
+
+
+def inpaint_fixture() -> None:
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    out_dir = os.path.join(ROOT, "inpaint_tiny")
+    unet = variant_unet(SEED + 80, in_channels=9)
+    scheduler = DDIMScheduler.from_pretrained(os.path.join(SD_DIR, "scheduler"))
+    pipe = StableDiffusionInpaintPipeline(unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False, **sd_tiny_parts())
+    save_variant(pipe, out_dir)
+
+    g = torch.Generator().manual_seed(SEED + 180)
+    size = 16
+    pixels = (torch.rand(size, size, 3, generator=g) * 255).round().to(torch.uint8)
+    mask_pixels = torch.zeros(size, size, dtype=torch.uint8)
+    mask_pixels[3:11, 5:14] = 255
+    image_png, mask_png = os.path.join(out_dir, "image.png"), os.path.join(out_dir, "mask.png")
+    Image.fromarray(pixels.numpy(), "RGB").save(image_png)
+    Image.fromarray(mask_pixels.numpy(), "L").save(mask_png)
+    image_pil, mask_pil = Image.open(image_png), Image.open(mask_png)
+    # As the pipeline prepares them, its generator's posterior sample replaced by the mean.
+    image = pipe.image_processor.preprocess(image_pil, height=size, width=size)
+    mask = pipe.mask_processor.preprocess(mask_pil, height=size, width=size)
+    with torch.no_grad():
+        masked_latents = pipe.vae.config.scaling_factor * pipe.vae.encode(image * (mask < 0.5)).latent_dist.mode()
+    latent_mask = torch.nn.functional.interpolate(mask, size=(size // pipe.vae_scale_factor,) * 2)
+
+    prompt, steps, guidance = "a photo of the cat", 4, 3.0
+    latents = torch.randn(1, 4, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor, generator=g)
+    run = dict(image=image_pil, mask_image=mask_pil, masked_image_latents=masked_latents, num_inference_steps=steps,
+               guidance_scale=guidance, height=size, width=size)
+    with torch.no_grad():
+        final = pipe(prompt, latents=latents.clone(), output_type="latent", **run).images
+        decoded = pipe(prompt, latents=latents.clone(), output_type="pt", **run).images
+    save_io(os.path.join(out_dir, "io.safetensors"),
+            dict(image=image, mask=mask, latent_mask=latent_mask, masked_image_latents=masked_latents,
+                 latents=latents, final_latents=final, decoded=decoded))
+    with open(os.path.join(out_dir, "io.json"), "w") as f:
+        json.dump(dict(prompt=prompt, steps=steps, guidance=guidance, timesteps=pipe.scheduler.timesteps.tolist()),
+                  f, indent=1)
+    print("wrote", os.path.abspath(out_dir))
+
+
+def main() -> None:
+    lcm_fixture()
+    inpaint_fixture()
+
+
+if __name__ == "__main__":
+    main()
