@@ -354,6 +354,43 @@ fn sample_inpaints_on_an_inpainting_folder() {
     std::fs::remove_dir_all(&root).ok();
 }
 
+/// A negative prompt is encoded as the prompt would be without `clip_skip` (diffusers encodes
+/// both in one loop); only an empty one is SDXL's zeros. Guidance then steers away from it.
+#[test]
+fn negative_prompts_encode_as_prompts_without_clip_skip() {
+    let device = Default::default();
+    for folder in ["sd_tiny", "sdxl_tiny"] {
+        let mut sd = StableDiffusion::<B>::load(fixtures().join(folder), &device).unwrap();
+        let text = "a photo of a dog";
+        let plain = sd.encode_prompt(text, &device).unwrap();
+        sd.clip_skip = 1;
+        let negative = sd.encode_negative_prompt(text, &device).unwrap();
+        assert_eq!(values(negative.context.clone()), values(plain.context), "{folder}");
+        assert_ne!(
+            values(negative.context),
+            values(sd.encode_prompt(text, &device).unwrap().context),
+            "{folder}: clip_skip changed nothing"
+        );
+        let empty = values(sd.encode_negative_prompt("", &device).unwrap().context);
+        assert_eq!(empty, values(sd.negative_prompt(&device).unwrap().context));
+        assert_eq!(empty.iter().all(|v| *v == 0.0), folder == "sdxl_tiny", "{folder}");
+    }
+    // In a run: the same prompt with and without a negative one samples differently.
+    let root = std::env::temp_dir().join(format!("adjoint-dpm-negative-{}", std::process::id()));
+    let c = |negative: &str| RunConfig {
+        prompt: "a photo of the cat".into(),
+        negative_prompt: negative.into(),
+        cfg: 3.0,
+        ..config(&root)
+    };
+    sample::<B>(&c(""), None, &device).unwrap();
+    let without = std::fs::read(root.join("samples.png")).unwrap();
+    sample::<B>(&c("a photo of a dog"), None, &device).unwrap();
+    let with = std::fs::read(root.join("samples.png")).unwrap();
+    assert_ne!(without, with, "the negative prompt changed nothing");
+    std::fs::remove_dir_all(&root).ok();
+}
+
 fn clip_skip_embeds(sd: &mut StableDiffusion<B>, prompt: &str, skip: usize, dir: &Path) -> Vec<f64> {
     let bytes = std::fs::read(dir.join("clip_skip.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

@@ -249,6 +249,10 @@ struct TaskArgs {
     /// Stable Diffusion: the prompt (empty: the unconditional model).
     #[arg(long, default_value = "")]
     prompt: String,
+    /// Stable Diffusion: what guidance (--cfg) steers away from, diffusers' negative_prompt
+    /// (empty: the unconditional model).
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
     /// Stable Diffusion: condition on the text encoder's hidden state this many layers before
     /// its last (diffusers' clip_skip; 0: the pipeline's own, CLIP's last for SD 1.x/2.x, the
     /// penultimate for SDXL).
@@ -347,6 +351,7 @@ impl TaskArgs {
             guidance_rescale: self.guidance_rescale,
             batch: self.batch,
             prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
             clip_skip: self.clip_skip,
             classifier: self.classifier.clone(),
             fresh: self.fresh,

@@ -61,6 +61,9 @@ pub struct RunConfig {
     pub batch: usize,
     /// Stable Diffusion (`weights` is a diffusers folder): the prompt; empty = unconditional.
     pub prompt: String,
+    /// Stable Diffusion: the negative prompt guidance steers away from (`--negative-prompt`;
+    /// empty: the unconditional model).
+    pub negative_prompt: String,
     /// Stable Diffusion: condition on the hidden state `clip_skip` layers before CLIP's last
     /// (diffusers' `clip_skip`, `--clip-skip`; 0: the pipeline's own).
     pub clip_skip: usize,
@@ -164,6 +167,7 @@ impl Default for RunConfig {
             guidance_rescale: 0.0,
             batch: 8,
             prompt: String::new(),
+            negative_prompt: String::new(),
             clip_skip: 0,
             classifier: None,
             fresh: false,

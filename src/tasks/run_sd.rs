@@ -85,8 +85,9 @@ fn label_of<B: Backend>(s: &Setup<B>, image: Tensor<B, 4>) -> usize {
     scalar(s.classifier.valid().logits(image).argmax(1).float().reshape([1])) as usize
 }
 
-/// The model of the run's prompt: plain for an empty prompt (or `--cfg 1`), with
-/// classifier-free guidance at `--cfg` otherwise (one batched UNet call on `[uncond; cond]`);
+/// The model of the run's prompt: plain for an empty prompt and negative prompt (or `--cfg 1`),
+/// with classifier-free guidance at `--cfg` otherwise (one batched UNet call on `[negative;
+/// cond]`);
 /// a latent consistency model is told `--cfg` as a code instead, without guidance (as
 /// diffusers' pipelines run it).
 enum PromptModel<B: Backend> {
@@ -125,10 +126,12 @@ fn prompt_model<B: Backend>(
         }
     };
     let cond = s.sd.encode_prompt(&config.prompt, &s.device)?.detach();
-    if config.prompt.is_empty() || config.cfg == 1.0 || s.sd.embeds_guidance() {
+    let unguided = config.prompt.is_empty() && config.negative_prompt.is_empty();
+    if unguided || config.cfg == 1.0 || s.sd.embeds_guidance() {
         return Ok(PromptModel::Plain(model(cond)));
     }
-    let prompts = s.sd.negative_prompt(&s.device)?.detach().stack(cond);
+    let negative = s.sd.encode_negative_prompt(&config.negative_prompt, &s.device)?;
+    let prompts = negative.detach().stack(cond);
     // diffusers rescales the network's own output: v for a v-prediction UNet.
     let space = match s.sd.scheduler.prediction_type.as_str() {
         "v_prediction" => RescaleSpace::V(s.sd.schedule.clone()),

@@ -558,6 +558,16 @@ impl<B: Backend> StableDiffusion<B> {
     /// The unconditional prompt of classifier-free guidance: the encoded "", or zeros where
     /// the pipeline forces them (SDXL). As in diffusers, `clip_skip` does not apply to it.
     pub fn negative_prompt(&self, device: &B::Device) -> Result<EncodedPrompt<B>, SdError> {
+        self.encode_negative_prompt("", device)
+    }
+
+    /// A negative prompt (diffusers' `negative_prompt`), which classifier-free guidance steers
+    /// away from: encoded as a prompt without `clip_skip`, as diffusers does; empty, the
+    /// unconditional [`negative_prompt`](Self::negative_prompt).
+    pub fn encode_negative_prompt(&self, text: &str, device: &B::Device) -> Result<EncodedPrompt<B>, SdError> {
+        if !text.is_empty() {
+            return self.encode_skipping(text, 0, device);
+        }
         let empty = self.encode_skipping("", 0, device)?;
         if !self.force_zeros_for_empty_prompt {
             return Ok(empty);
