@@ -19,6 +19,14 @@ Beside them, `io.safetensors` and `io.json`: a 16x16 image and mask (also as PNG
 latent's size and the masked image's latents (the VAE's posterior mean, which the run is given),
 and a reference run (prompt -> CLIP -> 4 DDIM steps with guidance 3 -> VAE) from fixed latents.
 
+`sd_tiny_lora` holds a LoRA of sd_tiny's UNet (attention, feed-forward, resnet convolutions and
+time projections), rank 2, made with peft: `pytorch_lora_weights.safetensors` as diffusers'
+`save_lora_weights` writes it (peft keys, alpha = rank), and `kohya.safetensors` the same matrices
+plus a LoRA of the text encoder's q, v and fc1 in kohya's layout with `.alpha` 4 (twice the rank's
+scale). `io.safetensors`: the prompt embeddings and the final latents of sd_tiny's reference run (4
+DDIM steps, guidance 3) with each fused (diffusers' `load_lora_weights` + `fuse_lora`, lora_scale
+0.8 for the first; the kohya file's as lora_scale 2, its text encoder's part by hand).
+
 Run make_fixtures.py first (it writes sd_tiny). Regenerate with the environment it names:
 
     /tmp/fx/bin/python scripts/make_variant_fixtures.py
@@ -180,9 +188,77 @@ def inpaint_fixture() -> None:
     print("wrote", os.path.abspath(out_dir))
 
 
+def lora_fixture() -> None:
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out_dir = os.path.join(ROOT, "sd_tiny_lora")
+    os.makedirs(out_dir, exist_ok=True)
+    load = lambda: StableDiffusionPipeline.from_pretrained(SD_DIR, safety_checker=None)
+    pipe = load()
+    unet_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "time_emb_proj", "conv_shortcut"]
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=unet_targets))
+    g = torch.Generator().manual_seed(SEED + 190)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    unet_layers = get_peft_model_state_dict(pipe.unet)
+    # The text encoder's by hand: transformers 5 wants a newer peft than PyPI has to adapt it, so
+    # its LoRA goes into the kohya file only and its reference is fused by hand, W += s (α/r) B A.
+    te_layers = {}
+    for name, module in pipe.text_encoder.named_modules():
+        if name.endswith(("q_proj", "v_proj", "fc1")):
+            path = name if name.startswith("text_model.") else "text_model." + name
+            te_layers[path + ".lora_A.weight"] = 0.2 * torch.randn(2, module.in_features, generator=g)
+            te_layers[path + ".lora_B.weight"] = 0.2 * torch.randn(module.out_features, 2, generator=g)
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=unet_layers, safe_serialization=True)
+    kohya = {}
+    for prefix, layers in (("lora_unet_", unet_layers), ("lora_te_", te_layers)):
+        for key, value in layers.items():
+            for peft_suffix, kohya_suffix in ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight")):
+                if key.endswith(peft_suffix):
+                    name = prefix + key[: -len(peft_suffix)].replace(".", "_")
+                    kohya[name + kohya_suffix] = value.contiguous()
+                    kohya[name + ".alpha"] = torch.tensor(4.0)
+    save_file(kohya, os.path.join(out_dir, "kohya.safetensors"))
+
+    prompt, steps, guidance = "a photo of the cat", 4, 3.0
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(SEED + 140))
+    io = {}
+    # kohya's alpha 4 over rank 2 doubles the matrices' product: diffusers' lora_scale 2.
+    for name, scale in (("peft", 0.8), ("kohya", 2.0)):
+        pipe = load()
+        pipe.load_lora_weights(out_dir, weight_name="pytorch_lora_weights.safetensors")
+        pipe.fuse_lora(lora_scale=scale)
+        if name == "kohya":
+            with torch.no_grad():
+                for key, a in te_layers.items():
+                    if key.endswith(".lora_A.weight"):
+                        path = key[: -len(".lora_A.weight")]
+                        try:
+                            module = pipe.text_encoder.get_submodule(path)
+                        except AttributeError:
+                            module = pipe.text_encoder.get_submodule(path[len("text_model."):])
+                        b = te_layers[path + ".lora_B.weight"]
+                        module.weight.add_(scale * b @ a)
+        with torch.no_grad():
+            io[f"prompt_embeds_{name}"] = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+            io[f"final_latents_{name}"] = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+                                               latents=latents.clone(), output_type="latent").images
+    save_io(os.path.join(out_dir, "io.safetensors"), dict(io, latents=latents))
+    with open(os.path.join(out_dir, "io.json"), "w") as f:
+        json.dump(dict(prompt=prompt, steps=steps, guidance=guidance, scales=dict(peft=0.8, kohya=1.0)), f, indent=1)
+    print("wrote", os.path.abspath(out_dir))
+
+
 def main() -> None:
     lcm_fixture()
     inpaint_fixture()
+    lora_fixture()
 
 
 if __name__ == "__main__":

@@ -391,6 +391,57 @@ fn negative_prompts_encode_as_prompts_without_clip_skip() {
     std::fs::remove_dir_all(&root).ok();
 }
 
+/// LoRA checkpoints fused as diffusers fuses them: a peft file (the UNet's attention,
+/// feed-forward, convolutions and time projections) at lora_scale 0.8, and a kohya file (the same
+/// with `.alpha` twice the rank, and the text encoder's q, v and fc1) at 1; then the reference
+/// run from sd_tiny's latents.
+#[test]
+fn lora_checkpoints_fuse_as_diffusers_fuses_them() {
+    let device = Default::default();
+    let dir = fixtures().join("sd_tiny_lora");
+    let (bytes, meta) = reference_run(&dir);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (prompt, steps, guidance) = run_settings(&meta);
+    let (latents, shape) = read(&st, "latents");
+    let base = StableDiffusion::<B>::load(fixtures().join("sd_tiny"), &device).unwrap();
+    let plain = values(base.encode_prompt(prompt, &device).unwrap().context);
+    for (name, file, scale, layers) in [
+        ("peft", "pytorch_lora_weights.safetensors", 0.8, 77),
+        ("kohya", "kohya.safetensors", 1.0, 83),
+    ] {
+        let sd = StableDiffusion::<B>::load(fixtures().join("sd_tiny"), &device).unwrap();
+        let (sd, fused) = sd.fuse_lora(&dir.join(file), scale).unwrap();
+        assert_eq!(fused, layers, "{name}: layers fused");
+        let cond = sd.encode_prompt(prompt, &device).unwrap();
+        let e = rel_err(
+            &values(cond.context.clone()),
+            &read(&st, &format!("prompt_embeds_{name}")).0,
+        );
+        assert!(e < 1e-5, "{name}: prompt embedding off by {e:e}");
+        // Only the kohya file adapts the text encoder.
+        assert_eq!(values(cond.context.clone()) == plain, name == "peft", "{name}");
+        let model = Cfg::new(sd.eps_model(sd.negative_prompt(&device).unwrap().stack(cond)), guidance).unwrap();
+        let sampler = sd.sampler(SolverChoice::Ddim, steps, GradientChoice::Exact);
+        let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents.clone(), shape.clone()), &device);
+        let x_0 = sampler.sample_inference(&model, &sd.schedule, x_t).unwrap();
+        let e = rel_err(&values(x_0), &read(&st, &format!("final_latents_{name}")).0);
+        assert!(e < 1e-4, "{name}: final latents off by {e:e}");
+        eprintln!("sd_tiny_lora: {name} within 1e-4 of diffusers ({e:.1e})");
+    }
+    // A LoRA of another network, or a missing file, is a typed error naming it.
+    let sd = StableDiffusion::<B>::load(fixtures().join("sd_tiny"), &device).unwrap();
+    let err = sd
+        .fuse_lora(
+            &fixtures().join("sdxl_tiny/unet/diffusion_pytorch_model.safetensors"),
+            1.0,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("belong to no network"), "{err}");
+    let sd = StableDiffusion::<B>::load(fixtures().join("sd_tiny"), &device).unwrap();
+    let err = sd.fuse_lora(&dir.join("missing.safetensors"), 1.0).unwrap_err();
+    assert!(err.to_string().contains("no such file"), "{err}");
+}
+
 fn clip_skip_embeds(sd: &mut StableDiffusion<B>, prompt: &str, skip: usize, dir: &Path) -> Vec<f64> {
     let bytes = std::fs::read(dir.join("clip_skip.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

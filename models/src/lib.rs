@@ -22,6 +22,7 @@ pub mod embeddings;
 mod layout;
 pub mod load;
 pub mod lora;
+pub mod lora_file;
 pub mod norm;
 pub mod resnet;
 pub mod resnet_block;

@@ -73,6 +73,14 @@ pub enum LoadError {
     /// The config parses but asks for something this crate does not implement.
     #[error("unsupported config: {0}")]
     Unsupported(String),
+    /// A LoRA checkpoint that does not fit the network.
+    #[error("{path}: {message}")]
+    Lora {
+        /// The file.
+        path: PathBuf,
+        /// What does not fit, naming the layers.
+        message: String,
+    },
     /// A rename or ignore pattern of a [`KeyMap`] is not a valid regex (a bug in this crate).
     #[error("invalid key pattern {pattern:?}: {source}")]
     Pattern {

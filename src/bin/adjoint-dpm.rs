@@ -258,6 +258,13 @@ struct TaskArgs {
     /// penultimate for SDXL).
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
+    /// Stable Diffusion: fuse this LoRA checkpoint (.safetensors, diffusers/peft or kohya keys:
+    /// LCM-LoRA, style LoRAs) into the UNet and text encoders first.
+    #[arg(long)]
+    lora: Option<PathBuf>,
+    /// With --lora: its scale (diffusers' lora_scale).
+    #[arg(long, default_value_t = 1.0, requires = "lora")]
+    lora_scale: f64,
     /// Where Stable Diffusion runs (cuda needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -353,6 +360,8 @@ impl TaskArgs {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             clip_skip: self.clip_skip,
+            lora: self.lora.clone(),
+            lora_scale: self.lora_scale,
             classifier: self.classifier.clone(),
             fresh: self.fresh,
         }
@@ -532,10 +541,15 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     }
     // The toy model is conditioned on classes, not text, and carries its own classifier: say so
     // rather than ignore these.
-    if !config.prompt.is_empty() || config.classifier.is_some() || config.clip_skip > 0 {
+    let sd_only = !config.prompt.is_empty()
+        || !config.negative_prompt.is_empty()
+        || config.classifier.is_some()
+        || config.clip_skip > 0
+        || config.lora.is_some();
+    if sd_only {
         return Err(
-            "--prompt, --clip-skip and --classifier are for Stable Diffusion folders (--weights DIR with unet/); \
-                    the toy model takes class names (--target, --class)"
+            "--prompt, --negative-prompt, --clip-skip, --lora and --classifier are for Stable Diffusion folders \
+             (--weights DIR with unet/); the toy model takes class names (--target, --class)"
                 .into(),
         );
     }

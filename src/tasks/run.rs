@@ -67,6 +67,11 @@ pub struct RunConfig {
     /// Stable Diffusion: condition on the hidden state `clip_skip` layers before CLIP's last
     /// (diffusers' `clip_skip`, `--clip-skip`; 0: the pipeline's own).
     pub clip_skip: usize,
+    /// Stable Diffusion: a LoRA checkpoint fused into the UNet and text encoders before the run
+    /// (`--lora`; diffusers/peft or kohya keys), scaled by `lora_scale` (`--lora-scale`).
+    pub lora: Option<PathBuf>,
+    /// The LoRA's scale (diffusers' `lora_scale`).
+    pub lora_scale: f64,
     /// Stable Diffusion: the torchvision ResNet judging the images (`.pth` or `.safetensors`;
     /// ResNet-50 unless a JSON `ResNetConfig` with the same stem sits beside it).
     pub classifier: Option<PathBuf>,
@@ -169,6 +174,8 @@ impl Default for RunConfig {
             prompt: String::new(),
             negative_prompt: String::new(),
             clip_skip: 0,
+            lora: None,
+            lora_scale: 1.0,
             classifier: None,
             fresh: false,
         }

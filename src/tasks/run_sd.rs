@@ -43,7 +43,11 @@ fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>,
     let path = config.classifier.as_ref().ok_or_else(|| {
         RunError::Usage("a Stable Diffusion run needs --classifier FILE (torchvision ResNet-50 weights)".into())
     })?;
-    let mut sd = StableDiffusion::<Autodiff<B>>::load(dir, device)?.frozen();
+    let mut sd = StableDiffusion::<Autodiff<B>>::load(dir, device)?;
+    if let Some(lora) = &config.lora {
+        sd = sd.fuse_lora(lora, config.lora_scale)?.0;
+    }
+    let mut sd = sd.frozen();
     sd.clip_skip = config.clip_skip;
     sd.guidance_scale = config.cfg;
     let classifier = ImageNetClassifier::load(path, 224, device)

@@ -3,12 +3,14 @@
 //! `tokenizer_2/`) loaded into the models crate's networks, its scheduler config turned into a
 //! [`NoiseSchedule`] and sampler settings, prompts encoded by CLIP as the pipeline does.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use adjoint_dpm_models::clip::{load_clip_text, ClipTextModel, ClipTokenizer};
+use adjoint_dpm_models::clip::{clip_key_map, load_clip_text, ClipTextModel, ClipTokenizer};
 use adjoint_dpm_models::load::{read_config, LoadError};
+use adjoint_dpm_models::lora_file::{fuse_lora, LoraPrefixes};
 use adjoint_dpm_models::norm::layer_norm;
-use adjoint_dpm_models::unet::{load_unet, UNet2DConditionConfig, UNet2DConditionModel};
+use adjoint_dpm_models::unet::{load_unet, unet_key_map, UNet2DConditionConfig, UNet2DConditionModel};
 use adjoint_dpm_models::vae::{load_vae, AutoencoderKL, AutoencoderKLConfig};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
@@ -649,6 +651,60 @@ impl<B: Backend> StableDiffusion<B> {
             Some((_, levels)) => sampler.noise_levels(levels),
             None => sampler,
         }
+    }
+
+    /// Fuses the LoRA checkpoint at `path` (diffusers/peft or kohya keys; LCM-LoRA, style
+    /// LoRAs) into the UNet and text encoders, scaled by `scale`, as diffusers'
+    /// `load_lora_weights` + `fuse_lora(lora_scale)`: `W += scale · (α/r) · B A`, α from the
+    /// file's `.alpha` (else r). Every key must belong to one of them; returns the layers
+    /// changed.
+    pub fn fuse_lora(mut self, path: &Path, scale: f64) -> Result<(Self, usize), SdError> {
+        let load = |source| SdError::Load {
+            component: "LoRA",
+            source,
+        };
+        let prefixes = |peft, kohya| LoraPrefixes { peft, kohya };
+        let (unet, unet_fused) =
+            fuse_lora(self.unet, path, prefixes("unet", "lora_unet"), &unet_key_map(), scale).map_err(load)?;
+        self.unet = unet;
+        let (text_encoder, te_fused) = fuse_lora(
+            self.text_encoder,
+            path,
+            prefixes("text_encoder", "lora_te"),
+            &clip_key_map(),
+            scale,
+        )
+        .map_err(load)?;
+        self.text_encoder = text_encoder;
+        let mut layers = unet_fused.layers + te_fused.layers;
+        let mut leftover: HashSet<String> = unet_fused.other_keys.into_iter().collect();
+        leftover.retain(|k| te_fused.other_keys.contains(k));
+        if let Some((encoder, tokenizer)) = self.text_encoder_2 {
+            let (encoder, fused) = fuse_lora(
+                encoder,
+                path,
+                prefixes("text_encoder_2", "lora_te2"),
+                &clip_key_map(),
+                scale,
+            )
+            .map_err(load)?;
+            layers += fused.layers;
+            leftover.retain(|k| fused.other_keys.contains(k));
+            self.text_encoder_2 = Some((encoder, tokenizer));
+        }
+        if !leftover.is_empty() {
+            let mut keys: Vec<_> = leftover.into_iter().collect();
+            keys.sort();
+            return Err(load(LoadError::Lora {
+                path: path.into(),
+                message: format!(
+                    "{} keys belong to no network of the pipeline, e.g. {}",
+                    keys.len(),
+                    keys[..keys.len().min(3)].join(", ")
+                ),
+            }));
+        }
+        Ok((self, layers))
     }
 
     /// The pipeline with every network frozen (the tasks unfreeze what they train).
