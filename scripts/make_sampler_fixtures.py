@@ -344,32 +344,6 @@ LCM_CASES = {
     "lcm_linear_8_orig100": (dict(beta_schedule="linear", original_inference_steps=100), 8, 1.0),
     "lcm_sd_img2img": (LCM_SD, 6, 0.5),
 }
-lcm_gen = torch.Generator().manual_seed(13)
-for name, (config, steps, strength) in LCM_CASES.items():
-    sched = LCMScheduler(num_train_timesteps=1000, **config)
-    sched.alphas_cumprod = abar_f64(config)
-    sched.set_timesteps(steps, strength=strength)
-    timesteps, x = sched.timesteps, x_T.clone()
-    if strength < 1:
-        kept = min(int(steps * strength), steps)
-        t_start = max(steps - kept, 0)
-        timesteps = timesteps[t_start:]
-        sched.set_begin_index(t_start)
-        x = sched.add_noise(x_0, x_T, timesteps[:1])
-    noise = torch.randn(len(timesteps) - 1, 2, 4, dtype=torch.float64, generator=lcm_gen)
-    draws = iter(noise)
-    lcm_module.randn_tensor = lambda *args, **kwargs: next(draws)
-    trajectory = [x.clone()]
-    for t in timesteps:
-        x = sched.step(eps(x, t), t, x).prev_sample
-        trajectory.append(x.clone())
-    assert next(draws, None) is None
-    tensors[name] = torch.stack(trajectory)
-    if len(noise):
-        tensors[name + "_noise"] = noise
-    meta["cases"][name] = {"scheduler": "LCMScheduler", "config": config, "steps": steps, "strength": strength,
-                           "timesteps": [float(t) for t in timesteps]}
-
 # TCDScheduler (strategic stochastic sampling) on LCM's timesteps: gamma (its step's `eta`) 0.3 as its
 # pipelines default, 0 (deterministic, no draws), 0.7 on the linear schedule, and img2img.
 import diffusers.schedulers.scheduling_tcd as tcd_module
@@ -381,32 +355,44 @@ TCD_CASES = {
     "tcd_linear_6_gamma07": (dict(beta_schedule="linear"), 6, 1.0, 0.7),
     "tcd_sd_img2img": (LCM_SD, 6, 0.5, 0.3),
 }
-tcd_gen = torch.Generator().manual_seed(17)
-for name, (config, steps, strength, gamma) in TCD_CASES.items():
-    sched = TCDScheduler(num_train_timesteps=1000, **config)
-    sched.alphas_cumprod = abar_f64(config)
-    sched.set_timesteps(steps, strength=strength)
-    timesteps, x = sched.timesteps, x_T.clone()
-    if strength < 1:
-        kept = min(int(steps * strength), steps)
-        t_start = max(steps - kept, 0)
-        timesteps = timesteps[t_start:]
-        sched.set_begin_index(t_start)
-        x = sched.add_noise(x_0, x_T, timesteps[:1])
-    draws_needed = len(timesteps) - 1 if gamma > 0 else 0
-    noise = torch.randn(draws_needed, 2, 4, dtype=torch.float64, generator=tcd_gen)
-    draws = iter(noise)
-    tcd_module.randn_tensor = lambda *args, **kwargs: next(draws)
-    trajectory = [x.clone()]
-    for t in timesteps:
-        x = sched.step(eps(x, t), t, x, eta=gamma).prev_sample
-        trajectory.append(x.clone())
-    assert next(draws, None) is None
-    tensors[name] = torch.stack(trajectory)
-    if len(noise):
-        tensors[name + "_noise"] = noise
-    meta["cases"][name] = {"scheduler": "TCDScheduler", "config": config, "steps": steps, "strength": strength,
-                           "eta": gamma, "timesteps": [float(t) for t in timesteps]}
+
+
+def img2img_tail(sched, steps, strength):
+    """The timesteps an img2img pipeline runs and where it starts (x_0 noised to the first, with
+    x_T as the noise), as `get_timesteps` and `prepare_latents` do; the whole run for strength 1."""
+    if strength >= 1:
+        return sched.timesteps, x_T.clone()
+    kept = min(int(steps * strength), steps)
+    t_start = max(steps - kept, 0)
+    timesteps = sched.timesteps[t_start:]
+    sched.set_begin_index(t_start)
+    return timesteps, sched.add_noise(x_0, x_T, timesteps[:1])
+
+
+# One noise tensor per step but the last (none for TCD's gamma 0), drawn from each sampler's own
+# generator in place of its module's randn_tensor.
+for cls, module, cases, seed in ((LCMScheduler, lcm_module, LCM_CASES, 13), (TCDScheduler, tcd_module, TCD_CASES, 17)):
+    gen = torch.Generator().manual_seed(seed)
+    for name, (config, steps, strength, *gamma) in cases.items():
+        sched = cls(num_train_timesteps=1000, **config)
+        sched.alphas_cumprod = abar_f64(config)
+        sched.set_timesteps(steps, strength=strength)
+        timesteps, x = img2img_tail(sched, steps, strength)
+        extra = dict(eta=gamma[0]) if gamma else {}
+        draws_needed = len(timesteps) - 1 if not gamma or gamma[0] > 0 else 0
+        noise = torch.randn(draws_needed, 2, 4, dtype=torch.float64, generator=gen)
+        draws = iter(noise)
+        module.randn_tensor = lambda *args, **kwargs: next(draws)
+        trajectory = [x.clone()]
+        for t in timesteps:
+            x = sched.step(eps(x, t), t, x, **extra).prev_sample
+            trajectory.append(x.clone())
+        assert next(draws, None) is None
+        tensors[name] = torch.stack(trajectory)
+        if len(noise):
+            tensors[name + "_noise"] = noise
+        meta["cases"][name] = {"scheduler": cls.__name__, "config": config, "steps": steps, "strength": strength,
+                               **({"eta": gamma[0]} if gamma else {}), "timesteps": [float(t) for t in timesteps]}
 
 # DEISMultistepScheduler ("logrho"): order 2 (its default) under 15 steps, order 3 under and over 15
 # steps, order 2 img2img. diffusers keeps its sigmas in float32, which moves the log-rho coefficients by
@@ -426,13 +412,7 @@ for name, (config, steps, order, strength) in DEIS_CASES.items():
     abar = abar_f64(config)
     sig = ((1 - abar) / abar).sqrt()
     sched.sigmas = torch.cat([sig[sched.timesteps], sig[:1]])
-    timesteps, x = sched.timesteps, x_T.clone()
-    if strength < 1:
-        kept = min(int(steps * strength), steps)
-        t_start = max(steps - kept, 0)
-        timesteps = timesteps[t_start:]
-        sched.set_begin_index(t_start)
-        x = sched.add_noise(x_0, x_T, timesteps[:1])
+    timesteps, x = img2img_tail(sched, steps, strength)
     trajectory = [x.clone()]
     for t in timesteps:
         x = sched.step(eps(x, t), t, x).prev_sample

@@ -104,6 +104,14 @@ def save_variant(pipe, out_dir) -> None:
         os.symlink(os.path.join("..", "sd_tiny", component), os.path.join(out_dir, component))
 
 
+def write_run(out_dir, tensors, meta) -> None:
+    """A reference run's tensors (`io.safetensors`) and settings (`io.json`)."""
+    save_io(os.path.join(out_dir, "io.safetensors"), tensors)
+    with open(os.path.join(out_dir, "io.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print("wrote", os.path.abspath(out_dir))
+
+
 def lcm_fixture() -> None:
     import diffusers.schedulers.scheduling_lcm as lcm_module
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
@@ -136,13 +144,9 @@ def lcm_fixture() -> None:
             assert next(draws, None) is None, "the pipeline drew a noise tensor per step but the last"
         embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
         code = pipe.get_guidance_scale_embedding(torch.tensor([guidance - 1]), embedding_dim=TIME_COND_DIM)
-    save_io(os.path.join(out_dir, "io.safetensors"),
-            dict(latents=latents, noise=noise, final_latents=results["latent"], image=results["pt"],
-                 prompt_embeds=embeds, timestep_cond=code))
-    with open(os.path.join(out_dir, "io.json"), "w") as f:
-        json.dump(dict(prompt=prompt, steps=steps, guidance=guidance, timesteps=pipe.scheduler.timesteps.tolist()),
-                  f, indent=1)
-    print("wrote", os.path.abspath(out_dir))
+    write_run(out_dir, dict(latents=latents, noise=noise, final_latents=results["latent"], image=results["pt"],
+                            prompt_embeds=embeds, timestep_cond=code),
+              dict(prompt=prompt, steps=steps, guidance=guidance, timesteps=pipe.scheduler.timesteps.tolist()))
 
 
 def inpaint_fixture() -> None:
@@ -179,13 +183,9 @@ def inpaint_fixture() -> None:
     with torch.no_grad():
         final = pipe(prompt, latents=latents.clone(), output_type="latent", **run).images
         decoded = pipe(prompt, latents=latents.clone(), output_type="pt", **run).images
-    save_io(os.path.join(out_dir, "io.safetensors"),
-            dict(image=image, mask=mask, latent_mask=latent_mask, masked_image_latents=masked_latents,
-                 latents=latents, final_latents=final, decoded=decoded))
-    with open(os.path.join(out_dir, "io.json"), "w") as f:
-        json.dump(dict(prompt=prompt, steps=steps, guidance=guidance, timesteps=pipe.scheduler.timesteps.tolist()),
-                  f, indent=1)
-    print("wrote", os.path.abspath(out_dir))
+    write_run(out_dir, dict(image=image, mask=mask, latent_mask=latent_mask, masked_image_latents=masked_latents,
+                            latents=latents, final_latents=final, decoded=decoded),
+              dict(prompt=prompt, steps=steps, guidance=guidance, timesteps=pipe.scheduler.timesteps.tolist()))
 
 
 def lora_fixture() -> None:
@@ -249,10 +249,8 @@ def lora_fixture() -> None:
             io[f"prompt_embeds_{name}"] = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
             io[f"final_latents_{name}"] = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                                                latents=latents.clone(), output_type="latent").images
-    save_io(os.path.join(out_dir, "io.safetensors"), dict(io, latents=latents))
-    with open(os.path.join(out_dir, "io.json"), "w") as f:
-        json.dump(dict(prompt=prompt, steps=steps, guidance=guidance, scales=dict(peft=0.8, kohya=1.0)), f, indent=1)
-    print("wrote", os.path.abspath(out_dir))
+    write_run(out_dir, dict(io, latents=latents),
+              dict(prompt=prompt, steps=steps, guidance=guidance, scales=dict(peft=0.8, kohya=1.0)))
 
 
 def main() -> None:

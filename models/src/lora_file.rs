@@ -23,13 +23,13 @@ use regex::Regex;
 use crate::load::{KeyMap, LoadError};
 
 /// Where a component's keys sit in a LoRA file: diffusers/peft's prefix (`unet`,
-/// `text_encoder`) and kohya's (`lora_unet`, `lora_te`).
+/// `text_encoder`) and kohya's (`lora_unet`; `lora_te`, or SDXL's `lora_te1`).
 #[derive(Debug, Clone, Copy)]
 pub struct LoraPrefixes<'a> {
     /// diffusers/peft: keys `<peft>.<module path>.lora_A.weight`, ….
     pub peft: &'a str,
-    /// kohya: keys `<kohya>_<module_path>.lora_down.weight`, ….
-    pub kohya: &'a str,
+    /// kohya: keys `<kohya>_<module_path>.lora_down.weight`, …, under any of these.
+    pub kohya: &'a [&'a str],
 }
 
 /// What [`fuse_lora`] did.
@@ -92,7 +92,8 @@ pub fn fuse_lora<B: Backend, M: Module<B>>(
         })
         .collect::<Result<_, _>>()?;
 
-    let (peft, kohya) = (format!("{}.", prefixes.peft), format!("{}_", prefixes.kohya));
+    let peft = format!("{}.", prefixes.peft);
+    let kohya: Vec<String> = prefixes.kohya.iter().map(|p| format!("{p}_")).collect();
     let mut pairs: BTreeMap<String, Pair> = BTreeMap::new();
     let mut fused = LoraFused::default();
     for (key, snapshot) in file.iter() {
@@ -107,7 +108,7 @@ pub fn fuse_lora<B: Backend, M: Module<B>>(
             .iter()
             .enumerate()
             .find_map(|(k, suffix)| rest.strip_suffix(suffix).map(|body| (body.to_string(), k / 2)))
-        } else if let Some(rest) = key.strip_prefix(&kohya) {
+        } else if let Some(rest) = kohya.iter().find_map(|p| key.strip_prefix(p.as_str())) {
             [".lora_down.weight", ".lora_up.weight", ".alpha"]
                 .iter()
                 .enumerate()

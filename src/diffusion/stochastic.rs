@@ -1,5 +1,6 @@
-//! Stochastic samplers with their noise given — DDIM with η > 0 and Euler ancestral — as
-//! one-step maps whose noise is a parameter, so that the exact adjoint reaches it too.
+//! Stochastic samplers with their noise given — DDIM with η > 0, Euler ancestral, LCM, TCD and
+//! DPM2 ancestral — as one-step maps whose noise is a parameter, so that the exact adjoint
+//! reaches it too (and DPM2 and γ = 0 TCD, deterministic, as the same maps without noise).
 //!
 //! A stochastic sampler adds fresh Gaussian noise ξ_i at every step. Drawn up front and held by
 //! the step map as one parameter ([`StepNoise`]), the noise makes each step a deterministic map
@@ -38,9 +39,9 @@
 //! S²: 1 342 MiB against 72 MiB now for 200 steps of DDIM η = 1 on the tiny UNet at a 32×32
 //! latent, `examples/bench_diffusion.rs --sampler ddim-eta`.)
 //!
-//! Both are written, as the multistep maps are, as one Euler step of the field
-//! `f = (y_{i+1} − y_i)/h`, `h = ρ_{i+1} − ρ_i`. A stochastic sampler is not an ODE's
-//! discretisation, so it has no continuous adjoint: `Backsolve` is refused.
+//! Each is written, as the multistep maps are, as one Euler step of the field
+//! `f = (y_{i+1} − y_i)/h`, `h = ρ_{i+1} − ρ_i`. None of them is an ODE's discretisation in
+//! this form, so there is no continuous adjoint: `Backsolve` is refused.
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
@@ -228,7 +229,8 @@ impl<B: Backend, M: Module<B>> NoisyStepMap<B, M> {
                 (down - rho_s, up)
             }
             NoisyStep::Tcd | NoisyStep::Dpm2 => {
-                let land = self.landing[i];
+                // Without landing levels, the next knot (DDIM).
+                let land = self.landing.get(i).copied().unwrap_or(rho_t);
                 (land - rho_s, (rho_t * rho_t - land * land).max(0.0).sqrt())
             }
             NoisyStep::Lcm { timestep_scaling } => {
@@ -265,7 +267,7 @@ impl<B: Backend, M: EpsModel<B, D>, const D: usize> Dynamics<B, D> for NoisyStep
         if c_y != 1.0 {
             step = step + y.mul_scalar(c_y - 1.0);
         }
-        // LCM draws no noise for its last step.
+        // LCM, TCD and DPM2 ancestral draw none for their last step.
         if i < self.noise.len() {
             let xi = self.noise.at(i, &step);
             step = step + xi.mul_scalar(c_xi);

@@ -289,29 +289,26 @@ pub fn sample<B: Backend>(
     Ok(labels.into_iter().map(|l| l as usize).collect())
 }
 
-/// A mask file as `[1, 1, size, size]` in `[0, 1]` (its luminance, resized with a triangle
-/// filter).
-pub fn load_mask<B: Backend>(path: &Path, size: usize, device: &B::Device) -> Result<Tensor<B, 4>, RunError> {
+/// An image file resized to `size × size` with a triangle filter.
+fn open_resized(path: &Path, size: usize) -> Result<image::DynamicImage, RunError> {
     let image = image::open(path).map_err(|e| RunError::Image {
         path: path.into(),
         message: e.to_string(),
     })?;
-    let gray = image
-        .resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle)
-        .to_luma8();
+    Ok(image.resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle))
+}
+
+/// A mask file as `[1, 1, size, size]` in `[0, 1]` (its luminance, resized with a triangle
+/// filter).
+pub fn load_mask<B: Backend>(path: &Path, size: usize, device: &B::Device) -> Result<Tensor<B, 4>, RunError> {
+    let gray = open_resized(path, size)?.to_luma8();
     let values: Vec<f32> = gray.pixels().map(|p| p[0] as f32 / 255.0).collect();
     Ok(Tensor::from_data(TensorData::new(values, [1, 1, size, size]), device))
 }
 
 /// An image file as `[1, 3, size, size]` in `[-1, 1]` (resized with a triangle filter).
 pub fn load_image<B: Backend>(path: &Path, size: usize, device: &B::Device) -> Result<Tensor<B, 4>, RunError> {
-    let image = image::open(path).map_err(|e| RunError::Image {
-        path: path.into(),
-        message: e.to_string(),
-    })?;
-    let rgb = image
-        .resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle)
-        .to_rgb8();
+    let rgb = open_resized(path, size)?.to_rgb8();
     let mut planar = vec![0f32; 3 * size * size];
     for (x, y, p) in rgb.enumerate_pixels() {
         for c in 0..3 {

@@ -664,13 +664,19 @@ impl<B: Backend> StableDiffusion<B> {
             source,
         };
         let prefixes = |peft, kohya| LoraPrefixes { peft, kohya };
-        let (unet, unet_fused) =
-            fuse_lora(self.unet, path, prefixes("unet", "lora_unet"), &unet_key_map(), scale).map_err(load)?;
+        let (unet, unet_fused) = fuse_lora(
+            self.unet,
+            path,
+            prefixes("unet", &["lora_unet"]),
+            &unet_key_map(),
+            scale,
+        )
+        .map_err(load)?;
         self.unet = unet;
         let (text_encoder, te_fused) = fuse_lora(
             self.text_encoder,
             path,
-            prefixes("text_encoder", "lora_te"),
+            prefixes("text_encoder", &["lora_te", "lora_te1"]),
             &clip_key_map(),
             scale,
         )
@@ -683,7 +689,7 @@ impl<B: Backend> StableDiffusion<B> {
             let (encoder, fused) = fuse_lora(
                 encoder,
                 path,
-                prefixes("text_encoder_2", "lora_te2"),
+                prefixes("text_encoder_2", &["lora_te2"]),
                 &clip_key_map(),
                 scale,
             )

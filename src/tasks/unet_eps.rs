@@ -88,6 +88,13 @@ impl<B: Backend> UnetEps<B> {
     /// `masked_image_latents` (`[rows, c, h, w]`). Their `rows` are tiled over the batch
     /// (`i % rows`: one row for every sample, or one per sample, also under classifier-free
     /// guidance's `[x; x]`). Trainable as given, unless frozen.
+    ///
+    /// # Panics
+    /// If `mask` and `masked_image_latents` differ in rows or size; and `eps` does if that size
+    /// is not the sample's ([`StableDiffusion::inpainting_conditions`] makes both at the
+    /// latent's size).
+    ///
+    /// [`StableDiffusion::inpainting_conditions`]: crate::tasks::StableDiffusion::inpainting_conditions
     pub fn with_inpainting(mut self, mask: Tensor<B, 4>, masked_image_latents: Tensor<B, 4>) -> Self {
         self.inpaint = Some(Param::from_tensor(Tensor::cat(vec![mask, masked_image_latents], 1)));
         self
@@ -241,7 +248,7 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
             Some(dims) if unet_out + dims[1] != unet_in || !batch.is_multiple_of(dims[0]) => {
                 return Err(DiffusionError::ConditioningShape {
                     name: "the inpainting channels (mask and masked image latents; their rows must divide the batch)",
-                    expected: vec![dims[0], unet_in - unet_out.min(unet_in), dims[2], dims[3]],
+                    expected: vec![dims[0], unet_in.saturating_sub(unet_out), dims[2], dims[3]],
                     got: dims.to_vec(),
                 })
             }
@@ -249,7 +256,7 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
                 return Err(DiffusionError::ConditioningShape {
                     name: "the inpainting channels (the UNet takes more input channels than it returns: \
                            UnetEps::with_inpainting)",
-                    expected: vec![1, unet_in - unet_out.min(unet_in)],
+                    expected: vec![1, unet_in.saturating_sub(unet_out)],
                     got: vec![],
                 })
             }
