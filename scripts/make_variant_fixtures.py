@@ -27,6 +27,10 @@ scale). `io.safetensors`: the prompt embeddings and the final latents of sd_tiny
 DDIM steps, guidance 3) with each fused (diffusers' `load_lora_weights` + `fuse_lora`, lora_scale
 0.8 for the first; the kohya file's as lora_scale 2, its text encoder's part by hand).
 
+`wide.safetensors` in sd_tiny and sdxl_tiny (made by make_fixtures.py and make_sdxl_fixtures.py,
+read back here): the latents and final latents of each pipeline's reference run at 16x24 pixels
+(height x width; SDXL's size numbers follow), 4 steps with guidance 3.
+
 Run make_fixtures.py first (it writes sd_tiny). Regenerate with the environment it names:
 
     /tmp/fx/bin/python scripts/make_variant_fixtures.py
@@ -253,10 +257,27 @@ def lora_fixture() -> None:
               dict(prompt=prompt, steps=steps, guidance=guidance, scales=dict(peft=0.8, kohya=1.0)))
 
 
+def wide_fixtures() -> None:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    for folder, cls in (("sd_tiny", StableDiffusionPipeline), ("sdxl_tiny", StableDiffusionXLPipeline)):
+        kwargs = dict(safety_checker=None) if cls is StableDiffusionPipeline else {}
+        pipe = cls.from_pretrained(os.path.join(ROOT, folder), **kwargs)
+        height, width = 16, 24
+        f = pipe.vae_scale_factor
+        latents = torch.randn(1, 4, height // f, width // f, generator=torch.Generator().manual_seed(SEED + 200))
+        with torch.no_grad():
+            final = pipe("a photo of the cat", num_inference_steps=4, guidance_scale=3.0, height=height, width=width,
+                         latents=latents.clone(), output_type="latent").images
+        save_io(os.path.join(ROOT, folder, "wide.safetensors"), dict(latents=latents, final_latents=final))
+        print("wrote", os.path.join(folder, "wide.safetensors"))
+
+
 def main() -> None:
     lcm_fixture()
     inpaint_fixture()
     lora_fixture()
+    wide_fixtures()
 
 
 if __name__ == "__main__":

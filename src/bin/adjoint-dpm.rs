@@ -265,6 +265,13 @@ struct TaskArgs {
     /// With --lora: its scale (diffusers' lora_scale).
     #[arg(long, default_value_t = 1.0, requires = "lora")]
     lora_scale: f64,
+    /// Stable Diffusion: the images' height in pixels (default: the UNet's sample size times
+    /// the VAE's factor, 512 for SD 1.5, 1024 for SDXL); a multiple of 64 for SD.
+    #[arg(long, requires = "width")]
+    height: Option<usize>,
+    /// Stable Diffusion: the images' width in pixels (with --height).
+    #[arg(long, requires = "height")]
+    width: Option<usize>,
     /// Where Stable Diffusion runs (cuda needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -362,6 +369,7 @@ impl TaskArgs {
             clip_skip: self.clip_skip,
             lora: self.lora.clone(),
             lora_scale: self.lora_scale,
+            resolution: self.height.zip(self.width).map(|(h, w)| [h, w]),
             classifier: self.classifier.clone(),
             fresh: self.fresh,
         }
@@ -545,10 +553,12 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         || !config.negative_prompt.is_empty()
         || config.classifier.is_some()
         || config.clip_skip > 0
-        || config.lora.is_some();
+        || config.lora.is_some()
+        || config.resolution.is_some();
     if sd_only {
         return Err(
-            "--prompt, --negative-prompt, --clip-skip, --lora and --classifier are for Stable Diffusion folders \
+            "--prompt, --negative-prompt, --clip-skip, --lora, --height/--width and --classifier are for Stable \
+             Diffusion folders \
              (--weights DIR with unet/); the toy model takes class names (--target, --class)"
                 .into(),
         );

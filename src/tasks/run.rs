@@ -72,6 +72,9 @@ pub struct RunConfig {
     pub lora: Option<PathBuf>,
     /// The LoRA's scale (diffusers' `lora_scale`).
     pub lora_scale: f64,
+    /// Stable Diffusion: the images' height and width in pixels (`--height`, `--width`;
+    /// `None`: the UNet's `sample_size`, square).
+    pub resolution: Option<[usize; 2]>,
     /// Stable Diffusion: the torchvision ResNet judging the images (`.pth` or `.safetensors`;
     /// ResNet-50 unless a JSON `ResNetConfig` with the same stem sits beside it).
     pub classifier: Option<PathBuf>,
@@ -176,6 +179,7 @@ impl Default for RunConfig {
             clip_skip: 0,
             lora: None,
             lora_scale: 1.0,
+            resolution: None,
             classifier: None,
             fresh: false,
         }
@@ -557,7 +561,7 @@ pub fn sample_grid(config: &RunConfig, init: Option<InitImage>) -> Result<Vec<us
     );
     let (sampler, x_t) = match init {
         Some(init) => {
-            let image = crate::tasks::run_sd::load_image::<Inner>(init.path, IMAGE_SIZE, &device)?;
+            let image = crate::tasks::run_sd::load_image::<Inner>(init.path, [IMAGE_SIZE; 2], &device)?;
             init.start(s.sampler, &s.schedule, image.repeat_dim(0, labels.len()), x_t)?
         }
         None => (s.sampler, x_t),

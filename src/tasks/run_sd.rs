@@ -48,6 +48,9 @@ fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>,
         sd = sd.fuse_lora(lora, config.lora_scale)?.0;
     }
     let mut sd = sd.frozen();
+    if let Some([h, w]) = config.resolution {
+        sd.set_resolution(h, w)?;
+    }
     sd.clip_skip = config.clip_skip;
     sd.guidance_scale = config.cfg;
     let classifier = ImageNetClassifier::load(path, 224, device)
@@ -250,7 +253,7 @@ pub fn sample<B: Backend>(
     let mut inpaint = None;
     let (sampler, x_t) = match init {
         Some(init) => {
-            let size = s.sd.image_size();
+            let size = s.sd.image_shape();
             let image = load_image::<B>(init.path, size, device)?;
             if let Some(mask) = init.mask {
                 if !s.sd.is_inpainting() {
@@ -289,33 +292,37 @@ pub fn sample<B: Backend>(
     Ok(labels.into_iter().map(|l| l as usize).collect())
 }
 
-/// An image file resized to `size × size` with a triangle filter.
-fn open_resized(path: &Path, size: usize) -> Result<image::DynamicImage, RunError> {
+/// An image file resized to `[height, width]` with a triangle filter.
+fn open_resized(path: &Path, [h, w]: [usize; 2]) -> Result<image::DynamicImage, RunError> {
     let image = image::open(path).map_err(|e| RunError::Image {
         path: path.into(),
         message: e.to_string(),
     })?;
-    Ok(image.resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle))
+    Ok(image.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle))
 }
 
-/// A mask file as `[1, 1, size, size]` in `[0, 1]` (its luminance, resized with a triangle
+/// A mask file as `[1, 1, height, width]` in `[0, 1]` (its luminance, resized with a triangle
 /// filter).
-pub fn load_mask<B: Backend>(path: &Path, size: usize, device: &B::Device) -> Result<Tensor<B, 4>, RunError> {
+pub fn load_mask<B: Backend>(path: &Path, size: [usize; 2], device: &B::Device) -> Result<Tensor<B, 4>, RunError> {
     let gray = open_resized(path, size)?.to_luma8();
     let values: Vec<f32> = gray.pixels().map(|p| p[0] as f32 / 255.0).collect();
-    Ok(Tensor::from_data(TensorData::new(values, [1, 1, size, size]), device))
+    Ok(Tensor::from_data(
+        TensorData::new(values, [1, 1, size[0], size[1]]),
+        device,
+    ))
 }
 
-/// An image file as `[1, 3, size, size]` in `[-1, 1]` (resized with a triangle filter).
-pub fn load_image<B: Backend>(path: &Path, size: usize, device: &B::Device) -> Result<Tensor<B, 4>, RunError> {
+/// An image file as `[1, 3, height, width]` in `[-1, 1]` (resized with a triangle filter).
+pub fn load_image<B: Backend>(path: &Path, size: [usize; 2], device: &B::Device) -> Result<Tensor<B, 4>, RunError> {
     let rgb = open_resized(path, size)?.to_rgb8();
-    let mut planar = vec![0f32; 3 * size * size];
+    let [h, w] = size;
+    let mut planar = vec![0f32; 3 * h * w];
     for (x, y, p) in rgb.enumerate_pixels() {
         for c in 0..3 {
-            planar[c * size * size + y as usize * size + x as usize] = p[c] as f32 / 127.5 - 1.0;
+            planar[c * h * w + y as usize * w + x as usize] = p[c] as f32 / 127.5 - 1.0;
         }
     }
-    Ok(Tensor::from_data(TensorData::new(planar, [1, 3, size, size]), device))
+    Ok(Tensor::from_data(TensorData::new(planar, [1, 3, h, w]), device))
 }
 
 /// Task 3 on Stable Diffusion: learn the prompt's token embeddings so that samples take the
@@ -328,7 +335,7 @@ pub fn run_invert<B: Backend>(
 ) -> Result<TuneReport, RunError> {
     let s = setup::<B>(config, device)?;
     not_inpainting(&s)?;
-    let target = load_image::<Autodiff<B>>(reference, s.sd.image_size(), device)?;
+    let target = load_image::<Autodiff<B>>(reference, s.sd.image_shape(), device)?;
     let label = label_of(&s, target.clone().inner());
     let mut prompt = s.sd.encode_prompt(&config.prompt, device)?.detach();
     let tokens = prompt.tokens;
@@ -355,7 +362,7 @@ pub fn run_finetune<B: Backend>(
     lora_rank(rank)?;
     let s = setup::<B>(config, device)?;
     not_inpainting(&s)?;
-    let style = load_image::<Autodiff<B>>(style_path, s.sd.image_size(), device)?;
+    let style = load_image::<Autodiff<B>>(style_path, s.sd.image_shape(), device)?;
     let label = label_of(&s, style.clone().inner());
     let style = StyleLoss::new(&s.classifier, style);
     let mut model = s.sd.eps_model(s.sd.encode_prompt(&config.prompt, device)?.detach());

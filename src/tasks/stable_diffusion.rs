@@ -54,6 +54,23 @@ pub enum SdError {
     /// The components do not fit together.
     #[error("the pipeline's components do not fit together: {0}")]
     Mismatch(String),
+    /// An image size the UNet and VAE cannot make.
+    #[error("{height}×{width} images: the UNet and VAE need multiples of {multiple}, e.g. {near_height}×{near_width}")]
+    Resolution {
+        /// The height asked.
+        height: usize,
+        /// The width asked.
+        width: usize,
+        /// What both must be multiples of.
+        multiple: usize,
+        /// The nearest height that works, up.
+        near_height: usize,
+        /// The nearest width that works, up.
+        near_width: usize,
+    },
+    /// An image or mask of another shape than the pipeline's.
+    #[error("{0}")]
+    InputShape(String),
     /// A `clip_skip` that reaches before a text encoder's embeddings.
     #[error("clip_skip {skip} reaches before the embeddings of {component}, which has {layers} layers")]
     ClipSkip {
@@ -272,6 +289,9 @@ pub struct StableDiffusion<B: Backend> {
     /// is told as a code, in place of classifier-free guidance, as diffusers' pipelines do for
     /// it ([`eps_model`](Self::eps_model); 8.5, the LCM pipeline's default).
     pub guidance_scale: f64,
+    /// The images' height and width in pixels (diffusers' `height`, `width`), set by
+    /// [`set_resolution`](Self::set_resolution); `None`: the UNet's `sample_size`, square.
+    pub resolution: Option<[usize; 2]>,
     /// The scheduler config.
     pub scheduler: SchedulerConfig,
     /// The noise schedule it defines.
@@ -438,21 +458,57 @@ impl<B: Backend> StableDiffusion<B> {
             text_encoder_2: text_encoder_2.map(|(_, encoder, tokenizer)| (encoder, tokenizer)),
             force_zeros_for_empty_prompt,
             guidance_scale: 8.5,
+            resolution: None,
             clip_skip: 0,
             scheduler,
             schedule,
         })
     }
 
-    /// The latent shape of one sample, `[channels, h, w]` (the UNet's `sample_size`).
+    /// The latent shape of one sample, `[channels, h, w]`: the [`resolution`](Self::resolution)
+    /// over the VAE's factor, or the UNet's `sample_size`.
     pub fn latent_shape(&self) -> [usize; 3] {
+        let c = self.unet_config.out_channels;
+        if let Some([h, w]) = self.resolution {
+            return [c, h / self.vae_factor(), w / self.vae_factor()];
+        }
         let size = self
             .unet_config
             .sample_size
             .as_ref()
             .and_then(|s| s.get(0, 1, "sample_size").ok())
             .unwrap_or(64);
-        [self.unet_config.out_channels, size, size]
+        [c, size, size]
+    }
+
+    /// Pixels per latent pixel, `2^(VAE blocks − 1)` (8 in SD).
+    fn vae_factor(&self) -> usize {
+        1 << (self.vae_config.block_out_channels.len().max(1) - 1)
+    }
+
+    /// Generates `height × width` images (diffusers' `height`, `width`; SDXL's size numbers
+    /// follow). Both must be multiples of the VAE's factor times the UNet's downsampling, `2^(VAE
+    /// blocks − 1) · 2^(UNet blocks − 1)` (64 in SD), or the error names the nearest that are.
+    pub fn set_resolution(&mut self, height: usize, width: usize) -> Result<(), SdError> {
+        let multiple = self.vae_factor() << (self.unet_config.block_out_channels.len().max(1) - 1);
+        if height == 0 || width == 0 || !height.is_multiple_of(multiple) || !width.is_multiple_of(multiple) {
+            let near = |v: usize| (v.div_ceil(multiple)).max(1) * multiple;
+            return Err(SdError::Resolution {
+                height,
+                width,
+                multiple,
+                near_height: near(height),
+                near_width: near(width),
+            });
+        }
+        self.resolution = Some([height, width]);
+        Ok(())
+    }
+
+    /// The images' `[height, width]` in pixels.
+    pub fn image_shape(&self) -> [usize; 2] {
+        let [_, h, w] = self.latent_shape();
+        [h * self.vae_factor(), w * self.vae_factor()]
     }
 
     /// Whether the UNet is an inpainting one: more input channels than it returns (9 against 4
@@ -461,8 +517,8 @@ impl<B: Backend> StableDiffusion<B> {
         self.unet.conv_in.weight.dims()[1] > self.unet.conv_out.weight.dims()[0]
     }
 
-    /// An inpainting UNet's conditions from `image` (`[1, 3, s, s]` in `[-1, 1]`, s =
-    /// [`image_size`](Self::image_size)) and `mask` (`[1, 1, s, s]`, painted where ≥ 0.5), as
+    /// An inpainting UNet's conditions from `image` (`[1, 3, h, w]` in `[-1, 1]`, `[h, w]` =
+    /// [`image_shape`](Self::image_shape)) and `mask` (`[1, 1, h, w]`, painted where ≥ 0.5), as
     /// diffusers' `StableDiffusionInpaintPipeline` prepares them: the mask binarised and taken
     /// at the latent's size (nearest), and the VAE's latents of the image with the painted part
     /// zeroed. Its posterior mean: diffusers samples the posterior with the pipeline's
@@ -472,10 +528,10 @@ impl<B: Backend> StableDiffusion<B> {
         image: Tensor<B, 4>,
         mask: Tensor<B, 4>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>), SdError> {
-        let s = self.image_size();
-        if image.dims() != [1, 3, s, s] || mask.dims() != [1, 1, s, s] {
-            return Err(SdError::Mismatch(format!(
-                "inpainting takes an image [1, 3, {s}, {s}] and a mask [1, 1, {s}, {s}], got {:?} and {:?}",
+        let [h, w] = self.image_shape();
+        if image.dims() != [1, 3, h, w] || mask.dims() != [1, 1, h, w] {
+            return Err(SdError::InputShape(format!(
+                "inpainting takes an image [1, 3, {h}, {w}] and a mask [1, 1, {h}, {w}], got {:?} and {:?}",
                 image.dims(),
                 mask.dims()
             )));
@@ -483,19 +539,22 @@ impl<B: Backend> StableDiffusion<B> {
         let painted = mask.greater_equal_elem(0.5).float();
         let kept = painted.clone().neg().add_scalar(1.0);
         let latents = self.vae.encode_mean(image * kept);
-        // torch's nearest: source index ⌊i · s / n⌋.
-        let n = latents.dims()[2];
+        // torch's nearest: source index ⌊i · size / n⌋ along each axis.
         let device = latents.device();
-        let index: Vec<i64> = (0..n).map(|i| (i * s / n) as i64).collect();
-        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [n]), &device);
-        let mask = painted.select(2, index.clone()).select(3, index);
+        let nearest = |size: usize, n: usize| {
+            let index: Vec<i64> = (0..n).map(|i| (i * size / n) as i64).collect();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(index, [n]), &device)
+        };
+        let [_, _, lh, lw] = latents.dims();
+        let mask = painted.select(2, nearest(h, lh)).select(3, nearest(w, lw));
         Ok((mask, latents))
     }
 
-    /// The decoded image size (`latent size · 2^(VAE blocks − 1)`).
+    /// The decoded images' height (`latent height · 2^(VAE blocks − 1)`; their width too
+    /// unless [`set_resolution`](Self::set_resolution) made them otherwise:
+    /// [`image_shape`](Self::image_shape)).
     pub fn image_size(&self) -> usize {
-        let blocks = self.vae_config.block_out_channels.len().max(1);
-        self.latent_shape()[1] << (blocks - 1)
+        self.image_shape()[0]
     }
 
     /// A prompt as diffusers' pipeline encodes it, one row: CLIP's last hidden state
@@ -581,10 +640,10 @@ impl<B: Backend> StableDiffusion<B> {
         })
     }
 
-    /// SDXL's size numbers for an uncropped image of the pipeline's size.
+    /// SDXL's size numbers for an uncropped image of the pipeline's size: `[h, w, 0, 0, h, w]`.
     pub fn time_ids(&self) -> [f64; 6] {
-        let s = self.image_size() as f64;
-        [s, s, 0.0, 0.0, s, s]
+        let [h, w] = self.image_shape().map(|v| v as f64);
+        [h, w, 0.0, 0.0, h, w]
     }
 
     /// Whether the UNet is told the guidance scale as a code (a latent consistency model,
