@@ -25,7 +25,8 @@ time projections), rank 2, made with peft: `pytorch_lora_weights.safetensors` as
 plus a LoRA of the text encoder's q, v and fc1 in kohya's layout with `.alpha` 4 (twice the rank's
 scale). `io.safetensors`: the prompt embeddings and the final latents of sd_tiny's reference run (4
 DDIM steps, guidance 3) with each fused (diffusers' `load_lora_weights` + `fuse_lora`, lora_scale
-0.8 for the first; the kohya file's as lora_scale 2, its text encoder's part by hand).
+0.8 for the first; the kohya file's as lora_scale 2, its text encoder's part by hand), and with
+`with_metadata.safetensors` (the UNet's matrices, lora_alpha 4 in the file's adapter metadata) at 0.5.
 
 `wide.safetensors` in sd_tiny and sdxl_tiny (made by make_fixtures.py and make_sdxl_fixtures.py,
 read back here): the latents and final latents of each pipeline's reference run at 16x24 pixels
@@ -211,6 +212,12 @@ def lora_fixture() -> None:
             if "lora_" in name:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
     unet_layers = get_peft_model_state_dict(pipe.unet)
+    # The same matrices saved with their adapter config (lora_alpha 4, twice the rank), which
+    # diffusers writes into the file's metadata and reads back.
+    config = pipe.unet.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=unet_layers, safe_serialization=True,
+                                              weight_name="with_metadata.safetensors",
+                                              unet_lora_adapter_metadata=dict(config, lora_alpha=4))
     # The text encoder's by hand: transformers 5 wants a newer peft than PyPI has to adapt it, so
     # its LoRA goes into the kohya file only and its reference is fused by hand, W += s (α/r) B A.
     te_layers = {}
@@ -234,9 +241,10 @@ def lora_fixture() -> None:
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(SEED + 140))
     io = {}
     # kohya's alpha 4 over rank 2 doubles the matrices' product: diffusers' lora_scale 2.
-    for name, scale in (("peft", 0.8), ("kohya", 2.0)):
+    for name, scale, file in (("peft", 0.8, "pytorch_lora_weights"), ("kohya", 2.0, "pytorch_lora_weights"),
+                              ("metadata", 0.5, "with_metadata")):
         pipe = load()
-        pipe.load_lora_weights(out_dir, weight_name="pytorch_lora_weights.safetensors")
+        pipe.load_lora_weights(out_dir, weight_name=file + ".safetensors")
         pipe.fuse_lora(lora_scale=scale)
         if name == "kohya":
             with torch.no_grad():
@@ -254,7 +262,7 @@ def lora_fixture() -> None:
             io[f"final_latents_{name}"] = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                                                latents=latents.clone(), output_type="latent").images
     write_run(out_dir, dict(io, latents=latents),
-              dict(prompt=prompt, steps=steps, guidance=guidance, scales=dict(peft=0.8, kohya=1.0)))
+              dict(prompt=prompt, steps=steps, guidance=guidance, scales=dict(peft=0.8, kohya=1.0, metadata=0.5)))
 
 
 def wide_fixtures() -> None:

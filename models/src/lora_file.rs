@@ -5,7 +5,10 @@
 //! - diffusers/peft: `unet.<module path>.lora_A.weight` (A, `[r, in, …]`), `.lora_B.weight`
 //!   (B, `[out, r, …]`), and the older `.lora.down.weight` / `.lora.up.weight`;
 //! - kohya (sd-scripts, civitai): `lora_unet_<module path with _ for .>.lora_down.weight`,
-//!   `.lora_up.weight`, and the scale's `.alpha` (without it, α = r).
+//!   `.lora_up.weight`, and the scale's `.alpha`.
+//!
+//! Without `.alpha`, α is the `<peft>.lora_alpha` of the adapter config diffusers writes into
+//! the file's metadata (`lora_adapter_metadata`), over its `<peft>.r`; without either, α = r.
 //!
 //! Module paths are diffusers' (as in its checkpoints); the component's [`KeyMap`] turns them
 //! into ours. A kohya name is read back into a path by joining its words with dots, except
@@ -79,6 +82,7 @@ pub fn fuse_lora<B: Backend, M: Module<B>>(
         .map(|s| (s.full_path(), s))
         .collect();
     let words = multi_word_names(ours.keys().map(String::as_str), keys);
+    let config = adapter_config(path, prefixes.peft).map_err(bad)?;
     let renames: Vec<(Regex, String)> = keys
         .renames
         .iter()
@@ -151,7 +155,12 @@ pub fn fuse_lora<B: Backend, M: Module<B>>(
             continue;
         };
         let rank = down.shape[0];
-        let factor = scale * pair.alpha.unwrap_or(rank as f64) / rank as f64;
+        let factor = scale
+            * match (pair.alpha, config) {
+                (Some(alpha), _) => alpha / rank as f64,
+                (None, Some((alpha, r))) => alpha / r,
+                (None, None) => 1.0,
+            };
         let w_shape = weight.shape.to_vec();
         let (d_in, d_out) = (down.shape[1..].iter().product::<usize>(), up.shape[0]);
         let flat = |data: TensorData, rows: usize, cols: usize| {
@@ -204,6 +213,37 @@ pub fn fuse_lora<B: Backend, M: Module<B>>(
         return Err(bad(error.to_string()));
     }
     Ok((module, fused))
+}
+
+/// diffusers' adapter config for the component `prefix` from the safetensors header's
+/// `lora_adapter_metadata`: `(lora_alpha, r)`, or `None` without one.
+fn adapter_config(path: &Path, prefix: &str) -> Result<Option<(f64, f64)>, String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| format!("no safetensors header: {e}"))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(format!("a safetensors header of {len} bytes"));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| format!("a truncated safetensors header: {e}"))?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| e.to_string())?;
+    let Some(raw) = header["__metadata__"]["lora_adapter_metadata"].as_str() else {
+        return Ok(None);
+    };
+    let meta: serde_json::Value = serde_json::from_str(raw).map_err(|e| format!("lora_adapter_metadata: {e}"))?;
+    let field = |name: &str| &meta[format!("{prefix}.{name}")];
+    for pattern in ["alpha_pattern", "rank_pattern"] {
+        if field(pattern).as_object().is_some_and(|m| !m.is_empty()) {
+            return Err(format!(
+                "its adapter config's {prefix}.{pattern} (per-layer values) is not supported"
+            ));
+        }
+    }
+    Ok(field("lora_alpha").as_f64().zip(field("r").as_f64()))
 }
 
 /// The multi-word names (`down_blocks`, `to_out`, `text_model`, …) of the network's paths and
