@@ -13,8 +13,8 @@
 //! conditioning only), their ratio (the floor is about 3: one forward, one recomputation and one
 //! VJP per step), and the process's peak RSS in MiB.
 //!
-//! `--sampler` picks another sampler; the stochastic ones (`ddim-eta`, `euler-a`, `dpmpp2m-sde`, `lcm`)
-//! hold their step noise once, as a parameter of the step map, so their memory is the
+//! `--sampler` picks another sampler; the stochastic ones (`ddim-eta`, `euler-a`, `dpmpp2m-sde`,
+//! `lcm`, `tcd`, `dpm2-a`) hold their step noise once, as a parameter of the step map, so their memory is the
 //! deterministic sampler's plus the S noise tensors: compare with `ddim` at the same steps.
 //! `--noise-grad` also differentiates to every step's noise (noise optimisation, as `guide`
 //! does), which adds the noise's gradient.
@@ -56,6 +56,14 @@ enum SamplerArg {
     Plms,
     /// LCM (at most 50 steps, its distillation timesteps).
     Lcm,
+    /// TCD with γ = 0.3 (at most 50 steps).
+    Tcd,
+    /// DEIS of order 3.
+    Deis3,
+    /// DPM2 (two network calls a step).
+    Dpm2,
+    /// DPM2 ancestral.
+    Dpm2A,
 }
 
 #[derive(Parser, Debug)]
@@ -145,6 +153,10 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
         SamplerArg::Dpmpp2mSde => Sampler::dpm_solver_pp_2m_sde(args.steps),
         SamplerArg::Plms => Sampler::plms(args.steps),
         SamplerArg::Lcm => Sampler::lcm(args.steps),
+        SamplerArg::Tcd => Sampler::tcd(args.steps),
+        SamplerArg::Deis3 => Sampler::deis_third_order(args.steps),
+        SamplerArg::Dpm2 => Sampler::dpm2(args.steps),
+        SamplerArg::Dpm2A => Sampler::dpm2_ancestral(args.steps),
     }
     .gradient(mode);
     let shape = [args.batch, 4, args.size, args.size];
