@@ -19,6 +19,11 @@ Beside them, `io.safetensors` and `io.json`: a 16x16 image and mask (also as PNG
 latent's size and the masked image's latents (the VAE's posterior mean, which the run is given),
 and a reference run (prompt -> CLIP -> 4 DDIM steps with guidance 3 -> VAE) from fixed latents.
 
+`sdxl_inpaint_tiny` is the same for StableDiffusionXLInpaintPipeline: sdxl_tiny's two text encoders,
+tokenizers and VAE linked, its UNet's config with 9 input channels, its Euler scheduler, no
+aesthetic score; `io.safetensors`: a reference run at strength 1 (its default, 0.9999, would skip
+the first step) from fixed latents, with inpaint_tiny's image and mask.
+
 `sd_tiny_lora` holds a LoRA of sd_tiny's UNet (attention, feed-forward, resnet convolutions and
 time projections), rank 2, made with peft: `pytorch_lora_weights.safetensors` as diffusers'
 `save_lora_weights` writes it (peft keys, alpha = rank), and `kohya.safetensors` the same matrices
@@ -99,14 +104,15 @@ def variant_unet(seed, **changes):
     return unet
 
 
-def save_variant(pipe, out_dir) -> None:
-    """Saves `pipe` with sd_tiny's components replaced by links to them."""
+def save_variant(pipe, out_dir, base="sd_tiny",
+                 components=("text_encoder", "tokenizer", "vae")) -> None:
+    """Saves `pipe` with `base`'s components replaced by links to them."""
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    for component in ("text_encoder", "tokenizer", "vae"):
+    for component in components:
         shutil.rmtree(os.path.join(out_dir, component))
-        os.symlink(os.path.join("..", "sd_tiny", component), os.path.join(out_dir, component))
+        os.symlink(os.path.join("..", base, component), os.path.join(out_dir, component))
 
 
 def write_run(out_dir, tensors, meta) -> None:
@@ -193,6 +199,49 @@ def inpaint_fixture() -> None:
               dict(prompt=prompt, steps=steps, guidance=guidance, timesteps=pipe.scheduler.timesteps.tolist()))
 
 
+def sdxl_inpaint_fixture() -> None:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    base = os.path.join(ROOT, "sdxl_tiny")
+    out_dir = os.path.join(ROOT, "sdxl_inpaint_tiny")
+    torch.manual_seed(SEED + 85)
+    config = UNet2DConditionModel.load_config(os.path.join(base, "unet"))
+    unet = UNet2DConditionModel.from_config(dict(config, in_channels=9)).eval()
+    randomize_(unet, SEED + 85)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.zero_()
+    pipe = StableDiffusionXLInpaintPipeline(
+        unet=unet, scheduler=EulerDiscreteScheduler.from_pretrained(os.path.join(base, "scheduler")),
+        vae=AutoencoderKL.from_pretrained(os.path.join(base, "vae")).eval(),
+        text_encoder=CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder")).eval(),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(os.path.join(base, "text_encoder_2")).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer_2")),
+        requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
+    save_variant(pipe, out_dir, "sdxl_tiny", ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"))
+
+    size = 16
+    inpaint_dir = os.path.join(ROOT, "inpaint_tiny")
+    image_pil = Image.open(os.path.join(inpaint_dir, "image.png"))
+    mask_pil = Image.open(os.path.join(inpaint_dir, "mask.png"))
+    image = pipe.image_processor.preprocess(image_pil, height=size, width=size)
+    mask = pipe.mask_processor.preprocess(mask_pil, height=size, width=size)
+    with torch.no_grad():
+        masked_latents = pipe.vae.config.scaling_factor * pipe.vae.encode(image * (mask < 0.5)).latent_dist.mode()
+    prompt, steps, guidance = "a photo of the cat", 4, 3.0
+    f = pipe.vae_scale_factor
+    latents = torch.randn(1, 4, size // f, size // f, generator=torch.Generator().manual_seed(SEED + 185))
+    with torch.no_grad():
+        final = pipe(prompt, image=image_pil, mask_image=mask_pil, masked_image_latents=masked_latents,
+                     num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, strength=1.0,
+                     latents=latents.clone(), output_type="latent").images
+    write_run(out_dir, dict(latents=latents, final_latents=final, masked_image_latents=masked_latents),
+              dict(prompt=prompt, steps=steps, guidance=guidance, timesteps=pipe.scheduler.timesteps.tolist()))
+
+
 def lora_fixture() -> None:
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
@@ -218,6 +267,7 @@ def lora_fixture() -> None:
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=unet_layers, safe_serialization=True,
                                               weight_name="with_metadata.safetensors",
                                               unet_lora_adapter_metadata=dict(config, lora_alpha=4))
+    # (diffusers writes target_modules, a set, in no fixed order: the file's bytes vary, its values not.)
     # The text encoder's by hand: transformers 5 wants a newer peft than PyPI has to adapt it, so
     # its LoRA goes into the kohya file only and its reference is fused by hand, W += s (α/r) B A.
     te_layers = {}
@@ -286,6 +336,7 @@ def main() -> None:
     inpaint_fixture()
     lora_fixture()
     wide_fixtures()
+    sdxl_inpaint_fixture()
 
 
 if __name__ == "__main__":

@@ -311,6 +311,52 @@ fn tiny_inpainting_pipeline_matches_diffusers_end_to_end() {
     ));
 }
 
+/// SDXL inpainting (`StableDiffusionXLInpaintPipeline`, a 9-channel SDXL UNet): the added
+/// conditions and the inpainting channels together, against diffusers at strength 1.
+#[test]
+fn tiny_sdxl_inpainting_pipeline_matches_diffusers() {
+    let device = Default::default();
+    let dir = fixtures().join("sdxl_inpaint_tiny");
+    let sd = StableDiffusion::<B>::load(&dir, &device).unwrap();
+    assert!(sd.is_inpainting() && sd.text_encoder_2.is_some());
+    let (bytes, meta) = reference_run(&dir);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (prompt, steps, guidance) = run_settings(&meta);
+    let pngs = fixtures().join("inpaint_tiny");
+    let image = load_image::<B>(&pngs.join("image.png"), sd.image_shape(), &device).unwrap();
+    let mask = load_mask::<B>(&pngs.join("mask.png"), sd.image_shape(), &device).unwrap();
+    let (mask, masked) = sd.inpainting_conditions(image, mask).unwrap();
+    let e = rel_err(&values(masked.clone()), &read(&st, "masked_image_latents").0);
+    assert!(e < 1e-5, "masked image latents off by {e:e}");
+    let prompts = sd
+        .negative_prompt(&device)
+        .unwrap()
+        .stack(sd.encode_prompt(prompt, &device).unwrap());
+    let model = Cfg::new(sd.eps_model(prompts).with_inpainting(mask, masked), guidance).unwrap();
+    let sampler = sd.sampler(sd.scheduler.solver().unwrap(), steps, GradientChoice::Exact);
+    assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), timesteps_of(&meta));
+    let (latents, shape) = read(&st, "latents");
+    let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape), &device);
+    let x_0 = sampler.sample_inference(&model, &sd.schedule, x_t).unwrap();
+    let e = rel_err(&values(x_0), &read(&st, "final_latents").0);
+    assert!(e < 1e-4, "final latents off by {e:e}");
+    eprintln!("sdxl_inpaint_tiny: final latents within 1e-4 of diffusers ({e:.1e})");
+    // The refiner's aesthetic-score conditioning is refused by name, not run wrongly.
+    let refiner = std::env::temp_dir().join(format!("adjoint-dpm-refiner-{}", std::process::id()));
+    std::fs::create_dir_all(&refiner).unwrap();
+    std::fs::write(
+        refiner.join("model_index.json"),
+        r#"{"requires_aesthetics_score": true}"#,
+    )
+    .unwrap();
+    let err = StableDiffusion::<B>::load(&refiner, &device).unwrap_err();
+    assert!(
+        matches!(err, SdError::Unsupported(_)) && err.to_string().contains("aesthetic"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&refiner).ok();
+}
+
 #[test]
 fn sample_inpaints_on_an_inpainting_folder() {
     let device = Default::default();

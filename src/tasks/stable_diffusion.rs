@@ -68,6 +68,9 @@ pub enum SdError {
         /// The nearest width that works, up.
         near_width: usize,
     },
+    /// A pipeline this crate does not run, named.
+    #[error("unsupported pipeline: {0}")]
+    Unsupported(String),
     /// An image or mask of another shape than the pipeline's.
     #[error("{0}")]
     InputShape(String),
@@ -354,6 +357,14 @@ impl<B: Backend> StableDiffusion<B> {
     /// Loads a diffusers pipeline folder; every missing folder, file or key is a typed error.
     pub fn load(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, SdError> {
         let dir = dir.as_ref();
+        let index = read_config::<Value>(dir.join("model_index.json")).ok();
+        let flag = |name: &str| index.as_ref().and_then(|i| i.get(name)).and_then(Value::as_bool);
+        if flag("requires_aesthetics_score") == Some(true) {
+            return Err(SdError::Unsupported(format!(
+                "{}: requires_aesthetics_score (the SDXL refiner's aesthetic-score size numbers)",
+                dir.display()
+            )));
+        }
         let paths = [
             component(dir, "unet")?,
             component(dir, "vae")?,
@@ -426,10 +437,7 @@ impl<B: Backend> StableDiffusion<B> {
                 width(pooled_width)
             )));
         }
-        let force_zeros_for_empty_prompt = read_config::<Value>(dir.join("model_index.json"))
-            .ok()
-            .and_then(|index| index.get("force_zeros_for_empty_prompt").and_then(Value::as_bool))
-            .unwrap_or(text_encoder_2.is_some());
+        let force_zeros_for_empty_prompt = flag("force_zeros_for_empty_prompt").unwrap_or(text_encoder_2.is_some());
         if unet_config.class_embed_type.is_some() || unet_config.num_class_embeds.is_some() {
             return Err(SdError::Mismatch(
                 "the UNet expects class labels (class_embed_type / num_class_embeds), which a text-to-image \
