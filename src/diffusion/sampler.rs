@@ -18,7 +18,7 @@ use crate::diffusion::schedule::{
     dpm_solver_timesteps, exponential_levels, fractional_timesteps, karras_levels, lcm_timesteps, timesteps,
     NoiseSchedule, TimestepSpacing,
 };
-use crate::diffusion::stochastic::{NoisyStep, NoisyStepMap};
+use crate::diffusion::stochastic::{ancestral_levels, NoisyStep, NoisyStepMap};
 use crate::ode::tableau::{self, ButcherTableau};
 use crate::ode::{Dynamics, GradientMode, NeuralOde, Solver, StepControl};
 
@@ -500,7 +500,7 @@ impl Sampler {
         Ok(match (self.kind, self.eta > 0.0) {
             (SamplerKind::Tcd, _) if self.eta > 1.0 => return Err(bad("TCD's γ must be in [0, 1]")),
             (SamplerKind::Tcd, _) => Some(NoisyStep::Tcd),
-            (SamplerKind::Dpm2 { .. }, false) => Some(NoisyStep::Dpm2),
+            (SamplerKind::Dpm2 { ancestral }, false) => Some(NoisyStep::Dpm2 { ancestral }),
             (SamplerKind::Ddim, true) => Some(NoisyStep::Ddim { eta: self.eta }),
             (SamplerKind::EulerAncestral, false) => Some(NoisyStep::EulerAncestral),
             (SamplerKind::Lcm, false) => Some(NoisyStep::Lcm {
@@ -841,27 +841,24 @@ impl Sampler {
     ) -> Result<NoisyStepMap<B, M>, DiffusionError> {
         let ts = self.timesteps(schedule)?;
         let map = NoisyStepMap::new(model, step, grid.to_vec(), ts.clone(), noise);
-        if step == NoisyStep::Dpm2 {
-            // Euler ancestral's levels (DPM2: the next knot), the midpoint their geometric mean
-            // (diffusers: exp of the lerp of the logs), its timestep by log-ρ interpolation.
-            let ancestral = self.kind == (SamplerKind::Dpm2 { ancestral: true });
-            let (landing, midpoints) = grid
+        if let NoisyStep::Dpm2 { ancestral } = step {
+            // The midpoint between the step's start and where it lands (Euler ancestral's level,
+            // or the next knot): their geometric mean (diffusers: exp of the lerp of the logs),
+            // its timestep by log-ρ interpolation; none for a step landing on 0 (Euler).
+            let midpoints = grid
                 .windows(2)
                 .map(|w| {
-                    let (s, t) = (w[0], w[1]);
-                    let up = match ancestral {
-                        true => t * (1.0 - t * t / (s * s)).max(0.0).sqrt(),
-                        false => 0.0,
+                    let down = match ancestral {
+                        true => ancestral_levels(w[0], w[1]).0,
+                        false => w[1],
                     };
-                    let down = (t * t - up * up).max(0.0).sqrt();
-                    let mid = (down > 0.0).then(|| {
-                        let rho_m = (s * down).sqrt();
+                    (down > 0.0).then(|| {
+                        let rho_m = (w[0] * down).sqrt();
                         (rho_m, schedule.t_of_rho_log_lerp(rho_m))
-                    });
-                    (down, mid)
+                    })
                 })
-                .unzip();
-            return Ok(map.with_landing(landing).with_midpoints(midpoints));
+                .collect();
+            return Ok(map.with_midpoints(midpoints));
         }
         if step != NoisyStep::Tcd {
             return Ok(map);

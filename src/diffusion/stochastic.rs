@@ -143,10 +143,20 @@ pub enum NoisyStep {
     /// TCD: a DDIM step down to the level of `⌊(1 − γ) t_{i+1}⌋`
     /// ([`NoisyStepMap::with_landing`]), then noise up to `ρ_{i+1}`.
     Tcd,
-    /// DPM2 (ancestral): a midpoint step in log ρ down to the landing level
-    /// ([`NoisyStepMap::with_landing`]), ε taken again at the midpoint
-    /// ([`NoisyStepMap::with_midpoints`]), then noise up to `ρ_{i+1}`.
-    Dpm2,
+    /// DPM2: a midpoint step in log ρ, ε taken again at the midpoint
+    /// ([`NoisyStepMap::with_midpoints`]); `ancestral`, down to Euler ancestral's `ρ_down`
+    /// and noise up to `ρ_{i+1}`.
+    Dpm2 {
+        /// With ancestral noise.
+        ancestral: bool,
+    },
+}
+
+/// Euler ancestral's split of a step from `ρ_s` to `ρ_t`: the level `ρ_down` the step lands
+/// on and the noise `ρ_up` that takes it back up, `ρ_down² + ρ_up² = ρ_t²`.
+pub(crate) fn ancestral_levels(rho_s: f64, rho_t: f64) -> (f64, f64) {
+    let up = rho_t * (1.0 - (rho_t * rho_t) / (rho_s * rho_s)).max(0.0).sqrt();
+    ((rho_t * rho_t - up * up).max(0.0).sqrt(), up)
 }
 
 /// A stochastic sampler's step map of `model` on a fixed decreasing ρ grid, as an Euler field
@@ -164,7 +174,7 @@ pub struct NoisyStepMap<B: Backend, M: Module<B>> {
     timesteps: Vec<f64>,
     #[module(skip)]
     step: NoisyStep,
-    /// Where each TCD or DPM2 step's deterministic part lands, in ρ.
+    /// Where each TCD step's DDIM part lands, in ρ.
     #[module(skip)]
     landing: Vec<f64>,
     /// DPM2's midpoint of each step, its level and the network's timestep there (`None`: an
@@ -197,8 +207,8 @@ impl<B: Backend, M: Module<B>> NoisyStepMap<B, M> {
         }
     }
 
-    /// The level each step's deterministic part lands on before noise takes it up to the next
-    /// knot (TCD's `ρ_s`, DPM2's `ρ_d`; one per step).
+    /// The level each TCD step's DDIM part lands on before noise takes it up to the next knot
+    /// (`ρ_s`, one per step).
     pub fn with_landing(mut self, landing: Vec<f64>) -> Self {
         self.landing = landing;
         self
@@ -223,12 +233,12 @@ impl<B: Backend, M: Module<B>> NoisyStepMap<B, M> {
                 let direction = (1.0 - a_t - sigma * sigma).max(0.0).sqrt() / alpha_t;
                 (direction - rho_s, sigma / alpha_t)
             }
-            NoisyStep::EulerAncestral => {
-                let up = rho_t * (1.0 - (rho_t * rho_t) / (rho_s * rho_s)).max(0.0).sqrt();
-                let down = (rho_t * rho_t - up * up).max(0.0).sqrt();
+            NoisyStep::EulerAncestral | NoisyStep::Dpm2 { ancestral: true } => {
+                let (down, up) = ancestral_levels(rho_s, rho_t);
                 (down - rho_s, up)
             }
-            NoisyStep::Tcd | NoisyStep::Dpm2 => {
+            NoisyStep::Dpm2 { ancestral: false } => (rho_t - rho_s, 0.0),
+            NoisyStep::Tcd => {
                 // Without landing levels, the next knot (DDIM).
                 let land = self.landing.get(i).copied().unwrap_or(rho_t);
                 (land - rho_s, (rho_t * rho_t - land * land).max(0.0).sqrt())
