@@ -266,11 +266,13 @@ pub fn sample<B: Backend>(
                 let (mask, masked) = s.sd.inpainting_conditions(image, mask)?;
                 inpaint = Some((mask.detach(), masked.detach()));
             }
-            let latent = s.sd.vae.valid().encode_mean(image).repeat_dim(0, config.batch);
             match (init.mask, init.strength) {
-                // diffusers' inpainting at full strength starts from pure noise.
+                // diffusers' inpainting at full strength starts from pure noise: no image latent.
                 (Some(_), strength) if strength >= 1.0 => (s.sampler, x_t),
-                _ => init.start(s.sampler, &s.sd.schedule, latent, x_t)?,
+                _ => {
+                    let latent = s.sd.vae.valid().encode_mean(image).repeat_dim(0, config.batch);
+                    init.start(s.sampler, &s.sd.schedule, latent, x_t)?
+                }
             }
         }
         None => (s.sampler, x_t),
