@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Build the parity fixtures of pipelines that differ from make_fixtures.py's `sd_tiny` by their
-UNet (models/fixtures/lcm_tiny, inpaint_tiny). Each folder holds sd_tiny's text encoder, tokenizer
+UNet (models/fixtures/lcm_tiny, inpaint_tiny), or add a network to it (controlnet_tiny). Each folder holds sd_tiny's text encoder, tokenizer
 and VAE as symbolic links to its folders, so nothing is stored twice.
 
 `lcm_tiny` is a tiny LatentConsistencyModelPipeline folder: a UNet of sd_tiny's shape with
@@ -32,6 +32,14 @@ scale). `io.safetensors`: the prompt embeddings and the final latents of sd_tiny
 DDIM steps, guidance 3) with each fused (diffusers' `load_lora_weights` + `fuse_lora`, lora_scale
 0.8 for the first; the kohya file's as lora_scale 2, its text encoder's part by hand), and with
 `with_metadata.safetensors` (the UNet's matrices, lora_alpha 4 in the file's adapter metadata) at 0.5.
+
+`controlnet_tiny` is a tiny StableDiffusionControlNetPipeline folder: sd_tiny's UNet, text encoder,
+tokenizer and VAE linked, its DDIM scheduler, and a random ControlNetModel of the UNet's input path
+whose conditioning embedding halves once (16x16 control images for 8x8 latents).
+`controlnet/io.safetensors`: the ControlNet's residuals at conditioning scale 0.7 with their
+gradients w.r.t. the latent and the control image, and sd_tiny's UNet given them; `io.safetensors`:
+`control.png` as the pipeline reads it and a reference run (4 DDIM steps, guidance 3, control scale
+0.8) from fixed latents.
 
 `wide.safetensors` in sd_tiny and sdxl_tiny (made by make_fixtures.py and make_sdxl_fixtures.py,
 read back here): the latents and final latents of each pipeline's reference run at 16x24 pixels
@@ -315,6 +323,76 @@ def lora_fixture() -> None:
               dict(prompt=prompt, steps=steps, guidance=guidance, scales=dict(peft=0.8, kohya=1.0, metadata=0.5)))
 
 
+def controlnet_fixture() -> None:
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline, UNet2DConditionModel
+    from PIL import Image
+
+    out_dir = os.path.join(ROOT, "controlnet_tiny")
+    config = UNet2DConditionModel.load_config(os.path.join(SD_DIR, "unet"))
+    keep = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
+            "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding",
+            "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim",
+            "transformer_layers_per_block", "attention_head_dim", "use_linear_projection",
+            "resnet_time_scale_shift")
+    torch.manual_seed(SEED + 95)
+    # The conditioning embedding halves once: sd_tiny's VAE makes 8x8 latents of 16x16 images.
+    controlnet = ControlNetModel(**{k: config[k] for k in keep}, conditioning_embedding_out_channels=(8, 16)).eval()
+    randomize_(controlnet, SEED + 95)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(SD_DIR, "unet")).eval()
+    scheduler = DDIMScheduler.from_pretrained(os.path.join(SD_DIR, "scheduler"))
+    pipe = StableDiffusionControlNetPipeline(unet=unet, controlnet=controlnet, scheduler=scheduler,
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False, **sd_tiny_parts())
+    save_variant(pipe, out_dir, components=("text_encoder", "tokenizer", "vae", "unet"))
+
+    # The ControlNet alone, and sd_tiny's UNet given its residuals.
+    g = torch.Generator().manual_seed(SEED + 195)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    timestep = torch.tensor([19.0, 759.0])
+    ctx = torch.randn(2, 7, config["cross_attention_dim"], generator=g)
+    cond = torch.rand(2, 3, 16, 16, generator=g)
+    scale = 0.7
+
+    def residuals(x, c):
+        down, mid = controlnet(x, timestep, ctx, c, conditioning_scale=scale, return_dict=False)
+        return list(down) + [mid]
+
+    x, c = sample.clone().requires_grad_(True), cond.clone().requires_grad_(True)
+    outs = residuals(x, c)
+    ws = [torch.randn(o.shape, generator=g) for o in outs]
+    sum((o * w).sum() for o, w in zip(outs, ws)).backward()
+    with torch.no_grad():
+        outs = [o.detach() for o in outs]
+        unet_out = unet(sample, timestep, ctx, down_block_additional_residuals=outs[:-1],
+                        mid_block_additional_residual=outs[-1]).sample
+    tensors = dict(sample=sample, timestep=timestep, encoder_hidden_states=ctx, controlnet_cond=cond,
+                   grad_sample=x.grad, grad_controlnet_cond=c.grad, unet_out=unet_out)
+    for i, (o, w) in enumerate(zip(outs, ws)):
+        name = "mid" if i == len(outs) - 1 else f"down_{i}"
+        tensors[name], tensors[f"w_{name}"] = o, w
+    save_io(os.path.join(out_dir, "controlnet", "io.safetensors"), dict(tensors, conditioning_scale=torch.tensor([scale])))
+
+    # The whole pipeline on a control image.
+    size = 16
+    pixels = (torch.rand(size, size, 3, generator=g) * 255).round().to(torch.uint8)
+    control_png = os.path.join(out_dir, "control.png")
+    Image.fromarray(pixels.numpy(), "RGB").save(control_png)
+    control_pil = Image.open(control_png)
+    image = pipe.control_image_processor.preprocess(control_pil, height=size, width=size)
+    prompt, steps, guidance, control_scale = "a photo of the cat", 4, 3.0, 0.8
+    latents = torch.randn(1, 4, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor, generator=g)
+    run = dict(image=control_pil, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+               controlnet_conditioning_scale=control_scale)
+    with torch.no_grad():
+        final = pipe(prompt, latents=latents.clone(), output_type="latent", **run).images
+        decoded = pipe(prompt, latents=latents.clone(), output_type="pt", **run).images
+        plain = pipe(prompt, latents=latents.clone(), output_type="latent", **dict(run, controlnet_conditioning_scale=0.0)).images
+    assert (final - plain).abs().max() > 1e-2, "the ControlNet must change the run"
+    write_run(out_dir, dict(control_image=image, latents=latents, final_latents=final, decoded=decoded),
+              dict(prompt=prompt, steps=steps, guidance=guidance, control_scale=control_scale,
+                   timesteps=pipe.scheduler.timesteps.tolist()))
+
+
 def wide_fixtures() -> None:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -337,6 +415,7 @@ def main() -> None:
     lora_fixture()
     wide_fixtures()
     sdxl_inpaint_fixture()
+    controlnet_fixture()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 //! - [`unet`]: diffusers' `UNet2DConditionModel` (the Stable Diffusion denoiser, SD 1.x, 2.x and
 //!   SDXL), built from the blocks in [`embeddings`], [`resnet_block`], [`attention`] and
 //!   [`unet_blocks`];
+//! - [`controlnet`]: diffusers' `ControlNetModel`, residuals for the UNet from a control image;
 //! - [`vae`]: diffusers' `AutoencoderKL` (decoder and encoder);
 //! - [`clip`]: transformers' `CLIPTextModel` (and `CLIPTextModelWithProjection`) and the CLIP
 //!   BPE tokenizer;
@@ -18,6 +19,7 @@
 pub mod activation;
 pub mod attention;
 pub mod clip;
+pub mod controlnet;
 pub mod embeddings;
 mod layout;
 pub mod load;

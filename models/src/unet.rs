@@ -402,6 +402,55 @@ impl UNet2DConditionConfig {
     /// Builds a UNet with random weights (load real ones with [`load_unet`]).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<UNet2DConditionModel<B>, LoadError> {
         self.check()?;
+        let encoder = self.init_encoder(device)?;
+        let n = self.block_out_channels.len();
+        let ch = &self.block_out_channels;
+        let mut up_blocks = Vec::with_capacity(n);
+        for (i, kind) in self.up_block_types.iter().enumerate() {
+            let cross = has_cross_attention(kind, ["CrossAttnUpBlock2D", "UpBlock2D"])?;
+            let r = n - 1 - i; // the matching down block
+            let s = self.block_settings(
+                r,
+                self.transformer_layers_per_block
+                    .get(r, n, "transformer_layers_per_block")?,
+                self.only_cross_attention.get(r, n, "only_cross_attention")?,
+            )?;
+            let prev_out = ch[(r + 1).min(n - 1)];
+            let c_in = ch[r.saturating_sub(1)];
+            up_blocks.push(UpBlock2D::new(
+                &s,
+                c_in,
+                ch[r],
+                prev_out,
+                self.layers_per_block.get(r, n, "layers_per_block")? + 1,
+                cross,
+                i == n - 1,
+                device,
+            ));
+        }
+        Ok(UNet2DConditionModel {
+            conv_in: encoder.conv_in,
+            time_embedding: encoder.time_embedding,
+            class_embedding: encoder.class_embedding,
+            add_embedding: encoder.add_embedding,
+            add_time_proj_dim: self.addition_time_embed_dim.unwrap_or(0),
+            down_blocks: encoder.down_blocks,
+            mid_block: encoder.mid_block,
+            up_blocks,
+            conv_norm_out: GroupNormConfig::new(self.norm_num_groups.unwrap_or(32), ch[0])
+                .with_epsilon(self.norm_eps)
+                .init(device),
+            conv_out: conv2d(ch[0], self.out_channels, self.conv_out_kernel, device),
+            time_proj_dim: ch[0],
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
+            center_input_sample: self.center_input_sample,
+        })
+    }
+
+    /// The input path, embeddings to mid block, which a ControlNet copies
+    /// ([`crate::controlnet`]); the config is assumed checked.
+    pub(crate) fn init_encoder<B: Backend>(&self, device: &B::Device) -> Result<EncoderParts<B>, LoadError> {
         let n = self.block_out_channels.len();
         let ch = &self.block_out_channels;
         let t_dim = self.time_embed_dim();
@@ -441,25 +490,6 @@ impl UNet2DConditionConfig {
             None => None,
         };
 
-        let mut up_blocks = Vec::with_capacity(n);
-        for (i, kind) in self.up_block_types.iter().enumerate() {
-            let cross = has_cross_attention(kind, ["CrossAttnUpBlock2D", "UpBlock2D"])?;
-            let r = n - 1 - i; // the matching down block
-            let s = self.block_settings(r, t_layers(r)?, only_cross(r)?)?;
-            let prev_out = ch[(r + 1).min(n - 1)];
-            let c_in = ch[r.saturating_sub(1)];
-            up_blocks.push(UpBlock2D::new(
-                &s,
-                c_in,
-                ch[r],
-                prev_out,
-                layers(r)? + 1,
-                cross,
-                i == n - 1,
-                device,
-            ));
-        }
-
         let class_embedding = match (self.class_embed_type.as_deref(), self.num_class_embeds) {
             (None, Some(classes)) => Some(ClassEmbedding::Table(EmbeddingConfig::new(classes, t_dim).init(device))),
             (Some("timestep"), _) => Some(ClassEmbedding::Timestep(TimestepEmbedding::new(ch[0], t_dim, device))),
@@ -471,8 +501,7 @@ impl UNet2DConditionConfig {
             }
             _ => None,
         };
-
-        Ok(UNet2DConditionModel {
+        Ok(EncoderParts {
             conv_in: conv2d(self.in_channels, ch[0], self.conv_in_kernel, device),
             time_embedding: match self.time_cond_proj_dim {
                 Some(cond) => TimestepEmbedding::new(ch[0], t_dim, device).with_cond_proj(cond, device),
@@ -480,19 +509,70 @@ impl UNet2DConditionConfig {
             },
             class_embedding,
             add_embedding,
-            add_time_proj_dim: self.addition_time_embed_dim.unwrap_or(0),
             down_blocks,
             mid_block,
-            up_blocks,
-            conv_norm_out: GroupNormConfig::new(self.norm_num_groups.unwrap_or(32), ch[0])
-                .with_epsilon(self.norm_eps)
-                .init(device),
-            conv_out: conv2d(ch[0], self.out_channels, self.conv_out_kernel, device),
-            time_proj_dim: ch[0],
-            flip_sin_to_cos: self.flip_sin_to_cos,
-            freq_shift: self.freq_shift,
-            center_input_sample: self.center_input_sample,
         })
+    }
+}
+
+/// What [`UNet2DConditionConfig::init_encoder`] builds: the UNet's fields of the same names.
+pub(crate) struct EncoderParts<B: Backend> {
+    pub conv_in: Conv2d<B>,
+    pub time_embedding: TimestepEmbedding<B>,
+    pub class_embedding: Option<ClassEmbedding<B>>,
+    pub add_embedding: Option<TimestepEmbedding<B>>,
+    pub down_blocks: Vec<DownBlock2D<B>>,
+    pub mid_block: Option<UNetMidBlock2DCrossAttn<B>>,
+}
+
+/// The time embedding with every condition added, which the UNet and a ControlNet compute
+/// alike from their own (same-named) layers.
+pub(crate) struct Embedders<'a, B: Backend> {
+    pub time_embedding: &'a TimestepEmbedding<B>,
+    pub class_embedding: Option<&'a ClassEmbedding<B>>,
+    pub add_embedding: Option<&'a TimestepEmbedding<B>>,
+    pub time_proj_dim: usize,
+    pub add_time_proj_dim: usize,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+}
+
+impl<B: Backend> Embedders<'_, B> {
+    /// The time embedding `[batch, time_embed_dim]` of `timestep` under `conditions` (all but
+    /// the ControlNet residuals, which this does not read).
+    ///
+    /// # Panics
+    /// As [`UNet2DConditionModel::forward_conditioned`].
+    pub(crate) fn embed(&self, timestep: Tensor<B, 1>, conditions: &UnetConditions<B>) -> Tensor<B, 2> {
+        let code = |x: Tensor<B, 1>, dim| timestep_embedding(x, dim, self.flip_sin_to_cos, self.freq_shift);
+        let t_code = code(timestep, self.time_proj_dim);
+        let mut emb = match conditions.timestep_cond.clone() {
+            Some(cond) => self.time_embedding.forward_cond(t_code, cond),
+            None => self.time_embedding.forward(t_code),
+        };
+        match (self.class_embedding, conditions.class_labels.clone()) {
+            (Some(ClassEmbedding::Table(table)), Some(labels)) => {
+                emb = emb + table.weight.val().select(0, labels);
+            }
+            (Some(ClassEmbedding::Timestep(mlp)), Some(labels)) => {
+                emb = emb + mlp.forward(code(labels.float(), self.time_proj_dim));
+            }
+            (None, None) => {}
+            (Some(_), None) => panic!("this UNet has a class embedding: pass class_labels"),
+            (None, Some(_)) => panic!("this UNet has no class embedding: class_labels must be None"),
+        }
+        match (self.add_embedding, conditions.added.clone()) {
+            (Some(mlp), Some(added)) => {
+                let [b, ids] = added.time_ids.dims();
+                let codes = code(added.time_ids.reshape([b * ids]), self.add_time_proj_dim)
+                    .reshape([b, ids * self.add_time_proj_dim]);
+                emb = emb + mlp.forward(Tensor::cat(vec![added.text_embeds, codes], 1));
+            }
+            (None, None) => {}
+            (Some(_), None) => panic!("this UNet has an add_embedding (SDXL): pass its added conditions"),
+            (None, Some(_)) => panic!("this UNet has no add_embedding: added conditions must be None"),
+        }
+        emb
     }
 }
 
@@ -536,6 +616,36 @@ pub struct UnetConditions<B: Backend> {
     pub timestep_cond: Option<Tensor<B, 2>>,
     /// SDXL's added conditions.
     pub added: Option<AddedConditions<B>>,
+    /// A ControlNet's residuals, added to the skips and the mid block's output
+    /// (diffusers' `down_block_additional_residuals`, `mid_block_additional_residual`).
+    pub control: Option<ControlResiduals<B>>,
+}
+
+/// What a ControlNet ([`crate::controlnet::ControlNetModel`]) adds to the UNet: one residual
+/// per skip tensor ([`UNet2DConditionModel::skip_channels`]) and one to the mid block's output.
+/// Several ControlNets add their sum (`a + b`), as diffusers' `MultiControlNetModel`.
+#[derive(Debug, Clone)]
+pub struct ControlResiduals<B: Backend> {
+    /// `[batch, skip channels, h_i, w_i]`, in the order of the skips.
+    pub down: Vec<Tensor<B, 4>>,
+    /// `[batch, mid channels, h, w]`.
+    pub mid: Tensor<B, 4>,
+}
+
+/// The residuals of two ControlNets together.
+///
+/// # Panics
+/// If their counts or shapes differ.
+impl<B: Backend> std::ops::Add for ControlResiduals<B> {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        assert_eq!(self.down.len(), other.down.len(), "ControlNet residual counts differ");
+        Self {
+            down: self.down.into_iter().zip(other.down).map(|(a, b)| a + b).collect(),
+            mid: self.mid + other.mid,
+        }
+    }
 }
 
 impl<B: Backend> Default for UnetConditions<B> {
@@ -544,6 +654,7 @@ impl<B: Backend> Default for UnetConditions<B> {
             class_labels: None,
             timestep_cond: None,
             added: None,
+            control: None,
         }
     }
 }
@@ -710,6 +821,31 @@ impl<B: Backend> UNet2DConditionModel<B> {
         self.forward_observed(sample, timestep, encoder_hidden_states, conditions, &mut |_, _| {})
     }
 
+    /// The layers [`Embedders::embed`] uses.
+    pub(crate) fn embedders(&self) -> Embedders<'_, B> {
+        Embedders {
+            time_embedding: &self.time_embedding,
+            class_embedding: self.class_embedding.as_ref(),
+            add_embedding: self.add_embedding.as_ref(),
+            time_proj_dim: self.time_proj_dim,
+            add_time_proj_dim: self.add_time_proj_dim,
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
+        }
+    }
+
+    /// The channels of the skip tensors the down blocks pass to the up blocks, in order
+    /// (`conv_in`'s, then each down block's): what a ControlNet's residuals must match
+    /// ([`ControlResiduals`]).
+    pub fn skip_channels(&self) -> Vec<usize> {
+        let mut channels = vec![self.conv_in.weight.dims()[0]];
+        for block in &self.down_blocks {
+            channels.extend(block.resnets.iter().map(|r| r.conv2.weight.dims()[0]));
+            channels.extend(block.downsamplers.iter().map(|d| d.conv.weight.dims()[0]));
+        }
+        channels
+    }
+
     /// The width of the guidance-scale code the model can be conditioned on
     /// (`time_cond_proj_dim`), or `None`.
     pub fn takes_timestep_cond(&self) -> Option<usize> {
@@ -767,56 +903,14 @@ impl<B: Backend> UNet2DConditionModel<B> {
         conditions: UnetConditions<B>,
         observe: &mut dyn FnMut(UnetSite, &Tensor<B, 4>),
     ) -> Tensor<B, 4> {
-        let UnetConditions {
-            class_labels,
-            timestep_cond,
-            added,
-        } = conditions;
         // 0. center the input if the config asks for it.
         let sample = if self.center_input_sample {
             sample * 2.0 - 1.0
         } else {
             sample
         };
-        // 1. time (and class) embedding.
-        let t_code = timestep_embedding(timestep, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
-        let mut emb = match timestep_cond {
-            Some(cond) => self.time_embedding.forward_cond(t_code, cond),
-            None => self.time_embedding.forward(t_code),
-        };
-        match (&self.class_embedding, class_labels) {
-            (Some(ClassEmbedding::Table(table)), Some(labels)) => {
-                emb = emb + table.weight.val().select(0, labels);
-            }
-            (Some(ClassEmbedding::Timestep(mlp)), Some(labels)) => {
-                let code = timestep_embedding(
-                    labels.float(),
-                    self.time_proj_dim,
-                    self.flip_sin_to_cos,
-                    self.freq_shift,
-                );
-                emb = emb + mlp.forward(code);
-            }
-            (None, None) => {}
-            (Some(_), None) => panic!("this UNet has a class embedding: pass class_labels"),
-            (None, Some(_)) => panic!("this UNet has no class embedding: class_labels must be None"),
-        }
-        match (&self.add_embedding, added) {
-            (Some(mlp), Some(added)) => {
-                let [b, ids] = added.time_ids.dims();
-                let codes = timestep_embedding(
-                    added.time_ids.reshape([b * ids]),
-                    self.add_time_proj_dim,
-                    self.flip_sin_to_cos,
-                    self.freq_shift,
-                )
-                .reshape([b, ids * self.add_time_proj_dim]);
-                emb = emb + mlp.forward(Tensor::cat(vec![added.text_embeds, codes], 1));
-            }
-            (None, None) => {}
-            (Some(_), None) => panic!("this UNet has an add_embedding (SDXL): pass its added conditions"),
-            (None, Some(_)) => panic!("this UNet has no add_embedding: added conditions must be None"),
-        }
+        // 1. time embedding, with the class, LCM and SDXL conditions.
+        let emb = self.embedders().embed(timestep, &conditions);
         let context = encoder_hidden_states;
         let site = |stage, block, layer, index| UnetSite {
             stage,
@@ -836,11 +930,29 @@ impl<B: Backend> UNet2DConditionModel<B> {
             h = out;
             skips.extend(res);
         }
+        let control = conditions.control;
+        if let Some(control) = &control {
+            assert_eq!(
+                control.down.len(),
+                skips.len(),
+                "the ControlNet gives {} down residuals, the UNet has {} skips",
+                control.down.len(),
+                skips.len()
+            );
+            skips = skips
+                .into_iter()
+                .zip(control.down.iter().cloned())
+                .map(|(skip, residual)| skip + residual)
+                .collect();
+        }
         // 4. mid.
         if let Some(mid) = &self.mid_block {
             h = mid.forward_observed(h, &emb, &context, &mut |layer, index, t| {
                 observe(site(Stage::Mid, 0, layer, index), t)
             });
+        }
+        if let Some(control) = control {
+            h = h + control.mid;
         }
         // 5. up, consuming the skips in reverse.
         for (i, block) in self.up_blocks.iter().enumerate() {

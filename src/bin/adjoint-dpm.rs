@@ -265,6 +265,18 @@ struct TaskArgs {
     /// With --lora: its scale (diffusers' lora_scale).
     #[arg(long, default_value_t = 1.0, requires = "lora")]
     lora_scale: f64,
+    /// Stable Diffusion: a diffusers ControlNet folder (config.json and weights, e.g.
+    /// lllyasviel/sd-controlnet-canny); a folder with its own controlnet/ uses that one.
+    #[arg(long)]
+    controlnet: Option<PathBuf>,
+    /// Stable Diffusion with a ControlNet: its image (edges, depth, pose...), resized to the
+    /// images' size.
+    #[arg(long)]
+    control_image: Option<PathBuf>,
+    /// With --control-image: the ControlNet's weight (diffusers'
+    /// controlnet_conditioning_scale).
+    #[arg(long, default_value_t = 1.0, requires = "control_image")]
+    control_scale: f64,
     /// Stable Diffusion: the images' height in pixels (default: the UNet's sample size times
     /// the VAE's factor, 512 for SD 1.5, 1024 for SDXL); a multiple of 64 for SD.
     #[arg(long, requires = "width")]
@@ -369,6 +381,9 @@ impl TaskArgs {
             clip_skip: self.clip_skip,
             lora: self.lora.clone(),
             lora_scale: self.lora_scale,
+            controlnet: self.controlnet.clone(),
+            control_image: self.control_image.clone(),
+            control_scale: self.control_scale,
             resolution: self.height.zip(self.width).map(|(h, w)| [h, w]),
             classifier: self.classifier.clone(),
             fresh: self.fresh,
@@ -554,11 +569,13 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         || config.classifier.is_some()
         || config.clip_skip > 0
         || config.lora.is_some()
+        || config.controlnet.is_some()
+        || config.control_image.is_some()
         || config.resolution.is_some();
     if sd_only {
         return Err(
-            "--prompt, --negative-prompt, --clip-skip, --lora, --height/--width and --classifier are for Stable \
-             Diffusion folders \
+            "--prompt, --negative-prompt, --clip-skip, --lora, --controlnet, --control-image, --height/--width and \
+             --classifier are for Stable Diffusion folders \
              (--weights DIR with unet/); the toy model takes class names (--target, --class)"
                 .into(),
         );

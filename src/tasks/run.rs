@@ -72,6 +72,14 @@ pub struct RunConfig {
     pub lora: Option<PathBuf>,
     /// The LoRA's scale (diffusers' `lora_scale`).
     pub lora_scale: f64,
+    /// Stable Diffusion: a diffusers ControlNet folder (`--controlnet`; a folder with its own
+    /// `controlnet/` needs none).
+    pub controlnet: Option<PathBuf>,
+    /// Stable Diffusion: the ControlNet's image (`--control-image`: edges, depth, pose...),
+    /// resized to the images' size, in `[0, 1]`.
+    pub control_image: Option<PathBuf>,
+    /// The ControlNet's weight (diffusers' `controlnet_conditioning_scale`, `--control-scale`).
+    pub control_scale: f64,
     /// Stable Diffusion: the images' height and width in pixels (`--height`, `--width`;
     /// `None`: the UNet's `sample_size`, square).
     pub resolution: Option<[usize; 2]>,
@@ -179,6 +187,9 @@ impl Default for RunConfig {
             clip_skip: 0,
             lora: None,
             lora_scale: 1.0,
+            controlnet: None,
+            control_image: None,
+            control_scale: 1.0,
             resolution: None,
             classifier: None,
             fresh: false,

@@ -48,8 +48,31 @@ fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>,
         sd = sd.fuse_lora(lora, config.lora_scale)?.0;
     }
     let mut sd = sd.frozen();
+    if let Some(controlnet) = &config.controlnet {
+        sd = sd.with_controlnet(controlnet)?;
+    }
     if let Some([h, w]) = config.resolution {
         sd.set_resolution(h, w)?;
+    }
+    match (&sd.controlnet, &config.control_image) {
+        (Some(_), Some(path)) => {
+            // diffusers' control image processor: RGB in [0, 1], not normalised.
+            let image = load_image::<Autodiff<B>>(path, sd.image_shape(), device)?
+                .mul_scalar(0.5)
+                .add_scalar(0.5);
+            sd.set_control(image, config.control_scale)?;
+        }
+        (Some(_), None) => {
+            return Err(RunError::Usage(
+                "this run has a ControlNet (--controlnet, or the folder's controlnet/): give it --control-image".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(RunError::Usage(
+                "--control-image needs a ControlNet: --controlnet DIR, or a folder with controlnet/".into(),
+            ))
+        }
+        (None, None) => {}
     }
     sd.clip_skip = config.clip_skip;
     sd.guidance_scale = config.cfg;

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use adjoint_dpm_models::clip::{clip_key_map, load_clip_text, ClipTextModel, ClipTokenizer};
+use adjoint_dpm_models::controlnet::{load_controlnet, ControlNetModel};
 use adjoint_dpm_models::load::{read_config, LoadError};
 use adjoint_dpm_models::lora_file::{fuse_lora, LoraPrefixes};
 use adjoint_dpm_models::norm::layer_norm;
@@ -299,6 +300,12 @@ pub struct StableDiffusion<B: Backend> {
     pub scheduler: SchedulerConfig,
     /// The noise schedule it defines.
     pub schedule: NoiseSchedule,
+    /// A ControlNet: the folder's `controlnet/` (a `StableDiffusionControlNetPipeline`), or
+    /// one attached by [`with_controlnet`](Self::with_controlnet).
+    pub controlnet: Option<ControlNetModel<B>>,
+    /// The ControlNet's image and scale, set by [`set_control`](Self::set_control):
+    /// [`eps_model`](Self::eps_model) conditions on them.
+    pub control: Option<(Tensor<B, 4>, f64)>,
 }
 
 fn component(dir: &Path, name: &'static str) -> Result<PathBuf, SdError> {
@@ -470,7 +477,81 @@ impl<B: Backend> StableDiffusion<B> {
             clip_skip: 0,
             scheduler,
             schedule,
+            controlnet: None,
+            control: None,
         })
+        .and_then(|sd| match dir.join("controlnet") {
+            path if path.is_dir() => sd.with_controlnet(path),
+            _ => Ok(sd),
+        })
+    }
+
+    /// Attaches the diffusers ControlNet folder at `dir` (e.g. lllyasviel/sd-controlnet-canny
+    /// for SD 1.5), replacing any the pipeline has; [`set_control`](Self::set_control) gives it
+    /// its image. It must fit the UNet (its residuals, one per skip) and the VAE (its image
+    /// scale), or the error says which.
+    pub fn with_controlnet(mut self, dir: impl AsRef<Path>) -> Result<Self, SdError> {
+        let device = self.unet.conv_in.weight.device();
+        let (config, controlnet) = load_controlnet::<B>(dir.as_ref(), &device).map_err(|source| SdError::Load {
+            component: "controlnet",
+            source,
+        })?;
+        if controlnet.residual_channels() != self.unet.skip_channels() {
+            return Err(SdError::Mismatch(format!(
+                "the ControlNet's residuals have {:?} channels but the UNet's skips {:?}: a ControlNet of another \
+                 base model",
+                controlnet.residual_channels(),
+                self.unet.skip_channels()
+            )));
+        }
+        let cross = |c: &UNet2DConditionConfig| c.cross_attention_dim.get(0, 1, "cross_attention_dim").ok();
+        if cross(&config.unet) != cross(&self.unet_config)
+            || controlnet.takes_added_conditions() != self.unet.takes_added_conditions()
+        {
+            return Err(SdError::Mismatch(
+                "the ControlNet's text conditioning (cross_attention_dim, SDXL's added conditions) is not the \
+                 UNet's: a ControlNet of another base model"
+                    .into(),
+            ));
+        }
+        if controlnet.downscale_factor() != self.vae_factor() {
+            return Err(SdError::Mismatch(format!(
+                "the ControlNet reads images {}× the latent's size but the VAE's factor is {}",
+                controlnet.downscale_factor(),
+                self.vae_factor()
+            )));
+        }
+        self.controlnet = Some(controlnet);
+        self.control = None;
+        Ok(self)
+    }
+
+    /// Conditions the pipeline's ControlNet on `image` (`[rows, 3, h, w]` in `[0, 1]`, `[h, w]`
+    /// = [`image_shape`](Self::image_shape), as diffusers' control image processor makes it:
+    /// no normalisation to `[-1, 1]`) with the weight `scale` (diffusers'
+    /// `controlnet_conditioning_scale`, 1 by default). The image stays trainable if it requires
+    /// a gradient.
+    pub fn set_control(&mut self, image: Tensor<B, 4>, scale: f64) -> Result<(), SdError> {
+        let Some(controlnet) = &self.controlnet else {
+            return Err(SdError::InputShape(
+                "a control image needs a ControlNet (a controlnet/ folder, or with_controlnet)".into(),
+            ));
+        };
+        let [h, w] = self.image_shape();
+        let dims = image.dims();
+        if dims[1..] != [controlnet.conditioning_channels(), h, w] || dims[0] == 0 {
+            return Err(SdError::InputShape(format!(
+                "the control image must be [rows, {}, {h}, {w}], got {dims:?}",
+                controlnet.conditioning_channels()
+            )));
+        }
+        if !scale.is_finite() {
+            return Err(SdError::InputShape(format!(
+                "the control scale must be finite, got {scale}"
+            )));
+        }
+        self.control = Some((image, scale));
+        Ok(())
     }
 
     /// The latent shape of one sample, `[channels, h, w]`: the [`resolution`](Self::resolution)
@@ -662,7 +743,8 @@ impl<B: Backend> StableDiffusion<B> {
 
     /// The ε-model of the UNet conditioned on `prompt` (`rows` rows; see [`UnetEps`]),
     /// converting v- or x₀-predictions as the scheduler config says, and for a latent
-    /// consistency model told [`guidance_scale`](Self::guidance_scale). Its conditioning is
+    /// consistency model told [`guidance_scale`](Self::guidance_scale), with the ControlNet and
+    /// its image when [`set_control`](Self::set_control) gave one. Its conditioning is
     /// trainable as given (a tensor that requires a gradient) and constant otherwise.
     pub fn eps_model(&self, prompt: EncodedPrompt<B>) -> UnetEps<B> {
         let prediction = match self.scheduler.prediction_type.as_str() {
@@ -680,6 +762,13 @@ impl<B: Backend> StableDiffusion<B> {
         }
         if !trainable {
             model = model.frozen_conditioning();
+        }
+        if let (Some(controlnet), Some((image, scale))) = (&self.controlnet, &self.control) {
+            let trainable = image.is_require_grad();
+            model = model.with_control(controlnet.clone(), image.clone(), *scale);
+            if let (Some(control), false) = (&mut model.control, trainable) {
+                control.image = control.image.clone().set_require_grad(false);
+            }
         }
         crate::ode::materialized(model)
     }
@@ -787,6 +876,7 @@ impl<B: Backend> StableDiffusion<B> {
             vae: self.vae.no_grad(),
             text_encoder: self.text_encoder.no_grad(),
             text_encoder_2: self.text_encoder_2.map(|(e, t)| (e.no_grad(), t)),
+            controlnet: self.controlnet.map(Module::no_grad),
             ..self
         }
     }

@@ -1,6 +1,7 @@
 //! A diffusers UNet with its conditioning held as a parameter: the shape of a text-conditioned
 //! Stable Diffusion denoiser, as an [`EpsModel`].
 
+use adjoint_dpm_models::controlnet::ControlNetModel;
 use adjoint_dpm_models::embeddings::guidance_scale_embedding;
 use adjoint_dpm_models::unet::{AddedConditions, UNet2DConditionModel, UnetConditions};
 use burn::module::{Module, Param};
@@ -25,7 +26,8 @@ pub enum UnetPrediction {
 /// numbers ([`with_added_conditions`](Self::with_added_conditions)), for a latent consistency
 /// model of the guidance scale's code ([`with_guidance_scale`](Self::with_guidance_scale)), for
 /// an inpainting UNet of the mask and the masked image's latents, concatenated to its input
-/// ([`with_inpainting`](Self::with_inpainting)). Freeze `unet` (`no_grad`)
+/// ([`with_inpainting`](Self::with_inpainting)), and of a ControlNet's residuals from a control
+/// image ([`with_control`](Self::with_control)). Freeze `unet` (`no_grad`)
 /// and keep `context` trainable to differentiate w.r.t. the text embedding (embedding
 /// inversion); freeze `context` to tune weights.
 ///
@@ -65,6 +67,20 @@ pub struct UnetEps<B: Backend> {
     /// mask (1 where the image is to be painted) and the masked image's latents. Trainable
     /// unless frozen (an attack on the image to be edited trains the latents).
     pub inpaint: Option<Param<Tensor<B, 4>>>,
+    /// A ControlNet and its control image.
+    pub control: Option<Control<B>>,
+}
+
+/// A ControlNet with the control image it reads, for [`UnetEps::with_control`].
+#[derive(Module, Debug)]
+pub struct Control<B: Backend> {
+    /// The ControlNet (trainable unless frozen: `no_grad`).
+    pub net: ControlNetModel<B>,
+    /// `[rows, conditioning channels, H, W]` in `[0, 1]`, at the image's size (the latent's
+    /// times the VAE's factor). Trainable unless frozen.
+    pub image: Param<Tensor<B, 4>>,
+    /// diffusers' `controlnet_conditioning_scale`: the residuals' weight.
+    pub scale: f64,
 }
 
 impl<B: Backend> UnetEps<B> {
@@ -79,7 +95,33 @@ impl<B: Backend> UnetEps<B> {
             trainable_tokens: None,
             guidance_scale: None,
             inpaint: None,
+            control: None,
         }
+    }
+
+    /// Adds a ControlNet's residuals to the UNet's skips and mid block, as diffusers'
+    /// `StableDiffusionControlNetPipeline` (and its SDXL, img2img and inpainting variants) do:
+    /// `controlnet` reads the latent (without an inpainting UNet's extra channels), the text
+    /// context and `image` (`[rows, 3, H, W]` in `[0, 1]`, the image's size; rows tiled over the
+    /// batch as [`with_inpainting`](Self::with_inpainting)'s), and its residuals are weighted by
+    /// `scale`. The image and the ControlNet's weights are trainable as given, unless frozen:
+    /// the exact adjoint reaches both.
+    ///
+    /// # Panics
+    /// `eps` panics if the image's size is not the latent's times the ControlNet's
+    /// [`downscale_factor`](ControlNetModel::downscale_factor)
+    /// ([`StableDiffusion::set_control`] checks it is the pipeline's); [`EpsModel::check_batch`]
+    /// says first, as an error, when the ControlNet does not fit the UNet.
+    ///
+    /// [`StableDiffusion::set_control`]: crate::tasks::StableDiffusion::set_control
+    pub fn with_control(mut self, controlnet: ControlNetModel<B>, image: Tensor<B, 4>, scale: f64) -> Self {
+        self.control = Some(Control {
+            // Clones of a lazily initialised weight would each draw their own.
+            net: crate::ode::materialized(controlnet),
+            image: Param::from_tensor(image),
+            scale,
+        });
+        self
     }
 
     /// Conditions an inpainting UNet (`in_channels` 9: the latent, the mask, the masked image's
@@ -123,7 +165,23 @@ impl<B: Backend> UnetEps<B> {
         self.context = self.context.set_require_grad(false);
         self.text_embeds = self.text_embeds.map(|p| p.set_require_grad(false));
         self.inpaint = self.inpaint.map(|p| p.set_require_grad(false));
+        self.control = self.control.map(|mut c| {
+            c.image = c.image.set_require_grad(false);
+            c
+        });
         self
+    }
+
+    /// Rows tiled over the batch, `i % rows` (one row for every sample, or one per sample,
+    /// also under classifier-free guidance's `[x; x]`).
+    fn tiled(rows: Tensor<B, 4>, batch: usize) -> Tensor<B, 4> {
+        let n = rows.dims()[0];
+        if n == batch {
+            return rows;
+        }
+        let index: Vec<i64> = (0..batch).map(|i| (i % n) as i64).collect();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [batch]), &rows.device());
+        rows.select(0, index)
     }
 
     /// Repeats each of `rows` conditioning rows over its group of `batch / rows` samples.
@@ -189,33 +247,31 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
         } else {
             t.repeat_dim(0, batch)
         };
+        let context = self.context_for(batch);
+        let added = self.added_for(batch, &x.device());
+        let control = self.control.as_ref().map(|c| {
+            let image = Self::tiled(c.image.val(), batch);
+            let conditions = UnetConditions {
+                added: added.clone(),
+                ..UnetConditions::default()
+            };
+            c.net
+                .forward(x.clone(), t.clone(), context.clone(), image, c.scale, &conditions)
+        });
         let conditions = UnetConditions {
-            added: self.added_for(batch, &x.device()),
+            added,
             timestep_cond: self
                 .guidance_scale
                 .zip(self.unet.takes_timestep_cond())
                 .map(|(scale, width)| guidance_scale_embedding(scale, batch, width, &x.device(), x.dtype())),
             class_labels: None,
+            control,
         };
         let input = match &self.inpaint {
-            Some(extra) => {
-                let extra = extra.val();
-                let rows = extra.dims()[0];
-                let extra = match rows == batch {
-                    true => extra,
-                    false => {
-                        let index: Vec<i64> = (0..batch).map(|i| (i % rows) as i64).collect();
-                        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [batch]), &x.device());
-                        extra.select(0, index)
-                    }
-                };
-                Tensor::cat(vec![x.clone(), extra], 1)
-            }
+            Some(extra) => Tensor::cat(vec![x.clone(), Self::tiled(extra.val(), batch)], 1),
             None => x.clone(),
         };
-        let out = self
-            .unet
-            .forward_conditioned(input, t, self.context_for(batch), conditions);
+        let out = self.unet.forward_conditioned(input, t, context, conditions);
         let at = |schedule: &NoiseSchedule| {
             let t: f64 = time.clone().narrow(0, 0, 1).into_scalar().elem();
             (schedule.alpha(t), schedule.sigma(t))
@@ -261,6 +317,24 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
                 })
             }
             _ => {}
+        }
+        if let Some(control) = &self.control {
+            let dims = control.image.val().dims();
+            let channels = control.net.conditioning_channels();
+            if dims[1] != channels || !batch.is_multiple_of(dims[0]) {
+                return Err(DiffusionError::ConditioningShape {
+                    name: "the control image (its rows must divide the batch)",
+                    expected: vec![dims[0], channels, dims[2], dims[3]],
+                    got: dims.to_vec(),
+                });
+            }
+            if control.net.residual_channels() != self.unet.skip_channels() {
+                return Err(DiffusionError::ConditioningShape {
+                    name: "the ControlNet's residuals (channels per skip: not this UNet's ControlNet)",
+                    expected: self.unet.skip_channels(),
+                    got: control.net.residual_channels(),
+                });
+            }
         }
         if let (Some(scale), None) = (self.guidance_scale, self.unet.takes_timestep_cond()) {
             return Err(DiffusionError::BadGuidance {
