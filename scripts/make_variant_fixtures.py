@@ -41,6 +41,10 @@ gradients w.r.t. the latent and the control image, and sd_tiny's UNet given them
 `control.png` as the pipeline reads it and a reference run (4 DDIM steps, guidance 3, control scale
 0.8) from fixed latents.
 
+`sdxl_controlnet_tiny` is the same for StableDiffusionXLControlNetPipeline: sdxl_tiny's parts linked, its
+Euler scheduler, a random ControlNet of its UNet's input path (with the added conditions' embedding);
+`io.safetensors`: a reference run (4 steps, guidance 3, control scale 0.8, controlnet_tiny's image).
+
 `wide.safetensors` in sd_tiny and sdxl_tiny (made by make_fixtures.py and make_sdxl_fixtures.py,
 read back here): the latents and final latents of each pipeline's reference run at 16x24 pixels
 (height x width; SDXL's size numbers follow), 4 steps with guidance 3.
@@ -323,17 +327,21 @@ def lora_fixture() -> None:
               dict(prompt=prompt, steps=steps, guidance=guidance, scales=dict(peft=0.8, kohya=1.0, metadata=0.5)))
 
 
+# The UNet config keys a ControlNet copies (its input path's).
+CONTROLNET_KEYS = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
+                   "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding",
+                   "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim",
+                   "transformer_layers_per_block", "attention_head_dim", "use_linear_projection",
+                   "resnet_time_scale_shift")
+
+
 def controlnet_fixture() -> None:
     from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline, UNet2DConditionModel
     from PIL import Image
 
     out_dir = os.path.join(ROOT, "controlnet_tiny")
     config = UNet2DConditionModel.load_config(os.path.join(SD_DIR, "unet"))
-    keep = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
-            "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding",
-            "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim",
-            "transformer_layers_per_block", "attention_head_dim", "use_linear_projection",
-            "resnet_time_scale_shift")
+    keep = CONTROLNET_KEYS
     torch.manual_seed(SEED + 95)
     # The conditioning embedding halves once: sd_tiny's VAE makes 8x8 latents of 16x16 images.
     controlnet = ControlNetModel(**{k: config[k] for k in keep}, conditioning_embedding_out_channels=(8, 16)).eval()
@@ -393,6 +401,47 @@ def controlnet_fixture() -> None:
                    timesteps=pipe.scheduler.timesteps.tolist()))
 
 
+def sdxl_controlnet_fixture() -> None:
+    from diffusers import (AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline,
+                           UNet2DConditionModel)
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    base = os.path.join(ROOT, "sdxl_tiny")
+    out_dir = os.path.join(ROOT, "sdxl_controlnet_tiny")
+    config = UNet2DConditionModel.load_config(os.path.join(base, "unet"))
+    keep = CONTROLNET_KEYS + ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
+    torch.manual_seed(SEED + 96)
+    controlnet = ControlNetModel(**{k: config[k] for k in keep}, conditioning_embedding_out_channels=(8, 16)).eval()
+    randomize_(controlnet, SEED + 96)
+    pipe = StableDiffusionXLControlNetPipeline(
+        unet=UNet2DConditionModel.from_pretrained(os.path.join(base, "unet")).eval(), controlnet=controlnet,
+        scheduler=EulerDiscreteScheduler.from_pretrained(os.path.join(base, "scheduler")),
+        vae=AutoencoderKL.from_pretrained(os.path.join(base, "vae")).eval(),
+        text_encoder=CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder")).eval(),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(os.path.join(base, "text_encoder_2")).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer_2")),
+        force_zeros_for_empty_prompt=True)
+    save_variant(pipe, out_dir, "sdxl_tiny",
+                 ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"))
+
+    size = 16
+    control_pil = Image.open(os.path.join(ROOT, "controlnet_tiny", "control.png"))
+    prompt, steps, guidance, control_scale = "a photo of the cat", 4, 3.0, 0.8
+    f = pipe.vae_scale_factor
+    latents = torch.randn(1, 4, size // f, size // f, generator=torch.Generator().manual_seed(SEED + 196))
+    run = dict(image=control_pil, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+               controlnet_conditioning_scale=control_scale, output_type="latent")
+    with torch.no_grad():
+        final = pipe(prompt, latents=latents.clone(), **run).images
+        plain = pipe(prompt, latents=latents.clone(), **dict(run, controlnet_conditioning_scale=0.0)).images
+    assert (final - plain).abs().max() > 1e-2, "the ControlNet must change the run"
+    write_run(out_dir, dict(latents=latents, final_latents=final),
+              dict(prompt=prompt, steps=steps, guidance=guidance, control_scale=control_scale,
+                   timesteps=pipe.scheduler.timesteps.tolist()))
+
+
 def wide_fixtures() -> None:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -416,6 +465,7 @@ def main() -> None:
     wide_fixtures()
     sdxl_inpaint_fixture()
     controlnet_fixture()
+    sdxl_controlnet_fixture()
 
 
 if __name__ == "__main__":

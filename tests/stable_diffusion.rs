@@ -458,6 +458,39 @@ fn tiny_controlnet_pipeline_matches_diffusers_end_to_end() {
     );
 }
 
+/// An SDXL ControlNet (`StableDiffusionXLControlNetPipeline`): the ControlNet takes SDXL's
+/// added conditions too.
+#[test]
+fn tiny_sdxl_controlnet_pipeline_matches_diffusers() {
+    let device = Default::default();
+    let dir = fixtures().join("sdxl_controlnet_tiny");
+    let mut sd = StableDiffusion::<B>::load(&dir, &device).unwrap();
+    assert!(sd.text_encoder_2.is_some());
+    let (bytes, meta) = reference_run(&dir);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (prompt, steps, guidance) = run_settings(&meta);
+    let png = fixtures().join("controlnet_tiny/control.png");
+    let image = load_image::<B>(&png, sd.image_shape(), &device).unwrap();
+    sd.set_control(
+        image.mul_scalar(0.5).add_scalar(0.5),
+        meta["control_scale"].as_f64().unwrap(),
+    )
+    .unwrap();
+    let prompts = sd
+        .negative_prompt(&device)
+        .unwrap()
+        .stack(sd.encode_prompt(prompt, &device).unwrap());
+    let model = Cfg::new(sd.eps_model(prompts), guidance).unwrap();
+    let sampler = sd.sampler(sd.scheduler.solver().unwrap(), steps, GradientChoice::Exact);
+    assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), timesteps_of(&meta));
+    let (latents, shape) = read(&st, "latents");
+    let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape), &device);
+    let x_0 = sampler.sample_inference(&model, &sd.schedule, x_t).unwrap();
+    let e = rel_err(&values(x_0), &read(&st, "final_latents").0);
+    assert!(e < 1e-4, "final latents off by {e:e}");
+    eprintln!("sdxl_controlnet_tiny: final latents within 1e-4 of diffusers ({e:.1e})");
+}
+
 /// `sample --control-image` on a ControlNet folder, `--controlnet` on a plain one, and guided
 /// sampling (the exact adjoint through UNet and ControlNet) with it; missing pieces are usage
 /// errors.
