@@ -528,6 +528,47 @@ fn sample_and_guide_with_a_controlnet() {
     std::fs::remove_dir_all(&root).ok();
 }
 
+/// A single-file checkpoint (sd_tiny in the original LDM layout, f16) with sd_tiny's folder for
+/// the configs: the run equals diffusers' `from_single_file` pipeline's; `sample --checkpoint`
+/// runs it; a file given as --weights, or an SDXL folder's configs, are errors that say so.
+#[test]
+fn single_file_checkpoint_matches_diffusers_from_single_file() {
+    let device = Default::default();
+    let dir = fixtures().join("sd_tiny_single");
+    let file = dir.join("model.safetensors");
+    let sd = StableDiffusion::<B>::load_single_file(&file, fixtures().join("sd_tiny"), &device).unwrap();
+    let (bytes, meta) = reference_run(&dir);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (prompt, steps, guidance) = run_settings(&meta);
+    let prompts = sd
+        .negative_prompt(&device)
+        .unwrap()
+        .stack(sd.encode_prompt(prompt, &device).unwrap());
+    let model = Cfg::new(sd.eps_model(prompts), guidance).unwrap();
+    let sampler = sd.sampler(SolverChoice::Ddim, steps, GradientChoice::Exact);
+    let (latents, shape) = read(&st, "latents");
+    let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape), &device);
+    let x_0 = sampler.sample_inference(&model, &sd.schedule, x_t).unwrap();
+    let e = rel_err(&values(x_0), &read(&st, "final_latents").0);
+    assert!(e < 1e-4, "final latents off by {e:e}");
+    eprintln!("sd_tiny_single: final latents within 1e-4 of diffusers' from_single_file ({e:.1e})");
+
+    let root = std::env::temp_dir().join(format!("adjoint-dpm-single-{}", std::process::id()));
+    let c = RunConfig {
+        checkpoint: Some(file.clone()),
+        prompt: prompt.into(),
+        ..config(&root)
+    };
+    assert_eq!(sample::<B>(&c, None, &device).unwrap().len(), 2);
+    let err = StableDiffusion::<B>::load_single_file(&file, fixtures().join("sdxl_tiny"), &device).unwrap_err();
+    assert!(matches!(err, SdError::Unsupported(_)), "{err}");
+    // A folder's own weights file is not a single file.
+    let unet_file = fixtures().join("sd_tiny/unet/diffusion_pytorch_model.safetensors");
+    let err = StableDiffusion::<B>::load_single_file(&unet_file, fixtures().join("sd_tiny"), &device).unwrap_err();
+    assert!(err.to_string().contains("model.diffusion_model"), "{err}");
+    std::fs::remove_dir_all(&root).ok();
+}
+
 /// A negative prompt is encoded as the prompt would be without `clip_skip` (diffusers encodes
 /// both in one loop); only an empty one is SDXL's zeros. Guidance then steers away from it.
 #[test]

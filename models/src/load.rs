@@ -177,6 +177,10 @@ pub struct KeyMap {
     pub renames: Vec<(String, String)>,
     /// Patterns of checkpoint keys (after renaming) that are expected to stay unused.
     pub ignore: Vec<String>,
+    /// Patterns of checkpoint keys (after renaming) whose `[out, in, 1, 1]` tensors load into
+    /// linear layers as `[out, in]` (the original Stable Diffusion VAE's attention projections
+    /// are 1×1 convolutions).
+    pub squeeze: Vec<String>,
 }
 
 impl KeyMap {
@@ -197,6 +201,38 @@ impl KeyMap {
         self
     }
 
+    /// Adds a pattern of keys whose trailing 1×1 dimensions are dropped on load.
+    pub fn squeeze(mut self, pattern: &str) -> Self {
+        self.squeeze.push(pattern.into());
+        self
+    }
+
+    /// The same map followed by `other`'s renames, ignores and squeezes.
+    pub fn then(mut self, other: KeyMap) -> Self {
+        self.renames.extend(other.renames);
+        self.ignore.extend(other.ignore);
+        self.squeeze.extend(other.squeeze);
+        self
+    }
+
+    /// The module path `key` is renamed to (the renames applied in order, as on load).
+    pub fn renamed(&self, key: &str) -> Result<String, LoadError> {
+        let mut key = key.to_string();
+        for (pattern, to) in &self.renames {
+            let regex = Regex::new(pattern).map_err(|source| LoadError::Pattern {
+                pattern: pattern.clone(),
+                source,
+            })?;
+            key = regex.replace_all(&key, to.as_str()).into_owned();
+        }
+        Ok(key)
+    }
+
+    /// Whether a (renamed) key is one the map leaves unused on purpose.
+    pub fn is_ignored(&self, key: &str) -> Result<bool, LoadError> {
+        Ok(self.ignored()?.iter().any(|r| r.is_match(key)))
+    }
+
     fn remapper(&self) -> Result<KeyRemapper, LoadError> {
         let mut remapper = KeyRemapper::new();
         for (pattern, to) in &self.renames {
@@ -211,7 +247,11 @@ impl KeyMap {
     }
 
     fn ignored(&self) -> Result<Vec<Regex>, LoadError> {
-        self.ignore
+        Self::compile(&self.ignore)
+    }
+
+    fn compile(patterns: &[String]) -> Result<Vec<Regex>, LoadError> {
+        patterns
             .iter()
             .map(|p| {
                 Regex::new(p).map_err(|source| LoadError::Pattern {
@@ -372,6 +412,24 @@ pub fn find_weights(dir: impl AsRef<Path>, candidates: &[&str]) -> Result<PathBu
         })
 }
 
+/// The JSON header of a `.safetensors` file (tensor names, dtypes and shapes, and
+/// `__metadata__`), read without the tensors; the error says what is wrong with the file.
+pub fn read_safetensors_header(path: &Path) -> Result<serde_json::Value, String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| format!("no safetensors header: {e}"))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(format!("a safetensors header of {len} bytes"));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| format!("a truncated safetensors header: {e}"))?;
+    serde_json::from_slice(&header).map_err(|e| e.to_string())
+}
+
 fn check_readable(path: &Path) -> Result<(), LoadError> {
     std::fs::metadata(path).map(|_| ()).map_err(|source| LoadError::Io {
         path: path.into(),
@@ -386,6 +444,16 @@ fn apply<B: Backend, M: Module<B>>(
     keys: &KeyMap,
 ) -> Result<M, LoadError> {
     let (snapshots, _) = keys.remapper()?.remap(snapshots);
+    let squeezed = KeyMap::compile(&keys.squeeze)?;
+    let snapshots = snapshots
+        .into_iter()
+        .map(
+            |snapshot| match squeezed.iter().any(|r| r.is_match(&snapshot.full_path())) {
+                true => squeeze_1x1(snapshot),
+                false => snapshot,
+            },
+        )
+        .collect();
     let ignored = keys.ignored()?;
     let dtype: DType = match module.devices().first() {
         Some(device) => burn::tensor::get_device_settings::<B>(device).float_dtype.into(),
@@ -442,6 +510,31 @@ fn apply<B: Backend, M: Module<B>>(
             report: Box::new(report),
         })
     }
+}
+
+/// A `[out, in, 1, 1]` tensor as `[out, in]`; any other shape unchanged (then reported as
+/// mis-shaped if it does not fit).
+fn squeeze_1x1(snapshot: TensorSnapshot) -> TensorSnapshot {
+    let shape = snapshot.shape.to_vec();
+    if shape.len() != 4 || shape[2..] != [1, 1] {
+        return snapshot;
+    }
+    let data_fn = snapshot.clone_data_fn();
+    let squeezed = vec![shape[0], shape[1]];
+    let target = squeezed.clone();
+    TensorSnapshot::from_closure(
+        std::rc::Rc::new(move || {
+            data_fn().map(|mut d: TensorData| {
+                d.shape = target.clone().into();
+                d
+            })
+        }),
+        snapshot.dtype,
+        squeezed.into(),
+        snapshot.path_stack.clone().unwrap_or_default(),
+        snapshot.container_stack.clone().unwrap_or_default(),
+        snapshot.tensor_id.unwrap_or_default(),
+    )
 }
 
 fn error_path(error: &burn_store::ApplyError) -> String {

@@ -23,7 +23,7 @@ use burn::tensor::{Tensor, TensorData};
 use burn_store::{ModuleSnapshot, ModuleStore, SafetensorsStore, TensorSnapshot};
 use regex::Regex;
 
-use crate::load::{KeyMap, LoadError};
+use crate::load::{read_safetensors_header, KeyMap, LoadError};
 
 /// Where a component's keys sit in a LoRA file: diffusers/peft's prefix (`unet`,
 /// `text_encoder`) and kohya's (`lora_unet`; `lora_te`, or SDXL's `lora_te1`).
@@ -218,19 +218,7 @@ pub fn fuse_lora<B: Backend, M: Module<B>>(
 /// diffusers' adapter config for the component `prefix` from the safetensors header's
 /// `lora_adapter_metadata`: `(lora_alpha, r)`, or `None` without one.
 fn adapter_config(path: &Path, prefix: &str) -> Result<Option<(f64, f64)>, String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .map_err(|e| format!("no safetensors header: {e}"))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return Err(format!("a safetensors header of {len} bytes"));
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| format!("a truncated safetensors header: {e}"))?;
-    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| e.to_string())?;
+    let header = read_safetensors_header(path)?;
     let Some(raw) = header["__metadata__"]["lora_adapter_metadata"].as_str() else {
         return Ok(None);
     };

@@ -265,6 +265,12 @@ struct TaskArgs {
     /// With --lora: its scale (diffusers' lora_scale).
     #[arg(long, default_value_t = 1.0, requires = "lora")]
     lora_scale: f64,
+    /// Stable Diffusion: a single-file checkpoint (.safetensors, SD 1.x in the original LDM
+    /// layout, as A1111 and civitai share them) for the UNet, VAE and text encoder; --weights
+    /// is then a diffusers folder giving the configs, tokenizer and scheduler (diffusers'
+    /// from_single_file(file, config=DIR)).
+    #[arg(long, requires = "weights")]
+    checkpoint: Option<PathBuf>,
     /// Stable Diffusion: a diffusers ControlNet folder (config.json and weights, e.g.
     /// lllyasviel/sd-controlnet-canny); a folder with its own controlnet/ uses that one.
     #[arg(long)]
@@ -381,6 +387,7 @@ impl TaskArgs {
             clip_skip: self.clip_skip,
             lora: self.lora.clone(),
             lora_scale: self.lora_scale,
+            checkpoint: self.checkpoint.clone(),
             controlnet: self.controlnet.clone(),
             control_image: self.control_image.clone(),
             control_scale: self.control_scale,
@@ -520,6 +527,17 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         "CUDA: the first UNet calls compile kernels (about 40 s for the SD-1.5 UNet in f32 on an H100)"
     };
+    if let Some(file) = config.weights.as_deref().filter(|w| w.is_file()) {
+        return Err(format!(
+            "--weights {}: a file; a single-file checkpoint goes in --checkpoint FILE, with --weights a diffusers \
+             folder for its configs, tokenizer and scheduler",
+            file.display()
+        )
+        .into());
+    }
+    if config.checkpoint.is_some() && !config.weights.as_deref().is_some_and(is_pipeline_dir) {
+        return Err("--checkpoint needs --weights DIR, a diffusers Stable Diffusion folder for its configs".into());
+    }
     if let Some(dir) = config.weights.as_deref().filter(|d| is_pipeline_dir(d)) {
         if task.solver.is_none() {
             // As diffusers samples: with the scheduler the pipeline was saved with.

@@ -72,6 +72,10 @@ pub struct RunConfig {
     pub lora: Option<PathBuf>,
     /// The LoRA's scale (diffusers' `lora_scale`).
     pub lora_scale: f64,
+    /// Stable Diffusion: a single-file checkpoint (`--checkpoint`; SD 1.x in the original LDM
+    /// layout) whose UNet, VAE and text encoder replace the `weights` folder's, which then
+    /// gives only the configs, tokenizer and scheduler.
+    pub checkpoint: Option<PathBuf>,
     /// Stable Diffusion: a diffusers ControlNet folder (`--controlnet`; a folder with its own
     /// `controlnet/` needs none).
     pub controlnet: Option<PathBuf>,
@@ -187,6 +191,7 @@ impl Default for RunConfig {
             clip_skip: 0,
             lora: None,
             lora_scale: 1.0,
+            checkpoint: None,
             controlnet: None,
             control_image: None,
             control_scale: 1.0,

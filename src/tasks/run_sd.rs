@@ -43,7 +43,10 @@ fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>,
     let path = config.classifier.as_ref().ok_or_else(|| {
         RunError::Usage("a Stable Diffusion run needs --classifier FILE (torchvision ResNet-50 weights)".into())
     })?;
-    let mut sd = StableDiffusion::<Autodiff<B>>::load(dir, device)?;
+    let mut sd = match &config.checkpoint {
+        Some(file) => StableDiffusion::<Autodiff<B>>::load_single_file(file, dir, device)?,
+        None => StableDiffusion::<Autodiff<B>>::load(dir, device)?,
+    };
     if let Some(lora) = &config.lora {
         sd = sd.fuse_lora(lora, config.lora_scale)?.0;
     }

@@ -6,11 +6,12 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use adjoint_dpm_models::clip::{clip_key_map, load_clip_text, ClipTextModel, ClipTokenizer};
+use adjoint_dpm_models::clip::{clip_key_map, load_clip_text, ClipTextConfig, ClipTextModel, ClipTokenizer};
 use adjoint_dpm_models::controlnet::{load_controlnet, ControlNetModel};
-use adjoint_dpm_models::load::{read_config, LoadError};
+use adjoint_dpm_models::load::{load_safetensors, read_config, LoadError};
 use adjoint_dpm_models::lora_file::{fuse_lora, LoraPrefixes};
 use adjoint_dpm_models::norm::layer_norm;
+use adjoint_dpm_models::single_file::{check_single_file, ldm_clip_key_map, ldm_unet_key_map, ldm_vae_key_map};
 use adjoint_dpm_models::unet::{load_unet, unet_key_map, UNet2DConditionConfig, UNet2DConditionModel};
 use adjoint_dpm_models::vae::{load_vae, AutoencoderKL, AutoencoderKLConfig};
 use burn::module::Module;
@@ -363,7 +364,23 @@ pub fn is_pipeline_dir(dir: &Path) -> bool {
 impl<B: Backend> StableDiffusion<B> {
     /// Loads a diffusers pipeline folder; every missing folder, file or key is a typed error.
     pub fn load(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, SdError> {
-        let dir = dir.as_ref();
+        Self::load_from(dir.as_ref(), None, device)
+    }
+
+    /// Loads a single-file SD 1.x checkpoint (the original LDM layout of A1111, ComfyUI and
+    /// most shared fine-tunes: the UNet, VAE and text encoder in one `.safetensors`) with the
+    /// configs, tokenizer and scheduler of the diffusers folder `config_dir` (whose weight
+    /// files, if any, are not read), as diffusers' `from_single_file(file, config=dir)`. SD
+    /// 2.x and SDXL single files are refused by name.
+    pub fn load_single_file(
+        file: impl AsRef<Path>,
+        config_dir: impl AsRef<Path>,
+        device: &B::Device,
+    ) -> Result<Self, SdError> {
+        Self::load_from(config_dir.as_ref(), Some(file.as_ref()), device)
+    }
+
+    fn load_from(dir: &Path, single: Option<&Path>, device: &B::Device) -> Result<Self, SdError> {
         let index = read_config::<Value>(dir.join("model_index.json")).ok();
         let flag = |name: &str| index.as_ref().and_then(|i| i.get(name)).and_then(Value::as_bool);
         if flag("requires_aesthetics_score") == Some(true) {
@@ -403,9 +420,39 @@ impl<B: Backend> StableDiffusion<B> {
                 ),
             });
         }
-        let (unet_config, unet) = load_unet::<B>(&paths[0], device).map_err(load("unet"))?;
-        let (vae_config, vae) = load_vae::<B>(&paths[1], device).map_err(load("vae"))?;
-        let (text_config, text_encoder) = load_clip_text::<B>(&paths[2], device).map_err(load("text_encoder"))?;
+        let (unet_config, unet, vae_config, vae, text_config, text_encoder) = match single {
+            None => {
+                let (unet_config, unet) = load_unet::<B>(&paths[0], device).map_err(load("unet"))?;
+                let (vae_config, vae) = load_vae::<B>(&paths[1], device).map_err(load("vae"))?;
+                let (text_config, text_encoder) =
+                    load_clip_text::<B>(&paths[2], device).map_err(load("text_encoder"))?;
+                (unet_config, unet, vae_config, vae, text_config, text_encoder)
+            }
+            Some(file) => {
+                check_single_file(file).map_err(load("single file"))?;
+                if dir.join("text_encoder_2").is_dir() {
+                    return Err(SdError::Unsupported(format!(
+                        "{}: a single file with an SDXL folder's configs (single-file SDXL checkpoints are not \
+                         supported)",
+                        file.display()
+                    )));
+                }
+                let unet_config: UNet2DConditionConfig =
+                    read_config(paths[0].join("config.json")).map_err(load("unet"))?;
+                let vae_config: AutoencoderKLConfig = read_config(paths[1].join("config.json")).map_err(load("vae"))?;
+                let text_config: ClipTextConfig =
+                    read_config(paths[2].join("config.json")).map_err(load("text_encoder"))?;
+                let unet = unet_config.init(device).map_err(load("unet"))?;
+                let map = ldm_unet_key_map(&unet_config).map_err(load("unet"))?;
+                let unet = load_safetensors(unet, file, &map).map_err(load("unet"))?;
+                let vae = vae_config.init(device).map_err(load("vae"))?;
+                let vae = load_safetensors(vae, file, &ldm_vae_key_map(&vae_config)).map_err(load("vae"))?;
+                let text_encoder = text_config.init(device).map_err(load("text_encoder"))?;
+                let text_encoder =
+                    load_safetensors(text_encoder, file, &ldm_clip_key_map()).map_err(load("text_encoder"))?;
+                (unet_config, unet, vae_config, vae, text_config, text_encoder)
+            }
+        };
         let tokenizer = ClipTokenizer::from_dir(&paths[3]).map_err(load("tokenizer"))?;
         let text_encoder_2 = match (dir.join("text_encoder_2"), dir.join("tokenizer_2")) {
             (enc, tok) if enc.is_dir() && tok.is_dir() => {
