@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Build models/fixtures/sd_tiny_single: sd_tiny's UNet, VAE and text encoder in one file, in the
+"""Build models/fixtures/sd_tiny_single and sdxl_tiny_single.
+
+sd_tiny_single: sd_tiny's UNet, VAE and text encoder in one file, in the
 original (LDM, A1111/civitai "single file") layout that diffusers' `from_single_file` reads:
 `model.diffusion_model.input_blocks.…`, `first_stage_model.encoder.down.…` (attention projections
 as 1x1 convolutions), `cond_stage_model.transformer.text_model.…`, plus the DDPM buffers such files
@@ -10,7 +12,13 @@ diffusers' `StableDiffusionPipeline.from_single_file(…, config=sd_tiny)`: ever
 sd_tiny's rounded to float16. `io.safetensors`: the final latents of sd_tiny's reference run (4
 DDIM steps, guidance 3, its latents) with that pipeline.
 
-Run make_fixtures.py first (it writes sd_tiny). Regenerate with:
+Beside it, `sd15_keys.json` (every UNet and VAE key of SD 1.5's layout, checked against diffusers'
+conversion: `sd15_layout`) and `sd2_text_encoder.safetensors` (sd_tiny's text encoder alone in
+SD 2.x's OpenCLIP layout: `sd2_text_encoder`). sdxl_tiny_single: sdxl_tiny the same way in SDXL's
+layout, read back by StableDiffusionXLPipeline.from_single_file, and its run (`sdxl_single`).
+
+Run make_fixtures.py and make_sdxl_fixtures.py first (they write sd_tiny and sdxl_tiny).
+Regenerate with:
 
     /tmp/fx/bin/python scripts/make_single_file_fixture.py
 """
@@ -45,7 +53,8 @@ def unet_to_ldm(state: dict, config: dict) -> dict:
     out = {}
     for key, value in state.items():
         fixed = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
-                 "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+                 "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+                 "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}
         new = None
         for a, b in fixed.items():
             if key.startswith(a):
@@ -102,11 +111,106 @@ def vae_to_ldm(state: dict, config: dict) -> dict:
     return out
 
 
+def open_clip_to_ldm(state: dict, prefix: str) -> dict:
+    """A transformers CLIP text encoder in OpenCLIP's layout (SD 2.x's `cond_stage_model.model.`,
+    SDXL's second encoder): q, k and v fused into `in_proj`, `text_projection` as the matrix
+    x @ P (the transpose of the linear layer's weight)."""
+    out = {}
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    for key, value in state.items():
+        if m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
+            if m[2] != "q":
+                continue
+            i, kind = m[1], m[3]
+            fused = torch.cat([state[f"encoder.layers.{i}.self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}"] = fused
+            continue
+        new = {"embeddings.token_embedding.weight": "token_embedding.weight",
+               "embeddings.position_embedding.weight": "positional_embedding",
+               "text_projection.weight": "text_projection"}.get(key)
+        if new == "text_projection":
+            value = value.T.contiguous()
+        if new is None:
+            new = key.replace("final_layer_norm.", "ln_final.")
+            if key.startswith("encoder.layers."):
+                new = ("transformer." + key.replace("encoder.layers.", "resblocks.")
+                       .replace("self_attn.out_proj", "attn.out_proj").replace("layer_norm1", "ln_1")
+                       .replace("layer_norm2", "ln_2").replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj"))
+        out[prefix + new] = value
+    return out
+
+
+def half(state: dict) -> dict:
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+
+
+def same_weights(ours, theirs, name) -> None:
+    """`theirs` (read back from a single file) equals `ours` rounded to float16."""
+    ours, theirs = ours.state_dict(), theirs.state_dict()
+    assert ours.keys() == theirs.keys(), (name, set(ours) ^ set(theirs))
+    for key in ours:
+        if ours[key].dtype.is_floating_point:
+            assert torch.equal(ours[key].to(torch.float16).float(), theirs[key].float()), f"{name}: {key}"
+
+
+def sdxl_single() -> None:
+    """sdxl_tiny_single: sdxl_tiny in SDXL's single-file layout (`conditioner.embedders.0.transformer.`
+    for CLIP-L, `conditioner.embedders.1.model.` for the OpenCLIP encoder), read back by
+    diffusers' StableDiffusionXLPipeline.from_single_file(…, config=sdxl_tiny), and its run."""
+    from diffusers import StableDiffusionXLPipeline
+
+    base = os.path.join(ROOT, "sdxl_tiny")
+    out_dir = os.path.join(ROOT, "sdxl_tiny_single")
+    pipe = StableDiffusionXLPipeline.from_pretrained(base)
+    checkpoint = {}
+    checkpoint.update(unet_to_ldm(half(pipe.unet.state_dict()), pipe.unet.config))
+    checkpoint.update(vae_to_ldm(half(pipe.vae.state_dict()), pipe.vae.config))
+    for key, value in half(pipe.text_encoder.state_dict()).items():
+        checkpoint["conditioner.embedders.0.transformer.text_model." + key.removeprefix("text_model.")] = value
+    checkpoint.update(open_clip_to_ldm(half(pipe.text_encoder_2.state_dict()), "conditioner.embedders.1.model."))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "model.safetensors")
+    save_file(checkpoint, path)
+    single = StableDiffusionXLPipeline.from_single_file(path, config=base, torch_dtype=torch.float32)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        same_weights(getattr(pipe, name), getattr(single, name), name)
+    single.scheduler = pipe.scheduler
+    with open(os.path.join(base, "io.json")) as f:
+        meta = json.load(f)
+    from safetensors.torch import load_file
+    latents = load_file(os.path.join(base, "io.safetensors"))["latents"]
+    with torch.no_grad():
+        final = single(meta["prompt"], num_inference_steps=meta["steps"], guidance_scale=meta["guidance"],
+                       latents=latents.clone(), output_type="latent").images
+    save_io(os.path.join(out_dir, "io.safetensors"), dict(latents=latents, final_latents=final))
+    with open(os.path.join(out_dir, "io.json"), "w") as f:
+        json.dump(dict(prompt=meta["prompt"], steps=meta["steps"], guidance=meta["guidance"]), f, indent=1)
+    print("wrote", out_dir, os.path.getsize(path), "bytes")
+
+
+def sd2_text_encoder() -> None:
+    """sd_tiny_single/sd2_text_encoder.safetensors: sd_tiny's text encoder alone in SD 2.x's
+    single-file layout (`cond_stage_model.model.`, OpenCLIP), checked with diffusers'
+    convert_open_clip_checkpoint back into sd_tiny's (f16) weights."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextModel
+
+    encoder = CLIPTextModel.from_pretrained(os.path.join(SD_DIR, "text_encoder"))
+    checkpoint = open_clip_to_ldm(half(encoder.state_dict()), "cond_stage_model.model.")
+    back = convert_open_clip_checkpoint(encoder, checkpoint, prefix="cond_stage_model.model.")
+    ours = {k.removeprefix("text_model."): v for k, v in half(encoder.state_dict()).items()}
+    back = {k.removeprefix("text_model."): v for k, v in back.items()}
+    assert set(ours) - {"embeddings.position_ids"} == set(back), set(ours) ^ set(back)
+    for key, value in back.items():
+        assert torch.equal(ours[key], value), key
+    save_file(checkpoint, os.path.join(OUT_DIR, "sd2_text_encoder.safetensors"))
+    print("wrote sd2_text_encoder.safetensors")
+
+
 def main() -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(SD_DIR, safety_checker=None)
-    half = lambda state: {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}  # noqa: E731
     checkpoint = {}
     checkpoint.update(unet_to_ldm(half(pipe.unet.state_dict()), pipe.unet.config))
     checkpoint.update(vae_to_ldm(half(pipe.vae.state_dict()), pipe.vae.config))
@@ -124,12 +228,7 @@ def main() -> None:
     single = StableDiffusionPipeline.from_single_file(path, config=SD_DIR, safety_checker=None,
                                                       torch_dtype=torch.float32)
     for name in ("unet", "vae", "text_encoder"):
-        ours, theirs = getattr(pipe, name).state_dict(), getattr(single, name).state_dict()
-        assert ours.keys() == theirs.keys(), name
-        for key in ours:
-            if not ours[key].dtype.is_floating_point:
-                continue
-            assert torch.equal(ours[key].to(torch.float16).float(), theirs[key].float()), f"{name}: {key}"
+        same_weights(getattr(pipe, name), getattr(single, name), name)
     single.scheduler = DDIMScheduler.from_pretrained(os.path.join(SD_DIR, "scheduler"))
 
     with open(os.path.join(SD_DIR, "io.json")) as f:
@@ -186,3 +285,5 @@ def sd15_layout() -> None:
 if __name__ == "__main__":
     main()
     sd15_layout()
+    sd2_text_encoder()
+    sdxl_single()

@@ -561,12 +561,50 @@ fn single_file_checkpoint_matches_diffusers_from_single_file() {
     };
     assert_eq!(sample::<B>(&c, None, &device).unwrap().len(), 2);
     let err = StableDiffusion::<B>::load_single_file(&file, fixtures().join("sdxl_tiny"), &device).unwrap_err();
-    assert!(matches!(err, SdError::Unsupported(_)), "{err}");
+    assert!(
+        matches!(err, SdError::Mismatch(_)) && err.to_string().contains("SDXL"),
+        "{err}"
+    );
     // A folder's own weights file is not a single file.
     let unet_file = fixtures().join("sd_tiny/unet/diffusion_pytorch_model.safetensors");
     let err = StableDiffusion::<B>::load_single_file(&unet_file, fixtures().join("sd_tiny"), &device).unwrap_err();
     assert!(err.to_string().contains("model.diffusion_model"), "{err}");
     std::fs::remove_dir_all(&root).ok();
+}
+
+/// An SDXL single file (sdxl_tiny in SDXL's layout: CLIP-L under `conditioner.embedders.0`,
+/// the OpenCLIP encoder with fused q/k/v under `conditioner.embedders.1`, f16) with sdxl_tiny's
+/// folder for the configs runs as diffusers' `StableDiffusionXLPipeline.from_single_file` does.
+#[test]
+fn sdxl_single_file_checkpoint_matches_diffusers_from_single_file() {
+    let device = Default::default();
+    let dir = fixtures().join("sdxl_tiny_single");
+    let sd =
+        StableDiffusion::<B>::load_single_file(dir.join("model.safetensors"), fixtures().join("sdxl_tiny"), &device)
+            .unwrap();
+    let (bytes, meta) = reference_run(&dir);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (prompt, steps, guidance) = run_settings(&meta);
+    let prompts = sd
+        .negative_prompt(&device)
+        .unwrap()
+        .stack(sd.encode_prompt(prompt, &device).unwrap());
+    let model = Cfg::new(sd.eps_model(prompts), guidance).unwrap();
+    let sampler = sd.sampler(sd.scheduler.solver().unwrap(), steps, GradientChoice::Exact);
+    let (latents, shape) = read(&st, "latents");
+    let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape), &device);
+    let x_0 = sampler.sample_inference(&model, &sd.schedule, x_t).unwrap();
+    let e = rel_err(&values(x_0), &read(&st, "final_latents").0);
+    assert!(e < 1e-4, "final latents off by {e:e}");
+    eprintln!("sdxl_tiny_single: final latents within 1e-4 of diffusers' from_single_file ({e:.1e})");
+    // With an SD 1.x folder's configs: an error naming both.
+    let err =
+        StableDiffusion::<B>::load_single_file(dir.join("model.safetensors"), fixtures().join("sd_tiny"), &device)
+            .unwrap_err();
+    assert!(
+        matches!(err, SdError::Mismatch(_)) && err.to_string().contains("Sdxl"),
+        "{err}"
+    );
 }
 
 /// A negative prompt is encoded as the prompt would be without `clip_skip` (diffusers encodes

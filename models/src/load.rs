@@ -304,9 +304,15 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     keys: &KeyMap,
 ) -> Result<M, LoadError> {
     let path = path.as_ref();
+    load_snapshots(module, read_safetensors(path)?, path, keys)
+}
+
+/// The tensors of a `.safetensors` file as burn-store snapshots, their data read when used:
+/// for checkpoints whose tensors need more than renaming ([`load_snapshots`]).
+pub fn read_safetensors(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
     check_readable(path)?;
     let mut store = SafetensorsStore::from_file(path);
-    let snapshots = store
+    Ok(store
         .get_all_snapshots()
         .map_err(|e| LoadError::Corrupt {
             path: path.into(),
@@ -315,7 +321,16 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
         })?
         .values()
         .cloned()
-        .collect();
+        .collect())
+}
+
+/// [`load_safetensors`] from snapshots already read from `path` (and reshaped or split).
+pub fn load_snapshots<B: Backend, M: Module<B>>(
+    module: M,
+    snapshots: Vec<TensorSnapshot>,
+    path: &Path,
+    keys: &KeyMap,
+) -> Result<M, LoadError> {
     apply(module, snapshots, path, keys)
 }
 

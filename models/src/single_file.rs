@@ -15,8 +15,14 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use crate::clip::clip_key_map;
-use crate::load::{read_safetensors_header, KeyMap, LoadError};
+use burn::module::ParamId;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, TensorData};
+use burn_store::{TensorSnapshot, TensorSnapshotError};
+use regex::Regex;
+
+use crate::clip::{clip_key_map, ClipTextModel};
+use crate::load::{load_snapshots, read_safetensors, read_safetensors_header, KeyMap, LoadError};
 use crate::unet::{unet_key_map, UNet2DConditionConfig};
 use crate::vae::{vae_key_map, AutoencoderKLConfig};
 
@@ -184,19 +190,168 @@ pub fn ldm_vae_key_map(config: &AutoencoderKLConfig) -> KeyMap {
     ignore_others(map, PREFIXES[1])
 }
 
-/// The key map of a single file's CLIP text encoder (`cond_stage_model.transformer.…`, SD
-/// 1.x) into [`crate::clip::ClipTextModel`].
-pub fn ldm_clip_key_map() -> KeyMap {
-    let map = KeyMap::new()
-        .rename(r"^cond_stage_model\.transformer\.", "")
-        .then(clip_key_map());
+/// The key map of a single file's CLIP text encoder into [`crate::clip::ClipTextModel`]: SD
+/// 1.x's (`cond_stage_model.transformer.…`), or SDXL's first ([`SDXL_CLIP`]) for `sdxl`.
+pub fn ldm_clip_key_map(sdxl: bool) -> KeyMap {
+    let prefix = match sdxl {
+        true => regex::escape(SDXL_CLIP),
+        false => PREFIXES[2].to_string(),
+    };
+    let map = KeyMap::new().rename(&format!("^{prefix}"), "").then(clip_key_map());
     ignore_others(map, PREFIXES[2])
 }
 
-/// What a single file holds, from its keys: whether it is SD 1.x's layout (a CLIP text encoder
-/// under `cond_stage_model.transformer.`), or names the one it is (SD 2.x's OpenCLIP, SDXL's
-/// two encoders) in the error.
-pub fn check_single_file(path: &Path) -> Result<(), LoadError> {
+/// The prefix of the OpenCLIP text encoder of an SD 2.x single file.
+pub const SD2_OPEN_CLIP: &str = "cond_stage_model.model.";
+/// The prefix of SDXL's second (OpenCLIP) text encoder in a single file.
+pub const SDXL_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
+/// The prefix of SDXL's first (CLIP-L) text encoder in a single file.
+pub const SDXL_CLIP: &str = "conditioner.embedders.0.transformer.";
+
+/// Loads the OpenCLIP text encoder under `prefix` of the single file at `path` (SD 2.x's
+/// [`SD2_OPEN_CLIP`], SDXL's [`SDXL_OPEN_CLIP`]) into `module`, a transformers-layout CLIP of
+/// its config: `attn.in_proj` is split into q, k and v, `text_projection` (the matrix `x P`)
+/// becomes the projection's weight, and the layers past the config's (SD 2.x conditions on the
+/// penultimate one, which diffusers' config keeps as the last) are left out, as is the
+/// projection of a model without one.
+pub fn load_open_clip<B: Backend>(
+    module: ClipTextModel<B>,
+    path: &Path,
+    prefix: &str,
+) -> Result<ClipTextModel<B>, LoadError> {
+    let layers = module.encoder.layers.len();
+    let projected = module.text_projection.is_some();
+    let block =
+        Regex::new(&format!(r"^{}transformer\.resblocks\.(\d+)\.", regex::escape(prefix))).map_err(|source| {
+            LoadError::Pattern {
+                pattern: prefix.into(),
+                source,
+            }
+        })?;
+    let mut snapshots = Vec::new();
+    for snapshot in read_safetensors(path)? {
+        let key = snapshot.full_path();
+        let Some(rest) = key.strip_prefix(prefix) else {
+            continue;
+        };
+        if let Some(index) = block.captures(&key).and_then(|c| c[1].parse::<usize>().ok()) {
+            if index >= layers {
+                continue;
+            }
+        }
+        if rest == "text_projection" {
+            if projected {
+                snapshots.push(transposed(&snapshot, format!("{prefix}text_projection.weight"))?);
+            }
+            continue;
+        }
+        match rest
+            .strip_suffix("in_proj_weight")
+            .or_else(|| rest.strip_suffix("in_proj_bias"))
+        {
+            Some(stem) => {
+                let kind = if rest.ends_with("weight") { "weight" } else { "bias" };
+                for (i, qkv) in ["q", "k", "v"].into_iter().enumerate() {
+                    snapshots.push(third(&snapshot, i, format!("{prefix}{stem}{qkv}_proj.{kind}"))?);
+                }
+            }
+            None => snapshots.push(snapshot),
+        }
+    }
+    let p = regex::escape(prefix);
+    let map = KeyMap::new()
+        .rename(&format!(r"^{p}token_embedding\."), "embeddings.token_embedding.")
+        .rename(
+            &format!(r"^{p}positional_embedding$"),
+            "embeddings.position_embedding.weight",
+        )
+        .rename(&format!(r"^{p}ln_final\."), "final_layer_norm.")
+        .rename(&format!(r"^{p}text_projection\."), "text_projection.")
+        .rename(&format!(r"^{p}transformer\.resblocks\.(\d+)\."), "encoder.layers.${1}.")
+        .rename(r"^(encoder\.layers\.\d+)\.ln_1\.", "${1}.layer_norm1.")
+        .rename(r"^(encoder\.layers\.\d+)\.ln_2\.", "${1}.layer_norm2.")
+        .rename(r"^(encoder\.layers\.\d+)\.mlp\.c_fc\.", "${1}.mlp.fc1.")
+        .rename(r"^(encoder\.layers\.\d+)\.mlp\.c_proj\.", "${1}.mlp.fc2.")
+        .rename(r"^(encoder\.layers\.\d+)\.attn\.", "${1}.self_attn.")
+        .then(clip_key_map());
+    load_snapshots(module, snapshots, path, &map)
+}
+
+/// A snapshot's data as f32 values with its shape.
+fn values_of(snapshot: &TensorSnapshot) -> Result<(Vec<f32>, Vec<usize>), TensorSnapshotError> {
+    let data = snapshot.to_data()?.convert_dtype(DType::F32);
+    let shape = data.shape.to_vec();
+    let values = data
+        .to_vec::<f32>()
+        .map_err(|e| TensorSnapshotError::DataError(format!("{e:?}")))?;
+    Ok((values, shape))
+}
+
+/// A new snapshot at `path` whose data `make` computes from `source`'s, of shape `shape`.
+fn derived(
+    source: &TensorSnapshot,
+    path: String,
+    shape: Vec<usize>,
+    make: impl Fn(Vec<f32>, &[usize]) -> Vec<f32> + 'static,
+) -> TensorSnapshot {
+    let source = source.clone();
+    let target = shape.clone();
+    TensorSnapshot::from_closure(
+        std::rc::Rc::new(move || {
+            let (values, shape) = values_of(&source)?;
+            Ok(TensorData::new(make(values, &shape), target.clone()))
+        }),
+        DType::F32,
+        shape.into(),
+        path.split('.').map(String::from).collect(),
+        Vec::new(),
+        ParamId::new(),
+    )
+}
+
+/// The `i`-th third (along the first axis) of a fused `[3d, …]` q/k/v tensor.
+fn third(snapshot: &TensorSnapshot, i: usize, path: String) -> Result<TensorSnapshot, LoadError> {
+    let mut shape = snapshot.shape.to_vec();
+    if shape.is_empty() || !shape[0].is_multiple_of(3) {
+        return Err(LoadError::Unsupported(format!(
+            "{}: a fused q/k/v tensor of shape {shape:?}",
+            snapshot.full_path()
+        )));
+    }
+    shape[0] /= 3;
+    let size: usize = shape.iter().product();
+    Ok(derived(snapshot, path, shape, move |values, _| {
+        values[i * size..(i + 1) * size].to_vec()
+    }))
+}
+
+/// A `[a, b]` matrix as `[b, a]`.
+fn transposed(snapshot: &TensorSnapshot, path: String) -> Result<TensorSnapshot, LoadError> {
+    let shape = snapshot.shape.to_vec();
+    let [a, b] = shape[..] else {
+        return Err(LoadError::Unsupported(format!(
+            "{}: a text projection of shape {shape:?}",
+            snapshot.full_path()
+        )));
+    };
+    Ok(derived(snapshot, path, vec![b, a], move |values, _| {
+        (0..b * a).map(|k| values[(k % a) * b + k / a]).collect()
+    }))
+}
+
+/// Which Stable Diffusion a single file holds, told by its text encoders' keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SingleFileLayout {
+    /// SD 1.x: CLIP under `cond_stage_model.transformer.`.
+    Sd1,
+    /// SD 2.x: OpenCLIP under [`SD2_OPEN_CLIP`].
+    Sd2,
+    /// SDXL: CLIP-L under [`SDXL_CLIP`] and OpenCLIP under [`SDXL_OPEN_CLIP`].
+    Sdxl,
+}
+
+/// The layout of the single file at `path`, from its header alone (the tensors are not read).
+pub fn single_file_layout(path: &Path) -> Result<SingleFileLayout, LoadError> {
     let corrupt = |message: String| LoadError::Corrupt {
         path: path.into(),
         format: "safetensors",
@@ -208,26 +363,24 @@ pub fn check_single_file(path: &Path) -> Result<(), LoadError> {
         .map(|tensors| tensors.keys().map(String::as_str).collect())
         .unwrap_or_default();
     let has = |prefix: &str| keys.iter().any(|k| k.starts_with(prefix));
-    if has("conditioner.embedders.") {
-        return Err(LoadError::Unsupported(
-            "a single-file SDXL checkpoint (conditioner.embedders.*: its OpenCLIP text encoder's fused \
-             attention); convert it with diffusers' from_single_file + save_pretrained"
-                .into(),
-        ));
-    }
-    if has("cond_stage_model.model.") {
-        return Err(LoadError::Unsupported(
-            "a single-file SD 2.x checkpoint (cond_stage_model.model.*: an OpenCLIP text encoder); convert it \
-             with diffusers' from_single_file + save_pretrained"
-                .into(),
-        ));
-    }
     if !has("model.diffusion_model.") {
         return Err(corrupt(
             "no model.diffusion_model.* keys: not a single-file Stable Diffusion checkpoint".into(),
         ));
     }
-    Ok(())
+    match (
+        has(SDXL_OPEN_CLIP),
+        has(SD2_OPEN_CLIP),
+        has("cond_stage_model.transformer."),
+    ) {
+        (true, _, _) => Ok(SingleFileLayout::Sdxl),
+        (_, true, _) => Ok(SingleFileLayout::Sd2),
+        (_, _, true) => Ok(SingleFileLayout::Sd1),
+        _ => Err(corrupt(
+            "no text encoder (cond_stage_model.transformer.*, cond_stage_model.model.* or conditioner.embedders.*)"
+                .into(),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -270,7 +423,7 @@ mod tests {
     fn single_file_networks_equal_the_folders() {
         let device = Default::default();
         let file = fixture("sd_tiny_single/model.safetensors");
-        check_single_file(&file).unwrap();
+        assert_eq!(single_file_layout(&file).unwrap(), SingleFileLayout::Sd1);
         let sd = fixture("sd_tiny");
 
         let (config, folder) = load_unet::<TestBackend>(sd.join("unet"), &device).unwrap();
@@ -288,7 +441,11 @@ mod tests {
 
         let (_, folder) = load_clip_text::<TestBackend>(sd.join("text_encoder"), &device).unwrap();
         let config: ClipTextConfig = read_config(sd.join("text_encoder/config.json")).unwrap();
-        let clip = load_safetensors(config.init::<TestBackend>(&device).unwrap(), &file, &ldm_clip_key_map());
+        let clip = load_safetensors(
+            config.init::<TestBackend>(&device).unwrap(),
+            &file,
+            &ldm_clip_key_map(false),
+        );
         same_weights(&clip.unwrap(), &folder, "text encoder");
     }
 
@@ -321,27 +478,31 @@ mod tests {
         }
     }
 
-    /// A folder's weights file is not a single file; neither are SD 2.x's or SDXL's layouts,
-    /// which are named.
+    /// SD 2.x's text encoder (sd_tiny's in OpenCLIP's layout, which diffusers'
+    /// convert_open_clip_checkpoint reads back to it) equals the folder's; a folder's weights
+    /// file is not a single file, nor is one without a text encoder.
     #[test]
-    fn other_layouts_are_named() {
-        let err = check_single_file(&fixture("sd_tiny/unet/diffusion_pytorch_model.safetensors")).unwrap_err();
+    fn open_clip_text_encoders_and_other_files() {
+        let device = Default::default();
+        let sd = fixture("sd_tiny");
+        let (config, folder) = load_clip_text::<TestBackend>(sd.join("text_encoder"), &device).unwrap();
+        let file = fixture("sd_tiny_single/sd2_text_encoder.safetensors");
+        let clip = load_open_clip(config.init::<TestBackend>(&device).unwrap(), &file, SD2_OPEN_CLIP).unwrap();
+        same_weights(&clip, &folder, "SD 2.x text encoder");
+        let err = single_file_layout(&file).unwrap_err();
+        assert!(err.to_string().contains("model.diffusion_model"), "{err}");
+        let err = single_file_layout(&fixture("sd_tiny/unet/diffusion_pytorch_model.safetensors")).unwrap_err();
         assert!(err.to_string().contains("model.diffusion_model"), "{err}");
         let dir = std::env::temp_dir().join(format!("adjoint-dpm-single-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (key, named) in [
-            ("cond_stage_model.model.token_embedding.weight", "SD 2.x"),
-            ("conditioner.embedders.1.model.positional_embedding", "SDXL"),
-        ] {
-            let path = dir.join("model.safetensors");
-            let header = format!(r#"{{"{key}":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}}}"#);
-            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-            bytes.extend(header.as_bytes());
-            bytes.extend([0u8; 4]);
-            std::fs::write(&path, bytes).unwrap();
-            let err = check_single_file(&path).unwrap_err();
-            assert!(err.to_string().contains(named), "{err}");
-        }
+        let path = dir.join("model.safetensors");
+        let header = r#"{"model.diffusion_model.out.2.bias":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend([0u8; 4]);
+        std::fs::write(&path, bytes).unwrap();
+        let err = single_file_layout(&path).unwrap_err();
+        assert!(err.to_string().contains("no text encoder"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

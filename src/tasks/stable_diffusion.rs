@@ -11,7 +11,10 @@ use adjoint_dpm_models::controlnet::{load_controlnet, ControlNetModel};
 use adjoint_dpm_models::load::{load_safetensors, read_config, LoadError};
 use adjoint_dpm_models::lora_file::{fuse_lora, LoraPrefixes};
 use adjoint_dpm_models::norm::layer_norm;
-use adjoint_dpm_models::single_file::{check_single_file, ldm_clip_key_map, ldm_unet_key_map, ldm_vae_key_map};
+use adjoint_dpm_models::single_file::{
+    ldm_clip_key_map, ldm_unet_key_map, ldm_vae_key_map, load_open_clip, single_file_layout, SingleFileLayout,
+    SD2_OPEN_CLIP, SDXL_OPEN_CLIP,
+};
 use adjoint_dpm_models::unet::{load_unet, unet_key_map, UNet2DConditionConfig, UNet2DConditionModel};
 use adjoint_dpm_models::vae::{load_vae, AutoencoderKL, AutoencoderKLConfig};
 use burn::module::Module;
@@ -367,11 +370,11 @@ impl<B: Backend> StableDiffusion<B> {
         Self::load_from(dir.as_ref(), None, device)
     }
 
-    /// Loads a single-file SD 1.x checkpoint (the original LDM layout of A1111, ComfyUI and
-    /// most shared fine-tunes: the UNet, VAE and text encoder in one `.safetensors`) with the
-    /// configs, tokenizer and scheduler of the diffusers folder `config_dir` (whose weight
-    /// files, if any, are not read), as diffusers' `from_single_file(file, config=dir)`. SD
-    /// 2.x and SDXL single files are refused by name.
+    /// Loads a single-file checkpoint (the original LDM layout of A1111, ComfyUI and most
+    /// shared fine-tunes: the UNet, VAE and text encoders in one `.safetensors`; SD 1.x, 2.x or
+    /// SDXL, told by its keys) with the configs, tokenizer and scheduler of the diffusers folder
+    /// `config_dir` of the same kind (whose weight files, if any, are not read), as diffusers'
+    /// `from_single_file(file, config=dir)`.
     pub fn load_single_file(
         file: impl AsRef<Path>,
         config_dir: impl AsRef<Path>,
@@ -420,23 +423,23 @@ impl<B: Backend> StableDiffusion<B> {
                 ),
             });
         }
-        let (unet_config, unet, vae_config, vae, text_config, text_encoder) = match single {
-            None => {
-                let (unet_config, unet) = load_unet::<B>(&paths[0], device).map_err(load("unet"))?;
-                let (vae_config, vae) = load_vae::<B>(&paths[1], device).map_err(load("vae"))?;
-                let (text_config, text_encoder) =
-                    load_clip_text::<B>(&paths[2], device).map_err(load("text_encoder"))?;
-                (unet_config, unet, vae_config, vae, text_config, text_encoder)
+        // A single file's layout, and the text encoder each network's weights come from.
+        let layout = single
+            .map(|file| single_file_layout(file).map_err(load("single file")))
+            .transpose()?;
+        let folder_is_sdxl = dir.join("text_encoder_2").is_dir();
+        if let (Some(layout), Some(file)) = (layout, single) {
+            if (layout == SingleFileLayout::Sdxl) != folder_is_sdxl {
+                return Err(SdError::Mismatch(format!(
+                    "{} is a {layout:?} single file but the configs' folder {} is {}an SDXL one",
+                    file.display(),
+                    dir.display(),
+                    if folder_is_sdxl { "" } else { "not " }
+                )));
             }
-            Some(file) => {
-                check_single_file(file).map_err(load("single file"))?;
-                if dir.join("text_encoder_2").is_dir() {
-                    return Err(SdError::Unsupported(format!(
-                        "{}: a single file with an SDXL folder's configs (single-file SDXL checkpoints are not \
-                         supported)",
-                        file.display()
-                    )));
-                }
+        }
+        let (unet_config, unet, vae_config, vae, text_config, text_encoder) = match (single, layout) {
+            (Some(file), Some(layout)) => {
                 let unet_config: UNet2DConditionConfig =
                     read_config(paths[0].join("config.json")).map_err(load("unet"))?;
                 let vae_config: AutoencoderKLConfig = read_config(paths[1].join("config.json")).map_err(load("vae"))?;
@@ -448,15 +451,38 @@ impl<B: Backend> StableDiffusion<B> {
                 let vae = vae_config.init(device).map_err(load("vae"))?;
                 let vae = load_safetensors(vae, file, &ldm_vae_key_map(&vae_config)).map_err(load("vae"))?;
                 let text_encoder = text_config.init(device).map_err(load("text_encoder"))?;
-                let text_encoder =
-                    load_safetensors(text_encoder, file, &ldm_clip_key_map()).map_err(load("text_encoder"))?;
+                let text_encoder = match layout {
+                    SingleFileLayout::Sd2 => load_open_clip(text_encoder, file, SD2_OPEN_CLIP),
+                    sd1_or_xl => load_safetensors(
+                        text_encoder,
+                        file,
+                        &ldm_clip_key_map(sd1_or_xl == SingleFileLayout::Sdxl),
+                    ),
+                }
+                .map_err(load("text_encoder"))?;
+                (unet_config, unet, vae_config, vae, text_config, text_encoder)
+            }
+            _ => {
+                let (unet_config, unet) = load_unet::<B>(&paths[0], device).map_err(load("unet"))?;
+                let (vae_config, vae) = load_vae::<B>(&paths[1], device).map_err(load("vae"))?;
+                let (text_config, text_encoder) =
+                    load_clip_text::<B>(&paths[2], device).map_err(load("text_encoder"))?;
                 (unet_config, unet, vae_config, vae, text_config, text_encoder)
             }
         };
         let tokenizer = ClipTokenizer::from_dir(&paths[3]).map_err(load("tokenizer"))?;
         let text_encoder_2 = match (dir.join("text_encoder_2"), dir.join("tokenizer_2")) {
             (enc, tok) if enc.is_dir() && tok.is_dir() => {
-                let (config, encoder) = load_clip_text::<B>(&enc, device).map_err(load("text_encoder_2"))?;
+                let (config, encoder) = match single {
+                    Some(file) => {
+                        let config: ClipTextConfig =
+                            read_config(enc.join("config.json")).map_err(load("text_encoder_2"))?;
+                        let encoder = config.init(device).map_err(load("text_encoder_2"))?;
+                        let encoder = load_open_clip(encoder, file, SDXL_OPEN_CLIP).map_err(load("text_encoder_2"))?;
+                        (config, encoder)
+                    }
+                    None => load_clip_text::<B>(&enc, device).map_err(load("text_encoder_2"))?,
+                };
                 let tokenizer = ClipTokenizer::from_dir(&tok).map_err(load("tokenizer_2"))?;
                 Some((config, encoder, tokenizer))
             }
