@@ -45,6 +45,11 @@ gradients w.r.t. the latent and the control image, and sd_tiny's UNet given them
 Euler scheduler, a random ControlNet of its UNet's input path (with the added conditions' embedding);
 `io.safetensors`: a reference run (4 steps, guidance 3, control scale 0.8, controlnet_tiny's image).
 
+`sd_tiny_embeddings` holds textual-inversion embeddings in diffusers' layout (and pickled as
+`learned_embeds.bin`), A1111's (`emb_params`, three vectors) and SDXL's (`clip_l`, `clip_g`), with
+the token ids and prompt embeddings diffusers' `load_textual_inversion` gives on sd_tiny and
+sdxl_tiny.
+
 `wide.safetensors` in sd_tiny and sdxl_tiny (made by make_fixtures.py and make_sdxl_fixtures.py,
 read back here): the latents and final latents of each pipeline's reference run at 16x24 pixels
 (height x width; SDXL's size numbers follow), 4 steps with guidance 3.
@@ -442,6 +447,59 @@ def sdxl_controlnet_fixture() -> None:
                    timesteps=pipe.scheduler.timesteps.tolist()))
 
 
+def textual_inversion_fixture() -> None:
+    """sd_tiny_embeddings: two textual-inversion embeddings of sd_tiny's text encoder, loaded by
+    diffusers' load_textual_inversion, and the prompt embeddings they give."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    out_dir = os.path.join(ROOT, "sd_tiny_embeddings")
+    os.makedirs(out_dir, exist_ok=True)
+    pipe = StableDiffusionPipeline.from_pretrained(SD_DIR, safety_checker=None)
+    g = torch.Generator().manual_seed(SEED + 210)
+    width = pipe.text_encoder.config.hidden_size
+    # diffusers' format (its textual_inversion script: {token: [vectors, width]}), one vector,
+    # and A1111's safetensors format ({"emb_params": ...}, the token is the file's name), three.
+    single = os.path.join(out_dir, "cat-toy.safetensors")
+    cat_toy = 0.5 * torch.randn(1, width, generator=g)
+    save_file({"<cat-toy>": cat_toy}, single)
+    torch.save({"<cat-toy>": cat_toy}, os.path.join(out_dir, "cat-toy.bin"))  # learned_embeds.bin
+    multi = os.path.join(out_dir, "bad-hands.safetensors")
+    save_file({"emb_params": 0.5 * torch.randn(3, width, generator=g)}, multi)
+    pipe.load_textual_inversion(single)
+    pipe.load_textual_inversion(multi, token="bad-hands")
+    prompt, negative = "a photo of <cat-toy> next to the bad-hands cat", "bad-hands"
+    converted = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
+    ids = pipe.tokenizer(converted, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds, negative_embeds = pipe.encode_prompt(prompt, "cpu", 1, True, negative_prompt=negative)
+    save_io(os.path.join(out_dir, "io.safetensors"),
+            dict(input_ids=ids, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds))
+    with open(os.path.join(out_dir, "io.json"), "w") as f:
+        json.dump(dict(prompt=prompt, negative_prompt=negative, converted=converted,
+                       added_tokens={t: i for t, i in pipe.tokenizer.get_added_vocab().items() if i >= 531}), f, indent=1)
+    print("wrote", out_dir, converted)
+
+    # SDXL's layout: a table per text encoder, loaded into each with its tokenizer (as diffusers'
+    # docs load such files).
+    from diffusers import StableDiffusionXLPipeline
+
+    xl = StableDiffusionXLPipeline.from_pretrained(os.path.join(ROOT, "sdxl_tiny"))
+    widths = [xl.text_encoder.config.hidden_size, xl.text_encoder_2.config.hidden_size]
+    tables = {name: 0.5 * torch.randn(2, w, generator=g) for name, w in zip(("clip_l", "clip_g"), widths)}
+    xl_path = os.path.join(out_dir, "xl-style.safetensors")
+    save_file(tables, xl_path)
+    xl.load_textual_inversion(tables["clip_l"], token="xl-style", text_encoder=xl.text_encoder, tokenizer=xl.tokenizer)
+    xl.load_textual_inversion(tables["clip_g"], token="xl-style", text_encoder=xl.text_encoder_2,
+                              tokenizer=xl.tokenizer_2)
+    xl_prompt = "a xl-style photo of the cat"
+    with torch.no_grad():
+        embeds, _, pooled, _ = xl.encode_prompt(xl_prompt, device="cpu", do_classifier_free_guidance=False)
+    save_io(os.path.join(out_dir, "xl.safetensors"), dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled))
+    print("wrote xl.safetensors:", xl_prompt)
+
+
 def wide_fixtures() -> None:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -466,6 +524,7 @@ def main() -> None:
     sdxl_inpaint_fixture()
     controlnet_fixture()
     sdxl_controlnet_fixture()
+    textual_inversion_fixture()
 
 
 if __name__ == "__main__":

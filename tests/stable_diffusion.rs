@@ -607,6 +607,85 @@ fn sdxl_single_file_checkpoint_matches_diffusers_from_single_file() {
     );
 }
 
+/// Textual inversion: a one-vector embedding in diffusers' layout and a three-vector one in
+/// A1111's (`emb_params`, named by the token given), as diffusers' `load_textual_inversion`
+/// loads them into sd_tiny: the expanded prompt's ids and the prompt and negative-prompt
+/// embeddings; then SDXL's layout (`clip_l`, `clip_g`) into sdxl_tiny's two encoders.
+#[test]
+fn textual_inversion_embeddings_match_diffusers() {
+    let device = Default::default();
+    let dir = fixtures().join("sd_tiny_embeddings");
+    let (bytes, meta) = reference_run(&dir);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let sd = StableDiffusion::<B>::load(fixtures().join("sd_tiny"), &device).unwrap();
+    let (sd, tokens) = sd
+        .load_textual_inversion(&dir.join("cat-toy.safetensors"), None)
+        .unwrap();
+    assert_eq!(tokens, ["<cat-toy>"]);
+    let (sd, tokens) = sd
+        .load_textual_inversion(&dir.join("bad-hands.safetensors"), None)
+        .unwrap();
+    assert_eq!(tokens, ["bad-hands", "bad-hands_1", "bad-hands_2"]);
+    let prompt = meta["prompt"].as_str().unwrap();
+    assert_eq!(
+        sd.tokenizer.convert_prompt(prompt).unwrap(),
+        meta["converted"].as_str().unwrap()
+    );
+    let ids = st.tensor("input_ids").unwrap();
+    let expected: Vec<u32> = ids
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+        .collect();
+    assert_eq!(sd.tokenizer.encode(prompt).unwrap(), expected);
+    let embeds = sd.encode_prompt(prompt, &device).unwrap();
+    let e = rel_err(&values(embeds.context), &read(&st, "prompt_embeds").0);
+    assert!(e < 1e-5, "prompt embeddings off by {e:e}");
+    let negative = sd
+        .encode_negative_prompt(meta["negative_prompt"].as_str().unwrap(), &device)
+        .unwrap();
+    let e = rel_err(&values(negative.context), &read(&st, "negative_prompt_embeds").0);
+    assert!(e < 1e-5, "negative prompt embeddings off by {e:e}");
+    // The same token twice, a file of another width, or SDXL's file on SD 1.x: errors.
+    let err = sd
+        .load_textual_inversion(&dir.join("cat-toy.safetensors"), None)
+        .unwrap_err();
+    assert!(err.to_string().contains("already"), "{err}");
+    let err = StableDiffusion::<B>::load(fixtures().join("sd_tiny"), &device)
+        .unwrap()
+        .load_textual_inversion(&dir.join("xl-style.safetensors"), None)
+        .unwrap_err();
+    assert!(matches!(err, SdError::Mismatch(_)), "{err}");
+
+    let xl = StableDiffusion::<B>::load(fixtures().join("sdxl_tiny"), &device).unwrap();
+    let (xl, tokens) = xl
+        .load_textual_inversion(&dir.join("xl-style.safetensors"), None)
+        .unwrap();
+    assert_eq!(tokens, ["xl-style", "xl-style_1"]);
+    let st = std::fs::read(dir.join("xl.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let embeds = xl.encode_prompt("a xl-style photo of the cat", &device).unwrap();
+    let e = rel_err(&values(embeds.context), &read(&st, "prompt_embeds").0);
+    assert!(e < 1e-5, "SDXL prompt embeddings off by {e:e}");
+    let e = rel_err(
+        &values(embeds.text_embeds.unwrap()),
+        &read(&st, "pooled_prompt_embeds").0,
+    );
+    assert!(e < 1e-5, "SDXL pooled embedding off by {e:e}");
+    eprintln!("textual inversion: ids equal, embeddings within 1e-5 of diffusers (SDXL pooled {e:.1e})");
+
+    // From the CLI (on the autodiff backend the tasks use): `--embedding`, named in prompts.
+    let root = std::env::temp_dir().join(format!("adjoint-dpm-embeddings-{}", std::process::id()));
+    let c = RunConfig {
+        embeddings: vec![dir.join("bad-hands.safetensors"), dir.join("cat-toy.safetensors")],
+        prompt: "a photo of <cat-toy>".into(),
+        negative_prompt: "bad-hands".into(),
+        ..config(&root)
+    };
+    assert_eq!(sample::<B>(&c, None, &device).unwrap().len(), 2);
+    std::fs::remove_dir_all(&root).ok();
+}
+
 /// A negative prompt is encoded as the prompt would be without `clip_skip` (diffusers encodes
 /// both in one loop); only an empty one is SDXL's zeros. Guidance then steers away from it.
 #[test]

@@ -331,6 +331,8 @@ pub struct ClipTokenizer {
     pub pad_id: u32,
     /// Output length (77).
     pub max_length: usize,
+    /// Tokens added by textual inversions ([`add_tokens`](Self::add_tokens)), in order.
+    added: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -478,17 +480,77 @@ impl ClipTokenizer {
                 .filter(|m| (2.0..=4096.0).contains(m))
                 .map_or(77, |m| m as usize),
             tokenizer,
+            added: Vec::new(),
         })
     }
 
-    /// `[bos] + tokens (truncated to max_length − 2) + [eos] + padding`: exactly
-    /// `max_length` ids.
-    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, LoadError> {
+    /// Adds `tokens` to the vocabulary (as transformers' `add_tokens`: matched in the
+    /// normalised text before BPE) and returns their ids, which follow the vocabulary's. A token
+    /// the vocabulary already has is an error, as in diffusers.
+    pub fn add_tokens(&mut self, tokens: &[String]) -> Result<Vec<u32>, LoadError> {
+        for token in tokens {
+            if self.tokenizer.token_to_id(token).is_some() {
+                return Err(LoadError::Unsupported(format!(
+                    "token {token:?} is already in the tokenizer's vocabulary"
+                )));
+            }
+        }
+        let added: Vec<tokenizers::AddedToken> = tokens
+            .iter()
+            .map(|t| tokenizers::AddedToken::from(t.clone(), false))
+            .collect();
+        self.tokenizer.add_tokens(&added);
+        self.added.extend(tokens.iter().cloned());
+        tokens
+            .iter()
+            .map(|t| {
+                self.tokenizer
+                    .token_to_id(t)
+                    .ok_or_else(|| LoadError::Unsupported(format!("token {t:?} could not be added")))
+            })
+            .collect()
+    }
+
+    /// `prompt` with each multi-vector textual-inversion token it names expanded to all its
+    /// tokens (`tok` → `tok tok_1 tok_2`), as diffusers' `maybe_convert_prompt` does before
+    /// tokenizing (replacing every occurrence of the text, as it does).
+    pub fn convert_prompt(&self, prompt: &str) -> Result<String, LoadError> {
+        if self.added.is_empty() {
+            return Ok(prompt.to_string());
+        }
+        let ids = self.body_ids(prompt)?;
+        let mut prompt = prompt.to_string();
+        for token in &self.added {
+            let Some(id) = self.tokenizer.token_to_id(token) else {
+                continue;
+            };
+            let mut replacement = token.clone();
+            let mut i = 1;
+            while self.added.contains(&format!("{token}_{i}")) {
+                replacement.push_str(&format!(" {token}_{i}"));
+                i += 1;
+            }
+            if i > 1 && ids.contains(&id) {
+                prompt = prompt.replace(token, &replacement);
+            }
+        }
+        Ok(prompt)
+    }
+
+    /// The prompt's own token ids, without start, end or padding.
+    fn body_ids(&self, prompt: &str) -> Result<Vec<u32>, LoadError> {
         let encoding = self
             .tokenizer
             .encode(prompt, false)
             .map_err(|e| LoadError::Unsupported(format!("cannot tokenize {prompt:?}: {e}")))?;
-        let body = encoding.get_ids();
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// `[bos] + tokens (truncated to max_length − 2) + [eos] + padding`: exactly
+    /// `max_length` ids, of the prompt with its multi-vector textual-inversion tokens expanded
+    /// ([`convert_prompt`](Self::convert_prompt)).
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, LoadError> {
+        let body = self.body_ids(&self.convert_prompt(prompt)?)?;
         let body = &body[..body.len().min(self.max_length - 2)];
         let mut ids = Vec::with_capacity(self.max_length);
         ids.push(self.bos_id);

@@ -11,6 +11,7 @@
 //! - [`clip`]: transformers' `CLIPTextModel` (and `CLIPTextModelWithProjection`) and the CLIP
 //!   BPE tokenizer;
 //! - [`resnet`]: torchvision's ResNet with differentiable ImageNet preprocessing;
+//! - [`textual_inversion`]: learned prompt-token embeddings added to CLIP;
 //! - [`single_file`]: the key maps of single-file (original LDM layout) Stable Diffusion
 //!   checkpoints.
 //!
@@ -31,6 +32,7 @@ pub mod norm;
 pub mod resnet;
 pub mod resnet_block;
 pub mod single_file;
+pub mod textual_inversion;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;

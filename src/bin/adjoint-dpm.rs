@@ -265,6 +265,12 @@ struct TaskArgs {
     /// With --lora: its scale (diffusers' lora_scale).
     #[arg(long, default_value_t = 1.0, requires = "lora")]
     lora_scale: f64,
+    /// Stable Diffusion: a textual-inversion embedding to add (repeatable; .safetensors in
+    /// diffusers', A1111's or SDXL's layout, or diffusers' .bin), named in prompts by its token:
+    /// the file's key in diffusers' layout, else the file's stem (A1111's EasyNegative.safetensors
+    /// is "EasyNegative").
+    #[arg(long = "embedding")]
+    embeddings: Vec<PathBuf>,
     /// Stable Diffusion: a single-file checkpoint (.safetensors, SD 1.x in the original LDM
     /// layout, as A1111 and civitai share them) for the UNet, VAE and text encoder; --weights
     /// is then a diffusers folder giving the configs, tokenizer and scheduler (diffusers'
@@ -387,6 +393,7 @@ impl TaskArgs {
             clip_skip: self.clip_skip,
             lora: self.lora.clone(),
             lora_scale: self.lora_scale,
+            embeddings: self.embeddings.clone(),
             checkpoint: self.checkpoint.clone(),
             controlnet: self.controlnet.clone(),
             control_image: self.control_image.clone(),
@@ -589,11 +596,12 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         || config.lora.is_some()
         || config.controlnet.is_some()
         || config.control_image.is_some()
+        || !config.embeddings.is_empty()
         || config.resolution.is_some();
     if sd_only {
         return Err(
-            "--prompt, --negative-prompt, --clip-skip, --lora, --controlnet, --control-image, --height/--width and \
-             --classifier are for Stable Diffusion folders \
+            "--prompt, --negative-prompt, --clip-skip, --lora, --embedding, --controlnet, --control-image, \
+             --height/--width and --classifier are for Stable Diffusion folders \
              (--weights DIR with unet/); the toy model takes class names (--target, --class)"
                 .into(),
         );

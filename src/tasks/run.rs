@@ -72,6 +72,9 @@ pub struct RunConfig {
     pub lora: Option<PathBuf>,
     /// The LoRA's scale (diffusers' `lora_scale`).
     pub lora_scale: f64,
+    /// Stable Diffusion: textual-inversion embeddings added to the text encoders
+    /// (`--embedding`, repeatable; each named by its file's token, else its file's stem).
+    pub embeddings: Vec<PathBuf>,
     /// Stable Diffusion: a single-file checkpoint (`--checkpoint`; SD 1.x in the original LDM
     /// layout) whose UNet, VAE and text encoder replace the `weights` folder's, which then
     /// gives only the configs, tokenizer and scheduler.
@@ -191,6 +194,7 @@ impl Default for RunConfig {
             clip_skip: 0,
             lora: None,
             lora_scale: 1.0,
+            embeddings: Vec::new(),
             checkpoint: None,
             controlnet: None,
             control_image: None,

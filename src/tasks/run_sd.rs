@@ -50,6 +50,11 @@ fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>,
     if let Some(lora) = &config.lora {
         sd = sd.fuse_lora(lora, config.lora_scale)?.0;
     }
+    for path in &config.embeddings {
+        let (loaded, tokens) = sd.load_textual_inversion(path, None)?;
+        eprintln!("embedding {}: the prompt token {}", path.display(), tokens[0]);
+        sd = loaded;
+    }
     let mut sd = sd.frozen();
     if let Some(controlnet) = &config.controlnet {
         sd = sd.with_controlnet(controlnet)?;

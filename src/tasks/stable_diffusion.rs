@@ -15,6 +15,7 @@ use adjoint_dpm_models::single_file::{
     ldm_clip_key_map, ldm_unet_key_map, ldm_vae_key_map, load_open_clip, single_file_layout, SingleFileLayout,
     SD2_OPEN_CLIP, SDXL_OPEN_CLIP,
 };
+use adjoint_dpm_models::textual_inversion::{add_textual_inversion, TextualInversion};
 use adjoint_dpm_models::unet::{load_unet, unet_key_map, UNet2DConditionConfig, UNet2DConditionModel};
 use adjoint_dpm_models::vae::{load_vae, AutoencoderKL, AutoencoderKLConfig};
 use burn::module::Module;
@@ -940,6 +941,36 @@ impl<B: Backend> StableDiffusion<B> {
             }));
         }
         Ok((self, layers))
+    }
+
+    /// Adds the textual-inversion embedding in the file at `path` (diffusers', A1111's or
+    /// SDXL's layout, see [`TextualInversion`]) to the tokenizers and text encoders, as
+    /// diffusers' `load_textual_inversion(path, token=token)`: prompts (and negative prompts)
+    /// then name it by its token, which `token` overrides (default: the file's key in diffusers'
+    /// layout, else the file's stem, as A1111 names embeddings). Returns the tokens added.
+    pub fn load_textual_inversion(mut self, path: &Path, token: Option<&str>) -> Result<(Self, Vec<String>), SdError> {
+        let load = |source| SdError::Load {
+            component: "textual inversion",
+            source,
+        };
+        let inversion = TextualInversion::read(path, token).map_err(load)?;
+        let tables = inversion.tables.len();
+        let encoders = 1 + usize::from(self.text_encoder_2.is_some());
+        if tables != encoders {
+            return Err(SdError::Mismatch(format!(
+                "{}: {tables} embedding table(s) for {encoders} text encoder(s) (SDXL's files hold clip_l and \
+                 clip_g)",
+                path.display()
+            )));
+        }
+        self.text_encoder =
+            add_textual_inversion(&mut self.tokenizer, self.text_encoder, &inversion, 0).map_err(load)?;
+        if let Some((encoder, mut tokenizer)) = self.text_encoder_2 {
+            let encoder = add_textual_inversion(&mut tokenizer, encoder, &inversion, 1).map_err(load)?;
+            self.text_encoder_2 = Some((encoder, tokenizer));
+        }
+        let tokens = inversion.tokens(0);
+        Ok((self, tokens))
     }
 
     /// The pipeline with every network frozen (the tasks unfreeze what they train).
