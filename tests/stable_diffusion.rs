@@ -60,6 +60,32 @@ fn timesteps_of(meta: &serde_json::Value) -> Vec<f64> {
     ts.iter().map(|t| t.as_f64().unwrap()).collect()
 }
 
+/// The pipeline's guided run (`[negative; prompt]` rows under CFG) from a reference run's
+/// latents and settings with `solver`, and its relative error against the reference's final
+/// latents (the timesteps checked too where `io.json` lists them).
+fn guided_run_error(
+    sd: &StableDiffusion<B>,
+    st: &safetensors::SafeTensors,
+    meta: &serde_json::Value,
+    solver: SolverChoice,
+) -> f64 {
+    let device = Default::default();
+    let (prompt, steps, guidance) = run_settings(meta);
+    let prompts = sd
+        .negative_prompt(&device)
+        .unwrap()
+        .stack(sd.encode_prompt(prompt, &device).unwrap());
+    let model = Cfg::new(sd.eps_model(prompts), guidance).unwrap();
+    let sampler = sd.sampler(solver, steps, GradientChoice::Exact);
+    if meta.get("timesteps").is_some() {
+        assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), timesteps_of(meta));
+    }
+    let (latents, shape) = read(st, "latents");
+    let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape), &device);
+    let x_0 = sampler.sample_inference(&model, &sd.schedule, x_t).unwrap();
+    rel_err(&values(x_0), &read(st, "final_latents").0)
+}
+
 fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().unwrap()
 }
@@ -468,7 +494,6 @@ fn tiny_sdxl_controlnet_pipeline_matches_diffusers() {
     assert!(sd.text_encoder_2.is_some());
     let (bytes, meta) = reference_run(&dir);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let (prompt, steps, guidance) = run_settings(&meta);
     let png = fixtures().join("controlnet_tiny/control.png");
     let image = load_image::<B>(&png, sd.image_shape(), &device).unwrap();
     sd.set_control(
@@ -476,17 +501,7 @@ fn tiny_sdxl_controlnet_pipeline_matches_diffusers() {
         meta["control_scale"].as_f64().unwrap(),
     )
     .unwrap();
-    let prompts = sd
-        .negative_prompt(&device)
-        .unwrap()
-        .stack(sd.encode_prompt(prompt, &device).unwrap());
-    let model = Cfg::new(sd.eps_model(prompts), guidance).unwrap();
-    let sampler = sd.sampler(sd.scheduler.solver().unwrap(), steps, GradientChoice::Exact);
-    assert_eq!(sampler.timesteps(&sd.schedule).unwrap(), timesteps_of(&meta));
-    let (latents, shape) = read(&st, "latents");
-    let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape), &device);
-    let x_0 = sampler.sample_inference(&model, &sd.schedule, x_t).unwrap();
-    let e = rel_err(&values(x_0), &read(&st, "final_latents").0);
+    let e = guided_run_error(&sd, &st, &meta, sd.scheduler.solver().unwrap());
     assert!(e < 1e-4, "final latents off by {e:e}");
     eprintln!("sdxl_controlnet_tiny: final latents within 1e-4 of diffusers ({e:.1e})");
 }
@@ -539,17 +554,8 @@ fn single_file_checkpoint_matches_diffusers_from_single_file() {
     let sd = StableDiffusion::<B>::load_single_file(&file, fixtures().join("sd_tiny"), &device).unwrap();
     let (bytes, meta) = reference_run(&dir);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let (prompt, steps, guidance) = run_settings(&meta);
-    let prompts = sd
-        .negative_prompt(&device)
-        .unwrap()
-        .stack(sd.encode_prompt(prompt, &device).unwrap());
-    let model = Cfg::new(sd.eps_model(prompts), guidance).unwrap();
-    let sampler = sd.sampler(SolverChoice::Ddim, steps, GradientChoice::Exact);
-    let (latents, shape) = read(&st, "latents");
-    let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape), &device);
-    let x_0 = sampler.sample_inference(&model, &sd.schedule, x_t).unwrap();
-    let e = rel_err(&values(x_0), &read(&st, "final_latents").0);
+    let prompt = run_settings(&meta).0;
+    let e = guided_run_error(&sd, &st, &meta, SolverChoice::Ddim);
     assert!(e < 1e-4, "final latents off by {e:e}");
     eprintln!("sd_tiny_single: final latents within 1e-4 of diffusers' from_single_file ({e:.1e})");
 
@@ -584,17 +590,7 @@ fn sdxl_single_file_checkpoint_matches_diffusers_from_single_file() {
             .unwrap();
     let (bytes, meta) = reference_run(&dir);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let (prompt, steps, guidance) = run_settings(&meta);
-    let prompts = sd
-        .negative_prompt(&device)
-        .unwrap()
-        .stack(sd.encode_prompt(prompt, &device).unwrap());
-    let model = Cfg::new(sd.eps_model(prompts), guidance).unwrap();
-    let sampler = sd.sampler(sd.scheduler.solver().unwrap(), steps, GradientChoice::Exact);
-    let (latents, shape) = read(&st, "latents");
-    let x_t = Tensor::<B, 4>::from_data(TensorData::new(latents, shape), &device);
-    let x_0 = sampler.sample_inference(&model, &sd.schedule, x_t).unwrap();
-    let e = rel_err(&values(x_0), &read(&st, "final_latents").0);
+    let e = guided_run_error(&sd, &st, &meta, sd.scheduler.solver().unwrap());
     assert!(e < 1e-4, "final latents off by {e:e}");
     eprintln!("sdxl_tiny_single: final latents within 1e-4 of diffusers' from_single_file ({e:.1e})");
     // With an SD 1.x folder's configs: an error naming both.

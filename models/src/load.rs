@@ -324,6 +324,26 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
         .collect())
 }
 
+/// The tensors of a PyTorch pickle (`.pth`, `.bin`) as burn-store snapshots, from the nested
+/// dict `top_level_key` if given.
+pub fn read_pytorch(path: &Path, top_level_key: Option<&str>) -> Result<Vec<TensorSnapshot>, LoadError> {
+    check_readable(path)?;
+    let mut store = PytorchStore::from_file(path).map_indices_contiguous(false);
+    if let Some(key) = top_level_key {
+        store = store.with_top_level_key(key);
+    }
+    Ok(store
+        .get_all_snapshots()
+        .map_err(|e| LoadError::Corrupt {
+            path: path.into(),
+            format: "pytorch",
+            message: e.to_string(),
+        })?
+        .values()
+        .cloned()
+        .collect())
+}
+
 /// [`load_safetensors`] from snapshots already read from `path` (and reshaped or split).
 pub fn load_snapshots<B: Backend, M: Module<B>>(
     module: M,
@@ -344,21 +364,7 @@ pub fn load_pytorch<B: Backend, M: Module<B>>(
     keys: &KeyMap,
 ) -> Result<M, LoadError> {
     let path = path.as_ref();
-    check_readable(path)?;
-    let mut store = PytorchStore::from_file(path).map_indices_contiguous(false);
-    if let Some(key) = top_level_key {
-        store = store.with_top_level_key(key);
-    }
-    let snapshots = store
-        .get_all_snapshots()
-        .map_err(|e| LoadError::Corrupt {
-            path: path.into(),
-            format: "pytorch",
-            message: e.to_string(),
-        })?
-        .values()
-        .cloned()
-        .collect();
+    let snapshots = read_pytorch(path, top_level_key)?;
     apply(module, snapshots, path, keys)
 }
 

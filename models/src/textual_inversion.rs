@@ -17,7 +17,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::clip::{ClipTextModel, ClipTokenizer};
-use crate::load::{read_safetensors, LoadError};
+use crate::load::{read_pytorch, read_safetensors, LoadError};
 
 /// The vectors of one textual-inversion file.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,7 +40,7 @@ impl TextualInversion {
         };
         let snapshots = match path.extension().and_then(|e| e.to_str()) {
             Some("safetensors") => read_safetensors(path)?,
-            Some("bin") => read_pickle(path)?,
+            Some("bin") => read_pytorch(path, None)?,
             _ => {
                 return Err(LoadError::Unsupported(format!(
                     "{}: textual inversion files are read as .safetensors or diffusers' .bin (A1111's .pt \
@@ -103,22 +103,6 @@ impl TextualInversion {
             .chain((1..n).map(|i| format!("{}_{i}", self.token)))
             .collect()
     }
-}
-
-/// A pickled `{token: tensor}` (diffusers' `learned_embeds.bin`).
-fn read_pickle(path: &Path) -> Result<Vec<burn_store::TensorSnapshot>, LoadError> {
-    use burn_store::ModuleStore;
-    let mut store = burn_store::PytorchStore::from_file(path);
-    Ok(store
-        .get_all_snapshots()
-        .map_err(|e| LoadError::Corrupt {
-            path: path.into(),
-            format: "pytorch",
-            message: e.to_string(),
-        })?
-        .values()
-        .cloned()
-        .collect())
 }
 
 /// Adds table `table` of `inversion` to `tokenizer` and `encoder`: its tokens to the
