@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::activation::silu_exact as silu;
 use crate::embeddings::TimestepEmbedding;
-use crate::load::{find_weights, load_safetensors, read_config, LoadError};
+use crate::load::{load_diffusers_dir, LoadError};
 use crate::resnet_block::conv2d;
 use crate::unet::{unet_key_map, ClassEmbedding, ControlResiduals, Embedders, UNet2DConditionConfig, UnetConditions};
 use crate::unet_blocks::{DownBlock2D, UNetMidBlock2DCrossAttn};
@@ -335,18 +335,11 @@ pub fn load_controlnet<B: Backend>(
     dir: impl AsRef<Path>,
     device: &B::Device,
 ) -> Result<(ControlNetConfig, ControlNetModel<B>), LoadError> {
-    let dir = dir.as_ref();
-    let config: ControlNetConfig = read_config(dir.join("config.json"))?;
-    let model = config.init(device)?;
-    let weights = find_weights(
-        dir,
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.fp16.safetensors",
-        ],
-    )?;
-    let model = load_safetensors(model, weights, &unet_key_map())?;
-    Ok((config, model))
+    load_diffusers_dir(
+        dir.as_ref(),
+        |config: &ControlNetConfig| config.init(device),
+        &unet_key_map(),
+    )
 }
 
 #[cfg(test)]

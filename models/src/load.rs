@@ -324,6 +324,26 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
         .collect())
 }
 
+/// The file names diffusers saves a model's weights under, f32 first.
+pub const DIFFUSERS_WEIGHTS: [&str; 2] = [
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+];
+
+/// A diffusers model folder (`config.json` and [`DIFFUSERS_WEIGHTS`]): its config, and the
+/// model `init` builds from it with the weights loaded through `keys`.
+pub fn load_diffusers_dir<C: serde::de::DeserializeOwned, B: Backend, M: Module<B>>(
+    dir: &Path,
+    init: impl FnOnce(&C) -> Result<M, LoadError>,
+    keys: &KeyMap,
+) -> Result<(C, M), LoadError> {
+    let config: C = read_config(dir.join("config.json"))?;
+    let model = init(&config)?;
+    let weights = find_weights(dir, &DIFFUSERS_WEIGHTS)?;
+    let model = load_safetensors(model, weights, keys)?;
+    Ok((config, model))
+}
+
 /// The tensors of a PyTorch pickle (`.pth`, `.bin`) as burn-store snapshots, from the nested
 /// dict `top_level_key` if given.
 pub fn read_pytorch(path: &Path, top_level_key: Option<&str>) -> Result<Vec<TensorSnapshot>, LoadError> {

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attention::Transformer2DConfig;
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
-use crate::load::{find_weights, load_safetensors, read_config, KeyMap, LoadError};
+use crate::load::{load_diffusers_dir, KeyMap, LoadError};
 use crate::resnet_block::{conv2d, ResnetBlock2DConfig, TimeScaleShift};
 use crate::unet_blocks::{BlockSettings, DownBlock2D, Layer, UNetMidBlock2DCrossAttn, UpBlock2D};
 
@@ -985,18 +985,11 @@ pub fn load_unet<B: Backend>(
     dir: impl AsRef<Path>,
     device: &B::Device,
 ) -> Result<(UNet2DConditionConfig, UNet2DConditionModel<B>), LoadError> {
-    let dir = dir.as_ref();
-    let config: UNet2DConditionConfig = read_config(dir.join("config.json"))?;
-    let model = config.init(device)?;
-    let weights = find_weights(
-        dir,
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.fp16.safetensors",
-        ],
-    )?;
-    let model = load_safetensors(model, weights, &unet_key_map())?;
-    Ok((config, model))
+    load_diffusers_dir(
+        dir.as_ref(),
+        |config: &UNet2DConditionConfig| config.init(device),
+        &unet_key_map(),
+    )
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{Attention, AttentionConfig};
-use crate::load::{find_weights, load_safetensors, read_config, KeyMap, LoadError};
+use crate::load::{load_diffusers_dir, KeyMap, LoadError};
 use crate::resnet_block::{conv2d, Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, TimeScaleShift, Upsample2D};
 
 /// GroupNorm epsilon used throughout the VAE (diffusers hard-codes 1e-6).
@@ -374,18 +374,11 @@ pub fn load_vae<B: Backend>(
     dir: impl AsRef<Path>,
     device: &B::Device,
 ) -> Result<(AutoencoderKLConfig, AutoencoderKL<B>), LoadError> {
-    let dir = dir.as_ref();
-    let config: AutoencoderKLConfig = read_config(dir.join("config.json"))?;
-    let model = config.init(device)?;
-    let weights = find_weights(
-        dir,
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.fp16.safetensors",
-        ],
-    )?;
-    let model = load_safetensors(model, weights, &vae_key_map())?;
-    Ok((config, model))
+    load_diffusers_dir(
+        dir.as_ref(),
+        |config: &AutoencoderKLConfig| config.init(device),
+        &vae_key_map(),
+    )
 }
 
 #[cfg(test)]
