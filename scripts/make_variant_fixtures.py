@@ -39,7 +39,8 @@ whose conditioning embedding halves once (16x16 control images for 8x8 latents).
 `controlnet/io.safetensors`: the ControlNet's residuals at conditioning scale 0.7 with their
 gradients w.r.t. the latent and the control image, and sd_tiny's UNet given them; `io.safetensors`:
 `control.png` as the pipeline reads it and a reference run (4 DDIM steps, guidance 3, control scale
-0.8) from fixed latents.
+0.8) from fixed latents; `multi.safetensors`: the same run with the ControlNet twice
+(MultiControlNetModel) on `control.png` and `control2.png` at scales 0.8 and 0.5.
 
 `sdxl_controlnet_tiny` is the same for StableDiffusionXLControlNetPipeline: sdxl_tiny's parts linked, its
 Euler scheduler, a random ControlNet of its UNet's input path (with the added conditions' embedding);
@@ -404,6 +405,17 @@ def controlnet_fixture() -> None:
     write_run(out_dir, dict(control_image=image, latents=latents, final_latents=final, decoded=decoded),
               dict(prompt=prompt, steps=steps, guidance=guidance, control_scale=control_scale,
                    timesteps=pipe.scheduler.timesteps.tolist()))
+
+    # Two ControlNets (diffusers' MultiControlNetModel; the same one twice) on two images.
+    pixels = (torch.rand(size, size, 3, generator=g) * 255).round().to(torch.uint8)
+    second_png = os.path.join(out_dir, "control2.png")
+    Image.fromarray(pixels.numpy(), "RGB").save(second_png)
+    multi = StableDiffusionControlNetPipeline(**dict(pipe.components, controlnet=[controlnet, controlnet]))
+    with torch.no_grad():
+        final = multi(prompt, latents=latents.clone(), output_type="latent",
+                      **dict(run, image=[control_pil, Image.open(second_png)],
+                             controlnet_conditioning_scale=[0.8, 0.5])).images
+    save_io(os.path.join(out_dir, "multi.safetensors"), dict(final_latents=final))
 
 
 def sdxl_controlnet_fixture() -> None:

@@ -434,7 +434,7 @@ fn tiny_controlnet_pipeline_matches_diffusers_end_to_end() {
     let device = Default::default();
     let dir = fixtures().join("controlnet_tiny");
     let mut sd = StableDiffusion::<B>::load(&dir, &device).unwrap();
-    assert!(sd.controlnet.is_some());
+    assert_eq!(sd.controlnets.len(), 1);
     let (bytes, meta) = reference_run(&dir);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (prompt, steps, guidance) = run_settings(&meta);
@@ -465,8 +465,27 @@ fn tiny_controlnet_pipeline_matches_diffusers_end_to_end() {
     let e = rel_err(&values(decoded), &read(&st, "decoded").0);
     assert!(e < 1e-4, "image off by {e:e}");
     eprintln!("controlnet_tiny: final latents and image within 1e-4 of diffusers (image {e:.1e})");
+    // Two ControlNets (the same one twice, as diffusers' MultiControlNetModel) on two images.
+    let mut multi = StableDiffusion::<B>::load(&dir, &device)
+        .unwrap()
+        .with_controlnet(dir.join("controlnet"))
+        .unwrap();
+    let second = load_image::<B>(&dir.join("control2.png"), sd.image_shape(), &device)
+        .unwrap()
+        .mul_scalar(0.5)
+        .add_scalar(0.5);
+    assert!(matches!(
+        multi.set_control(image.clone(), 1.0),
+        Err(SdError::InputShape(_))
+    ));
+    multi.set_controls(vec![(image.clone(), 0.8), (second, 0.5)]).unwrap();
+    let bytes = std::fs::read(dir.join("multi.safetensors")).unwrap();
+    let multi_ref = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let e = rel_err(&values(run(&multi)), &read(&multi_ref, "final_latents").0);
+    assert!(e < 1e-4, "two ControlNets: final latents off by {e:e}");
+    eprintln!("controlnet_tiny: two ControlNets within 1e-4 of diffusers' MultiControlNetModel ({e:.1e})");
     // Without its image the ControlNet is not run: another result.
-    sd.control = None;
+    sd.control.clear();
     let e = rel_err(&values(run(&sd)), &read(&st, "final_latents").0);
     assert!(e > 1e-2, "the ControlNet changed nothing ({e:e})");
 
@@ -517,23 +536,39 @@ fn sample_and_guide_with_a_controlnet() {
     let c = RunConfig {
         weights: Some(dir.clone()),
         prompt: "a photo of the cat".into(),
-        control_image: Some(dir.join("control.png")),
-        control_scale: 0.8,
+        control_images: vec![dir.join("control.png")],
+        control_scales: vec![0.8],
         ..config(&root)
     };
     assert_eq!(sample::<B>(&c, None, &device).unwrap().len(), 2);
     assert!(root.join("samples.png").is_file());
     let attached = RunConfig {
         weights: Some(fixtures().join("sd_tiny")),
-        controlnet: Some(dir.join("controlnet")),
+        controlnets: vec![dir.join("controlnet")],
         ..c.clone()
     };
     assert_eq!(sample::<B>(&attached, None, &device).unwrap().len(), 2);
     let report = run_guide::<B>(&attached, 3, 0.1, &device, &mut |_, _| {}).unwrap();
+    // The folder's ControlNet and another, an image and a scale each.
+    let two = RunConfig {
+        controlnets: vec![dir.join("controlnet")],
+        control_images: vec![dir.join("control.png"), dir.join("control2.png")],
+        control_scales: vec![0.8, 0.5],
+        ..c.clone()
+    };
+    assert_eq!(sample::<B>(&two, None, &device).unwrap().len(), 2);
+    for (images, scales) in [(1, 2), (2, 3)] {
+        let bad = RunConfig {
+            control_images: two.control_images[..images].to_vec(),
+            control_scales: vec![1.0; scales],
+            ..two.clone()
+        };
+        assert!(matches!(sample::<B>(&bad, None, &device), Err(RunError::Usage(_))));
+    }
     assert!(report.losses.iter().all(|l| l.is_finite()));
     let usage = |c: RunConfig| matches!(sample::<B>(&c, None, &device), Err(RunError::Usage(_)));
     assert!(usage(RunConfig {
-        control_image: None,
+        control_images: Vec::new(),
         ..c.clone()
     }));
     assert!(usage(RunConfig {

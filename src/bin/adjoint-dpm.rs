@@ -278,17 +278,18 @@ struct TaskArgs {
     #[arg(long, requires = "weights")]
     checkpoint: Option<PathBuf>,
     /// Stable Diffusion: a diffusers ControlNet folder (config.json and weights, e.g.
-    /// lllyasviel/sd-controlnet-canny); a folder with its own controlnet/ uses that one.
-    #[arg(long)]
-    controlnet: Option<PathBuf>,
-    /// Stable Diffusion with a ControlNet: its image (edges, depth, pose...), resized to the
-    /// images' size.
-    #[arg(long)]
-    control_image: Option<PathBuf>,
-    /// With --control-image: the ControlNet's weight (diffusers'
-    /// controlnet_conditioning_scale).
-    #[arg(long, default_value_t = 1.0, requires = "control_image")]
-    control_scale: f64,
+    /// lllyasviel/sd-controlnet-canny), repeatable: the residuals of several add up. A folder
+    /// with its own controlnet/ has that one first.
+    #[arg(long = "controlnet")]
+    controlnets: Vec<PathBuf>,
+    /// Stable Diffusion with ControlNets: each one's image (edges, depth, pose...), in the
+    /// order of the ControlNets, resized to the images' size.
+    #[arg(long = "control-image")]
+    control_images: Vec<PathBuf>,
+    /// With --control-image: the ControlNets' weights (diffusers'
+    /// controlnet_conditioning_scale), one per ControlNet or one for all [default: 1].
+    #[arg(long = "control-scale", requires = "control_images")]
+    control_scales: Vec<f64>,
     /// Stable Diffusion: the images' height in pixels (default: the UNet's sample size times
     /// the VAE's factor, 512 for SD 1.5, 1024 for SDXL); a multiple of 64 for SD.
     #[arg(long, requires = "width")]
@@ -395,9 +396,9 @@ impl TaskArgs {
             lora_scale: self.lora_scale,
             embeddings: self.embeddings.clone(),
             checkpoint: self.checkpoint.clone(),
-            controlnet: self.controlnet.clone(),
-            control_image: self.control_image.clone(),
-            control_scale: self.control_scale,
+            controlnets: self.controlnets.clone(),
+            control_images: self.control_images.clone(),
+            control_scales: self.control_scales.clone(),
             resolution: self.height.zip(self.width).map(|(h, w)| [h, w]),
             classifier: self.classifier.clone(),
             fresh: self.fresh,
@@ -594,8 +595,8 @@ fn run_task(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         || config.classifier.is_some()
         || config.clip_skip > 0
         || config.lora.is_some()
-        || config.controlnet.is_some()
-        || config.control_image.is_some()
+        || !config.controlnets.is_empty()
+        || !config.control_images.is_empty()
         || !config.embeddings.is_empty()
         || config.resolution.is_some();
     if sd_only {

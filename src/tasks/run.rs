@@ -79,14 +79,15 @@ pub struct RunConfig {
     /// layout) whose UNet, VAE and text encoder replace the `weights` folder's, which then
     /// gives only the configs, tokenizer and scheduler.
     pub checkpoint: Option<PathBuf>,
-    /// Stable Diffusion: a diffusers ControlNet folder (`--controlnet`; a folder with its own
-    /// `controlnet/` needs none).
-    pub controlnet: Option<PathBuf>,
-    /// Stable Diffusion: the ControlNet's image (`--control-image`: edges, depth, pose...),
-    /// resized to the images' size, in `[0, 1]`.
-    pub control_image: Option<PathBuf>,
-    /// The ControlNet's weight (diffusers' `controlnet_conditioning_scale`, `--control-scale`).
-    pub control_scale: f64,
+    /// Stable Diffusion: diffusers ControlNet folders (`--controlnet`, repeatable), after the
+    /// folder's own `controlnet/` if it has one.
+    pub controlnets: Vec<PathBuf>,
+    /// Stable Diffusion: each ControlNet's image (`--control-image`, one per ControlNet:
+    /// edges, depth, pose...), resized to the images' size, in `[0, 1]`.
+    pub control_images: Vec<PathBuf>,
+    /// The ControlNets' weights (diffusers' `controlnet_conditioning_scale`,
+    /// `--control-scale`): one per ControlNet, one for all, or none (1).
+    pub control_scales: Vec<f64>,
     /// Stable Diffusion: the images' height and width in pixels (`--height`, `--width`;
     /// `None`: the UNet's `sample_size`, square).
     pub resolution: Option<[usize; 2]>,
@@ -196,9 +197,9 @@ impl Default for RunConfig {
             lora_scale: 1.0,
             embeddings: Vec::new(),
             checkpoint: None,
-            controlnet: None,
-            control_image: None,
-            control_scale: 1.0,
+            controlnets: Vec::new(),
+            control_images: Vec::new(),
+            control_scales: Vec::new(),
             resolution: None,
             classifier: None,
             fresh: false,

@@ -55,32 +55,39 @@ fn setup<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<Setup<B>,
         eprintln!("embedding {}: the prompt token {}", path.display(), tokens[0]);
         sd = loaded;
     }
-    let mut sd = sd.frozen();
-    if let Some(controlnet) = &config.controlnet {
+    for controlnet in &config.controlnets {
         sd = sd.with_controlnet(controlnet)?;
     }
+    // Every network constant: the tasks choose what trains.
+    let mut sd = sd.frozen();
     if let Some([h, w]) = config.resolution {
         sd.set_resolution(h, w)?;
     }
-    match (&sd.controlnet, &config.control_image) {
-        (Some(_), Some(path)) => {
-            // diffusers' control image processor: RGB in [0, 1], not normalised.
-            let image = load_image::<Autodiff<B>>(path, sd.image_shape(), device)?
-                .mul_scalar(0.5)
-                .add_scalar(0.5);
-            sd.set_control(image, config.control_scale)?;
-        }
-        (Some(_), None) => {
-            return Err(RunError::Usage(
-                "this run has a ControlNet (--controlnet, or the folder's controlnet/): give it --control-image".into(),
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(RunError::Usage(
-                "--control-image needs a ControlNet: --controlnet DIR, or a folder with controlnet/".into(),
-            ))
-        }
-        (None, None) => {}
+    let (nets, images) = (sd.controlnets.len(), config.control_images.len());
+    if nets != images {
+        return Err(RunError::Usage(format!(
+            "{images} --control-image for {nets} ControlNet(s) (--controlnet, and the folder's controlnet/): give one \
+             image per ControlNet"
+        )));
+    }
+    let scales = &config.control_scales;
+    if scales.len() > 1 && scales.len() != nets {
+        return Err(RunError::Usage(format!(
+            "{} --control-scale for {nets} ControlNet(s): give one per ControlNet, or one for all",
+            scales.len()
+        )));
+    }
+    let mut controls = Vec::with_capacity(nets);
+    for (i, path) in config.control_images.iter().enumerate() {
+        // diffusers' control image processor: RGB in [0, 1], not normalised.
+        let image = load_image::<Autodiff<B>>(path, sd.image_shape(), device)?
+            .mul_scalar(0.5)
+            .add_scalar(0.5);
+        let scale = scales.get(i).or(scales.first()).copied().unwrap_or(1.0);
+        controls.push((image, scale));
+    }
+    if nets > 0 {
+        sd.set_controls(controls)?;
     }
     sd.clip_skip = config.clip_skip;
     sd.guidance_scale = config.cfg;

@@ -305,12 +305,13 @@ pub struct StableDiffusion<B: Backend> {
     pub scheduler: SchedulerConfig,
     /// The noise schedule it defines.
     pub schedule: NoiseSchedule,
-    /// A ControlNet: the folder's `controlnet/` (a `StableDiffusionControlNetPipeline`), or
-    /// one attached by [`with_controlnet`](Self::with_controlnet).
-    pub controlnet: Option<ControlNetModel<B>>,
-    /// The ControlNet's image and scale, set by [`set_control`](Self::set_control):
-    /// [`eps_model`](Self::eps_model) conditions on them.
-    pub control: Option<(Tensor<B, 4>, f64)>,
+    /// ControlNets: the folder's `controlnet/` (a `StableDiffusionControlNetPipeline`), and
+    /// those added by [`with_controlnet`](Self::with_controlnet); their residuals add up.
+    pub controlnets: Vec<ControlNetModel<B>>,
+    /// Each ControlNet's image and scale, set by [`set_control`](Self::set_control) (or
+    /// [`set_controls`](Self::set_controls)): [`eps_model`](Self::eps_model) conditions on
+    /// them; empty: the ControlNets are not run.
+    pub control: Vec<(Tensor<B, 4>, f64)>,
 }
 
 fn component(dir: &Path, name: &'static str) -> Result<PathBuf, SdError> {
@@ -551,8 +552,8 @@ impl<B: Backend> StableDiffusion<B> {
             clip_skip: 0,
             scheduler,
             schedule,
-            controlnet: None,
-            control: None,
+            controlnets: Vec::new(),
+            control: Vec::new(),
         })
         .and_then(|sd| match dir.join("controlnet") {
             path if path.is_dir() => sd.with_controlnet(path),
@@ -560,10 +561,11 @@ impl<B: Backend> StableDiffusion<B> {
         })
     }
 
-    /// Attaches the diffusers ControlNet folder at `dir` (e.g. lllyasviel/sd-controlnet-canny
-    /// for SD 1.5), replacing any the pipeline has; [`set_control`](Self::set_control) gives it
-    /// its image. It must fit the UNet (its residuals, one per skip) and the VAE (its image
-    /// scale), or the error says which.
+    /// Adds the diffusers ControlNet folder at `dir` (e.g. lllyasviel/sd-controlnet-canny for
+    /// SD 1.5) to the pipeline's (several add their residuals, as diffusers'
+    /// `MultiControlNetModel`); [`set_controls`](Self::set_controls) gives each its image. It
+    /// must fit the UNet (its residuals, one per skip) and the VAE (its image scale), or the
+    /// error says which.
     pub fn with_controlnet(mut self, dir: impl AsRef<Path>) -> Result<Self, SdError> {
         let device = self.unet.conv_in.weight.device();
         let (config, controlnet) = load_controlnet::<B>(dir.as_ref(), &device).map_err(|source| SdError::Load {
@@ -595,36 +597,46 @@ impl<B: Backend> StableDiffusion<B> {
                 self.vae_factor()
             )));
         }
-        self.controlnet = Some(controlnet);
-        self.control = None;
+        self.controlnets.push(controlnet);
+        self.control.clear();
         Ok(self)
     }
 
-    /// Conditions the pipeline's ControlNet on `image` (`[rows, 3, h, w]` in `[0, 1]`, `[h, w]`
-    /// = [`image_shape`](Self::image_shape), as diffusers' control image processor makes it:
-    /// no normalisation to `[-1, 1]`) with the weight `scale` (diffusers'
+    /// Conditions the pipeline's one ControlNet on `image` (`[rows, 3, h, w]` in `[0, 1]`,
+    /// `[h, w]` = [`image_shape`](Self::image_shape), as diffusers' control image processor
+    /// makes it: no normalisation to `[-1, 1]`) with the weight `scale` (diffusers'
     /// `controlnet_conditioning_scale`, 1 by default). The image stays trainable if it requires
-    /// a gradient.
+    /// a gradient. With several ControlNets, [`set_controls`](Self::set_controls).
     pub fn set_control(&mut self, image: Tensor<B, 4>, scale: f64) -> Result<(), SdError> {
-        let Some(controlnet) = &self.controlnet else {
-            return Err(SdError::InputShape(
-                "a control image needs a ControlNet (a controlnet/ folder, or with_controlnet)".into(),
-            ));
-        };
+        self.set_controls(vec![(image, scale)])
+    }
+
+    /// Conditions each ControlNet, in order, on its image and scale (see
+    /// [`set_control`](Self::set_control)); there must be one of each per ControlNet.
+    pub fn set_controls(&mut self, controls: Vec<(Tensor<B, 4>, f64)>) -> Result<(), SdError> {
+        if self.controlnets.len() != controls.len() {
+            return Err(SdError::InputShape(format!(
+                "{} control image(s) for {} ControlNet(s) (a controlnet/ folder, or with_controlnet)",
+                controls.len(),
+                self.controlnets.len()
+            )));
+        }
         let [h, w] = self.image_shape();
-        let dims = image.dims();
-        if dims[1..] != [controlnet.conditioning_channels(), h, w] || dims[0] == 0 {
-            return Err(SdError::InputShape(format!(
-                "the control image must be [rows, {}, {h}, {w}], got {dims:?}",
-                controlnet.conditioning_channels()
-            )));
+        for (controlnet, (image, scale)) in self.controlnets.iter().zip(&controls) {
+            let dims = image.dims();
+            if dims[1..] != [controlnet.conditioning_channels(), h, w] || dims[0] == 0 {
+                return Err(SdError::InputShape(format!(
+                    "the control image must be [rows, {}, {h}, {w}], got {dims:?}",
+                    controlnet.conditioning_channels()
+                )));
+            }
+            if !scale.is_finite() {
+                return Err(SdError::InputShape(format!(
+                    "the control scale must be finite, got {scale}"
+                )));
+            }
         }
-        if !scale.is_finite() {
-            return Err(SdError::InputShape(format!(
-                "the control scale must be finite, got {scale}"
-            )));
-        }
-        self.control = Some((image, scale));
+        self.control = controls;
         Ok(())
     }
 
@@ -817,8 +829,8 @@ impl<B: Backend> StableDiffusion<B> {
 
     /// The ε-model of the UNet conditioned on `prompt` (`rows` rows; see [`UnetEps`]),
     /// converting v- or x₀-predictions as the scheduler config says, and for a latent
-    /// consistency model told [`guidance_scale`](Self::guidance_scale), with the ControlNet and
-    /// its image when [`set_control`](Self::set_control) gave one. Its conditioning is
+    /// consistency model told [`guidance_scale`](Self::guidance_scale), with the ControlNets and
+    /// their images when [`set_control`](Self::set_control) gave them. Its conditioning is
     /// trainable as given (a tensor that requires a gradient) and constant otherwise.
     pub fn eps_model(&self, prompt: EncodedPrompt<B>) -> UnetEps<B> {
         let prediction = match self.scheduler.prediction_type.as_str() {
@@ -837,10 +849,10 @@ impl<B: Backend> StableDiffusion<B> {
         if !trainable {
             model = model.frozen_conditioning();
         }
-        if let (Some(controlnet), Some((image, scale))) = (&self.controlnet, &self.control) {
+        for (controlnet, (image, scale)) in self.controlnets.iter().zip(&self.control) {
             let trainable = image.is_require_grad();
             model = model.with_control(controlnet.clone(), image.clone(), *scale);
-            if let (Some(control), false) = (&mut model.control, trainable) {
+            if let (Some(control), false) = (model.control.last_mut(), trainable) {
                 control.image = control.image.clone().set_require_grad(false);
             }
         }
@@ -980,7 +992,7 @@ impl<B: Backend> StableDiffusion<B> {
             vae: self.vae.no_grad(),
             text_encoder: self.text_encoder.no_grad(),
             text_encoder_2: self.text_encoder_2.map(|(e, t)| (e.no_grad(), t)),
-            controlnet: self.controlnet.map(Module::no_grad),
+            controlnets: self.controlnets.into_iter().map(Module::no_grad).collect(),
             ..self
         }
     }

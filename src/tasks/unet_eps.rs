@@ -67,8 +67,9 @@ pub struct UnetEps<B: Backend> {
     /// mask (1 where the image is to be painted) and the masked image's latents. Trainable
     /// unless frozen (an attack on the image to be edited trains the latents).
     pub inpaint: Option<Param<Tensor<B, 4>>>,
-    /// A ControlNet and its control image.
-    pub control: Option<Control<B>>,
+    /// ControlNets with their control images; their residuals add up (diffusers'
+    /// `MultiControlNetModel`).
+    pub control: Vec<Control<B>>,
 }
 
 /// A ControlNet with the control image it reads, for [`UnetEps::with_control`].
@@ -95,7 +96,7 @@ impl<B: Backend> UnetEps<B> {
             trainable_tokens: None,
             guidance_scale: None,
             inpaint: None,
-            control: None,
+            control: Vec::new(),
         }
     }
 
@@ -105,7 +106,8 @@ impl<B: Backend> UnetEps<B> {
     /// context and `image` (`[rows, 3, H, W]` in `[0, 1]`, the image's size; rows tiled over the
     /// batch as [`with_inpainting`](Self::with_inpainting)'s), and its residuals are weighted by
     /// `scale`. The image and the ControlNet's weights are trainable as given, unless frozen:
-    /// the exact adjoint reaches both.
+    /// the exact adjoint reaches both. Called again, it adds another ControlNet, whose
+    /// residuals add to the first's, as diffusers' `MultiControlNetModel` sums them.
     ///
     /// # Panics
     /// `eps` panics if the image's size is not the latent's times the ControlNet's
@@ -115,7 +117,7 @@ impl<B: Backend> UnetEps<B> {
     ///
     /// [`StableDiffusion::set_control`]: crate::tasks::StableDiffusion::set_control
     pub fn with_control(mut self, controlnet: ControlNetModel<B>, image: Tensor<B, 4>, scale: f64) -> Self {
-        self.control = Some(Control {
+        self.control.push(Control {
             // Clones of a lazily initialised weight would each draw their own.
             net: crate::ode::materialized(controlnet),
             image: Param::from_tensor(image),
@@ -165,10 +167,9 @@ impl<B: Backend> UnetEps<B> {
         self.context = self.context.set_require_grad(false);
         self.text_embeds = self.text_embeds.map(|p| p.set_require_grad(false));
         self.inpaint = self.inpaint.map(|p| p.set_require_grad(false));
-        self.control = self.control.map(|mut c| {
-            c.image = c.image.set_require_grad(false);
-            c
-        });
+        for control in &mut self.control {
+            control.image = control.image.clone().set_require_grad(false);
+        }
         self
     }
 
@@ -249,7 +250,7 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
         };
         let context = self.context_for(batch);
         let added = self.added_for(batch, &x.device());
-        let control = self.control.as_ref().map(|c| {
+        let control = self.control.iter().map(|c| {
             let image = Self::tiled(c.image.val(), batch);
             let conditions = UnetConditions {
                 added: added.clone(),
@@ -258,6 +259,7 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
             c.net
                 .forward(x.clone(), t.clone(), context.clone(), image, c.scale, &conditions)
         });
+        let control = control.reduce(|a, b| a + b);
         let conditions = UnetConditions {
             added,
             timestep_cond: self
@@ -318,7 +320,7 @@ impl<B: Backend> EpsModel<B, 4> for UnetEps<B> {
             }
             _ => {}
         }
-        if let Some(control) = &self.control {
+        for control in &self.control {
             let dims = control.image.val().dims();
             let channels = control.net.conditioning_channels();
             if dims[1] != channels || !batch.is_multiple_of(dims[0]) {

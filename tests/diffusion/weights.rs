@@ -432,7 +432,7 @@ fn control_image_and_controlnet_gradients_are_exact() {
     let m = with(controlnet.clone(), image0.clone());
     let grads = |mode| {
         let grads = ddim3_loss(&m, mode, [2, 2, 8, 8], 33).backward();
-        let control = m.control.as_ref().unwrap();
+        let control = &m.control[0];
         (
             values(control.image.val().grad(&grads).unwrap()),
             values(control.net.controlnet_mid_block.weight.val().grad(&grads).unwrap()),
