@@ -19,6 +19,9 @@
 //! `--noise-grad` also differentiates to every step's noise (noise optimisation, as `guide`
 //! does), which adds the noise's gradient.
 //!
+//! `--controlnet` adds a ControlNet of the UNet's shape on a control image (two networks a
+//! step; the image's and the ControlNet's weights' gradients too).
+//!
 //! `--config sd15 --backend cuda` (with `--features cuda`) runs the Stable Diffusion 1.5 UNet
 //! (random weights, 64×64×4 latent, 77×768 context): DESIGN.md §7 has PyTorch's figures for it.
 
@@ -27,6 +30,7 @@ use std::time::Instant;
 use adjoint_dpm::diffusion::{NoiseSchedule, Sampler};
 use adjoint_dpm::prelude::*;
 use adjoint_dpm::tasks::UnetEps;
+use adjoint_dpm_models::controlnet::ControlNetConfig;
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::prelude::*;
@@ -93,6 +97,10 @@ struct Args {
     /// Gradient to x_T and the conditioning only (no parameter VJPs).
     #[arg(long)]
     frozen_weights: bool,
+    /// With a ControlNet of the UNet's shape (random weights) on a control image at 8 times
+    /// the latent's size: the gradient also reaches the image and the ControlNet's weights.
+    #[arg(long)]
+    controlnet: bool,
     /// Also the gradient to a stochastic sampler's step noise.
     #[arg(long)]
     noise_grad: bool,
@@ -129,6 +137,23 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
     let mut model = UnetEps::new(unet, context);
     if let Some(pooled) = pooled {
         model = model.with_added_conditions(pooled, [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]);
+    }
+    if args.controlnet {
+        let control = ControlNetConfig {
+            unet: config.clone(),
+            conditioning_channels: 3,
+            conditioning_embedding_out_channels: vec![16, 32, 96, 256],
+            controlnet_conditioning_channel_order: "rgb".into(),
+            global_pool_conditions: false,
+        };
+        let net = control.init::<B<Inner>>(&device).map_err(|e| e.to_string())?;
+        let side = 8 * args.size;
+        let image = Tensor::<B<Inner>, 4>::random(
+            [1, 3, side, side],
+            burn::tensor::Distribution::Uniform(0.0, 1.0),
+            &device,
+        );
+        model = model.with_control(net, image, 1.0);
     }
     let model = adjoint_dpm::ode::materialized(model);
     let model = if args.frozen_weights {
@@ -207,7 +232,7 @@ fn run<Inner: Backend>(args: &Args) -> Result<(), String> {
     let line = serde_json::json!({
         "steps": args.steps, "sampler": format!("{:?}", args.sampler).to_lowercase(), "gradient": format!("{:?}", args.gradient).to_lowercase(),
         "config": format!("{:?}", args.config).to_lowercase(), "backend": format!("{:?}", args.backend).to_lowercase(),
-        "frozen_weights": args.frozen_weights, "noise_grad": args.noise_grad, "batch": args.batch, "size": args.size, "sample_s": sample_s, "grad_s": grad_s,
+        "frozen_weights": args.frozen_weights, "noise_grad": args.noise_grad, "controlnet": args.controlnet, "batch": args.batch, "size": args.size, "sample_s": sample_s, "grad_s": grad_s,
         "grad_over_sample": grad_s / sample_s, "warmup_s": warmup_s, "peak_rss_mib": adjoint_dpm::bench::peak_rss_mib(),
     });
     println!("{line}");
