@@ -15,7 +15,9 @@ DDIM steps, guidance 3, its latents) with that pipeline.
 Beside it, `sd15_keys.json` (every UNet and VAE key of SD 1.5's layout, checked against diffusers'
 conversion: `sd15_layout`) and `sd2_text_encoder.safetensors` (sd_tiny's text encoder alone in
 SD 2.x's OpenCLIP layout: `sd2_text_encoder`). sdxl_tiny_single: sdxl_tiny the same way in SDXL's
-layout, read back by StableDiffusionXLPipeline.from_single_file, and its run (`sdxl_single`).
+layout, read back by StableDiffusionXLPipeline.from_single_file, and its run (`sdxl_single`);
+sd_tiny_single/controlnet.safetensors: controlnet_tiny's ControlNet in the original layout, read back
+by ControlNetModel.from_single_file (`controlnet_single`).
 
 Run make_fixtures.py and make_sdxl_fixtures.py first (they write sd_tiny and sdxl_tiny).
 Regenerate with:
@@ -207,6 +209,44 @@ def sd2_text_encoder() -> None:
     print("wrote sd2_text_encoder.safetensors")
 
 
+def controlnet_to_ldm(state: dict, config: dict) -> dict:
+    """A diffusers ControlNet in the original layout (lllyasviel's control_v11*.pth, as
+    safetensors): its copy of the UNet's input path numbered as the UNet's, `input_hint_block.{2j}`
+    for the conditioning embedding's convolutions, `zero_convs.{i}.0`, `middle_block_out.0`."""
+    unet_like = {}
+    out = {}
+    for key, value in state.items():
+        if m := re.match(r"controlnet_down_blocks\.(\d+)\.(.*)", key):
+            out[f"control_model.zero_convs.{m[1]}.0.{m[2]}"] = value
+        elif key.startswith("controlnet_mid_block."):
+            out["control_model.middle_block_out.0." + key.removeprefix("controlnet_mid_block.")] = value
+        elif m := re.match(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(.*)", key):
+            # conv_out is always `.14` (after SD's three stages; diffusers' converter looks there).
+            index = 0 if m[1] == "conv_in" else 14 if m[1] == "conv_out" else 2 * (int(m[2]) + 1)
+            out[f"control_model.input_hint_block.{index}.{m[3]}"] = value
+        else:
+            unet_like[key] = value
+    config = dict(config, up_block_types=[t.replace("Down", "Up") for t in reversed(config["down_block_types"])])
+    for key, value in unet_to_ldm(unet_like, config).items():
+        out["control_model." + key.removeprefix("model.diffusion_model.")] = value
+    return out
+
+
+def controlnet_single() -> None:
+    """controlnet_tiny's ControlNet as one file in the original layout, read back by diffusers'
+    ControlNetModel.from_single_file(…, config=controlnet_tiny/controlnet) to its weights in f16."""
+    from diffusers import ControlNetModel
+
+    base = os.path.join(ROOT, "controlnet_tiny", "controlnet")
+    controlnet = ControlNetModel.from_pretrained(base)
+    checkpoint = controlnet_to_ldm(half(controlnet.state_dict()), controlnet.config)
+    path = os.path.join(OUT_DIR, "controlnet.safetensors")
+    save_file(checkpoint, path)
+    single = ControlNetModel.from_single_file(path, config=base, torch_dtype=torch.float32)
+    same_weights(controlnet, single, "controlnet")
+    print("wrote", path, os.path.getsize(path), "bytes")
+
+
 def main() -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -287,3 +327,4 @@ if __name__ == "__main__":
     sd15_layout()
     sd2_text_encoder()
     sdxl_single()
+    controlnet_single()

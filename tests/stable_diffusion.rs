@@ -549,6 +549,12 @@ fn sample_and_guide_with_a_controlnet() {
     };
     assert_eq!(sample::<B>(&attached, None, &device).unwrap().len(), 2);
     let report = run_guide::<B>(&attached, 3, 0.1, &device, &mut |_, _| {}).unwrap();
+    // A ControlNet file in the original layout on a plain folder.
+    let single = RunConfig {
+        controlnets: vec![fixtures().join("sd_tiny_single/controlnet.safetensors")],
+        ..attached.clone()
+    };
+    assert_eq!(sample::<B>(&single, None, &device).unwrap().len(), 2);
     // The folder's ControlNet and another, an image and a scale each.
     let two = RunConfig {
         controlnets: vec![dir.join("controlnet")],

@@ -22,6 +22,7 @@ use burn_store::{TensorSnapshot, TensorSnapshotError};
 use regex::Regex;
 
 use crate::clip::{clip_key_map, ClipTextModel};
+use crate::controlnet::ControlNetConfig;
 use crate::load::{load_snapshots, read_safetensors, read_safetensors_header, KeyMap, LoadError};
 use crate::unet::{unet_key_map, UNet2DConditionConfig};
 use crate::vae::{vae_key_map, AutoencoderKLConfig};
@@ -199,6 +200,86 @@ pub fn ldm_clip_key_map(sdxl: bool) -> KeyMap {
     };
     let map = KeyMap::new().rename(&format!("^{prefix}"), "").then(clip_key_map());
     ignore_others(map, PREFIXES[2])
+}
+
+/// A ControlNet in one file, in the original layout (lllyasviel's `control_v11*_sd15_*.pth`
+/// as safetensors, ComfyUI's `*_fp16.safetensors`): its copy of the UNet's input path numbered
+/// as the UNet's, under `control_model.` or no prefix. Its config is the base UNet's input path
+/// (`unet`, the pipeline's UNet config) with the conditioning embedding read from the file's
+/// `input_hint_block` shapes. Returns the config and its key map.
+pub fn ldm_controlnet(path: &Path, unet: &UNet2DConditionConfig) -> Result<(ControlNetConfig, KeyMap), LoadError> {
+    let bad = |message: String| LoadError::Corrupt {
+        path: path.into(),
+        format: "ControlNet safetensors",
+        message,
+    };
+    let header = read_safetensors_header(path).map_err(bad)?;
+    let prefix = if header.get("control_model.input_hint_block.0.weight").is_some() {
+        "control_model."
+    } else {
+        ""
+    };
+    // input_hint_block.{k}: conv_in at 0, then pairs of (3×3, strided) convolutions at 2, 4, …,
+    // conv_out at the highest index (14 after SD's three stages).
+    let mut hint: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (key, entry) in header.as_object().into_iter().flatten() {
+        let Some(k) = key
+            .strip_prefix(prefix)
+            .and_then(|k| k.strip_prefix("input_hint_block."))
+            .and_then(|k| k.strip_suffix(".weight"))
+            .and_then(|k| k.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let shape = entry["shape"]
+            .as_array()
+            .map(|dims| dims.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .unwrap_or_default();
+        hint.push((k, shape));
+    }
+    hint.sort();
+    let convs = hint.len();
+    if convs < 2 || !convs.is_multiple_of(2) || hint.iter().any(|(_, shape)| shape.len() != 4) {
+        return Err(bad(format!(
+            "no ControlNet conditioning embedding (input_hint_block.*): {convs} convolutions; not a ControlNet file"
+        )));
+    }
+    let (conv_out, _) = hint[convs - 1];
+    let mut stages = vec![hint[0].1[0]];
+    stages.extend(hint[1..convs - 1].iter().skip(1).step_by(2).map(|(_, shape)| shape[0]));
+    let config = ControlNetConfig {
+        unet: unet.clone(),
+        conditioning_channels: hint[0].1[1],
+        conditioning_embedding_out_channels: stages,
+        controlnet_conditioning_channel_order: "rgb".into(),
+        global_pool_conditions: false,
+    };
+    // Into the UNet's single-file names, then the UNet's map; the ControlNet's own parts first.
+    let p = regex::escape(prefix);
+    let mut map = KeyMap::new()
+        .rename(
+            &format!(r"^{p}input_hint_block\.0\."),
+            "controlnet_cond_embedding.conv_in.",
+        )
+        .rename(
+            &format!(r"^{p}input_hint_block\.{conv_out}\."),
+            "controlnet_cond_embedding.conv_out.",
+        );
+    for (j, (k, _)) in hint[1..convs - 1].iter().enumerate() {
+        map = map.rename(
+            &format!(r"^{p}input_hint_block\.{k}\."),
+            &format!("controlnet_cond_embedding.blocks.{j}."),
+        );
+    }
+    let map = map
+        .rename(&format!(r"^{p}zero_convs\.(\d+)\.0\."), "controlnet_down_blocks.${1}.")
+        .rename(&format!(r"^{p}middle_block_out\.0\."), "controlnet_mid_block.")
+        .rename(
+            &format!(r"^{p}(time_embed|input_blocks|middle_block|label_emb)\."),
+            "model.diffusion_model.${1}.",
+        )
+        .then(ldm_unet_key_map(unet)?);
+    Ok((config, map))
 }
 
 /// The prefix of the OpenCLIP text encoder of an SD 2.x single file.
@@ -447,6 +528,30 @@ mod tests {
             &ldm_clip_key_map(false),
         );
         same_weights(&clip.unwrap(), &folder, "text encoder");
+    }
+
+    /// A ControlNet in the original layout (controlnet_tiny's, written by the fixture script
+    /// and read back by diffusers' ControlNetModel.from_single_file) equals the folder's, its
+    /// config derived from sd_tiny's UNet and the file's conditioning embedding.
+    #[test]
+    fn controlnet_single_file_equals_the_folders() {
+        use crate::controlnet::load_controlnet;
+        let device = Default::default();
+        let file = fixture("sd_tiny_single/controlnet.safetensors");
+        let (unet_config, _) = load_unet::<TestBackend>(fixture("sd_tiny/unet"), &device).unwrap();
+        let (config, map) = ldm_controlnet(&file, &unet_config).unwrap();
+        let (folder_config, folder) =
+            load_controlnet::<TestBackend>(fixture("controlnet_tiny/controlnet"), &device).unwrap();
+        assert_eq!(
+            config.conditioning_embedding_out_channels,
+            folder_config.conditioning_embedding_out_channels
+        );
+        let ours = load_safetensors(config.init::<TestBackend>(&device).unwrap(), &file, &map).unwrap();
+        same_weights(&ours, &folder, "controlnet");
+        // A file of another network is not taken for a ControlNet.
+        let other = fixture("sd_tiny_single/model.safetensors");
+        let err = ldm_controlnet(&other, &unet_config).unwrap_err();
+        assert!(err.to_string().contains("input_hint_block"), "{err}");
     }
 
     /// SD 1.5's whole layout (from its configs; pairs of single-file and diffusers keys that

@@ -12,8 +12,8 @@ use adjoint_dpm_models::load::{load_safetensors, read_config, LoadError};
 use adjoint_dpm_models::lora_file::{fuse_lora, LoraPrefixes};
 use adjoint_dpm_models::norm::layer_norm;
 use adjoint_dpm_models::single_file::{
-    ldm_clip_key_map, ldm_unet_key_map, ldm_vae_key_map, load_open_clip, single_file_layout, SingleFileLayout,
-    SD2_OPEN_CLIP, SDXL_OPEN_CLIP,
+    ldm_clip_key_map, ldm_controlnet, ldm_unet_key_map, ldm_vae_key_map, load_open_clip, single_file_layout,
+    SingleFileLayout, SD2_OPEN_CLIP, SDXL_OPEN_CLIP,
 };
 use adjoint_dpm_models::textual_inversion::{add_textual_inversion, TextualInversion};
 use adjoint_dpm_models::unet::{load_unet, unet_key_map, UNet2DConditionConfig, UNet2DConditionModel};
@@ -562,16 +562,28 @@ impl<B: Backend> StableDiffusion<B> {
     }
 
     /// Adds the diffusers ControlNet folder at `dir` (e.g. lllyasviel/sd-controlnet-canny for
-    /// SD 1.5) to the pipeline's (several add their residuals, as diffusers'
+    /// SD 1.5), or a single ControlNet file in the original layout (`control_v11p_sd15_canny`
+    /// as safetensors), to the pipeline's (several add their residuals, as diffusers'
     /// `MultiControlNetModel`); [`set_controls`](Self::set_controls) gives each its image. It
     /// must fit the UNet (its residuals, one per skip) and the VAE (its image scale), or the
     /// error says which.
     pub fn with_controlnet(mut self, dir: impl AsRef<Path>) -> Result<Self, SdError> {
         let device = self.unet.conv_in.weight.device();
-        let (config, controlnet) = load_controlnet::<B>(dir.as_ref(), &device).map_err(|source| SdError::Load {
+        let load = |source| SdError::Load {
             component: "controlnet",
             source,
-        })?;
+        };
+        let path = dir.as_ref();
+        let (config, controlnet) = match path.is_file() {
+            // One file in the original layout: the base UNet's config with the file's
+            // conditioning embedding.
+            true => {
+                let (config, map) = ldm_controlnet(path, &self.unet_config).map_err(load)?;
+                let controlnet = config.init::<B>(&device).map_err(load)?;
+                (config.clone(), load_safetensors(controlnet, path, &map).map_err(load)?)
+            }
+            false => load_controlnet::<B>(path, &device).map_err(load)?,
+        };
         if controlnet.residual_channels() != self.unet.skip_channels() {
             return Err(SdError::Mismatch(format!(
                 "the ControlNet's residuals have {:?} channels but the UNet's skips {:?}: a ControlNet of another \
