@@ -240,8 +240,10 @@ pub fn ldm_controlnet(path: &Path, unet: &UNet2DConditionConfig) -> Result<(Cont
     hint.sort();
     let convs = hint.len();
     if convs < 2 || !convs.is_multiple_of(2) || hint.iter().any(|(_, shape)| shape.len() != 4) {
-        return Err(bad(format!(
-            "no ControlNet conditioning embedding (input_hint_block.*): {convs} convolutions; not a ControlNet file"
+        return Err(LoadError::Unsupported(format!(
+            "{}: not a ControlNet file in the original layout (its conditioning embedding, \
+             input_hint_block.*, has {convs} convolutions)",
+            path.display()
         )));
     }
     let (conv_out, _) = hint[convs - 1];
