@@ -271,16 +271,7 @@ impl<B: Backend> ControlNetModel<B> {
             }
             false => controlnet_cond,
         };
-        let emb = Embedders {
-            time_embedding: &self.time_embedding,
-            class_embedding: self.class_embedding.as_ref(),
-            add_embedding: self.add_embedding.as_ref(),
-            time_proj_dim: self.time_proj_dim,
-            add_time_proj_dim: self.add_time_proj_dim,
-            flip_sin_to_cos: self.flip_sin_to_cos,
-            freq_shift: self.freq_shift,
-        }
-        .embed(timestep, conditions);
+        let emb = self.embedders().embed(timestep, conditions);
         let context = encoder_hidden_states;
         let mut h = self.conv_in.forward(sample) + self.controlnet_cond_embedding.forward(controlnet_cond);
         let mut skips = vec![h.clone()];
@@ -312,9 +303,20 @@ impl<B: Backend> ControlNetModel<B> {
     /// The width of the pooled text embedding its added conditions hold (an SDXL ControlNet),
     /// or `None`.
     pub fn takes_added_conditions(&self) -> Option<usize> {
-        self.add_embedding
-            .as_ref()
-            .map(|mlp| mlp.linear_1.weight.dims()[0] - 6 * self.add_time_proj_dim)
+        self.embedders().pooled_width()
+    }
+
+    /// The time-embedding layers, as the UNet's (same names, same computation).
+    fn embedders(&self) -> Embedders<'_, B> {
+        Embedders {
+            time_embedding: &self.time_embedding,
+            class_embedding: self.class_embedding.as_ref(),
+            add_embedding: self.add_embedding.as_ref(),
+            time_proj_dim: self.time_proj_dim,
+            add_time_proj_dim: self.add_time_proj_dim,
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
+        }
     }
 
     /// The channels of the control image it reads.

@@ -538,6 +538,13 @@ pub(crate) struct Embedders<'a, B: Backend> {
 }
 
 impl<B: Backend> Embedders<'_, B> {
+    /// The width of the pooled text embedding the added conditions hold (the MLP's input less
+    /// the six size codes), or `None` without an `add_embedding`.
+    pub(crate) fn pooled_width(&self) -> Option<usize> {
+        self.add_embedding
+            .map(|mlp| mlp.linear_1.weight.dims()[0] - 6 * self.add_time_proj_dim)
+    }
+
     /// The time embedding `[batch, time_embed_dim]` of `timestep` under `conditions` (all but
     /// the ControlNet residuals, which this does not read).
     ///
@@ -855,9 +862,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
     /// The width of the pooled text embedding the model's added conditions hold, or `None`
     /// when it takes none.
     pub fn takes_added_conditions(&self) -> Option<usize> {
-        self.add_embedding
-            .as_ref()
-            .map(|mlp| mlp.linear_1.weight.dims()[0] - 6 * self.add_time_proj_dim)
+        self.embedders().pooled_width()
     }
 
     /// [`forward`](Self::forward), showing `observe` the output of every layer of the feature
